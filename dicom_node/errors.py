@@ -1,0 +1,45 @@
+"""One exception hierarchy for the node: retryable and permanent errors apart.
+
+The class docstring is the default message, so ``raise ExportError()`` still says something useful.
+"""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """cxr-node error."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip().splitlines()[0])
+
+
+class RetryableError(NodeError):
+    """A transient failure; the job is retried with backoff."""
+
+    retryable = True
+
+
+class PermanentError(NodeError):
+    """A failure that retrying cannot fix; the job is marked failed with the reason."""
+
+
+class ExportError(RetryableError):
+    """Sending the results to a destination failed."""
+
+
+class DestinationUnreachable(ExportError):
+    """The destination did not accept an association."""
+
+
+class NotAssessable(PermanentError):
+    """The image cannot be assessed by the model (the reason says why)."""
+
+
+class InvalidInstance(PermanentError):
+    """The stored instance cannot be read or decoded."""
+
+
+class ModelBundleError(PermanentError):
+    """The model bundle is missing, incomplete or inconsistent."""

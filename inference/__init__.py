@@ -1,0 +1,1 @@
+"""Two-stage chest X-ray inference: lung segmentation, then COVID-19 pneumonia classification."""

@@ -1,0 +1,1 @@
+"""Training, evaluation, model registry and scheduled retraining."""
