@@ -103,6 +103,11 @@ class StorageSettings(_Section):
     retention_days: int = Field(default=30, ge=0)
     retention_cron: str = "17 3 * * *"
 
+    @field_validator("data_dir", mode="after")
+    @classmethod
+    def _expand(cls, v: Path) -> Path:
+        return v.expanduser()
+
     @property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
@@ -119,6 +124,11 @@ class ModelSettings(_Section):
     cpu_threads: int = Field(default=0, ge=0)  # 0 = torch default
     cam: Literal["gradcam", "gradcam++"] = "gradcam++"
     batch_size: int = Field(default=4, ge=1, le=256)
+
+    @field_validator("path", mode="after")
+    @classmethod
+    def _expand(cls, v: Path | None) -> Path | None:
+        return v.expanduser() if v is not None else None
 
 
 class WorkerSettings(_Section):
