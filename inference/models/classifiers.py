@@ -1,0 +1,148 @@
+"""Stage 2: COVID-19 pneumonia vs normal classifiers (torchvision architectures, no downloads).
+
+Every classifier takes a normalised grey image (N, 1, S, S) and returns logits (N, num_classes).
+The first convolution is adapted to one input channel: when initialised from a 3-channel
+torchvision checkpoint its kernels are summed over the colour channels, which gives the same
+response to a grey image repeated three times at a third of the first layer's cost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+log = logging.getLogger(__name__)
+
+CLASSIFIERS = ("densenet121", "resnet18", "mobilenet_v2")
+
+
+def _grey_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    new = nn.Conv2d(
+        1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
+    )
+    with torch.no_grad():
+        new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
+        if conv.bias is not None:
+            new.bias.copy_(conv.bias)
+    return new
+
+
+def _densenet121(num_classes: int) -> nn.Module:
+    m = tvm.densenet121(weights=None)
+    m.features.conv0 = _grey_conv(m.features.conv0)
+    # An explicit ReLU at the end of ``features`` gives Grad-CAM a layer whose output the model's
+    # own in-place ReLU cannot change behind the hook's back (the values are already >= 0).
+    m.features.add_module("relu5", nn.ReLU(inplace=False))
+    m.classifier = nn.Linear(m.classifier.in_features, num_classes)
+    return m
+
+
+def _resnet18(num_classes: int) -> nn.Module:
+    m = tvm.resnet18(weights=None)
+    m.conv1 = _grey_conv(m.conv1)
+    m.fc = nn.Linear(m.fc.in_features, num_classes)
+    return m
+
+
+def _mobilenet_v2(num_classes: int) -> nn.Module:
+    m = tvm.mobilenet_v2(weights=None)
+    m.features[0][0] = _grey_conv(m.features[0][0])
+    m.classifier[-1] = nn.Linear(m.classifier[-1].in_features, num_classes)
+    return m
+
+
+_BUILDERS: dict[str, Callable[[int], nn.Module]] = {
+    "densenet121": _densenet121,
+    "resnet18": _resnet18,
+    "mobilenet_v2": _mobilenet_v2,
+}
+
+# Checkpoint keys of the layers replaced above (first convolution, class head).
+_FIRST_CONV = {
+    "densenet121": "features.conv0.weight",
+    "resnet18": "conv1.weight",
+    "mobilenet_v2": "features.0.0.weight",
+}
+_HEAD_PREFIX = {"densenet121": "classifier.", "resnet18": "fc.", "mobilenet_v2": "classifier.1."}
+
+
+def build_classifier(name: str, num_classes: int = 2, checkpoint: str | Path | None = None) -> nn.Module:
+    """A stage 2 network by architecture name (see ``CLASSIFIERS``), one input channel.
+
+    ``checkpoint`` is an optional local torchvision ImageNet checkpoint (a state_dict saved with
+    ``torch.save`` or a ``.safetensors`` file) to initialise from; its first convolution is folded
+    to one channel and its class head is skipped. Nothing is downloaded.
+    """
+    if name not in _BUILDERS:
+        raise ValueError(f'Argument "name" must be one of {", ".join(CLASSIFIERS)}; got {name!r}.')
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError('Argument "num_classes" must be an integer of at least 2.')
+    model = _BUILDERS[name](num_classes)
+    if checkpoint is not None:
+        load_torchvision_checkpoint(model, name, checkpoint)
+    return model
+
+
+def load_torchvision_checkpoint(model: nn.Module, name: str, checkpoint: str | Path) -> None:
+    """Initialise ``model`` (built by :func:`build_classifier`) from a torchvision checkpoint file.
+
+    Raises ``ValueError`` naming the file when it is missing, unreadable or does not fit the
+    architecture (a missing or wrongly shaped backbone weight).
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise ValueError(f'Argument "checkpoint": no such file {path}.')
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # any reader failure becomes one clear message
+        raise ValueError(f"checkpoint {path} cannot be read: {exc}") from exc
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint {path} does not hold a state_dict.")
+    if name == "densenet121":  # old torchvision names: norm.1 -> norm1, conv.2 -> conv2
+        state = {
+            k.replace("norm.", "norm").replace("conv.", "conv").replace("relu.", "relu"): v
+            for k, v in state.items()
+        }
+    first = _FIRST_CONV[name]
+    if first in state and state[first].ndim == 4 and state[first].shape[1] == 3:
+        state[first] = state[first].sum(dim=1, keepdim=True)
+    state = {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIX[name])}
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if bad:
+        raise ValueError(f"checkpoint {path} does not fit {name}: shape mismatch for {', '.join(bad[:5])}.")
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(_HEAD_PREFIX[name])]
+    if missing:
+        raise ValueError(f"checkpoint {path} does not fit {name}: missing {', '.join(missing[:5])}.")
+    log.info(
+        "classifier initialised from checkpoint",
+        extra={"action": "classifier_checkpoint", "architecture": name, "path": str(path)},
+    )
+
+
+def cam_layers(name: str, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """(target layer for Grad-CAM, the layer whose parameters must carry gradients for it).
+
+    Only the second layer's parameters need ``requires_grad`` for the CAM's backward pass, so the
+    pipeline freezes everything else and back-propagates only through the network's head.
+    """
+    if name == "densenet121":
+        return model.features.relu5, model.features.norm5
+    if name == "resnet18":
+        return model.layer4[-1], model.layer4[-1]
+    if name == "mobilenet_v2":
+        return model.features[-1], model.features[-1]
+    raise ValueError(f'Argument "name" must be one of {", ".join(CLASSIFIERS)}; got {name!r}.')
