@@ -1,0 +1,334 @@
+"""pynetdicom event handlers: C-ECHO, C-STORE, and the association audit.
+
+The association thread only spools and enqueues. ``handle_store`` reads a few header elements
+(never the pixel data), writes the received bytes atomically to the spool, records a job in the
+database, and only then answers success. Any failure maps to a named status; nothing raises to
+the peer. A duplicate SOP Instance UID is acknowledged and processed once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import (
+    UID,
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+    EnhancedSRStorage,
+    SecondaryCaptureImageStorage,
+)
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from dicom_node import metrics, spool
+from dicom_node.db import Association, utcnow
+
+log = logging.getLogger(__name__)
+
+# DIMSE status codes (PS3.4 Annex B.2 / PS3.7 Annex C), named once.
+SUCCESS = 0x0000
+REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
+OUT_OF_RESOURCES = 0xA700
+CANNOT_UNDERSTAND = 0xC000
+
+# Radiographs the node processes.
+IMAGE_SOP_CLASSES: tuple[UID, ...] = (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
+)
+# Accepted only so that the node's own results sent back to it are recognised and ignored.
+OWN_OUTPUT_SOP_CLASSES: tuple[UID, ...] = (
+    SecondaryCaptureImageStorage,
+    ComprehensiveSRStorage,
+    Comprehensive3DSRStorage,
+    EnhancedSRStorage,
+)
+
+_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+
+
+class JobQueue(Protocol):
+    """The part of ``dicom_node.queue.JobManager`` the listener uses."""
+
+    def enqueue(self, *, sop_instance_uid: str, study_instance_uid: str, series_instance_uid: str,
+                sop_class_uid: str, calling_ae: str, calling_host: str, spool_path: str,
+                association_id: int | None = None) -> tuple[int, bool]: ...
+
+
+class AssociationAudit:
+    """The association audit trail in the ``associations`` table (calling AE, host, time, instances).
+
+    One short transaction per association event, on the engine shared by the process.
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        if not isinstance(engine, Engine):
+            raise TypeError('Argument "engine" must be a SQLAlchemy Engine.')
+        self.engine = engine
+
+    def opened(self, *, calling_ae: str, host: str, port: int | None) -> int:
+        """Record an accepted association; returns its id (``Job.association_id``)."""
+        with Session(self.engine) as session, session.begin():
+            row = Association(calling_ae=calling_ae[:16], host=host, port=port)
+            session.add(row)
+            session.flush()
+            return int(row.id)
+
+    def rejected(self, *, calling_ae: str, host: str, port: int | None, reason: str) -> None:
+        """Record an association refused at negotiation."""
+        with Session(self.engine) as session, session.begin():
+            session.add(Association(calling_ae=calling_ae[:16], host=host, port=port, refused=True,
+                                    reason=reason, ended_at=utcnow()))
+
+    def closed(self, association_id: int, *, instances: int, outcome: str) -> None:
+        """Close an association's record with the number of instances queued."""
+        with Session(self.engine) as session, session.begin():
+            row = session.get(Association, association_id)
+            if row is not None:
+                row.ended_at = utcnow()
+                row.instances = instances
+                if outcome != "released":
+                    row.reason = outcome
+
+
+@dataclass
+class _AssocState:
+    calling_ae: str
+    calling_host: str
+    calling_port: int | None = None
+    association_id: int | None = None
+    instances: int = 0
+    refused: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+
+class StoreContext:
+    """What the handlers need, made once at start-up and shared by every association thread.
+
+    Parameters
+    ----------
+    spool_dir
+        Directory of the durable spool (``settings.storage.spool_dir``).
+    job_manager
+        The queue; ``enqueue`` must be safe to call from several threads.
+    min_free_mb
+        A C-STORE is answered ``OUT_OF_RESOURCES`` while less than this is free on the spool volume.
+    audit
+        Optional association audit trail.
+    """
+
+    def __init__(self, spool_dir: Path, job_manager: JobQueue, *, min_free_mb: int = 0,
+                 audit: AssociationAudit | None = None) -> None:
+        if not hasattr(job_manager, "enqueue"):
+            raise TypeError('Argument "job_manager" must have an enqueue() method.')
+        if min_free_mb < 0:
+            raise ValueError('Argument "min_free_mb" must be >= 0.')
+        self.spool_dir = Path(spool_dir)
+        self.job_manager = job_manager
+        self.min_free_mb = min_free_mb
+        self.audit = audit
+        self._lock = threading.Lock()
+        self._assocs: dict[int, _AssocState] = {}
+
+    def disk_low(self) -> bool:
+        """True while the spool volume has less free space than the watermark."""
+        return self.min_free_mb > 0 and spool.free_mb(self.spool_dir) < self.min_free_mb
+
+    def state(self, assoc: Any) -> _AssocState:
+        """Per-association state, created on first use."""
+        key = id(assoc)
+        with self._lock:
+            st = self._assocs.get(key)
+            if st is None:
+                st = _AssocState(calling_ae=_calling_ae(assoc), calling_host=_calling_host(assoc),
+                                 calling_port=_calling_port(assoc))
+                self._assocs[key] = st
+            return st
+
+    def pop(self, assoc: Any) -> _AssocState | None:
+        with self._lock:
+            return self._assocs.pop(id(assoc), None)
+
+
+def _calling_ae(assoc: Any) -> str:
+    return str(assoc.requestor.ae_title).strip()
+
+
+def _calling_host(assoc: Any) -> str:
+    return str(assoc.requestor.address)
+
+
+def _calling_port(assoc: Any) -> int | None:
+    port = getattr(assoc.requestor, "port", None)
+    return int(port) if port else None
+
+
+def handle_echo(event: Any) -> int:
+    """C-ECHO: always success (the association was already accepted)."""
+    log.info("C-ECHO", extra={"action": "echo", "calling_ae": _calling_ae(event.assoc),
+                              "calling_host": _calling_host(event.assoc)})
+    return SUCCESS
+
+
+def _read_header(data: bytes, full: bool) -> Dataset:
+    """Parse the header only; pixel data is neither read nor decoded."""
+    return dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=None if full else _HEADER_TAGS)
+
+
+def _is_own_output(ds: Dataset) -> bool:
+    from dicom_node.outputs import is_own_output
+
+    return bool(is_own_output(ds))
+
+
+def handle_store(event: Any, ctx: StoreContext) -> int:
+    """C-STORE: spool + enqueue, then success; a named failure status otherwise. Never raises."""
+    try:
+        return _store(event, ctx)
+    except Exception:  # the peer must get a status, never a dropped association
+        log.exception("C-STORE failed unexpectedly", extra={"action": "store_failed"})
+        return OUT_OF_RESOURCES
+
+
+def _refused(st: _AssocState, reason: str) -> None:
+    st.refused += 1
+    metrics.record_refused(reason)
+
+
+def _store(event: Any, ctx: StoreContext) -> int:
+    st = ctx.state(event.assoc)
+    req = event.request
+    sop_class = UID(str(req.AffectedSOPClassUID))
+    sop_uid = str(req.AffectedSOPInstanceUID)
+    info = {"calling_ae": st.calling_ae, "calling_host": st.calling_host, "sop_instance_uid": sop_uid,
+            "sop_class": sop_class.name}
+
+    data = event.encoded_dataset()
+    is_image = sop_class in IMAGE_SOP_CLASSES
+    try:
+        header = _read_header(data, full=not is_image)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
+        _refused(st, "unparsable")
+        log.warning("C-STORE refused: dataset cannot be parsed (%s)", exc,
+                    extra={"action": "store_refused", "reason": "unparsable", **info})
+        return CANNOT_UNDERSTAND
+
+    if sop_class in OWN_OUTPUT_SOP_CLASSES and not is_image:
+        if _is_own_output(header):
+            log.info("C-STORE of this node's own result ignored",
+                     extra={"action": "own_output_ignored", **info})
+            return SUCCESS
+        _refused(st, "foreign_output")
+        log.warning("C-STORE refused: %s not produced by this node is not processed", sop_class.name,
+                    extra={"action": "store_refused", "reason": "foreign_output", **info})
+        return REFUSED_SOP_CLASS_NOT_SUPPORTED
+    if not is_image:  # not reachable through negotiation; kept so a config slip cannot queue it
+        _refused(st, "sop_class")
+        log.warning("C-STORE refused: SOP class %s is not processed", sop_class.name,
+                    extra={"action": "store_refused", "reason": "sop_class", **info})
+        return REFUSED_SOP_CLASS_NOT_SUPPORTED
+
+    study_uid = str(header.get("StudyInstanceUID", "") or "")
+    series_uid = str(header.get("SeriesInstanceUID", "") or "")
+    ds_sop_uid = str(header.get("SOPInstanceUID", "") or "")
+    if not study_uid or not series_uid or (ds_sop_uid and ds_sop_uid != sop_uid):
+        _refused(st, "bad_header")
+        log.warning("C-STORE refused: Study/Series Instance UID missing or SOP Instance UID differs "
+                    "from the command", extra={"action": "store_refused", "reason": "bad_header", **info})
+        return CANNOT_UNDERSTAND
+
+    if ctx.disk_low():
+        _refused(st, "disk_full")
+        log.error("C-STORE refused: less than %d MiB free on the spool volume", ctx.min_free_mb,
+                  extra={"action": "store_refused", "reason": "disk_full", **info})
+        return OUT_OF_RESOURCES
+
+    path = spool.spool_path(ctx.spool_dir, study_uid, sop_uid)
+    try:
+        written = spool.write_atomic(path, data)
+    except OSError as exc:
+        _refused(st, "spool")
+        log.error("C-STORE failed: cannot write the spool file (%s)", exc,
+                  extra={"action": "store_failed", "reason": "spool", **info})
+        return OUT_OF_RESOURCES
+
+    try:
+        job_id, created = ctx.job_manager.enqueue(
+            sop_instance_uid=sop_uid, study_instance_uid=study_uid, series_instance_uid=series_uid,
+            sop_class_uid=str(sop_class), calling_ae=st.calling_ae, calling_host=st.calling_host,
+            spool_path=str(path), association_id=st.association_id)
+    except Exception as exc:  # database down, locked, full...: the peer must retry
+        _refused(st, "database")
+        log.error("C-STORE failed: cannot record the job (%s: %s)", type(exc).__name__, exc,
+                  extra={"action": "store_failed", "reason": "database", **info})
+        return OUT_OF_RESOURCES
+
+    st.instances += 1
+    metrics.record_received(sop_class.keyword or str(sop_class))
+    if created:
+        log.info("instance received and queued", extra={"action": "store_queued", "job_id": job_id,
+                                                        "bytes": len(data), **info})
+    else:
+        log.info("duplicate instance acknowledged; already queued", extra={
+            "action": "store_duplicate", "job_id": job_id, "file_written": written, **info})
+    return SUCCESS
+
+
+def handle_accepted(event: Any, ctx: StoreContext) -> None:
+    """EVT_ACCEPTED: log each refused presentation context with the reason; open the audit record."""
+    assoc = event.assoc
+    st = ctx.state(assoc)
+    refused: dict[str, set[str]] = {}
+    for cx in assoc.rejected_contexts:
+        why = "sop_class" if cx.result == 0x03 else "transfer_syntax"
+        refused.setdefault(why, set()).add(UID(str(cx.abstract_syntax)).name)
+    accepted = {UID(str(cx.abstract_syntax)).name for cx in assoc.accepted_contexts}
+    for why, names in refused.items():
+        names -= accepted  # a class accepted in another context was not refused
+        if not names:
+            continue
+        text = ("SOP class not accepted by this node (it processes CR/DX chest radiographs only)"
+                if why == "sop_class" else "none of the proposed transfer syntaxes can be decoded")
+        log.warning("presentation context refused: %s: %s", ", ".join(sorted(names)), text, extra={
+            "action": "context_refused", "reason": why, "sop_classes": len(names),
+            "calling_ae": st.calling_ae, "calling_host": st.calling_host})
+    log.info("association accepted", extra={"action": "association_accepted", "calling_ae": st.calling_ae,
+                                            "calling_host": st.calling_host})
+    if ctx.audit is not None:
+        try:
+            st.association_id = ctx.audit.opened(calling_ae=st.calling_ae, host=st.calling_host,
+                                                 port=st.calling_port)
+        except Exception as exc:  # the audit never breaks reception; each C-STORE still checks the DB
+            log.error("association audit failed (%s: %s)", type(exc).__name__, exc,
+                      extra={"action": "audit_failed"})
+
+
+def handle_closed(event: Any, ctx: StoreContext) -> None:
+    """EVT_RELEASED / EVT_ABORTED: close the audit record."""
+    st = ctx.pop(event.assoc)
+    if st is None:
+        return
+    outcome = "aborted" if event.event.name == "EVT_ABORTED" else "released"
+    log.info("association %s", outcome, extra={
+        "action": f"association_{outcome}", "calling_ae": st.calling_ae, "calling_host": st.calling_host,
+        "instances": st.instances, "refused": st.refused,
+        "duration_s": round(time.monotonic() - st.started, 3)})
+    if ctx.audit is not None and st.association_id is not None:
+        try:
+            ctx.audit.closed(st.association_id, instances=st.instances, outcome=outcome)
+        except Exception as exc:
+            log.error("association audit failed (%s: %s)", type(exc).__name__, exc,
+                      extra={"action": "audit_failed"})
