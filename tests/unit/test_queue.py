@@ -1,0 +1,299 @@
+"""The job queue's state machine, backoff, duplicates and leases (SQLite)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, text
+
+from dicom_node.config import WorkerSettings
+from dicom_node.db import Job, init_db, make_engine
+from dicom_node.queue import (
+    TRANSITIONS,
+    JobManager,
+    JobState,
+    LeaseLost,
+    backoff_delay,
+    check_transition,
+)
+
+pytestmark = pytest.mark.unit
+
+
+class Clock:
+    """A clock the test moves by hand."""
+
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, 12, 0, 0)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def engine(sqlite_url: str) -> Iterator[Engine]:
+    eng = make_engine(sqlite_url)
+    init_db(eng)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def settings() -> WorkerSettings:
+    return WorkerSettings(lease_s=60, max_attempts=3, backoff_base_s=5, backoff_max_s=12)
+
+
+@pytest.fixture
+def jm(engine: Engine, settings: WorkerSettings, clock: Clock) -> JobManager:
+    return JobManager(engine, settings, clock=clock)
+
+
+def enqueue(jm: JobManager, uid: str = "1.2.826.0.1.3680043.8.498.1") -> tuple[int, bool]:
+    return jm.enqueue(sop_instance_uid=uid, study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
+                      sop_class_uid="1.2.840.10008.5.1.4.1.1.1", calling_ae="MODALITY",
+                      calling_host="127.0.0.1", spool_path=f"/spool/{uid}.dcm")
+
+
+def state_of(engine: Engine, job_id: int) -> Job:
+    from sqlalchemy.orm import Session
+
+    with Session(engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.expunge(job)
+        return job
+
+
+def test_sqlite_is_durable_and_schema_matches_models(engine: Engine) -> None:
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from dicom_node.db import Base
+
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+        assert conn.execute(text("PRAGMA synchronous")).scalar() == 2  # FULL
+        assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == [], f"models and migrations differ: {diff}"
+    init_db(engine)  # idempotent
+
+
+def test_make_engine_rejects_unknown_backends() -> None:
+    with pytest.raises(ValueError, match="url"):
+        make_engine("mysql://x@localhost/db")
+    with pytest.raises(ValueError, match="url"):
+        make_engine("")
+
+
+def test_duplicate_sop_instance_uid_returns_the_same_job(jm: JobManager) -> None:
+    first = enqueue(jm)
+    second = enqueue(jm)
+    other = enqueue(jm, "1.2.826.0.1.3680043.8.498.2")
+    assert first[1] is True and second == (first[0], False)
+    assert other[1] is True and other[0] != first[0]
+    assert jm.counts()["queued"] == 2
+
+
+def test_enqueue_validates_arguments(jm: JobManager) -> None:
+    with pytest.raises(ValueError, match="sop_instance_uid"):
+        enqueue(jm, "")
+
+
+def test_transition_table_rejects_illegal_moves() -> None:
+    check_transition("queued", "processing")
+    with pytest.raises(ValueError, match="queued -> done"):
+        check_transition("queued", "done")
+    with pytest.raises(ValueError):
+        check_transition("ignored", "queued")
+    assert all(state in TRANSITIONS for state in JobState)
+
+
+def test_complete_on_a_queued_job_is_illegal(jm: JobManager) -> None:
+    job_id, _ = enqueue(jm)
+    with pytest.raises(ValueError, match="illegal job transition queued -> done"):
+        jm.complete(job_id)
+    assert jm.counts()["queued"] == 1
+
+
+def test_full_life_of_a_job_is_logged_with_its_id(jm: JobManager, engine: Engine,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node.queue")
+    job_id, _ = enqueue(jm)
+    [claimed] = jm.claim("w1", limit=5)
+    assert claimed.id == job_id and claimed.state is JobState.PROCESSING and claimed.attempts == 1
+    assert jm.claim("w2", limit=5) == []  # leased: nobody else gets it
+    jm.finish_inference(job_id, result={"finding": "negative", "probability": 0.1}, output_dir="/out",
+                        sr_sop_instance_uid="1.2.3.9", worker_id="w1")
+    jm.complete(job_id, worker_id="w1")
+    job = state_of(engine, job_id)
+    assert job.state == "done" and job.lease_owner is None and job.finished_at is not None
+    assert job.result == {"finding": "negative", "probability": 0.1}
+    assert [h["to_state"] for h in jm.history(job_id)] == ["queued", "processing", "exporting", "done"]
+    actions = [(r.action, r.job_id) for r in caplog.records if hasattr(r, "action")]
+    assert actions == [("job_queued", job_id), ("job_claimed", job_id), ("job_inferred", job_id),
+                       ("job_done", job_id)]
+
+
+def test_claim_is_oldest_first_and_limited(jm: JobManager, clock: Clock) -> None:
+    ids = []
+    for i in range(5):
+        ids.append(enqueue(jm, f"1.2.3.{i}")[0])
+        clock.advance(1)
+    got = jm.claim("w1", limit=3)
+    assert [j.id for j in got] == ids[:3]
+    assert [j.id for j in jm.claim("w2", limit=10)] == ids[3:]
+    with pytest.raises(ValueError, match="limit"):
+        jm.claim("w1", limit=0)
+
+
+def test_backoff_delays_double_and_are_capped(settings: WorkerSettings) -> None:
+    assert [backoff_delay(n, settings) for n in (1, 2, 3, 4)] == [5, 10, 12, 12]
+    with pytest.raises(ValueError, match="attempts"):
+        backoff_delay(0, settings)
+
+
+def test_retryable_failure_backs_off_then_fails_with_the_reason(jm: JobManager, clock: Clock,
+                                                                engine: Engine) -> None:
+    job_id, _ = enqueue(jm)
+    for attempt, delay in ((1, 5), (2, 10)):
+        [job] = jm.claim("w1")
+        assert job.attempts == attempt
+        assert jm.fail(job_id, "GPU out of memory", retryable=True, worker_id="w1") is JobState.QUEUED
+        clock.advance(delay - 1)
+        assert jm.claim("w1") == [], "claimed before its backoff elapsed"
+        clock.advance(1)
+    jm.claim("w1")
+    assert jm.fail(job_id, "GPU out of memory", retryable=True, worker_id="w1") is JobState.FAILED
+    job = state_of(engine, job_id)
+    assert job.state == "failed" and job.last_error == "gave up after 3 attempts: GPU out of memory"
+    [failure] = jm.recent_failures()
+    assert failure["job_id"] == job_id and "GPU out of memory" in failure["reason"]
+
+
+def test_permanent_failure_fails_at_once(jm: JobManager, engine: Engine) -> None:
+    job_id, _ = enqueue(jm)
+    jm.claim("w1")
+    assert jm.fail(job_id, "pixel data cannot be decoded", retryable=False) is JobState.FAILED
+    assert state_of(engine, job_id).last_error == "pixel data cannot be decoded"
+    assert jm.counts()["failed"] == 1
+
+
+def test_export_retry_stays_in_exporting_and_keeps_the_result(jm: JobManager, clock: Clock) -> None:
+    job_id, _ = enqueue(jm)
+    jm.claim("w1")
+    jm.finish_inference(job_id, result={"finding": "positive"}, output_dir="/out/1", worker_id="w1")
+    assert jm.fail(job_id, "destination down", retryable=True, worker_id="w1") is JobState.EXPORTING
+    assert jm.claim("w1") == []
+    clock.advance(5)
+    [job] = jm.claim("w2")
+    assert job.state is JobState.EXPORTING and job.result == {"finding": "positive"}
+    assert job.output_dir == "/out/1" and job.attempts == 2
+    jm.record_delivery(job_id, "PACS@10.0.0.1:104", "sent")
+    assert jm.delivered_to(job_id) == {"PACS@10.0.0.1:104"}
+    jm.complete(job_id, worker_id="w2")
+    assert jm.counts()["done"] == 1
+
+
+def test_expired_lease_is_reclaimed_and_the_old_worker_loses_it(jm: JobManager, clock: Clock) -> None:
+    job_id, _ = enqueue(jm)
+    jm.claim("dead")
+    clock.advance(30)
+    assert jm.heartbeat("dead", [job_id]) == [job_id]  # lease extended to now + 60
+    clock.advance(59)
+    assert jm.reclaim_stalled() == 0
+    clock.advance(2)
+    assert jm.reclaim_stalled() == 1
+    assert jm.counts()["queued"] == 1
+    [job] = jm.claim("alive")
+    assert job.id == job_id and job.attempts == 2
+    assert jm.heartbeat("dead", [job_id]) == []
+    with pytest.raises(LeaseLost):
+        jm.fail(job_id, "late", retryable=True, worker_id="dead")
+    jm.finish_inference(job_id, result={"finding": "negative"}, output_dir="/o", worker_id="alive")
+    jm.complete(job_id, worker_id="alive")
+
+
+def test_a_job_that_kills_every_worker_ends_failed(jm: JobManager, clock: Clock, engine: Engine) -> None:
+    job_id, _ = enqueue(jm)
+    for _ in range(3):
+        assert len(jm.claim("w")) == 1
+        clock.advance(61)
+        jm.reclaim_stalled()
+    job = state_of(engine, job_id)
+    assert job.state == "failed" and "stopped responding 3 times" in (job.last_error or "")
+
+
+def test_release_returns_the_job_without_counting_an_attempt(jm: JobManager) -> None:
+    job_id, _ = enqueue(jm)
+    jm.claim("w1")
+    jm.release(job_id, worker_id="w1")
+    [job] = jm.claim("w2")
+    assert job.attempts == 1
+
+
+def test_operator_retry_and_resend(jm: JobManager, clock: Clock) -> None:
+    a, _ = enqueue(jm, "1.1")
+    b, _ = enqueue(jm, "1.2")
+    jm.claim("w", limit=2)
+    jm.fail(a, "undecodable", retryable=False)
+    jm.finish_inference(b, result={"finding": "negative"}, output_dir="/o/b", worker_id="w")
+    jm.complete(b, worker_id="w")
+    assert jm.retry(a) is JobState.QUEUED
+    assert jm.retry(b) is JobState.EXPORTING  # resend: outputs are stored, no recomputation
+    with pytest.raises(ValueError, match="illegal"):
+        jm.retry(a)  # queued cannot be retried
+    with pytest.raises(KeyError):
+        jm.retry(999)
+
+
+def test_ignore_is_terminal(jm: JobManager) -> None:
+    job_id, _ = enqueue(jm)
+    jm.ignore(job_id, "own output sent back to the node")
+    assert jm.counts()["ignored"] == 1
+    with pytest.raises(ValueError):
+        jm.retry(job_id)
+
+
+def test_counts_and_oldest_waiting(jm: JobManager, clock: Clock) -> None:
+    assert jm.oldest_waiting() is None
+    first, _ = enqueue(jm, "2.1")
+    clock.advance(100)
+    enqueue(jm, "2.2")
+    clock.advance(20)
+    oldest = jm.oldest_waiting()
+    assert oldest is not None and oldest["job_id"] == first and oldest["age_s"] == 120
+    assert jm.counts() == {"queued": 2, "processing": 0, "exporting": 0, "done": 0, "failed": 0, "ignored": 0}
+
+
+def test_concurrent_claims_on_sqlite_hand_out_each_job_once(engine: Engine) -> None:
+    jm = JobManager(engine, WorkerSettings())
+    n_jobs = 60
+    for i in range(n_jobs):
+        enqueue(jm, f"3.{i}")
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def worker(name: str) -> None:
+        while batch := jm.claim(name, limit=2):
+            with lock:
+                seen.extend(j.id for j in batch)
+
+    threads = [threading.Thread(target=worker, args=(f"t{i}",)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(seen) == sorted(set(seen)) and len(seen) == n_jobs
