@@ -22,21 +22,20 @@ from PIL import Image
 from pydicom import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    JPEG2000,
+    PYDICOM_IMPLEMENTATION_UID,
     UID,
     ComputedRadiographyImageStorage,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
     JPEGLossless,
     JPEGLosslessSV1,
-    JPEGLSLossless,
     JPEGLSNearLossless,
-    PYDICOM_IMPLEMENTATION_UID,
     RLELossless,
     generate_uid,
 )
@@ -51,7 +50,10 @@ _BONE = 0.80
 _LATERAL_VIEWS = {"LL", "RL", "LATERAL"}
 _ENCODER_PLUGIN = {JPEG2000Lossless: "pylibjpeg", JPEG2000: "pylibjpeg", RLELossless: "pydicom"}
 # Lossy settings: JPEG 2000 at 10:1, JPEG-LS near-lossless with an error bound of 2.
-_ENCODER_OPTIONS: dict[str, dict[str, Any]] = {JPEG2000: {"j2k_cr": [10]}, JPEGLSNearLossless: {"jls_error": 2}}
+_ENCODER_OPTIONS: dict[str, dict[str, Any]] = {
+    JPEG2000: {"j2k_cr": [10]},
+    JPEGLSNearLossless: {"jls_error": 2},
+}
 _NO_ENCODER = {
     JPEGLossless: "dcmcjpeg +e14 (dcmtk)",
     JPEGLosslessSV1: "dcmcjpeg (dcmtk, default mode)",
@@ -280,7 +282,7 @@ def make_dicom(
     lateral: bool | None = None,
     **extra: Any,
 ) -> Dataset:
-    """Build a CR or DX instance holding a phantom (see ``make_phantom``), and write it when ``path`` is given.
+    """Build a CR or DX instance holding a phantom (``make_phantom``); write it when ``path`` is given.
 
     Args:
         path: where to write it (``enforce_file_format=True``); None only builds the dataset.
