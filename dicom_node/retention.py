@@ -1,0 +1,198 @@
+"""Retention of received instances and built outputs, and the disk watermark of the spool volume.
+
+:func:`purge` deletes, for jobs whose results were delivered (state ``done``) or that needed no results
+(``ignored``: the node's own outputs echoed back, non-chest images) and finished more than
+``retention_days`` ago, the spooled instance and the job's output folder. It never touches a job in any other
+state: a queued, running, exporting or failed job keeps its files whatever their age, so a failed job can
+still be retried or re-sent. Job rows, their history and the audit trail stay in the database; each purge
+adds a job event (``retention: ...``) so the admin API shows when the files went, and clears the job's
+``output_dir`` so a later re-send says plainly that there is nothing left to send. Only paths inside
+``storage.data_dir`` are ever deleted.
+
+:func:`free_mb` is the watermark helper the listener uses to refuse associations before the disk fills.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import Engine, exists, select
+from sqlalchemy.orm import Session
+
+from dicom_node import metrics
+from dicom_node.db import Job, JobEvent, utcnow
+
+log = logging.getLogger(__name__)
+
+#: Job states whose files may go: results delivered, or nothing to deliver. Never failed or in flight.
+PURGEABLE_STATES: tuple[str, ...] = ("done", "ignored")
+#: Prefix of the job event written when a job's files are deleted (also how a purged job is recognised).
+EVENT_PREFIX = "retention:"
+_BATCH = 200
+
+
+@dataclass
+class PurgeReport:
+    """What one retention run did."""
+
+    cutoff: datetime
+    jobs: int = 0  # jobs whose files were deleted
+    spool_files: int = 0
+    output_files: int = 0
+    bytes_freed: int = 0
+    skipped_outside: int = 0  # paths not under data_dir, left alone
+    errors: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"cutoff": self.cutoff.isoformat() + "Z", "jobs": self.jobs, "spool_files": self.spool_files,
+                "output_files": self.output_files, "bytes_freed": self.bytes_freed,
+                "skipped_outside": self.skipped_outside, "errors": list(self.errors)}
+
+
+def free_mb(path: str | os.PathLike[str]) -> float:
+    """Free space in MiB for unprivileged users on the file system holding ``path``.
+
+    ``path`` need not exist yet: its nearest existing parent is measured (a fresh data directory).
+    """
+    p = Path(path).expanduser().absolute()
+    while not p.exists():
+        if p.parent == p:
+            break
+        p = p.parent
+    st = os.statvfs(p)
+    return st.f_bavail * st.f_frsize / (1024 * 1024)
+
+
+def has_room(path: str | os.PathLike[str], min_free_mb: int) -> bool:
+    """True when more than ``min_free_mb`` MiB are free where ``path`` lives."""
+    if min_free_mb < 0:
+        raise ValueError('Argument "min_free_mb" must be >= 0.')
+    return free_mb(path) > min_free_mb
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root)
+    except ValueError:
+        return False
+    return True
+
+
+def _remove_file(path: Path, root: Path, report: PurgeReport) -> int:
+    """Delete one file under ``root``; returns 1 when a file went."""
+    if not path.exists():
+        return 0
+    if not _inside(path, root):
+        report.skipped_outside += 1
+        log.warning("retention left a path outside the data directory alone",
+                    extra={"action": "retention_outside", "path": str(path)})
+        return 0
+    size = path.stat().st_size
+    path.unlink()
+    report.bytes_freed += size
+    return 1
+
+
+def _remove_tree(path: Path, root: Path, report: PurgeReport) -> int:
+    """Delete an output folder (or file) under ``root``; returns the number of files removed."""
+    if not path.exists():
+        return 0
+    if path.is_file():
+        return _remove_file(path, root, report)
+    if not _inside(path, root) or path.resolve() == root:
+        report.skipped_outside += 1
+        log.warning("retention left a folder outside the data directory alone",
+                    extra={"action": "retention_outside", "path": str(path)})
+        return 0
+    files = [f for f in path.rglob("*") if f.is_file()]
+    size = sum(f.stat().st_size for f in files)
+    shutil.rmtree(path)
+    report.bytes_freed += size
+    return len(files)
+
+
+def _prune_empty_parent(path: Path, stop: Path) -> None:
+    """Remove the now-empty study folder of a spool file (never ``stop`` itself)."""
+    parent = path.parent
+    try:
+        if parent.resolve() != stop.resolve() and _inside(parent, stop) and not any(parent.iterdir()):
+            parent.rmdir()
+    except OSError:
+        log.debug("study folder not removed", exc_info=True, extra={"action": "retention_prune"})
+
+
+def purge(engine: Engine, data_dir: str | os.PathLike[str], retention_days: int, *,
+          now: datetime | None = None) -> PurgeReport:
+    """Delete the files of delivered jobs that finished more than ``retention_days`` days before ``now``.
+
+    ``retention_days = 0`` keeps everything (returns an empty report). Per job, the row is locked, its state
+    checked again, the files deleted and the ``retention:`` job event committed in one transaction; a crash in
+    between only means the next run finds nothing left to delete for that job and records the event then.
+    """
+    if not isinstance(retention_days, int) or retention_days < 0:
+        raise ValueError('Argument "retention_days" must be an int >= 0.')
+    now = now or utcnow()
+    report = PurgeReport(cutoff=now - timedelta(days=retention_days))
+    if retention_days == 0:
+        return report
+    root = Path(data_dir).expanduser().resolve()
+    spool_root = root / "spool"
+    purged = exists().where(JobEvent.job_id == Job.id, JobEvent.message.startswith(EVENT_PREFIX))
+    last_id = 0
+    while True:
+        stmt = (select(Job.id, Job.spool_path, Job.output_dir)
+                .where(Job.state.in_(PURGEABLE_STATES), Job.finished_at.is_not(None),
+                       Job.finished_at < report.cutoff, Job.id > last_id, ~purged)
+                .order_by(Job.id).limit(_BATCH))
+        with Session(engine) as session:
+            rows = session.execute(stmt).all()
+        if not rows:
+            break
+        for job_id, spool_path, output_dir in rows:
+            last_id = job_id
+            _purge_job(engine, job_id, spool_path, output_dir, root, spool_root, report)
+    log.info("retention run finished", extra={"action": "retention_done", **report.as_dict()})
+    return report
+
+
+def _purge_job(engine: Engine, job_id: int, spool_path: str | None, output_dir: str | None,
+               root: Path, spool_root: Path, report: PurgeReport) -> None:
+    """Delete one job's files while its row is locked, so a retry or re-send cannot start meanwhile."""
+    n_spool = n_out = 0
+    with Session(engine) as session, session.begin():
+        job = session.get(Job, job_id, with_for_update=True)
+        if job is None or job.state not in PURGEABLE_STATES:  # retried or re-sent since the batch was read
+            return
+        state = job.state
+        try:
+            if spool_path:
+                n_spool = _remove_file(Path(spool_path), root, report)
+                if n_spool:
+                    _prune_empty_parent(Path(spool_path), spool_root)
+            if output_dir:
+                n_out = _remove_tree(Path(output_dir), root, report)
+        except OSError as exc:
+            report.errors.append(f"job {job_id}: {exc}")
+            log.error("retention could not delete a job's files", exc_info=True,
+                      extra={"action": "retention_failed", "job_id": job_id})
+            return
+        if output_dir:
+            job.output_dir = None  # not a state change: the job stays done / ignored
+        session.add(JobEvent(job_id=job_id, from_state=state, to_state=state,
+                             message=f"{EVENT_PREFIX} deleted {n_spool} spooled instance file(s) and "
+                                     f"{n_out} output file(s)"))
+    report.jobs += 1
+    report.spool_files += n_spool
+    report.output_files += n_out
+    if n_spool:
+        metrics.RETENTION_DELETED.labels(kind="spool").inc(n_spool)
+    if n_out:
+        metrics.RETENTION_DELETED.labels(kind="output").inc(n_out)
+    log.info("job files deleted by retention",
+             extra={"action": "retention_job", "job_id": job_id, "spool_files": n_spool,
+                    "output_files": n_out})
