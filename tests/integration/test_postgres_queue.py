@@ -1,0 +1,103 @@
+"""Scale-out: several OS processes share one queue; every job is processed exactly once, none is lost.
+
+Runs against a real PostgreSQL server (``FOR UPDATE SKIP LOCKED``) and, for comparison, against
+SQLite (``BEGIN IMMEDIATE``). Each process migrates the schema at start (concurrently), enqueues the
+same instances in its own order (duplicate detection under a race), then claims until the queue is empty.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from dicom_node.config import WorkerSettings
+from dicom_node.db import Job, JobEvent, init_db, make_engine
+from dicom_node.queue import JobManager
+
+pytestmark = pytest.mark.integration
+
+N_PROCESSES = 4
+M_JOBS = 200
+
+
+def _uid(i: int) -> str:
+    return f"1.2.826.0.1.3680043.8.498.{1000 + i}"
+
+
+def claim_loop(url: str, worker_id: str, out_file: str, barrier: Any, seed: int) -> None:
+    """One worker process: migrate, enqueue every instance (shuffled), then process until nothing is left."""
+    engine = make_engine(url)
+    init_db(engine)
+    jm = JobManager(engine, WorkerSettings(lease_s=120))
+    order = list(range(M_JOBS))
+    random.Random(seed).shuffle(order)
+    created = 0
+    for i in order:
+        created += jm.enqueue(sop_instance_uid=_uid(i), study_instance_uid="1.2.3",
+                              series_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                              calling_ae="MOD", calling_host="127.0.0.1", spool_path=f"/spool/{i}.dcm")[1]
+    barrier.wait(timeout=120)
+    processed: list[int] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        batch = jm.claim(worker_id, limit=3)
+        if not batch:
+            counts = jm.counts()
+            if counts["queued"] + counts["processing"] + counts["exporting"] == 0:
+                break
+            time.sleep(0.01)
+            continue
+        for job in batch:
+            processed.append(job.id)
+            jm.finish_inference(job.id, result={"finding": "negative", "worker": worker_id},
+                                output_dir=f"/out/{job.id}", worker_id=worker_id)
+            jm.complete(job.id, worker_id=worker_id)
+    Path(out_file).write_text(json.dumps({"processed": processed, "created": created}))
+    engine.dispose()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+def queue_url(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgresql":
+        return request.getfixturevalue("postgres_url")
+    return request.getfixturevalue("sqlite_url")
+
+
+def test_n_processes_m_jobs_each_exactly_once(queue_url: str, tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(N_PROCESSES)
+    outs = [tmp_path / f"w{i}.json" for i in range(N_PROCESSES)]
+    procs = [ctx.Process(target=claim_loop, args=(queue_url, f"worker-{i}", str(outs[i]), barrier, i))
+             for i in range(N_PROCESSES)]
+    started = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(240)
+    elapsed = time.monotonic() - started
+    assert [p.exitcode for p in procs] == [0] * N_PROCESSES
+
+    reports = [json.loads(o.read_text()) for o in outs]
+    processed = [job_id for r in reports for job_id in r["processed"]]
+    assert sum(r["created"] for r in reports) == M_JOBS, "a duplicate SOP Instance UID created a second job"
+    assert len(processed) == M_JOBS and len(set(processed)) == M_JOBS, "a job was processed twice or lost"
+    assert sum(1 for r in reports if r["processed"]) >= 2, "the work was not shared between processes"
+
+    engine = make_engine(queue_url)
+    with Session(engine) as s:
+        assert s.execute(select(func.count()).select_from(Job)).scalar() == M_JOBS
+        states = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        assert states == {"done": M_JOBS}
+        claims = s.execute(select(JobEvent.job_id, func.count()).where(JobEvent.to_state == "processing")
+                           .group_by(JobEvent.job_id)).all()
+        assert len(claims) == M_JOBS and {n for _, n in claims} == {1}
+    engine.dispose()
+    print(f"{engine.dialect.name}: {N_PROCESSES} processes x {M_JOBS} jobs in {elapsed:.1f} s")
