@@ -1,0 +1,96 @@
+"""Heatmap overlay and the burned-in caption of the secondary capture.
+
+Pure numpy + Pillow; no system fonts needed (Pillow's bundled default font, scaled).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+from matplotlib import colormaps
+from PIL import Image, ImageDraw, ImageFont
+
+MAX_SIDE = 1024  # long side of the SC in pixels; larger sources are downsampled
+ALPHA_MIN = 0.15  # overlay opacity where the heatmap is 0
+ALPHA_MAX = 0.6  # overlay opacity where the heatmap is 1
+CAPTION_BG = (0, 0, 0)
+CAPTION_FG = (255, 255, 255)
+CAPTION_WARN = (255, 64, 64)
+
+
+@lru_cache(maxsize=4)
+def colormap_lut(name: str = "jet") -> np.ndarray:
+    """A 256x3 uint8 lookup table of the matplotlib colormap ``name``."""
+    cmap = colormaps[name]
+    return (cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+@lru_cache(maxsize=16)
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def output_shape(shape: tuple[int, int], max_side: int = MAX_SIDE) -> tuple[tuple[int, int], float]:
+    """Rows/columns of the overlay for a source of ``shape`` and the scale factor (<= 1) applied."""
+    rows, cols = shape
+    if rows < 1 or cols < 1:
+        raise ValueError(f'Argument "shape" must be positive, not {shape}.')
+    scale = min(1.0, max_side / max(rows, cols))
+    return (max(1, round(rows * scale)), max(1, round(cols * scale))), scale
+
+
+def _resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if array.shape == shape:
+        return array.astype(np.float32, copy=False)
+    img = Image.fromarray(array.astype(np.float32, copy=False), mode="F")
+    return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def overlay(pixels: np.ndarray, heatmap: np.ndarray, shape: tuple[int, int], cmap: str = "jet") -> np.ndarray:
+    """Alpha-blend ``heatmap`` (colour-mapped) over the greyscale ``pixels``, both resized to ``shape``.
+
+    ``pixels`` and ``heatmap`` are float arrays in [0, 1] of the same shape. The overlay's opacity grows
+    with the heatmap value, so the radiograph stays readable where the model did not look.
+    Returns an RGB uint8 array of ``shape`` + (3,).
+    """
+    if pixels.ndim != 2 or heatmap.shape != pixels.shape:
+        raise ValueError(
+            f'Arguments "pixels" {pixels.shape} and "heatmap" {heatmap.shape} must be 2-D of the same shape.')
+    grey = np.clip(_resize(pixels, shape), 0.0, 1.0)
+    heat = np.clip(_resize(heatmap, shape), 0.0, 1.0)
+    colour = colormap_lut(cmap)[(heat * 255.0).astype(np.uint8)].astype(np.float32)
+    alpha = (ALPHA_MIN + (ALPHA_MAX - ALPHA_MIN) * heat)[..., None]
+    blended = grey[..., None] * 255.0 * (1.0 - alpha) + colour * alpha
+    return (blended + 0.5).astype(np.uint8)
+
+
+def greyscale_rgb(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The radiograph alone as RGB uint8 of ``shape`` (when there is no heatmap to overlay)."""
+    grey = (np.clip(_resize(pixels, shape), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=2)
+
+
+def add_caption(rgb: np.ndarray, lines: list[str], warning: str) -> tuple[np.ndarray, int]:
+    """Return ``rgb`` with a black caption band on top holding ``warning`` (red) and ``lines`` (white).
+
+    The font scales with the image width (readable at the PACS's fit-to-window zoom). Returns the new
+    image and the caption band's height in rows.
+    """
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise ValueError('Argument "rgb" must be a uint8 array of shape (rows, columns, 3).')
+    width = rgb.shape[1]
+    size = int(np.clip(width / 36, 10, 48))
+    font = _font(size)
+    line_h = int(size * 1.3)
+    pad = max(2, size // 3)
+    band_h = pad * 2 + line_h * (1 + len(lines))
+    band = Image.new("RGB", (width, band_h), CAPTION_BG)
+    draw = ImageDraw.Draw(band)
+    draw.text((pad, pad), warning, font=font, fill=CAPTION_WARN)
+    for i, line in enumerate(lines, start=1):
+        draw.text((pad, pad + i * line_h), line, font=font, fill=CAPTION_FG)
+    out = np.empty((band_h + rgb.shape[0], width, 3), dtype=np.uint8)
+    out[:band_h] = np.asarray(band)
+    out[band_h:] = rgb
+    return out, band_h

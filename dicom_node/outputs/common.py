@@ -1,0 +1,226 @@
+"""What the SR and the heatmap SC share: the node's identity, codes, UIDs, a clean copy of the source header.
+
+Codes used in the node's outputs
+--------------------------------
+Standard codes come from ``pydicom.sr.codedict.codes`` where one exists; the private coding scheme
+``99CXRNODE`` (declared in each SR's CodingSchemeIdentificationSequence) is used only for concepts that
+have no standard code.
+
+===========================================  ==========  ===========  ========================================
+Concept                                      Scheme      Value        Where
+===========================================  ==========  ===========  ========================================
+Imaging Measurement Report (title)           DCM         126000       SR root container (TID 1500)
+Chest imaging (procedure reported)           SCT         413815006    SR, TID 1500 row 6
+Disease caused by SARS-CoV-2 (COVID-19)      SCT         840539006    measurement group finding type
+Lung (finding site)                          SCT         39607008     measurement group finding site
+COVID-19 pneumonia suspected                 99CXRNODE   CXR001       qualitative evaluation (name)
+Yes / No                                     SCT         373066001 /  its value when assessed
+                                                         373067005
+Undetermined                                 SCT         373068000    its value when not assessable
+Not assessable reason                        99CXRNODE   CXR002       qualitative evaluation (name)
+not_chest, lateral, too_small, no_lungs,     99CXRNODE   (same)       its value (the pipeline's reason code)
+undecodable, other
+Comment (reason as text)                     DCM         121106       TEXT item in the measurement group
+Probability                                  DCM         122157       measurement, unit UCUM ``1`` (no units)
+Threshold Value (operating threshold)        DCM         122411       measurement, unit UCUM ``1``
+Lung attention ratio                         99CXRNODE   CXR003       measurement, unit UCUM ``{ratio}``
+Lung area fraction                           99CXRNODE   CXR004       measurement, unit UCUM ``{ratio}``
+Processing Equipment                         DCM         109102       ContributingEquipmentSequence purpose
+Source image for image processing operation  DCM         121322       SC SourceImageSequence purpose
+Saliency (heatmap derivation)                DCM         130404       SC DerivationCodeSequence
+===========================================  ==========  ===========  ========================================
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from highdicom import ContributingEquipment
+from pydicom import Dataset, config
+from pydicom.datadict import dictionary_VR
+from pydicom.multival import MultiValue
+from pydicom.sr.codedict import codes
+from pydicom.sr.coding import Code
+from pydicom.uid import UID, generate_uid
+from pydicom.valuerep import validate_value
+
+from dicom_node import __version__
+
+logger = logging.getLogger(__name__)
+
+MANUFACTURER = "cxr-node"
+CODING_SCHEME = "99CXRNODE"
+CODING_SCHEME_NAME = "cxr-node private codes"
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+SR_SERIES_DESCRIPTION = "cxr-node AI result (not for diagnostic use)"
+SC_SERIES_DESCRIPTION = "cxr-node heatmap (not for diagnostic use)"
+SR_SERIES_NUMBER = 9901
+SC_SERIES_NUMBER = 9902
+
+CODE_SUSPECTED = Code("CXR001", CODING_SCHEME, "COVID-19 pneumonia suspected")
+CODE_REASON = Code("CXR002", CODING_SCHEME, "Not assessable reason")
+CODE_LUNG_ATTENTION = Code("CXR003", CODING_SCHEME, "Lung attention ratio")
+CODE_LUNG_FRACTION = Code("CXR004", CODING_SCHEME, "Lung area fraction")
+CODE_COVID19 = Code("840539006", "SCT", "Disease caused by SARS-CoV-2")
+REASON_CODES: dict[str, Code] = {
+    "not_chest": Code("not_chest", CODING_SCHEME, "Not a chest radiograph"),
+    "lateral": Code("lateral", CODING_SCHEME, "Lateral view"),
+    "too_small": Code("too_small", CODING_SCHEME, "Image too small"),
+    "no_lungs": Code("no_lungs", CODING_SCHEME, "No plausible pair of lungs found"),
+    "undecodable": Code("undecodable", CODING_SCHEME, "Image could not be decoded"),
+    "other": Code("other", CODING_SCHEME, "Other reason"),
+}
+FINDING_VALUES: dict[str, Code] = {
+    "positive": codes.SCT.Yes,
+    "negative": codes.SCT.No,
+    "not_assessable": codes.SCT.Undetermined,
+}
+
+# Attributes carried from the source into the header the outputs are built from (patient, study, the
+# source image's identity, and what the SC needs). Everything else in the source is ignored.
+_REFERENCE_KEYWORDS = (
+    "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
+    "Modality", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+    "OtherPatientIDs", "PatientAge", "PatientSize", "PatientWeight", "EthnicGroup", "PatientComments",
+    "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName", "StudyDescription",
+    "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber", "InstitutionName",
+    "InstitutionalDepartmentName", "StationName", "BodyPartExamined", "ViewPosition", "PatientOrientation",
+    "ImageLaterality", "Laterality", "Rows", "Columns", "PixelSpacing", "ImagerPixelSpacing",
+    "SeriesNumber", "InstanceNumber", "ContentDate", "ContentTime",
+)
+_TYPE1 = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns"}
+_TYPE2 = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+          "AccessionNumber", "StudyID", "ReferringPhysicianName", "Manufacturer"}
+_MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "UC": None, "UT": None}
+_ENUMS = {"PatientSex": {"M", "F", "O"}}
+
+
+def _valid(vr: str, value: Any) -> bool:
+    values = list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+    try:
+        for v in values:
+            validate_value(vr, v, config.RAISE)
+    except ValueError:
+        return False
+    return True
+
+
+def _repair(keyword: str, vr: str, value: Any) -> Any:
+    """A valid replacement for an invalid ``value``, or None to drop (Type 3) / empty (Type 2) it."""
+    if vr == "PN":
+        groups = [
+            "^".join(part[:64] for part in group.split("^")) for group in str(value).split("=")
+        ]
+        fixed = "=".join(groups)
+        return fixed if _valid(vr, fixed) else None
+    limit = _MAX_LENGTH.get(vr)
+    if limit and isinstance(value, str):
+        fixed = value[:limit].rstrip()
+        return fixed if _valid(vr, fixed) else None
+    return None
+
+
+def clean_reference(source: Dataset) -> Dataset:
+    """A header-only copy of ``source`` holding the attributes the outputs copy, each one valid.
+
+    Real PACS data carries invalid optional values (over-long names, dates with dashes, codes in lower
+    case); copied verbatim they would make the node's own objects invalid. Over-long strings and name
+    components are truncated, other invalid Type 2 values are emptied, invalid Type 3 values dropped.
+
+    Raises
+    ------
+    ValueError
+        ``source`` lacks a Type 1 identity attribute (SOP Class/Instance UID, Study/Series UID, Rows,
+        Columns) or one of them is invalid.
+    """
+    if not isinstance(source, Dataset):
+        raise TypeError('Argument "source" must be a pydicom Dataset.')
+    ref = Dataset()
+    for keyword in _REFERENCE_KEYWORDS:
+        if keyword not in source:
+            if keyword in _TYPE1:
+                raise ValueError(f'Argument "source" lacks the attribute {keyword}.')
+            continue
+        elem = source[keyword]
+        value, vr = elem.value, elem.VR
+        if keyword == "SpecificCharacterSet" or value is None or value == "":
+            ref.add_new(elem.tag, vr, value)
+            continue
+        ok = _valid(vr, value) and value not in ("",) and (
+            keyword not in _ENUMS or str(value) in _ENUMS[keyword])
+        if not ok:
+            if keyword in _TYPE1:
+                raise ValueError(f'Argument "source" has an invalid {keyword}.')
+            value = None if keyword in _ENUMS else _repair(keyword, vr, value)
+            logger.info("invalid source attribute repaired", extra={
+                "action": "source_attribute_repaired", "attribute": keyword,
+                "repair": "emptied" if value is None and keyword in _TYPE2 else
+                "dropped" if value is None else "truncated"})
+            if value is None and keyword not in _TYPE2:
+                continue
+        ref.add_new(elem.tag, vr, value)
+    for keyword in _TYPE2:
+        if keyword not in ref:
+            ref.add_new(keyword, dictionary_VR(keyword), None)
+    return ref
+
+
+def derived_uid(source: Dataset, card: Mapping[str, Any], purpose: str) -> UID:
+    """A UID that depends only on the source instance, the model version and ``purpose``.
+
+    Building the outputs twice for the same job (a retried export) gives the same UIDs, so a PACS sees
+    a re-send, not a second result.
+    """
+    return generate_uid(prefix=None, entropy_srcs=[
+        str(source.SOPInstanceUID), str(card.get("name", "")), str(card.get("version", "")),
+        str(card.get("device_uid", "")), purpose, MANUFACTURER])
+
+
+def node_equipment(card: Mapping[str, Any], description: str) -> ContributingEquipment:
+    """The node as processing equipment (IHE AI Results): manufacturer, model, software versions.
+
+    The bundle's device UID is not repeated here (no such attribute in the Contributing Equipment
+    macro); the SR carries it as the device observer UID.
+    """
+    return ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=codes.DCM.ProcessingEquipment,
+        manufacturer_model_name=model_label(card)[:64],
+        software_versions=[f"cxr-node {__version__}"[:64], f"model {card['version']}"[:64]],
+        contribution_datetime=datetime.datetime.now(),
+        contribution_description=description[:64],
+    )
+    return item
+
+
+def model_label(card: Mapping[str, Any]) -> str:
+    """``"<name> <version>"`` of the model bundle."""
+    return f"{card['name']} {card['version']}"
+
+
+def check_card(card: Mapping[str, Any]) -> None:
+    """Validate the parts of the model card the outputs use, naming the problem."""
+    if not isinstance(card, Mapping):
+        raise TypeError('Argument "card" must be a mapping (the bundle\'s model.json).')
+    for key in ("name", "version", "device_uid"):
+        if not isinstance(card.get(key), str) or not card[key].strip():
+            raise ValueError(f'Argument "card" must have a non-empty string "{key}".')
+    if not _valid("UI", card["device_uid"]):
+        raise ValueError('Argument "card" has an invalid "device_uid" (not a DICOM UID).')
+
+
+def element_text(ds: Dataset, keyword: str) -> str:
+    """The value of ``keyword`` in ``ds`` as text, '' when absent or unreadable."""
+    try:
+        value = ds.get(keyword)
+    except (ValueError, TypeError, KeyError):
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, MultiValue | list | tuple):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+

@@ -1,0 +1,136 @@
+"""The heatmap as an RGB Secondary Capture in the source study (highdicom ``SCImage.from_ref_dataset``).
+
+The SC is a derived image: ImageType DERIVED\\SECONDARY, SourceImageSequence pointing at the source
+radiograph (purpose: source image for image processing operation), a DerivationDescription and a
+DerivationCodeSequence (Saliency), BurnedInAnnotation YES (the caption band on top says
+"NOT FOR DIAGNOSTIC USE", the model and the finding), BodyPartExamined copied from the source, and the
+node as contributing processing equipment. Sources whose long side exceeds
+:data:`dicom_node.outputs.caption.MAX_SIDE` pixels are downsampled, with PixelSpacing scaled to match.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+from highdicom import PhotometricInterpretationValues
+from highdicom.sc import SCImage
+from highdicom.sr import CodedConcept
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+
+from dicom_node.outputs.caption import add_caption, greyscale_rgb, output_shape, overlay
+from dicom_node.outputs.common import (
+    MANUFACTURER,
+    NOT_FOR_DIAGNOSTIC_USE,
+    SC_SERIES_DESCRIPTION,
+    SC_SERIES_NUMBER,
+    check_card,
+    derived_uid,
+    model_label,
+    node_equipment,
+)
+from inference.types import Result, XrayImage
+
+logger = logging.getLogger(__name__)
+
+_BIPED = {"A", "P", "R", "L", "H", "F"}
+# Conventional display of a frontal chest radiograph: the patient's left on the viewer's right, head up.
+_FRONTAL_ORIENTATION = ("L", "F")
+_FINDING_TEXT = {"positive": "YES", "negative": "NO", "not_assessable": "NOT ASSESSABLE"}
+
+
+def caption_lines(result: Result, card: Mapping[str, Any]) -> list[str]:
+    """The caption's text lines under the warning: model, finding with probability, lung attention."""
+    finding = f"COVID-19 pneumonia suspected: {_FINDING_TEXT[result.finding]}"
+    if result.probability is not None:
+        finding += f"  (p = {result.probability:.2f}, threshold {result.threshold:.2f})"
+    lines = [f"Model {model_label(card)}", finding]
+    if result.lung_attention is not None:
+        lines.append(f"Lung attention {result.lung_attention:.2f}")
+    if result.finding == "not_assessable" and result.reason:
+        lines.append(result.reason[:120])
+    return lines
+
+
+def _orientation(reference: Dataset) -> tuple[str, str]:
+    value = reference.get("PatientOrientation")
+    if value is not None and len(value) == 2 and all(str(v) in _BIPED for v in value):
+        return str(value[0]), str(value[1])
+    return _FRONTAL_ORIENTATION
+
+
+def _spacing(reference: Dataset, scale: float) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = reference.get(keyword)
+        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
+            return (round(float(value[0]) / scale, 6), round(float(value[1]) / scale, 6))
+    return None
+
+
+def build_heatmap_sc(
+    reference: Dataset, image: XrayImage, result: Result, card: Mapping[str, Any]
+) -> SCImage:
+    """Build the RGB heatmap SC for ``result`` over ``image`` in the source study.
+
+    ``reference`` is the cleaned source header (:func:`dicom_node.outputs.common.clean_reference`).
+    ``result.heatmap`` must be set and have the shape of ``image.pixels``; without a heatmap the greyscale
+    radiograph with the caption is rendered (callers normally skip the SC then).
+    """
+    check_card(card)
+    if not isinstance(image, XrayImage) or not isinstance(image.pixels, np.ndarray) or image.pixels.ndim != 2:
+        raise TypeError('Argument "image" must be an XrayImage with 2-D pixels.')
+    if not isinstance(result, Result):
+        raise TypeError('Argument "result" must be an inference.types.Result.')
+    if result.heatmap is not None and result.heatmap.shape != image.pixels.shape:
+        raise ValueError(f'Argument "result" has a heatmap of shape {result.heatmap.shape}, '
+                         f'the image is {image.pixels.shape}.')
+
+    shape, scale = output_shape(image.pixels.shape)
+    if result.heatmap is not None:
+        rgb = overlay(image.pixels, result.heatmap, shape)
+    else:
+        rgb = greyscale_rgb(image.pixels, shape)
+    rgb, _ = add_caption(rgb, caption_lines(result, card), NOT_FOR_DIAGNOSTIC_USE)
+    spacing = _spacing(reference, scale)
+
+    sc = SCImage.from_ref_dataset(
+        ref_dataset=reference,
+        pixel_array=rgb,
+        photometric_interpretation=PhotometricInterpretationValues.RGB,
+        bits_allocated=8,
+        coordinate_system="PATIENT",
+        series_instance_uid=derived_uid(reference, card, "sc-series"),
+        series_number=SC_SERIES_NUMBER,
+        sop_instance_uid=derived_uid(reference, card, "sc-instance"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        pixel_spacing=spacing,
+        patient_orientation=_orientation(reference),
+        series_description=SC_SERIES_DESCRIPTION,
+        manufacturer_model_name=model_label(card)[:64],
+        software_versions=[f"model {card['version']}"[:64]],
+        contributing_equipment=[node_equipment(card, "Grad-CAM heatmap overlay")],
+    )
+    sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.BurnedInAnnotation = "YES"
+    sc.RecognizableVisualFeatures = "NO"
+    sc.LossyImageCompression = "00"
+    if reference.get("BodyPartExamined"):
+        sc.BodyPartExamined = reference.BodyPartExamined
+    if reference.get("ImageLaterality"):
+        sc.ImageLaterality = reference.ImageLaterality
+    source_item = Dataset()
+    source_item.ReferencedSOPClassUID = reference.SOPClassUID
+    source_item.ReferencedSOPInstanceUID = reference.SOPInstanceUID
+    source_item.PurposeOfReferenceCodeSequence = [
+        CodedConcept.from_code(codes.DCM.SourceImageForImageProcessingOperation)]
+    sc.SourceImageSequence = [source_item]
+    sc.DerivationDescription = (
+        f"Grad-CAM heatmap of {model_label(card)} alpha-blended over the source radiograph"
+        + (f", downsampled by {scale:.3f}" if scale < 1.0 else "") + "; caption burned in.")[:1024]
+    sc.DerivationCodeSequence = [CodedConcept.from_code(codes.DCM.Saliency)]
+    logger.debug("SC built", extra={"action": "sc_built", "rows": sc.Rows, "columns": sc.Columns})
+    return sc
