@@ -1,0 +1,461 @@
+"""Radiographs in, model-ready arrays out: decoding, header checks and the preprocessing shared by all.
+
+Decoding (``load_dicom``, ``load_image_file``, ``load_any``) gives an ``XrayImage`` whose pixels are
+float32 in [0, 1] displayed the usual way (bright bone, dark air):
+
+* DICOM: Modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence), then the VOI transform (a VOI LUT
+  Sequence when present, else the first Window Center/Width with its VOI LUT Function, else the 0.5th..99.5th
+  percentile of the modality values), then MONOCHROME1 is inverted. Every transfer syntax pydicom can decode
+  with the installed plugins (uncompressed, deflated, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000,
+  HTJ2K, RLE). Multi-frame: the first frame. RGB/YBR: converted to grey (ITU-R 601 luma).
+* PNG/JPEG: 8-bit greyscale divided by 255; 16-bit and float images scaled min..max; colour converted to grey
+  after flattening any alpha channel on black.
+
+Invalid optional header values (Pixel Spacing, View Position, window values...) never stop decoding: they
+are ignored, logged, and the next rule applies. Undecodable pixel data raises ``InvalidInstance`` naming what
+failed.
+
+The preprocessing shared by training and inference (``square_resize``, ``lung_crop``, ``postprocess_mask``,
+``resize_mask`` and their inverses) lives in ``inference.preprocess`` and is re-exported here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydicom import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import pixel_array as _pixel_array
+
+from dicom_node.errors import InvalidInstance
+from inference.preprocess import (
+    PAD_VALUE,
+    lung_box,
+    lung_crop,
+    postprocess_mask,
+    resize_mask,
+    square_resize,
+    uncrop,
+    unsquare,
+)
+from inference.types import XrayImage
+
+__all__ = [
+    "MIN_SIZE",
+    "PAD_VALUE",
+    "header_reason",
+    "load_any",
+    "load_dicom",
+    "load_image_file",
+    "lung_box",
+    "lung_crop",
+    "postprocess_mask",
+    "resize_mask",
+    "square_resize",
+    "uncrop",
+    "unsquare",
+]
+
+logger = logging.getLogger(__name__)
+
+MIN_SIZE = 256  # shortest side, in pixels, below which header_reason says "too_small"
+PERCENTILES = (0.5, 99.5)  # VOI fallback when the header has neither a VOI LUT nor a window
+
+XRAY_MODALITIES = frozenset({"CR", "DX"})
+CHEST_WORDS = frozenset(
+    {"CHEST", "THORAX", "THORACIC", "LUNG", "LUNGS", "TORAX", "TORACE", "THORAKS", "PECHO", "BRUST",
+     "POUMON", "POUMONS", "PULMON", "THX", "CXR"}
+)
+LATERAL_VIEWS = {
+    "LL": "lateral", "RL": "lateral", "LATERAL": "lateral", "LAT": "lateral",
+    "LLD": "lateral decubitus", "RLD": "lateral decubitus",
+    "LLO": "oblique", "RLO": "oblique", "LAO": "oblique",
+    "RAO": "oblique", "LPO": "oblique", "RPO": "oblique",
+}
+FRONTAL_VIEWS = frozenset({"PA", "AP", "APS", "APE", "PAE"})
+_LATERAL_HINT = re.compile(r"\b(LAT|LATERAL|LATERALE|SEITLICH|LATERO[- ]?MEDIAL|OBLIQUE)\b", re.IGNORECASE)
+_FRONTAL_HINT = re.compile(r"\b(PA|AP|FRONTAL|POSTERO[- ]?ANTERIOR|ANTERO[- ]?POSTERIOR)\b", re.IGNORECASE)
+_ANIMAL_HINT = re.compile(
+    r"\b(CANINE|FELINE|EQUINE|BOVINE|PORCINE|OVINE|VETERINAR\w*|DOG|CAT|HORSE)\b", re.IGNORECASE
+)
+_HUMAN_SPECIES = frozenset({"", "HUMAN", "HOMO SAPIENS", "HOMO SAPIENS SAPIENS"})
+
+
+# --------------------------------------------------------------------------------------------- header values
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """A header value as stripped text; '' when absent or unreadable (multi-valued: joined with '\\')."""
+    try:
+        value = ds.get(keyword)
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, OverflowError) as exc:
+        logger.warning("unreadable %s ignored: %s", keyword, exc, extra={"action": "dicom_header_invalid"})
+        return ""
+    if value is None:
+        return ""
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        return "\\".join(str(v).strip() for v in value)
+    return str(value).strip()
+
+
+def _numbers(ds: Dataset, keyword: str) -> list[float] | None:
+    """Finite numbers of a DS/IS/US attribute; None when absent, empty or not all numeric."""
+    raw = _text(ds, keyword)
+    if not raw:
+        return None
+    try:
+        values = [float(v) for v in raw.split("\\")]
+    except ValueError:
+        logger.warning("invalid %s %r ignored", keyword, raw[:64], extra={"action": "dicom_header_invalid"})
+        return None
+    if not values or not all(math.isfinite(v) for v in values):
+        logger.warning("invalid %s %r ignored", keyword, raw[:64], extra={"action": "dicom_header_invalid"})
+        return None
+    return values
+
+
+def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        values = _numbers(ds, keyword)
+        if values is not None and len(values) == 2 and all(v > 0 for v in values):
+            return (values[0], values[1])
+    return None
+
+
+def _code_meanings(ds: Dataset, keyword: str) -> list[str]:
+    try:
+        return [str(item.get("CodeMeaning", "")) for item in ds.get(keyword) or []]
+    except (TypeError, AttributeError, ValueError):
+        return []
+
+
+def _meta(ds: Dataset) -> dict[str, Any]:
+    """Header values the callers need, read defensively (see the contract in the module docstring)."""
+    view_hints = [
+        _text(ds, "SeriesDescription"),
+        _text(ds, "ProtocolName"),
+        _text(ds, "AcquisitionDeviceProcessingDescription"),
+        *_code_meanings(ds, "ViewCodeSequence"),
+        *_code_meanings(ds, "PerformedProtocolCodeSequence"),
+    ]
+    return {
+        "modality": _text(ds, "Modality").upper(),
+        "body_part": _text(ds, "BodyPartExamined").upper(),
+        "view_position": _text(ds, "ViewPosition").upper(),
+        "sop_instance_uid": _text(ds, "SOPInstanceUID"),
+        "sop_class_uid": _text(ds, "SOPClassUID"),
+        "study_instance_uid": _text(ds, "StudyInstanceUID"),
+        "series_instance_uid": _text(ds, "SeriesInstanceUID"),
+        "rows": int(_numbers(ds, "Rows")[0]) if _numbers(ds, "Rows") else 0,
+        "columns": int(_numbers(ds, "Columns")[0]) if _numbers(ds, "Columns") else 0,
+        "photometric": _text(ds, "PhotometricInterpretation").upper(),
+        "pixel_spacing": _pixel_spacing(ds),
+        "image_laterality": _text(ds, "ImageLaterality").upper(),
+        "patient_orientation": _text(ds, "PatientOrientation").upper(),
+        "species": _text(ds, "PatientSpeciesDescription"),
+        "view_hints": " | ".join(h for h in view_hints if h),
+        "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""),
+    }
+
+
+# --------------------------------------------------------------------------------------------- DICOM decoding
+
+
+def _read(source: str | Path | Dataset) -> Dataset:
+    if isinstance(source, Dataset):
+        return source
+    if not isinstance(source, str | Path):
+        raise TypeError('Argument "source" must be a path or a pydicom Dataset.')
+    try:
+        return pydicom.dcmread(source)
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+        raise InvalidInstance(f"{source}: not a readable DICOM file ({exc})") from exc
+
+
+def _window(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """Window Center/Width (first pair) with its VOI LUT Function, to [0, 1]; None when absent or invalid."""
+    centres, widths = _numbers(ds, "WindowCenter"), _numbers(ds, "WindowWidth")
+    if not centres or not widths:
+        return None
+    c, w = centres[0], widths[0]
+    function = _text(ds, "VOILUTFunction").upper().split("\\")[0] or "LINEAR"
+    if function == "SIGMOID":
+        if w <= 0:
+            return None
+        out = 1.0 / (1.0 + np.exp(np.float32(-4.0 / w) * (arr - np.float32(c))))
+    elif function == "LINEAR_EXACT":
+        if w <= 0:
+            return None
+        out = (arr - np.float32(c)) * np.float32(1.0 / w) + np.float32(0.5)
+    else:  # LINEAR (PS3.3 C.11.2.1.2.1), also for unknown functions
+        if w < 1:
+            return None
+        if w == 1:
+            return (arr >= c).astype(np.float32)
+        out = (arr - np.float32(c - 0.5)) * np.float32(1.0 / (w - 1)) + np.float32(0.5)
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+
+
+def _voi_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    """The first VOI LUT Sequence item, scaled so the LUT's lowest..highest output is 0..1."""
+    if "VOILUTSequence" not in ds or not ds.VOILUTSequence:
+        return None
+    try:
+        item = ds.VOILUTSequence[0]
+        # LUT inputs are integers; modality values are whole numbers for every CR/DX with a VOI LUT.
+        out = apply_voi_lut(np.rint(arr).astype(np.int32), ds, prefer_lut=True).astype(np.float32)
+        lut = np.asarray(item.LUTData, dtype=np.float32)
+        low, high = float(lut.min()), float(lut.max())
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        logger.warning("invalid VOI LUT Sequence ignored: %s", exc, extra={"action": "dicom_header_invalid"})
+        return None
+    if high <= low:
+        return None
+    return np.clip((out - low) / (high - low), 0.0, 1.0)
+
+
+def _percentile_scale(arr: np.ndarray) -> np.ndarray:
+    """Scale the PERCENTILES range to [0, 1]; estimated on a strided subsample (at most ~65k pixels)."""
+    step = max(1, int(math.sqrt(arr.size / 65536)))
+    low, high = np.percentile(arr[::step, ::step], PERCENTILES)
+    if high <= low:
+        low, high = float(arr.min()), float(arr.max())
+    if high <= low:
+        return np.zeros(arr.shape, dtype=np.float32)
+    out = (arr - np.float32(low)) * np.float32(1.0 / (high - low))
+    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+
+
+def _modality_lut(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    if "ModalityLUTSequence" in ds:
+        try:
+            return apply_modality_lut(stored, ds).astype(np.float32)
+        except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+            logger.warning("invalid Modality LUT ignored: %s", exc, extra={"action": "dicom_header_invalid"})
+    arr = stored.astype(np.float32)
+    slope, intercept = _numbers(ds, "RescaleSlope"), _numbers(ds, "RescaleIntercept")
+    s = slope[0] if slope and slope[0] != 0 else 1.0
+    b = intercept[0] if intercept else 0.0
+    if s != 1.0:
+        arr *= np.float32(s)
+    if b != 0.0:
+        arr += np.float32(b)
+    return arr
+
+
+def _describe(ds: Dataset) -> str:
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    name = getattr(ts, "name", str(ts)) if ts else "unknown transfer syntax"
+    return (
+        f"{name}, {_text(ds, 'Columns') or '?'}x{_text(ds, 'Rows') or '?'}, "
+        f"{_text(ds, 'BitsStored') or '?'} bits stored, {_text(ds, 'PhotometricInterpretation') or '?'}"
+    )
+
+
+def _decode(ds: Dataset, label: str) -> np.ndarray:
+    """Stored values of the first frame as an array (grey), or InvalidInstance naming what failed."""
+    if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
+        raise InvalidInstance(f"{label}: no pixel data")
+    photometric = _text(ds, "PhotometricInterpretation").upper()
+    if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB") and not photometric.startswith("YBR"):
+        raise InvalidInstance(
+            f"{label}: photometric interpretation {photometric or '(none)'} is not supported"
+        )
+    frames = _numbers(ds, "NumberOfFrames")
+    try:
+        if frames and frames[0] > 1:
+            arr = _pixel_array(ds, index=0)
+        else:
+            arr = ds.pixel_array
+    # Decoder plugins raise a variety of types (RuntimeError, ValueError, struct.error, ...): all mean the
+    # same thing here, and the original is chained.
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidInstance(f"{label}: pixel data cannot be decoded ({_describe(ds)}): {exc}") from exc
+    if arr.ndim == 3 and arr.shape[-1] == 3:
+        arr = arr.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    if arr.ndim != 2 or arr.size == 0:
+        raise InvalidInstance(f"{label}: decoded pixel data has shape {arr.shape}, expected one 2-D frame")
+    return arr
+
+
+def load_dicom(source: str | Path | Dataset) -> XrayImage:
+    """Decode a CR/DX (or any single-frame greyscale) instance into an ``XrayImage``.
+
+    ``source`` may be a file path or a dataset already read. ``XrayImage.source`` is the path, or the SOP
+    Instance UID for a dataset. ``meta`` holds the contract keys (modality, body_part, view_position,
+    sop_instance_uid, rows, columns, photometric, pixel_spacing, image_laterality, patient_orientation) plus
+    sop_class_uid, study/series UIDs, species, view_hints (descriptions that may name the view) and
+    transfer_syntax. Raises ``InvalidInstance`` when the file is not DICOM or its pixels cannot be decoded.
+    """
+    ds = _read(source)
+    meta = _meta(ds)
+    label = str(source) if not isinstance(source, Dataset) else (meta["sop_instance_uid"] or "dataset")
+    stored = _decode(ds, label)
+    if meta["photometric"] == "RGB" or meta["photometric"].startswith("YBR"):
+        bits = _numbers(ds, "BitsStored")
+        pixels = np.clip(stored / float((1 << int(bits[0] if bits else 8)) - 1), 0, 1).astype(np.float32)
+    else:
+        arr = _modality_lut(stored, ds)
+        pixels = _voi_lut(arr, ds)
+        if pixels is None:
+            pixels = _window(arr, ds)
+        if pixels is None:
+            pixels = _percentile_scale(arr)
+        inverse = meta["photometric"] == "MONOCHROME1"
+        if meta["photometric"] == "MONOCHROME2" and _text(ds, "PresentationLUTShape").upper() == "INVERSE":
+            inverse = True
+        if inverse:
+            pixels = np.subtract(1.0, pixels, dtype=np.float32)
+    meta["rows"], meta["columns"] = int(pixels.shape[0]), int(pixels.shape[1])
+    return XrayImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), source=label, meta=meta)
+
+
+# --------------------------------------------------------------------------------------------- image files
+
+
+def load_image_file(path: str | Path) -> XrayImage:
+    """Decode a PNG or JPEG (or another format Pillow reads) into an ``XrayImage``.
+
+    8-bit grey is divided by 255; 16-bit, 32-bit and float grey are scaled from their minimum to their
+    maximum; palette and colour images are converted to grey (ITU-R 601 luma) after flattening any alpha on
+    black. The EXIF orientation of JPEGs is applied. ``meta`` has the contract keys with empty DICOM values
+    and ``format`` (e.g. "PNG"). Raises ``InvalidInstance`` when the file cannot be read as an image.
+    """
+    if not isinstance(path, str | Path):
+        raise TypeError('Argument "path" must be a str or Path.')
+    try:
+        with Image.open(path) as img:
+            fmt = img.format or ""
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            pixels = _grey(img)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise InvalidInstance(f"{path}: not a readable image file ({exc})") from exc
+    meta: dict[str, Any] = {
+        "modality": "",
+        "body_part": "",
+        "view_position": "",
+        "sop_instance_uid": "",
+        "rows": int(pixels.shape[0]),
+        "columns": int(pixels.shape[1]),
+        "photometric": "MONOCHROME2",
+        "pixel_spacing": None,
+        "image_laterality": "",
+        "patient_orientation": "",
+        "format": fmt,
+    }
+    return XrayImage(pixels=pixels, source=str(path), meta=meta)
+
+
+def _grey(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        low, high = float(arr.min()), float(arr.max())
+        if high <= low:
+            return np.zeros(arr.shape, dtype=np.float32)
+        return ((arr - low) / (high - low)).astype(np.float32)
+    if mode == "P":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(black, rgba)
+    if img.mode != "L":
+        img = img.convert("L")
+    return np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
+
+
+def load_any(path: str | Path) -> XrayImage:
+    """Decode a DICOM, PNG or JPEG file, recognised by its content, not its name.
+
+    A DICOM file is recognised by its 'DICM' prefix; files without one are tried as images, then as a
+    DICOM data set without file meta. Raises ``InvalidInstance`` when neither works.
+    """
+    if not isinstance(path, str | Path):
+        raise TypeError('Argument "path" must be a str or Path.')
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError as exc:
+        raise InvalidInstance(f"{path}: cannot be read ({exc})") from exc
+    if head[128:132] == b"DICM":
+        return load_dicom(path)
+    try:
+        return load_image_file(path)
+    except InvalidInstance as image_error:
+        try:
+            ds = pydicom.dcmread(path, force=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+            raise InvalidInstance(f"{path}: neither DICOM nor a readable image ({exc})") from image_error
+        if "PixelData" not in ds or "Rows" not in ds:
+            raise InvalidInstance(f"{path}: neither DICOM nor a readable image") from image_error
+        image = load_dicom(ds)
+        image.source = str(path)
+        return image
+
+
+# --------------------------------------------------------------------------------------------- header checks
+
+
+def _is_chest(body_part: str) -> bool:
+    words = {w for w in re.split(r"[^A-Z]+", body_part.upper()) if w}
+    return bool(words & CHEST_WORDS)
+
+
+def header_reason(image: XrayImage, *, min_size: int = MIN_SIZE) -> tuple[str, str] | None:
+    """Why the header or size says this image cannot be assessed, as ``(reason_code, text)``; None when fine.
+
+    Checked in this order, first match wins:
+
+    * ``not_xray``: a Modality other than CR or DX (an empty Modality, as for PNG files, passes);
+    * ``not_chest``: a Body Part Examined with no chest word (CHEST, THORAX, LUNG, TORAX, ...; empty passes),
+      or a non-human subject (Patient Species Description, or a veterinary protocol name such as CANINE);
+    * ``lateral``: View Position LL/RL/LATERAL, decubitus (LLD/RLD) or oblique; without a View Position,
+      Patient Orientation whose row direction is anterior/posterior, or a per-image description (series,
+      protocol, view code) that says lateral and not PA/AP;
+    * ``too_small``: the short side has fewer than ``min_size`` pixels.
+
+    Content-based checks (does it look like a chest? two lungs?) belong to the segmentation stage.
+    """
+    if not isinstance(image, XrayImage):
+        raise TypeError('Argument "image" must be an XrayImage.')
+    if not isinstance(min_size, int) or min_size < 1:
+        raise ValueError('Argument "min_size" must be a positive integer.')
+    meta = image.meta
+    modality = str(meta.get("modality") or "").upper()
+    if modality and modality not in XRAY_MODALITIES:
+        return "not_xray", f"Modality is {modality}, not CR or DX"
+    body_part = str(meta.get("body_part") or "").upper()
+    if body_part and not _is_chest(body_part):
+        return "not_chest", f"BodyPartExamined is {body_part}, not CHEST"
+    species = str(meta.get("species") or "").strip()
+    if species.upper() not in _HUMAN_SPECIES:
+        return "not_chest", f"non-human subject (PatientSpeciesDescription {species})"
+    hints = str(meta.get("view_hints") or "")
+    animal = _ANIMAL_HINT.search(hints)
+    if animal:
+        return "not_chest", f"veterinary image ({animal.group(0)} in the protocol or series description)"
+    view = str(meta.get("view_position") or "").upper()
+    if view in LATERAL_VIEWS:
+        return "lateral", f"{LATERAL_VIEWS[view]} view (ViewPosition {view})"
+    if view not in FRONTAL_VIEWS:
+        orientation = str(meta.get("patient_orientation") or "").upper()
+        row_direction = orientation.split("\\")[0] if orientation else ""
+        if row_direction[:1] in ("A", "P"):
+            return "lateral", f"lateral view (PatientOrientation {orientation})"
+        if _LATERAL_HINT.search(hints) and not _FRONTAL_HINT.search(hints):
+            return "lateral", f"lateral view (description: {hints[:80]})"
+    rows, cols = image.pixels.shape[:2]
+    if min(rows, cols) < min_size:
+        return "too_small", f"image is {cols}x{rows} px; at least {min_size} px needed on the short side"
+    return None

@@ -1,0 +1,182 @@
+"""Preprocessing shared by training and inference: the same geometry for every image, whatever its source.
+
+``square_resize`` scales an image so that its long side is ``size`` (aspect kept, bilinear, antialiased when
+shrinking) and centres it on a ``size`` x ``size`` canvas of ``PAD_VALUE`` (0, black like air): the padding
+is always that value and symmetric up to one pixel (an odd remainder goes to the bottom/right).
+``lung_crop`` does the same to the lung bounding box plus a margin, and blanks everything outside the
+slightly dilated lung mask; the dilation is measured on the output grid, so it is the same for every source
+resolution. ``unsquare`` and ``uncrop`` map square outputs (probability maps, heatmaps) back to the source.
+Everything here is also importable from ``inference.imaging``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+__all__ = [
+    "PAD_VALUE",
+    "lung_box",
+    "lung_crop",
+    "postprocess_mask",
+    "resize_mask",
+    "square_resize",
+    "uncrop",
+    "unsquare",
+]
+
+PAD_VALUE = 0.0  # value of the padding added by square_resize and lung_crop
+
+
+
+
+def _check_image(arr: np.ndarray, name: str) -> np.ndarray:
+    if not isinstance(arr, np.ndarray):
+        raise TypeError(f'Argument "{name}" must be a numpy array.')
+    if arr.ndim != 2 or arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f'Argument "{name}" must be a non-empty 2-D array, got shape {arr.shape}.')
+    return arr
+
+
+def _check_size(size: int) -> int:
+    if not isinstance(size, int | np.integer) or isinstance(size, bool) or size < 8:
+        raise ValueError('Argument "size" must be an integer of at least 8.')
+    return int(size)
+
+
+def _geometry(shape: tuple[int, int], size: int) -> tuple[int, int, int, int]:
+    """(rows, columns, top, left) of an image of ``shape`` scaled and centred on a size x size canvas."""
+    h, w = shape
+    scale = size / max(h, w)
+    nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
+    return nh, nw, (size - nh) // 2, (size - nw) // 2
+
+
+def _resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Bilinear float resize (antialiased when shrinking) to (rows, columns)."""
+    if arr.shape == tuple(shape):
+        return arr.astype(np.float32, copy=True)
+    img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32))
+    return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+
+
+def square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Scale so the long side is ``size`` (aspect kept); centre on a ``size`` x ``size`` canvas of PAD_VALUE.
+
+    Returns float32 (size, size). The padding is always PAD_VALUE (0) and symmetric up to one pixel (the odd
+    pixel goes to the bottom/right), whatever the source, so all sources are treated the same way.
+    """
+    _check_image(pixels, "pixels")
+    size = _check_size(size)
+    nh, nw, top, left = _geometry(pixels.shape, size)
+    out = np.full((size, size), PAD_VALUE, dtype=np.float32)
+    out[top : top + nh, left : left + nw] = _resize(pixels, (nh, nw))
+    return out
+
+
+def unsquare(square: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of ``square_resize``: drop the padding and scale back to ``shape`` (float32, bilinear).
+
+    Use it to bring a stage-1 probability map or a heatmap computed on the square grid back to the source.
+    """
+    _check_image(square, "square")
+    if square.shape[0] != square.shape[1]:
+        raise ValueError(f'Argument "square" must be square, got shape {square.shape}.')
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError('Argument "shape" must be (rows, columns), both positive.')
+    nh, nw, top, left = _geometry((int(shape[0]), int(shape[1])), square.shape[0])
+    return _resize(square[top : top + nh, left : left + nw], (int(shape[0]), int(shape[1])))
+
+
+def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Resize a boolean mask to (rows, columns): bilinear on 0/1, then >= 0.5 (smooth edges, not blocky)."""
+    _check_image(mask, "mask")
+    if len(shape) != 2 or min(shape) < 1:
+        raise ValueError('Argument "shape" must be (rows, columns), both positive.')
+    shape = (int(shape[0]), int(shape[1]))
+    if mask.shape == shape:
+        return mask.astype(bool, copy=True)
+    return _resize(mask.astype(np.float32), shape) >= 0.5
+
+
+def lung_box(mask: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, int]:
+    """Bounding box (row0, row1, col0, col1), end exclusive, of the mask, grown by ``margin`` x its height
+    (rows) and width (columns) on each side and clipped to the image. Raises ValueError for an empty mask."""
+    _check_image(mask, "mask")
+    if not 0.0 <= float(margin) <= 1.0:
+        raise ValueError('Argument "margin" must be between 0 and 1.')
+    rows = np.flatnonzero(mask.any(axis=1))
+    cols = np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        raise ValueError('Argument "mask" is empty: no lung pixels to crop to.')
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    dr, dc = round((r1 - r0) * margin), round((c1 - c0) * margin)
+    return max(0, r0 - dr), min(mask.shape[0], r1 + dr), max(0, c0 - dc), min(mask.shape[1], c1 + dc)
+
+
+def _disk(radius: int) -> np.ndarray:
+    yy, xx = np.mgrid[-radius : radius + 1, -radius : radius + 1]
+    return (yy * yy + xx * xx) <= radius * radius
+
+
+def lung_crop(
+    pixels: np.ndarray,
+    mask: np.ndarray,
+    size: int,
+    margin: float = 0.05,
+    apply_mask: bool = True,
+    dilation: float = 0.02,
+) -> np.ndarray:
+    """The stage-2 input: the lung bounding box (``lung_box``) through ``square_resize``.
+
+    With ``apply_mask``, pixels outside the lung mask dilated by ``dilation`` x ``size`` pixels (a disk,
+    measured on the output grid, at least 1 px) are set to PAD_VALUE. Returns float32 (size, size).
+    """
+    _check_image(pixels, "pixels")
+    _check_image(mask, "mask")
+    if mask.shape != pixels.shape:
+        raise ValueError(f'Argument "mask" has shape {mask.shape}, but "pixels" has {pixels.shape}.')
+    size = _check_size(size)
+    if not 0.0 <= float(dilation) <= 0.5:
+        raise ValueError('Argument "dilation" must be between 0 and 0.5.')
+    r0, r1, c0, c1 = lung_box(mask, margin)
+    out = square_resize(pixels[r0:r1, c0:c1], size)
+    if apply_mask:
+        square_mask = square_resize(mask[r0:r1, c0:c1].astype(np.float32), size) >= 0.5
+        radius = max(1, round(dilation * size))
+        square_mask = ndimage.binary_dilation(square_mask, structure=_disk(radius))
+        out[~square_mask] = PAD_VALUE
+    return out
+
+
+def uncrop(square: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int, int]) -> np.ndarray:
+    """Inverse of ``lung_crop``'s geometry: put a square map back at ``box`` in a zero image of ``shape``.
+
+    Use it to bring a stage-2 heatmap back to source resolution (``box`` from ``lung_box`` with the same
+    margin).
+    """
+    r0, r1, c0, c1 = (int(v) for v in box)
+    if not (0 <= r0 < r1 <= shape[0] and 0 <= c0 < c1 <= shape[1]):
+        raise ValueError(f'Argument "box" {box} does not fit in shape {tuple(shape)}.')
+    out = np.zeros((int(shape[0]), int(shape[1])), dtype=np.float32)
+    out[r0:r1, c0:c1] = unsquare(square, (r1 - r0, c1 - c0))
+    return out
+
+
+def postprocess_mask(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Binary lung mask from a probability map: ``prob > threshold``, the two largest connected components
+    (8-connectivity) kept, holes filled. Returns bool of the same shape (empty when nothing passes)."""
+    _check_image(prob, "prob")
+    if not 0.0 <= float(threshold) < 1.0:
+        raise ValueError('Argument "threshold" must be in [0, 1).')
+    binary = np.asarray(prob, dtype=np.float32) > threshold
+    labels, count = ndimage.label(binary, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return binary
+    if count > 2:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        keep = np.argsort(sizes)[-2:]
+        binary = np.isin(labels, keep)
+    return ndimage.binary_fill_holes(binary)
