@@ -1,0 +1,186 @@
+"""``cxr-node serve`` and ``cxr-node worker``: start the node's parts and stop them cleanly.
+
+``serve``: schema upgrade, DICOM listener, a worker thread (``worker.run_in_serve``), the
+scheduler (retention, retraining) and, when ``admin.port`` is set, the admin HTTP API.
+``worker``: only the worker, for scale-out on a shared PostgreSQL queue (the scheduler and the
+admin API run in ``serve`` only, so retention and retraining run once per installation).
+
+SIGTERM or SIGINT: the listener stops accepting, the worker finishes the batch in hand (its jobs
+end delivered or scheduled for retry, never half-done), everything is stopped, exit status 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_node.config import ConfigError, Settings
+from dicom_node.db import init_db, make_engine, safe_url
+from dicom_node.errors import NodeError
+from dicom_node.queue import JobManager
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_STARTUP_FAILED = 1
+WORKER_JOIN_TIMEOUT_S = 600.0
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """``serve`` needs no options beyond the node options of :mod:`dicom_node.cli`."""
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """``worker`` options beyond the node options."""
+    parser.add_argument("--once", action="store_true",
+                        help="process the jobs that are due now, then exit (maintenance, tests)")
+
+
+def _optional(module_name: str) -> Any | None:
+    """The module when it is part of this installation, else None."""
+    if importlib.util.find_spec(module_name) is None:
+        return None
+    return importlib.import_module(module_name)
+
+
+def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
+    """SIGTERM/SIGINT set ``stop``; returns a function restoring the previous handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name, extra={"action": "node_stopping"})
+        stop.set()
+
+    for sig in previous:
+        signal.signal(sig, handler)
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+    return restore
+
+
+class _Node:
+    """The parts one process runs; :meth:`stop` stops them in reverse order of start."""
+
+    def __init__(self, settings: Settings, *, listener: bool, worker: bool) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.db_url)
+        init_db(self.engine)
+        self.jm = JobManager(self.engine, settings.worker)
+        self.stop_event = threading.Event()
+        self.worker: Any = None
+        self.worker_thread: threading.Thread | None = None
+        self.server: Any = None
+        self.scheduler: Any = None
+        self.admin: Any = None
+        self.want_listener = listener
+        self.want_worker = worker
+        self._stopped = False
+
+    def start(self, *, once: bool = False) -> None:
+        s = self.settings
+        if self.want_worker:
+            from dicom_node.worker import Worker
+
+            self.worker = Worker(s, self.engine, job_manager=self.jm)
+            self.worker.load_model()  # fail at start-up, not on the first image
+        model = self.worker.pipeline.bundle if self.worker else None
+        log.info(
+            "cxr-node %s starting: AE title %s, port %s, database %s, model %s %s, device %s",
+            "serve" if self.want_listener else "worker", s.listener.ae_title,
+            s.listener.port if self.want_listener else "-", safe_url(s.db_url),
+            getattr(model, "name", "-"), getattr(model, "version", "-"), s.model.device,
+            extra={"action": "node_start"})
+        if self.want_listener:
+            from dicom_node.scp import start_scp
+
+            self.server = start_scp(s, self.jm, self.engine)
+            log.info("listening on %s:%s as %s", s.listener.bind_address, s.listener.port,
+                     s.listener.ae_title, extra={"action": "listener_started"})
+        # Scheduled retention/retraining and the admin API run once per installation: in `serve` only.
+        scheduler_mod = _optional("dicom_node.scheduler") if self.want_listener else None
+        if scheduler_mod is not None:
+            self.scheduler = scheduler_mod.start_scheduler(s, self.engine)
+        if s.admin.port and self.want_listener:
+            admin_mod = _optional("dicom_node.admin")
+            if admin_mod is None:
+                log.warning("admin.port is set but this installation has no admin API",
+                            extra={"action": "admin_missing"})
+            else:
+                self.admin = admin_mod.start_admin(s, self.engine, self.jm)
+        if self.worker is not None and not once:
+            self.worker_thread = threading.Thread(target=self.worker.run, args=(self.stop_event,),
+                                                  name="cxr-worker", daemon=True)
+            self.worker_thread.start()
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.stop_event.set()
+        if self.server is not None:
+            self.server.shutdown()
+            log.info("listener stopped", extra={"action": "listener_stopped"})
+        if self.worker_thread is not None:
+            self.worker_thread.join(WORKER_JOIN_TIMEOUT_S)
+            if self.worker_thread.is_alive():
+                log.warning("worker did not stop in %.0f s; its leases will expire and be reclaimed",
+                            WORKER_JOIN_TIMEOUT_S, extra={"action": "worker_stop_timeout"})
+        if self.admin is not None:
+            self.admin.stop()
+        if self.scheduler is not None:
+            self.scheduler.shutdown(wait=False)
+        self.engine.dispose()
+        log.info("cxr-node stopped", extra={"action": "node_stopped"})
+
+
+def _run(settings: Settings, *, listener: bool, once: bool = False) -> int:
+    try:
+        node = _Node(settings, listener=listener, worker=settings.worker.run_in_serve or not listener)
+    except SQLAlchemyError as exc:
+        log.error("cannot start: database %s: %s", safe_url(settings.db_url), exc.__class__.__name__,
+                  exc_info=True, extra={"action": "node_start_failed"})
+        return EXIT_STARTUP_FAILED
+    restore = _install_signal_handlers(node.stop_event)
+    try:
+        try:
+            node.start(once=once)
+        except (NodeError, ConfigError, OSError) as exc:
+            log.error("cannot start: %s", exc, extra={"action": "node_start_failed"})
+            return EXIT_STARTUP_FAILED
+        if once:
+            while node.worker.run_once():
+                pass
+        else:
+            while not node.stop_event.wait(1.0):
+                if node.worker_thread is not None and not node.worker_thread.is_alive():
+                    log.error("the worker thread ended unexpectedly; stopping",
+                              extra={"action": "worker_crashed"})
+                    return EXIT_STARTUP_FAILED
+        return EXIT_OK
+    finally:
+        node.stop()
+        restore()
+
+
+def run_serve(args: argparse.Namespace, settings: Settings) -> int:
+    """``cxr-node serve``: listener + worker thread + scheduler (+ admin API); returns the exit status."""
+    return _run(settings, listener=True)
+
+
+def run_worker(args: argparse.Namespace, settings: Settings) -> int:
+    """``cxr-node worker``: only the worker on the shared queue; returns the exit status."""
+    return _run(settings, listener=False, once=bool(getattr(args, "once", False)))

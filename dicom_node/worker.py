@@ -1,0 +1,386 @@
+"""The worker: claims jobs, runs the model, stores the SR/SC, delivers them.
+
+One batch at a time::
+
+    JobManager.claim -> read the spooled file -> inference.imaging.load_dicom
+      -> Pipeline.run (stage 1 lung mask, stage 2 classifier, Grad-CAM)
+      -> dicom_node.outputs.build_outputs -> written next to the spool file
+      -> JobManager.finish_inference (state "exporting")
+      -> dicom_node.export.send to each destination -> JobManager.complete
+
+The outputs are stored before delivery, so a delivery retry (a destination that is down) never
+reruns the model. The pipeline is loaded once per process and swapped between batches when the
+registry's current model changes. Leases are extended by a heartbeat while a batch runs; a worker
+killed mid-job leaves a lease that expires, and any worker then reclaims the job.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pydicom
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_node import metrics
+from dicom_node.config import Settings
+from dicom_node.errors import ExportError, InvalidInstance, ModelBundleError, NodeError
+from dicom_node.export import NoDestination, destinations_for, send
+from dicom_node.queue import ClaimedJob, JobManager, JobState, LeaseLost
+from dicom_node.spool import write_atomic
+
+log = logging.getLogger(__name__)
+
+PipelineFactory = Callable[[Path | None], Any]
+"""Builds a pipeline from a bundle directory (None: the shipped default model). The result must offer
+``.run(images, explain=True) -> list[Result]`` and ``.bundle`` (``.name``, ``.version``, ``.card``...)."""
+
+RESULTS_SUFFIX = ".results"
+DB_RETRY_PAUSE_S = 5.0
+
+
+def default_pipeline_factory(settings: Settings) -> PipelineFactory:
+    """The real pipeline with the device, CAM method and CPU threads of ``settings.model``."""
+
+    def make(path: Path | None) -> Any:
+        from inference.pipeline import Pipeline
+
+        return Pipeline.from_bundle(path, device=settings.model.device, cam=settings.model.cam,
+                                    cpu_threads=settings.model.cpu_threads)
+
+    return make
+
+
+def output_dir_for(spool_path: str | Path) -> Path:
+    """Where the outputs built for a spooled instance are kept: ``<spool file>.results/``."""
+    path = Path(spool_path)
+    return path.with_name(path.name + RESULTS_SUFFIX)
+
+
+def result_to_dict(result: Any, bundle: Any) -> dict[str, Any]:
+    """The JSON stored in ``jobs.result``: plain Python numbers, no images, no patient data."""
+
+    def num(value: Any) -> float | None:
+        return None if value is None else float(value)
+
+    return {
+        "finding": str(result.finding),
+        "probability": num(result.probability),
+        "threshold": num(result.threshold),
+        "reason": result.reason or "",
+        "reason_code": result.reason_code or "",
+        "lung_attention": num(result.lung_attention),
+        "lung_fraction": num(result.lung_fraction),
+        "model_name": result.model_name or getattr(bundle, "name", ""),
+        "model_version": result.model_version or getattr(bundle, "version", ""),
+    }
+
+
+class _Heartbeat:
+    """Extends the leases of the jobs in hand every ``interval`` seconds until the block ends."""
+
+    def __init__(self, jm: JobManager, worker_id: str, job_ids: Sequence[int], interval: float) -> None:
+        self._jm, self._worker_id, self._ids, self._interval = jm, worker_id, list(job_ids), interval
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="cxr-heartbeat", daemon=True)
+
+    def _beat(self) -> None:
+        while not self._done.wait(self._interval):
+            try:
+                self._jm.heartbeat(self._worker_id, self._ids)
+            except SQLAlchemyError:
+                log.warning("heartbeat failed (database unreachable?)", exc_info=True,
+                            extra={"action": "worker_heartbeat_failed"})
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+class Worker:
+    """Processes jobs from the shared queue until stopped.
+
+    Parameters
+    ----------
+    settings
+        Node settings (model, worker, export, listener AE title).
+    engine
+        The process's database engine.
+    pipeline_factory
+        Builds the pipeline for a bundle path; defaults to :func:`default_pipeline_factory`.
+    job_manager
+        The queue; a new :class:`JobManager` on ``engine`` by default.
+    worker_id
+        Lease owner name; ``host:pid:random`` by default (unique across machines).
+    model_check_interval_s
+        How often, between batches, the registry is asked whether the current model changed.
+    """
+
+    def __init__(self, settings: Settings, engine: Engine, *, pipeline_factory: PipelineFactory | None = None,
+                 job_manager: JobManager | None = None, worker_id: str | None = None,
+                 model_check_interval_s: float = 5.0) -> None:
+        if not isinstance(settings, Settings):
+            raise TypeError('Argument "settings" must be a dicom_node.config.Settings.')
+        if model_check_interval_s <= 0:
+            raise ValueError('Argument "model_check_interval_s" must be positive.')
+        self.settings = settings
+        self.engine = engine
+        self.jm = job_manager or JobManager(engine, settings.worker)
+        self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.model_check_interval_s = model_check_interval_s
+        self._factory = pipeline_factory or default_pipeline_factory(settings)
+        self.pipeline: Any = None
+        self._model_key: str | None = None
+        self._failed_key: str | None = None
+        self._stop = threading.Event()
+
+    # -- model -----------------------------------------------------------------------------------
+    def _wanted_model(self) -> tuple[Path | None, str]:
+        """The bundle to serve: the configured path, else the registry's current model, else the default."""
+        if self.settings.model.path is not None:
+            return self.settings.model.path, f"path:{self.settings.model.path}"
+        current = self.jm.current_model()
+        if current is not None:
+            return Path(current.path), f"registry:{current.version}:{current.path}"
+        return None, "default"
+
+    def load_model(self) -> bool:
+        """Load the wanted model if it is not the one in use; returns True when a new one was loaded.
+
+        The first load raises (the worker cannot run without a model); a failed swap keeps the old
+        model, logs the error and is not retried until the registry changes again.
+        """
+        path, key = self._wanted_model()
+        if self.pipeline is not None and key in (self._model_key, self._failed_key):
+            return False
+        try:
+            pipeline = self._factory(path)
+        except (NodeError, OSError, ValueError, RuntimeError) as exc:
+            if self.pipeline is None:
+                raise ModelBundleError(f"cannot load the model {path or '(default)'}: {exc}") from exc
+            self._failed_key = key
+            log.error("new model %s could not be loaded; still serving the previous one: %s", path, exc,
+                      extra={"action": "model_swap_failed"})
+            return False
+        previous = self._model_key
+        self.pipeline, self._model_key, self._failed_key = pipeline, key, None
+        bundle = pipeline.bundle
+        metrics.set_model(bundle.name, bundle.version, getattr(bundle, "device_uid", "") or "",
+                          str(getattr(bundle, "path", "")))
+        log.info("model %s %s loaded from %s", bundle.name, bundle.version, getattr(bundle, "path", path),
+                 extra={"action": "model_swapped" if previous else "model_loaded",
+                        "model_version": bundle.version})
+        return True
+
+    # -- loop ------------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the batch in hand."""
+        self._stop.set()
+
+    def run(self, stop_event: threading.Event | None = None) -> None:
+        """Work until ``stop_event`` (or :meth:`stop`) is set; the batch in hand is always finished."""
+        stop = stop_event or self._stop
+        if self.pipeline is None:
+            self.load_model()
+        last_maintenance = 0.0
+        while not stop.is_set() and not self._stop.is_set():
+            try:
+                if time.monotonic() - last_maintenance >= self.model_check_interval_s:
+                    self.jm.reclaim_stalled()
+                    self.load_model()
+                    last_maintenance = time.monotonic()
+                handled = self.run_once()
+            except SQLAlchemyError:
+                log.error("database unavailable; retrying in %.0f s", DB_RETRY_PAUSE_S, exc_info=True,
+                          extra={"action": "worker_db_error"})
+                stop.wait(DB_RETRY_PAUSE_S)
+                continue
+            if handled == 0:
+                stop.wait(self.settings.worker.poll_interval_s)
+        log.info("worker %s stopped", self.worker_id, extra={"action": "worker_stopped"})
+
+    def run_once(self) -> int:
+        """Claim and handle one batch; returns the number of jobs handled (0: nothing was due)."""
+        if self.pipeline is None:
+            self.load_model()
+        batch = self.jm.claim(self.worker_id, limit=self.settings.model.batch_size)
+        if batch:
+            with _Heartbeat(self.jm, self.worker_id, [j.id for j in batch], self.settings.worker.lease_s / 3):
+                self.process(batch)
+        return len(batch)
+
+    def process(self, batch: Sequence[ClaimedJob]) -> None:
+        """Run inference for the claimed ``processing`` jobs, then deliver every job that is ready."""
+        ready = self._infer([j for j in batch if j.state is JobState.PROCESSING])
+        for job in [j for j in batch if j.state is JobState.EXPORTING] + ready:
+            try:
+                self._export(job)
+            except LeaseLost:
+                log.warning("job %s: lease lost during delivery", job.id,
+                            extra={"action": "worker_lease_lost", "job_id": job.id})
+            except SQLAlchemyError:
+                raise
+            except Exception as exc:  # unexpected: recorded as a retryable failure of this job
+                log.exception("job %s: delivery crashed", job.id,
+                              extra={"action": "worker_export_crashed", "job_id": job.id})
+                self._fail(job, f"delivery failed: {type(exc).__name__}: {exc}", retryable=True)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def _fail(self, job: ClaimedJob, error: str, retryable: bool) -> None:
+        try:
+            state = self.jm.fail(job.id, error, retryable, worker_id=self.worker_id)
+        except LeaseLost:
+            log.warning("job %s: lease lost before the failure could be recorded", job.id,
+                        extra={"action": "worker_lease_lost", "job_id": job.id})
+            return
+        if state is JobState.FAILED:
+            metrics.record_job_finished("failed")
+
+    def _load(self, job: ClaimedJob) -> tuple[pydicom.Dataset, Any] | None:
+        from inference.imaging import load_dicom
+
+        try:
+            ds = pydicom.dcmread(job.spool_path)
+            return ds, load_dicom(ds)
+        except FileNotFoundError:
+            self._fail(job, f"spooled file {job.spool_path} is missing", retryable=False)
+        except (InvalidDicomError, InvalidInstance) as exc:
+            self._fail(job, f"undecodable instance: {exc}", retryable=False)
+        except OSError as exc:
+            self._fail(job, f"cannot read the spooled file: {exc}", retryable=True)
+        return None
+
+    def _run_pipeline(self, images: list[Any]) -> list[Any]:
+        """Results (or the exception of a failed image), one per image: the batch, else one by one."""
+        if not images:
+            return []
+        try:
+            return list(self.pipeline.run(images, explain=True))
+        except Exception as exc:  # isolate the image that broke the batch; each failure is recorded
+            if len(images) == 1:
+                return [exc]
+            log.warning("batch of %d failed (%s); running the images one by one", len(images), exc,
+                        extra={"action": "worker_batch_split"})
+        out: list[Any] = []
+        for image in images:
+            try:
+                out.extend(self.pipeline.run([image], explain=True))
+            except Exception as exc:  # recorded by the caller as this job's failure
+                out.append(exc)
+        return out
+
+    def _infer(self, jobs: Sequence[ClaimedJob]) -> list[ClaimedJob]:
+        from dicom_node.outputs import build_outputs
+
+        loaded = [(job, item) for job in jobs if (item := self._load(job)) is not None]
+        results = self._run_pipeline([image for _, (_, image) in loaded])
+        bundle = self.pipeline.bundle
+        ready: list[ClaimedJob] = []
+        for (job, (ds, image)), result in zip(loaded, results, strict=True):
+            if isinstance(result, BaseException):
+                retryable = getattr(result, "retryable", True)
+                self._fail(job, f"inference failed: {type(result).__name__}: {result}", retryable)
+                continue
+            try:
+                metrics.observe_timings(result.timings or {})
+                with metrics.time_stage("outputs"):
+                    datasets = build_outputs(ds, image, result, bundle.card, self.settings.export)
+                out_dir = self._store_outputs(job, datasets)
+                summary = result_to_dict(result, bundle)
+                self.jm.finish_inference(
+                    job.id, result=summary, output_dir=str(out_dir), worker_id=self.worker_id,
+                    sr_sop_instance_uid=_uid_of(datasets, sr=True),
+                    sc_sop_instance_uid=_uid_of(datasets, sr=False))
+            except LeaseLost:
+                log.warning("job %s: lease lost during inference; another worker has it", job.id,
+                            extra={"action": "worker_lease_lost", "job_id": job.id})
+                continue
+            except NodeError as exc:
+                self._fail(job, f"building outputs failed: {exc}", exc.retryable)
+                continue
+            except OSError as exc:
+                self._fail(job, f"storing outputs failed: {exc}", retryable=True)
+                continue
+            except SQLAlchemyError:
+                raise
+            except Exception as exc:  # unexpected: recorded as a retryable failure of this job
+                log.exception("job %s: building outputs crashed", job.id,
+                              extra={"action": "worker_outputs_crashed", "job_id": job.id})
+                self._fail(job, f"building outputs failed: {type(exc).__name__}: {exc}", retryable=True)
+                continue
+            ready.append(_with(job, state=JobState.EXPORTING, output_dir=str(out_dir), result=summary))
+        return ready
+
+    def _store_outputs(self, job: ClaimedJob, datasets: Sequence[pydicom.Dataset]) -> Path:
+        """Write the outputs (in sending order) atomically next to the spool file, replacing old ones."""
+        out_dir = output_dir_for(job.spool_path)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for stale in out_dir.glob("*.dcm"):
+            stale.unlink()
+        for i, ds in enumerate(datasets):
+            buffer = io.BytesIO()
+            ds.save_as(buffer, enforce_file_format=True)
+            write_atomic(out_dir / f"{i:02d}_{getattr(ds, 'Modality', 'XX')}.dcm", buffer.getbuffer(),
+                         replace=True)
+        return out_dir
+
+    def _export(self, job: ClaimedJob) -> None:
+        files = sorted(Path(job.output_dir).glob("*.dcm")) if job.output_dir else []
+        if not files:
+            self.jm.requeue_for_inference(job.id, "stored outputs are missing; computing them again",
+                                          worker_id=self.worker_id)
+            return
+        try:
+            destinations = destinations_for(job.calling_ae, job.calling_host, self.settings)
+        except NoDestination as exc:
+            self._fail(job, str(exc), retryable=False)
+            return
+        already = self.jm.delivered_to(job.id)
+        errors: list[ExportError] = []
+        for dest in destinations:
+            if str(dest) in already:
+                continue
+            try:
+                with metrics.time_stage("export"):
+                    send(files, dest, self.settings.export, calling_ae=self.settings.listener.ae_title)
+            except ExportError as exc:
+                errors.append(exc)
+                self.jm.record_delivery(job.id, str(dest), "failed", str(exc))
+                continue
+            self.jm.record_delivery(job.id, str(dest), "sent")
+            log.info("job %s: results sent to %s", job.id, dest,
+                     extra={"action": "job_delivered", "job_id": job.id, "destination": str(dest)})
+        if errors:
+            self._fail(job, "; ".join(str(e) for e in errors), retryable=all(e.retryable for e in errors))
+            return
+        self.jm.complete(job.id, worker_id=self.worker_id,
+                         message=f"sent to {', '.join(str(d) for d in destinations)}")
+        metrics.record_job_finished("done")
+
+
+def _uid_of(datasets: Sequence[pydicom.Dataset], *, sr: bool) -> str | None:
+    """SOP Instance UID of the first SR (``sr=True``) or first non-SR (the heatmap) among ``datasets``."""
+    for ds in datasets:
+        if (getattr(ds, "Modality", None) == "SR") is sr:
+            return str(ds.SOPInstanceUID)
+    return None
+
+
+def _with(job: ClaimedJob, **changes: Any) -> ClaimedJob:
+    from dataclasses import replace
+
+    return replace(job, **changes)
