@@ -277,7 +277,14 @@ def start_admin(settings: Settings, engine: Engine, job_manager: JobManager, *,
     config = uvicorn.Config(app, host=host, port=settings.admin.port, log_level="warning", access_log=False,
                             lifespan="off", server_header=False)
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, name="cxr-admin", daemon=True)
+
+    def serve() -> None:
+        try:
+            server.run()
+        except SystemExit as exc:  # uvicorn exits when it cannot bind; report it, keep the process
+            log.error("admin API could not start (exit %s)", exc.code, extra={"action": "admin_failed"})
+
+    thread = threading.Thread(target=serve, name="cxr-admin", daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout_s
     while not server.started:
