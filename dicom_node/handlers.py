@@ -30,10 +30,8 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
-from dicom_node import metrics, spool
-from dicom_node.db import Association, utcnow
+from dicom_node import audit, metrics, spool
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +67,7 @@ class JobQueue(Protocol):
 
 
 class AssociationAudit:
-    """The association audit trail in the ``associations`` table (calling AE, host, time, instances).
-
-    One short transaction per association event, on the engine shared by the process.
-    """
+    """The association audit trail (``dicom_node.audit``) bound to the process's engine."""
 
     def __init__(self, engine: Engine) -> None:
         if not isinstance(engine, Engine):
@@ -81,27 +76,16 @@ class AssociationAudit:
 
     def opened(self, *, calling_ae: str, host: str, port: int | None) -> int:
         """Record an accepted association; returns its id (``Job.association_id``)."""
-        with Session(self.engine) as session, session.begin():
-            row = Association(calling_ae=calling_ae[:16], host=host, port=port)
-            session.add(row)
-            session.flush()
-            return int(row.id)
+        return audit.open_association(self.engine, calling_ae=calling_ae[:16], host=host, port=port)
 
     def rejected(self, *, calling_ae: str, host: str, port: int | None, reason: str) -> None:
         """Record an association refused at negotiation."""
-        with Session(self.engine) as session, session.begin():
-            session.add(Association(calling_ae=calling_ae[:16], host=host, port=port, refused=True,
-                                    reason=reason, ended_at=utcnow()))
+        audit.refuse_association(self.engine, calling_ae=calling_ae[:16], host=host, port=port, reason=reason)
 
     def closed(self, association_id: int, *, instances: int, outcome: str) -> None:
         """Close an association's record with the number of instances queued."""
-        with Session(self.engine) as session, session.begin():
-            row = session.get(Association, association_id)
-            if row is not None:
-                row.ended_at = utcnow()
-                row.instances = instances
-                if outcome != "released":
-                    row.reason = outcome
+        audit.close_association(self.engine, association_id, instances=instances,
+                                reason="" if outcome == "released" else outcome)
 
 
 @dataclass

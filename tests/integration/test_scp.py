@@ -1,0 +1,227 @@
+"""The DICOM listener against real dcmtk peers: echo, store in several transfer syntaxes, refusals.
+
+The listener runs in-process (``start_scp``) on a free port with a real SQLite queue; dcmtk's
+``echoscu``/``storescu`` are the peers.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import (
+    CTImageStorage,
+    DigitalXRayImageStorageForProcessing,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+)
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from dicom_node.config import Settings, load_settings
+from dicom_node.db import Association, Job, init_db, make_engine
+from dicom_node.queue import JobManager
+from dicom_node.scp import start_scp
+from inference.phantom import make_dicom
+from tests.fixtures.common import free_port
+from tests.fixtures.peers import echoscu, require_tool, storescu
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Listener:
+    settings: Settings
+    engine: Engine
+    jobs: JobManager
+    port: int
+
+    def job_rows(self) -> list[Job]:
+        with Session(self.engine) as s:
+            return list(s.scalars(select(Job).order_by(Job.id)))
+
+    def associations(self) -> list[Association]:
+        with Session(self.engine) as s:
+            return list(s.scalars(select(Association).order_by(Association.id)))
+
+
+@pytest.fixture
+def listener(tmp_path: Path) -> Iterator[Callable[..., Listener]]:
+    """Factory: start the node's listener in-process with ``listener``/``storage`` overrides."""
+    servers: list[Any] = []
+    engines: list[Engine] = []
+
+    def start(db_url: str | None = None, **sections: dict[str, Any]) -> Listener:
+        port = free_port()
+        overrides: dict[str, dict[str, Any]] = {
+            "listener": {"port": port, "bind_address": "127.0.0.1", "network_timeout_s": 10},
+            "storage": {"data_dir": str(tmp_path / f"data{len(servers)}"), "min_free_mb": 0},
+        }
+        for key, value in sections.items():
+            overrides.setdefault(key, {}).update(value)
+        settings = load_settings(None, overrides, environ={})
+        engine = make_engine(db_url or settings.db_url)
+        engines.append(engine)
+        if db_url is None:
+            init_db(engine)
+        jobs = JobManager(engine, settings.worker)
+        servers.append(start_scp(settings, jobs, engine))
+        return Listener(settings=settings, engine=engine, jobs=jobs, port=port)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+    for engine in engines:
+        engine.dispose()
+
+
+def _ok(proc: subprocess.CompletedProcess[str]) -> None:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_echo(listener: Callable[..., Listener]) -> None:
+    node = listener()
+    _ok(echoscu(node.port))
+
+
+def _dcmcjpeg(src: Path, dst: Path, *flags: str) -> Path:
+    subprocess.run([require_tool("dcmcjpeg"), *flags, str(src), str(dst)], check=True, capture_output=True,
+                   timeout=60)
+    return dst
+
+
+@pytest.mark.parametrize(("flag", "syntax"), [
+    ("", ExplicitVRLittleEndian),
+    ("-xs", JPEGLosslessSV1),
+    ("-xy", JPEGBaseline8Bit),
+    ("-xv", JPEG2000Lossless),
+])
+def test_store_transfer_syntaxes_spooled_and_queued(listener: Callable[..., Listener], tmp_path: Path,
+                                                    flag: str, syntax: str) -> None:
+    node = listener()
+    plain = tmp_path / "plain.dcm"
+    if syntax == JPEG2000Lossless:
+        ds = make_dicom(plain, transfer_syntax=JPEG2000Lossless, shape=(256, 256))
+        src = plain
+    elif syntax == JPEGBaseline8Bit:
+        ds = make_dicom(plain, bits_stored=8, shape=(256, 256))
+        src = _dcmcjpeg(plain, tmp_path / "jpeg.dcm", "+eb")
+    elif syntax == JPEGLosslessSV1:
+        ds = make_dicom(plain, shape=(256, 256))
+        src = _dcmcjpeg(plain, tmp_path / "jpegll.dcm")
+    else:
+        ds = make_dicom(plain, shape=(256, 256))
+        src = plain
+    sent = dcmread(src, stop_before_pixels=True)  # dcmcjpeg +eb (lossy) makes a new SOP Instance UID
+    assert str(sent.file_meta.TransferSyntaxUID) == syntax
+
+    _ok(storescu(node.port, [src], extra=[flag] if flag else []))
+
+    rows = node.job_rows()
+    assert len(rows) == 1
+    job = rows[0]
+    assert job.state == "queued"
+    assert job.sop_instance_uid == sent.SOPInstanceUID
+    assert job.study_instance_uid == ds.StudyInstanceUID
+    assert job.calling_ae == "TESTSCU" and job.calling_host == "127.0.0.1"
+    spooled = Path(job.spool_path)
+    assert spooled.parent.parent == node.settings.storage.spool_dir
+    back = dcmread(spooled)
+    assert back.file_meta.TransferSyntaxUID == syntax  # stored as received, not transcoded
+    assert back.pixel_array.shape == (256, 256)
+    assert not list(spooled.parent.glob(".tmp-*"))  # no temp file left behind
+    audit = node.associations()
+    assert audit and audit[-1].instances == 1 and not audit[-1].refused
+
+
+def test_dx_for_processing_accepted(listener: Callable[..., Listener], tmp_path: Path) -> None:
+    node = listener()
+    make_dicom(tmp_path / "dx.dcm", modality="DX", sop_class_uid=DigitalXRayImageStorageForProcessing,
+               shape=(128, 128))
+    _ok(storescu(node.port, [tmp_path / "dx.dcm"], extra=["-R"]))
+    assert [j.sop_class_uid for j in node.job_rows()] == [DigitalXRayImageStorageForProcessing]
+
+
+def test_duplicate_processed_once(listener: Callable[..., Listener], tmp_path: Path,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    node = listener()
+    make_dicom(tmp_path / "a.dcm", shape=(128, 128))
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    _ok(storescu(node.port, [tmp_path / "a.dcm"]))
+    _ok(storescu(node.port, [tmp_path / "a.dcm"]))  # a peer resending after a lost response
+    assert len(node.job_rows()) == 1
+    assert [r.action for r in caplog.records if getattr(r, "action", "") == "store_duplicate"]
+
+
+def test_unknown_calling_ae_rejected(listener: Callable[..., Listener], tmp_path: Path,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    node = listener(listener={"allowed_callers": ["PACS@127.0.0.1", "OTHER@10.255.255.1"]})
+    make_dicom(tmp_path / "a.dcm", shape=(128, 128))
+    caplog.set_level(logging.INFO, logger="dicom_node")
+
+    stranger = echoscu(node.port, calling_ae="STRANGER")
+    assert stranger.returncode != 0
+    assert "Calling AE Title Not Recognized" in stranger.stdout + stderr_of(stranger)
+    # OTHER is allowed only from 10.255.255.1
+    wrong_host = storescu(node.port, [tmp_path / "a.dcm"], calling_ae="OTHER")
+    assert wrong_host.returncode != 0
+    assert node.job_rows() == []
+    rejected = [r for r in caplog.records if getattr(r, "action", "") == "association_rejected"]
+    assert {r.calling_ae for r in rejected} == {"STRANGER", "OTHER"}
+    assert all(r.reason == "caller" for r in rejected)
+    assert [a.calling_ae for a in node.associations() if a.refused] == ["STRANGER", "OTHER"]
+
+    _ok(storescu(node.port, [tmp_path / "a.dcm"], calling_ae="PACS"))
+    assert len(node.job_rows()) == 1
+
+
+def stderr_of(proc: subprocess.CompletedProcess[str]) -> str:
+    return proc.stderr or ""
+
+
+def test_ct_refused_with_log_line(listener: Callable[..., Listener], tmp_path: Path,
+                                  caplog: pytest.LogCaptureFixture) -> None:
+    node = listener()
+    make_dicom(tmp_path / "ct.dcm", sop_class_uid=CTImageStorage, shape=(64, 64))
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    proc = storescu(node.port, [tmp_path / "ct.dcm"], extra=["-R"])  # propose only what the file needs
+    assert proc.returncode != 0
+    assert "No Acceptable Presentation Contexts" in proc.stdout + proc.stderr
+    assert node.job_rows() == []
+    lines = [r.getMessage() for r in caplog.records if getattr(r, "action", "") == "context_refused"]
+    assert len(lines) == 1
+    assert "CT Image Storage" in lines[0] and "not accepted" in lines[0]
+
+
+def test_database_unreachable_gives_failure_status(listener: Callable[..., Listener], tmp_path: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    # A PostgreSQL URL on a port where nothing listens: every enqueue fails.
+    node = listener(db_url=f"postgresql+psycopg://cxr@127.0.0.1:{free_port()}/cxr?connect_timeout=2")
+    make_dicom(tmp_path / "a.dcm", shape=(128, 128))
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    proc = storescu(node.port, [tmp_path / "a.dcm"], extra=["-v"])
+    out = proc.stdout + proc.stderr
+    assert "Received Store Response (Refused: OutOfResources)" in out, out
+    assert "Received Store Response (Success)" not in out
+    failures = [r for r in caplog.records if getattr(r, "action", "") == "store_failed"]
+    assert failures and failures[0].reason == "database"
+
+
+def test_disk_watermark_refuses_associations(listener: Callable[..., Listener],
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    node = listener(storage={"min_free_mb": 10**9})  # a petabyte: never available
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    proc = echoscu(node.port)
+    assert proc.returncode != 0
+    assert "Local Limit Exceeded" in proc.stdout + proc.stderr
+    rejected = [r for r in caplog.records if getattr(r, "action", "") == "association_rejected"]
+    assert rejected and rejected[0].reason == "disk"
+    assert "MiB free" in rejected[0].getMessage()
