@@ -162,6 +162,7 @@ def _run(settings: Settings, *, listener: bool, once: bool = False) -> int:
             log.error("cannot start: %s", exc, extra={"action": "node_start_failed"})
             return EXIT_STARTUP_FAILED
         if once:
+            node.jm.reclaim_stalled()
             while node.worker.run_once():
                 pass
         else:

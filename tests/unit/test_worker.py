@@ -1,0 +1,180 @@
+"""The worker with the real pipeline (tiny random bundles), real phantom DICOMs and SQLite."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from dicom_node.config import Settings
+from dicom_node.db import Job, ModelVersion, init_db, make_engine, utcnow
+from dicom_node.queue import JobManager
+from dicom_node.worker import Worker, default_pipeline_factory, output_dir_for
+from inference.bundle import make_random_bundle
+from inference.phantom import make_dicom
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_bundle: Path) -> Settings:
+    return Settings.model_validate({
+        "storage": {"data_dir": str(tmp_path / "data")},
+        "model": {"path": str(tiny_bundle), "device": "cpu", "cpu_threads": 1, "batch_size": 4},
+        "worker": {"lease_s": 30, "backoff_base_s": 0.2, "backoff_max_s": 1, "max_attempts": 3},
+    })
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    eng = make_engine(settings.db_url)
+    init_db(eng)
+    yield eng
+    eng.dispose()
+
+
+def spool(settings: Settings, jm: JobManager, name: str, *, garbage: bool = False,
+          calling_ae: str = "MODALITY") -> int:
+    """Write an instance into the spool and queue it, as the listener does."""
+    path = settings.storage.spool_dir / "1.2.3" / f"{name}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    uid = f"1.2.826.0.1.3680043.8.498.77.{zlib.crc32(name.encode())}"
+    if garbage:
+        path.write_bytes(b"\x00" * 128 + b"DICM" + b"not really a dataset" * 10)
+    else:
+        make_dicom(path, shape=(256, 256), sop_instance_uid=uid, seed=len(name))
+    job_id, created = jm.enqueue(sop_instance_uid=uid, study_instance_uid="1.2.3",
+                                 series_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                                 calling_ae=calling_ae, calling_host="127.0.0.1", spool_path=str(path))
+    assert created
+    return job_id
+
+
+def job_row(engine: Engine, job_id: int) -> Job:
+    with Session(engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.expunge(job)
+        return job
+
+
+def test_undecodable_fails_permanently_and_good_images_get_stored_outputs(settings: Settings,
+                                                                           engine: Engine) -> None:
+    jm = JobManager(engine, settings.worker)
+    good = spool(settings, jm, "good")
+    bad = spool(settings, jm, "bad", garbage=True)
+    missing = spool(settings, jm, "gone")
+    Path(job_row(engine, missing).spool_path).unlink()
+    worker = Worker(settings, engine, job_manager=jm)
+    assert worker.run_once() == 3
+
+    bad_job = job_row(engine, bad)
+    assert bad_job.state == "failed" and bad_job.attempts == 1
+    assert (bad_job.last_error or "").startswith("undecodable instance")
+    assert "is missing" in (job_row(engine, missing).last_error or "")
+
+    done = job_row(engine, good)
+    # no export destination is configured: the outputs are stored, delivery fails with the reason
+    assert done.state == "failed" and "no export destination" in (done.last_error or "")
+    assert done.result is not None and done.result["finding"] in ("positive", "negative", "not_assessable")
+    assert done.result["model_version"] == "0.0.0-test"
+    assert done.output_dir == str(output_dir_for(done.spool_path))
+    files = sorted(Path(done.output_dir).glob("*.dcm"))
+    assert files, "no outputs stored"
+    sr = [pydicom.dcmread(f) for f in files if pydicom.dcmread(f).Modality == "SR"]
+    assert len(sr) == 1 and sr[0].SOPInstanceUID == done.sr_sop_instance_uid
+    assert sr[0].StudyInstanceUID == pydicom.dcmread(done.spool_path).StudyInstanceUID
+    # once a destination exists an operator retry only delivers (no second inference)
+    assert jm.retry(good).value == "exporting"
+
+
+def test_worker_swaps_to_the_promoted_model_between_batches(settings: Settings, engine: Engine,
+                                                             tmp_path: Path, tiny_bundle: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node.worker")
+    settings.model.path = None  # serve the registry's current model
+    loaded: list[Path | None] = []
+    real = default_pipeline_factory(settings)
+
+    def factory(path: Path | None) -> Any:
+        loaded.append(path)
+        return real(path)
+
+    newer = make_random_bundle(tmp_path / "v2", seg_size=64, cls_size=64, version="0.0.2-test")
+    with Session(engine) as s, s.begin():
+        s.add(ModelVersion(version="0.0.0-test", path=str(tiny_bundle), status="current",
+                           promoted_at=utcnow()))
+    jm = JobManager(engine, settings.worker)
+    worker = Worker(settings, engine, job_manager=jm, pipeline_factory=factory, model_check_interval_s=0.05)
+    worker.load_model()
+    assert worker.pipeline.bundle.version == "0.0.0-test"
+    assert worker.load_model() is False  # unchanged registry: nothing reloaded
+
+    with Session(engine) as s, s.begin():  # what `cxr-node models promote` does
+        s.query(ModelVersion).filter_by(status="current").update({"status": "retired"})
+        s.add(ModelVersion(version="0.0.2-test", path=str(newer), status="current", promoted_at=utcnow()))
+    job_id = spool(settings, jm, "after-promotion")
+
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while job_row(engine, job_id).result is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(60)
+    assert loaded == [tiny_bundle, newer]
+    assert worker.pipeline.bundle.version == "0.0.2-test"
+    assert job_row(engine, job_id).result["model_version"] == "0.0.2-test"
+    assert any(getattr(r, "action", "") == "model_swapped" for r in caplog.records)
+
+    # a broken promoted bundle is refused: the worker keeps serving the previous model
+    with Session(engine) as s, s.begin():
+        s.query(ModelVersion).filter_by(status="current").update({"status": "retired"})
+        s.add(ModelVersion(version="9.9.9", path=str(tmp_path / "nothing-here"), status="current",
+                           promoted_at=utcnow()))
+    assert worker.load_model() is False
+    assert worker.pipeline.bundle.version == "0.0.2-test"
+    assert any(getattr(r, "action", "") == "model_swap_failed" for r in caplog.records)
+
+
+class SlowPipeline:
+    """The real pipeline, but each batch takes at least ``delay`` seconds (a slow CPU)."""
+
+    def __init__(self, inner: Any, delay: float) -> None:
+        self.inner, self.delay, self.bundle = inner, delay, inner.bundle
+
+    def run(self, images: Any, explain: bool = True) -> Any:
+        time.sleep(self.delay)
+        return self.inner.run(images, explain=explain)
+
+
+def test_heartbeat_keeps_the_lease_during_a_long_batch(settings: Settings, engine: Engine) -> None:
+    settings.worker.lease_s = 0.6
+    real = default_pipeline_factory(settings)
+    worker = Worker(settings, engine, pipeline_factory=lambda p: SlowPipeline(real(p), 2.0))
+    job_id = spool(settings, worker.jm, "slow")
+    other = JobManager(engine, settings.worker)
+    reclaimed: list[int] = []
+
+    def watcher() -> None:  # another node's maintenance running while the batch is in hand
+        for _ in range(20):
+            reclaimed.append(other.reclaim_stalled())
+            time.sleep(0.1)
+
+    t = threading.Thread(target=watcher)
+    t.start()
+    worker.run_once()
+    t.join()
+    assert sum(reclaimed) == 0, "the lease expired although the worker was alive"
+    history = [h["to_state"] for h in worker.jm.history(job_id)]
+    assert history[:3] == ["queued", "processing", "exporting"]
