@@ -1,0 +1,114 @@
+"""training.metrics against values computed by hand on fixed predictions."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from training import metrics as M
+
+pytestmark = pytest.mark.unit
+
+Y = [1, 1, 1, 0, 0, 0, 1, 0]
+P = [0.9, 0.8, 0.4, 0.7, 0.2, 0.1, 0.6, 0.3]
+
+
+def test_confusion_and_ratios_at_half() -> None:
+    m = M.binary_metrics(Y, P, 0.5)
+    # positives predicted: 0.9, 0.8, 0.6 (true) and 0.7 (false); 0.4 is a missed positive
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (3, 1, 3, 1)
+    assert m["accuracy"] == pytest.approx(6 / 8)
+    assert m["precision"] == pytest.approx(3 / 4)
+    assert m["recall"] == m["sensitivity"] == pytest.approx(3 / 4)
+    assert m["specificity"] == pytest.approx(3 / 4)
+    assert m["f1"] == pytest.approx(0.75)
+    assert m["n"] == 8 and m["positives"] == 4
+
+
+def test_asymmetric_threshold() -> None:
+    m = M.binary_metrics(Y, P, 0.65)
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (2, 1, 3, 2)
+    assert m["accuracy"] == pytest.approx(5 / 8)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(1 / 2)
+    assert m["specificity"] == pytest.approx(3 / 4)
+    assert m["f1"] == pytest.approx(4 / 7)
+
+
+def test_threshold_is_inclusive() -> None:
+    assert M.confusion([1, 0], [0.5, 0.5], 0.5) == {"tp": 1, "fp": 1, "tn": 0, "fn": 0}
+
+
+def test_roc_auc_by_hand_and_ties() -> None:
+    # 16 positive/negative pairs; 0.9 and 0.8 beat all 4 negatives, 0.4 and 0.6 beat 3 (not 0.7)
+    assert M.roc_auc(Y, P) == pytest.approx(14 / 16)
+    assert M.roc_auc([1, 0], [0.5, 0.5]) == pytest.approx(0.5)
+    assert M.roc_auc([1, 0, 0], [0.5, 0.5, 0.1]) == pytest.approx(0.75)
+    assert math.isnan(M.roc_auc([1, 1], [0.2, 0.3]))
+
+
+def test_roc_auc_matches_sklearn() -> None:
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    p = np.round(rng.random(200) * 0.5 + y * 0.3, 2)  # rounded: many ties
+    assert M.roc_auc(y, p) == pytest.approx(roc_auc_score(y, p))
+
+
+def test_empty_denominators_are_nan() -> None:
+    m = M.binary_metrics([0, 0], [0.1, 0.2], 0.5)
+    assert math.isnan(m["precision"]) and math.isnan(m["recall"]) and math.isnan(m["roc_auc"])
+    assert m["specificity"] == 1.0
+
+
+def test_threshold_for_sensitivity() -> None:
+    # positives sorted: 0.9, 0.8, 0.6, 0.4
+    assert M.threshold_for_sensitivity(Y, P, 0.95) == 0.4  # all 4 needed
+    assert M.threshold_for_sensitivity(Y, P, 0.75) == 0.6  # 3 of 4
+    assert M.threshold_for_sensitivity(Y, P, 0.5) == 0.8
+    assert M.binary_metrics(Y, P, M.threshold_for_sensitivity(Y, P, 0.75))["sensitivity"] >= 0.75
+    with pytest.raises(ValueError, match="positive"):
+        M.threshold_for_sensitivity([0, 0], [0.1, 0.2], 0.9)
+    with pytest.raises(ValueError, match="target"):
+        M.threshold_for_sensitivity(Y, P, 0.0)
+
+
+def test_dice_iou() -> None:
+    a = np.array([1, 1, 0, 0], bool)
+    b = np.array([1, 0, 1, 0], bool)
+    assert M.dice_iou(a, b) == pytest.approx((0.5, 1 / 3))
+    assert M.dice_iou(a, a) == (1.0, 1.0)
+    assert M.dice_iou(np.zeros(3, bool), np.zeros(3, bool)) == (1.0, 1.0)
+    with pytest.raises(ValueError, match="shape"):
+        M.dice_iou(a, b[:3])
+
+
+def test_bootstrap_interval_is_repeatable_and_brackets_the_estimate() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    p = rng.random(300) * 0.6 + y * 0.3
+    lo, hi = M.bootstrap_ci(y, p, M.roc_auc, n_boot=300, seed=1)
+    assert (lo, hi) == M.bootstrap_ci(y, p, M.roc_auc, n_boot=300, seed=1)
+    assert 0.5 < lo < M.roc_auc(y, p) < hi < 1.0
+    out = M.metrics_with_ci(y, p, 0.5, n_boot=100)
+    assert set(out) >= {"roc_auc_ci", "sensitivity_ci", "specificity_ci", "accuracy_ci", "f1_ci"}
+
+
+def test_per_group_and_summary() -> None:
+    g = ["a", "a", "b", "b", "a", "b", "a", "b"]
+    out = M.per_group(Y, P, g, 0.5)
+    assert sorted(out) == ["a", "b"]
+    assert out["a"]["n"] == 4 and out["a"]["tp"] == 3  # a: 0.9(1), 0.8(1), 0.2(0), 0.6(1)
+    s = M.summary([0.1, 0.2, 0.3, float("nan")])
+    assert s["n"] == 3 and s["median"] == pytest.approx(0.2)
+    assert math.isnan(M.summary([])["median"])
+
+
+def test_bad_arguments_are_named() -> None:
+    with pytest.raises(ValueError, match="y_true"):
+        M.binary_metrics([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="differ in length"):
+        M.roc_auc([0, 1], [0.1])
