@@ -1,17 +1,15 @@
 """The DICOM listener against real dcmtk peers: echo, store in several transfer syntaxes, refusals.
 
-The listener runs in-process (``start_scp``) on a free port with a real SQLite queue; dcmtk's
-``echoscu``/``storescu`` are the peers.
+The listener runs in-process (``start_scp``, fixture ``node_listener``) on a free port with a real
+SQLite queue; dcmtk's ``echoscu``/``storescu`` are the peers.
 """
 
 from __future__ import annotations
 
 import logging
 import subprocess
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 from pydicom import dcmread
@@ -23,72 +21,20 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
 )
-from sqlalchemy import Engine, select
-from sqlalchemy.orm import Session
 
-from dicom_node.config import Settings, load_settings
-from dicom_node.db import Association, Job, init_db, make_engine
-from dicom_node.queue import JobManager
-from dicom_node.scp import start_scp
 from inference.phantom import make_dicom
 from tests.fixtures.common import free_port
-from tests.fixtures.peers import echoscu, require_tool, storescu
+from tests.fixtures.peers import Listener, echoscu, require_tool, storescu
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class Listener:
-    settings: Settings
-    engine: Engine
-    jobs: JobManager
-    port: int
-
-    def job_rows(self) -> list[Job]:
-        with Session(self.engine) as s:
-            return list(s.scalars(select(Job).order_by(Job.id)))
-
-    def associations(self) -> list[Association]:
-        with Session(self.engine) as s:
-            return list(s.scalars(select(Association).order_by(Association.id)))
-
-
-@pytest.fixture
-def listener(tmp_path: Path) -> Iterator[Callable[..., Listener]]:
-    """Factory: start the node's listener in-process with ``listener``/``storage`` overrides."""
-    servers: list[Any] = []
-    engines: list[Engine] = []
-
-    def start(db_url: str | None = None, **sections: dict[str, Any]) -> Listener:
-        port = free_port()
-        overrides: dict[str, dict[str, Any]] = {
-            "listener": {"port": port, "bind_address": "127.0.0.1", "network_timeout_s": 10},
-            "storage": {"data_dir": str(tmp_path / f"data{len(servers)}"), "min_free_mb": 0},
-        }
-        for key, value in sections.items():
-            overrides.setdefault(key, {}).update(value)
-        settings = load_settings(None, overrides, environ={})
-        engine = make_engine(db_url or settings.db_url)
-        engines.append(engine)
-        if db_url is None:
-            init_db(engine)
-        jobs = JobManager(engine, settings.worker)
-        servers.append(start_scp(settings, jobs, engine))
-        return Listener(settings=settings, engine=engine, jobs=jobs, port=port)
-
-    yield start
-    for server in servers:
-        server.shutdown()
-    for engine in engines:
-        engine.dispose()
 
 
 def _ok(proc: subprocess.CompletedProcess[str]) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_echo(listener: Callable[..., Listener]) -> None:
-    node = listener()
+def test_echo(node_listener: Callable[..., Listener]) -> None:
+    node = node_listener()
     _ok(echoscu(node.port))
 
 
@@ -104,9 +50,9 @@ def _dcmcjpeg(src: Path, dst: Path, *flags: str) -> Path:
     ("-xy", JPEGBaseline8Bit),
     ("-xv", JPEG2000Lossless),
 ])
-def test_store_transfer_syntaxes_spooled_and_queued(listener: Callable[..., Listener], tmp_path: Path,
+def test_store_transfer_syntaxes_spooled_and_queued(node_listener: Callable[..., Listener], tmp_path: Path,
                                                     flag: str, syntax: str) -> None:
-    node = listener()
+    node = node_listener()
     plain = tmp_path / "plain.dcm"
     if syntax == JPEG2000Lossless:
         ds = make_dicom(plain, transfer_syntax=JPEG2000Lossless, shape=(256, 256))
@@ -142,17 +88,17 @@ def test_store_transfer_syntaxes_spooled_and_queued(listener: Callable[..., List
     assert audit and audit[-1].instances == 1 and not audit[-1].refused
 
 
-def test_dx_for_processing_accepted(listener: Callable[..., Listener], tmp_path: Path) -> None:
-    node = listener()
+def test_dx_for_processing_accepted(node_listener: Callable[..., Listener], tmp_path: Path) -> None:
+    node = node_listener()
     make_dicom(tmp_path / "dx.dcm", modality="DX", sop_class_uid=DigitalXRayImageStorageForProcessing,
                shape=(128, 128))
     _ok(storescu(node.port, [tmp_path / "dx.dcm"], extra=["-R"]))
     assert [j.sop_class_uid for j in node.job_rows()] == [DigitalXRayImageStorageForProcessing]
 
 
-def test_duplicate_processed_once(listener: Callable[..., Listener], tmp_path: Path,
+def test_duplicate_processed_once(node_listener: Callable[..., Listener], tmp_path: Path,
                                   caplog: pytest.LogCaptureFixture) -> None:
-    node = listener()
+    node = node_listener()
     make_dicom(tmp_path / "a.dcm", shape=(128, 128))
     caplog.set_level(logging.INFO, logger="dicom_node")
     _ok(storescu(node.port, [tmp_path / "a.dcm"]))
@@ -161,9 +107,9 @@ def test_duplicate_processed_once(listener: Callable[..., Listener], tmp_path: P
     assert [r.action for r in caplog.records if getattr(r, "action", "") == "store_duplicate"]
 
 
-def test_unknown_calling_ae_rejected(listener: Callable[..., Listener], tmp_path: Path,
+def test_unknown_calling_ae_rejected(node_listener: Callable[..., Listener], tmp_path: Path,
                                      caplog: pytest.LogCaptureFixture) -> None:
-    node = listener(listener={"allowed_callers": ["PACS@127.0.0.1", "OTHER@10.255.255.1"]})
+    node = node_listener(listener={"allowed_callers": ["PACS@127.0.0.1", "OTHER@10.255.255.1"]})
     make_dicom(tmp_path / "a.dcm", shape=(128, 128))
     caplog.set_level(logging.INFO, logger="dicom_node")
 
@@ -187,9 +133,9 @@ def stderr_of(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stderr or ""
 
 
-def test_ct_refused_with_log_line(listener: Callable[..., Listener], tmp_path: Path,
+def test_ct_refused_with_log_line(node_listener: Callable[..., Listener], tmp_path: Path,
                                   caplog: pytest.LogCaptureFixture) -> None:
-    node = listener()
+    node = node_listener()
     make_dicom(tmp_path / "ct.dcm", sop_class_uid=CTImageStorage, shape=(64, 64))
     caplog.set_level(logging.INFO, logger="dicom_node")
     proc = storescu(node.port, [tmp_path / "ct.dcm"], extra=["-R"])  # propose only what the file needs
@@ -201,10 +147,10 @@ def test_ct_refused_with_log_line(listener: Callable[..., Listener], tmp_path: P
     assert "CT Image Storage" in lines[0] and "not accepted" in lines[0]
 
 
-def test_database_unreachable_gives_failure_status(listener: Callable[..., Listener], tmp_path: Path,
+def test_database_unreachable_gives_failure_status(node_listener: Callable[..., Listener], tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     # A PostgreSQL URL on a port where nothing listens: every enqueue fails.
-    node = listener(db_url=f"postgresql+psycopg://cxr@127.0.0.1:{free_port()}/cxr?connect_timeout=2")
+    node = node_listener(db_url=f"postgresql+psycopg://cxr@127.0.0.1:{free_port()}/cxr?connect_timeout=2")
     make_dicom(tmp_path / "a.dcm", shape=(128, 128))
     caplog.set_level(logging.INFO, logger="dicom_node")
     proc = storescu(node.port, [tmp_path / "a.dcm"], extra=["-v"])
@@ -215,9 +161,9 @@ def test_database_unreachable_gives_failure_status(listener: Callable[..., Liste
     assert failures and failures[0].reason == "database"
 
 
-def test_disk_watermark_refuses_associations(listener: Callable[..., Listener],
+def test_disk_watermark_refuses_associations(node_listener: Callable[..., Listener],
                                              caplog: pytest.LogCaptureFixture) -> None:
-    node = listener(storage={"min_free_mb": 10**9})  # a petabyte: never available
+    node = node_listener(storage={"min_free_mb": 10**9})  # a petabyte: never available
     caplog.set_level(logging.INFO, logger="dicom_node")
     proc = echoscu(node.port)
     assert proc.returncode != 0

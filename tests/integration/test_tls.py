@@ -1,0 +1,90 @@
+"""DICOM TLS: dcmtk ``storescu +tls`` against the node's listener, and export to ``storescp +tls``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+
+from dicom_node.config import ExportSettings, Peer, TLSSettings
+from dicom_node.errors import DestinationUnreachable
+from dicom_node.export import send
+from dicom_node.tls import TLSConfigError, client_context, server_context
+from inference.phantom import make_dicom
+from tests.fixtures.peers import Listener, StoreSCP, TLSFiles, echoscu, storescu
+
+pytestmark = pytest.mark.integration
+
+
+def _listener_tls(tls: TLSFiles, require_client_cert: bool) -> dict[str, object]:
+    return {"enabled": True, "cert_file": str(tls.server_cert), "key_file": str(tls.server_key),
+            "ca_file": str(tls.ca_cert), "require_client_cert": require_client_cert}
+
+
+def _client_tls(tls: TLSFiles) -> list[str]:
+    return ["+tls", str(tls.client_key), str(tls.client_cert), "+cf", str(tls.ca_cert)]
+
+
+@pytest.mark.parametrize("require_client_cert", [False, True])
+def test_storescu_tls_to_listener(node_listener: Callable[..., Listener], tls_files: TLSFiles,
+                                  tmp_path: Path, require_client_cert: bool) -> None:
+    node = node_listener(listener={"tls": _listener_tls(tls_files, require_client_cert)})
+    ds = make_dicom(tmp_path / "a.dcm", shape=(128, 128))
+
+    proc = storescu(node.port, [tmp_path / "a.dcm"], extra=_client_tls(tls_files))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert [j.sop_instance_uid for j in node.job_rows()] == [ds.SOPInstanceUID]
+
+    plain = echoscu(node.port)  # no TLS: the handshake fails, nothing is accepted
+    assert plain.returncode != 0
+    if require_client_cert:  # TLS without a client certificate is refused too
+        anonymous = echoscu(node.port, extra=["+tla", "+cf", str(tls_files.ca_cert)])
+        assert anonymous.returncode != 0
+    assert len(node.associations()) == 1
+
+
+def test_export_over_tls(storescp: Callable[..., StoreSCP], tls_files: TLSFiles) -> None:
+    dest = storescp(extra=["+xa", "+tls", str(tls_files.server_key), str(tls_files.server_cert),
+                           "+cf", str(tls_files.ca_cert)])
+    ds = make_dicom(shape=(64, 64))
+    tls = TLSSettings(enabled=True, ca_file=tls_files.ca_cert, cert_file=tls_files.client_cert,
+                      key_file=tls_files.client_key)
+    send([ds], Peer.parse(dest.address), ExportSettings(network_timeout_s=10, tls=tls))
+    assert [dcmread(f).SOPInstanceUID for f in dest.files()] == [ds.SOPInstanceUID]
+
+    # Without TLS the same destination cannot be reached.
+    with pytest.raises(DestinationUnreachable):
+        send([ds], Peer.parse(dest.address), ExportSettings(network_timeout_s=5))
+
+
+def test_export_refuses_untrusted_server(storescp: Callable[..., StoreSCP], tls_files: TLSFiles) -> None:
+    dest = storescp(extra=["+tls", str(tls_files.server_key), str(tls_files.server_cert),
+                           "+cf", str(tls_files.ca_cert)])
+    ds = make_dicom(shape=(32, 32))
+    client = {"enabled": True, "cert_file": tls_files.client_cert, "key_file": tls_files.client_key}
+    wrong_ca = TLSSettings(**client, ca_file=tls_files.client_cert)  # did not sign the server's certificate
+    with pytest.raises(DestinationUnreachable):
+        send([ds], Peer.parse(dest.address), ExportSettings(network_timeout_s=5, tls=wrong_ca))
+    assert dest.files() == []
+    right_ca = TLSSettings(**client, ca_file=tls_files.ca_cert)  # the right CA: the same call succeeds
+    send([ds], Peer.parse(dest.address), ExportSettings(network_timeout_s=5, tls=right_ca))
+    assert len(dest.files()) == 1
+
+
+def test_tls_settings_errors_name_the_key(tmp_path: Path, tls_files: TLSFiles) -> None:
+    assert server_context(TLSSettings()) is None and client_context(TLSSettings()) is None
+    with pytest.raises(TLSConfigError, match="listener.tls.cert_file"):
+        server_context(TLSSettings(enabled=True, key_file=tls_files.server_key))
+    with pytest.raises(TLSConfigError, match="does not exist"):
+        server_context(TLSSettings(enabled=True, cert_file=tmp_path / "missing.crt",
+                                   key_file=tls_files.server_key))
+    with pytest.raises(TLSConfigError, match="require_client_cert"):
+        server_context(TLSSettings(enabled=True, cert_file=tls_files.server_cert,
+                                   key_file=tls_files.server_key, require_client_cert=True))
+    with pytest.raises(TLSConfigError, match="set together"):
+        client_context(TLSSettings(enabled=True, cert_file=tls_files.client_cert))
+    with pytest.raises(TLSConfigError, match="certificate/key"):
+        server_context(TLSSettings(enabled=True, cert_file=tls_files.server_cert,
+                                   key_file=tls_files.client_key))
