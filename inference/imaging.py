@@ -21,6 +21,7 @@ The preprocessing shared by training and inference (``square_resize``, ``lung_cr
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import re
@@ -30,10 +31,11 @@ from typing import Any
 import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
-from pydicom import Dataset
+from pydicom import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels import pixel_array as _pixel_array
+from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.errors import InvalidInstance
 from inference.preprocess import (
@@ -180,6 +182,22 @@ def _read(source: str | Path | Dataset) -> Dataset:
         raise InvalidInstance(f"{source}: not a readable DICOM file ({exc})") from exc
 
 
+def _ensure_transfer_syntax(ds: Dataset) -> None:
+    """Give a data set read without file meta the transfer syntax it was read with (needed to decode)."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is not None and "TransferSyntaxUID" in meta:
+        return
+    implicit, little = getattr(ds, "original_encoding", (None, None))
+    if implicit is None:
+        return
+    if meta is None:
+        ds.file_meta = meta = FileMetaDataset()
+    if implicit:
+        meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    else:
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+
+
 def _window(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
     """Window Center/Width (first pair) with its VOI LUT Function, to [0, 1]; None when absent or invalid."""
     centres, widths = _numbers(ds, "WindowCenter"), _numbers(ds, "WindowWidth")
@@ -263,22 +281,29 @@ def _describe(ds: Dataset) -> str:
 def _decode(ds: Dataset, label: str) -> np.ndarray:
     """Stored values of the first frame as an array (grey), or InvalidInstance naming what failed."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        raise InvalidInstance(f"{label}: no pixel data")
+        raise InvalidInstance(f"{label}: no pixel data (absent, or the file is truncated)")
     photometric = _text(ds, "PhotometricInterpretation").upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB") and not photometric.startswith("YBR"):
         raise InvalidInstance(
             f"{label}: photometric interpretation {photometric or '(none)'} is not supported"
         )
     frames = _numbers(ds, "NumberOfFrames")
+    if frames is None and "NumberOfFrames" in ds:
+        # An unreadable frame count would stop pydicom's decoder: decode a shallow copy without it.
+        ds = copy.copy(ds)
+        del ds.NumberOfFrames
     try:
         if frames and frames[0] > 1:
             arr = _pixel_array(ds, index=0)
         else:
             arr = ds.pixel_array
-    # Decoder plugins raise a variety of types (RuntimeError, ValueError, struct.error, ...): all mean the
-    # same thing here, and the original is chained.
-    except Exception as exc:  # noqa: BLE001
-        raise InvalidInstance(f"{label}: pixel data cannot be decoded ({_describe(ds)}): {exc}") from exc
+    except (KeyboardInterrupt, SystemExit, MemoryError):
+        raise
+    # Decoder plugins raise many types (RuntimeError, ValueError, struct.error, and Rust panics, which derive
+    # from BaseException): all mean the pixel data is undecodable, and the original is chained.
+    except BaseException as exc:  # noqa: BLE001
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        raise InvalidInstance(f"{label}: pixel data cannot be decoded ({_describe(ds)}): {detail}") from exc
     if arr.ndim == 3 and arr.shape[-1] == 3:
         arr = arr.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
     if arr.ndim != 2 or arr.size == 0:
@@ -296,6 +321,7 @@ def load_dicom(source: str | Path | Dataset) -> XrayImage:
     transfer_syntax. Raises ``InvalidInstance`` when the file is not DICOM or its pixels cannot be decoded.
     """
     ds = _read(source)
+    _ensure_transfer_syntax(ds)
     meta = _meta(ds)
     label = str(source) if not isinstance(source, Dataset) else (meta["sop_instance_uid"] or "dataset")
     stored = _decode(ds, label)

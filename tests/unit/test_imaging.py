@@ -1,0 +1,457 @@
+"""Decoding: DICOM pixel transforms and transfer syntaxes, image files, header reasons."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from PIL import Image
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
+from pydicom.uid import (
+    JPEG2000,
+    DigitalXRayImageStorageForProcessing,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    RLELossless,
+)
+
+from dicom_node.errors import InvalidInstance
+from inference.imaging import header_reason, load_any, load_dicom, load_image_file
+from inference.phantom import make_dicom, make_phantom
+from inference.types import XrayImage
+from tests.fixtures.dicom_data import DCMTK_COMPRESSORS
+
+pytestmark = pytest.mark.unit
+
+SHAPE = (256, 320)
+
+
+def phantom(seed: int = 1, shape: tuple[int, int] = SHAPE) -> np.ndarray:
+    return make_phantom(shape, seed=seed)[0]
+
+
+def full_window(bits: int, slope: float = 1.0, intercept: float = 0.0) -> tuple[float, float]:
+    """Window Center/Width (LINEAR) that maps the whole stored range linearly onto 0..1."""
+    top = (1 << bits) - 1
+    low, high = sorted((intercept, top * slope + intercept))
+    return (low + high) / 2 + 0.5, high - low + 1
+
+
+# ---------------------------------------------------------------------------------- pixel transforms
+
+
+@pytest.mark.parametrize("bits", [8, 10, 12, 14, 15, 16])
+def test_bit_depths_round_trip(dicom_factory, bits: int) -> None:
+    path = dicom_factory(shape=SHAPE, bits_stored=bits, window=full_window(bits), seed=1)
+    image = load_dicom(path)
+    assert image.pixels.dtype == np.float32 and image.pixels.shape == SHAPE
+    # Quantisation to `bits` plus the LINEAR window's half-step offset.
+    assert np.abs(image.pixels - phantom()).max() < 2.0 / (1 << bits) + 1e-4
+    assert image.meta["rows"], image.meta["columns"] == SHAPE
+
+
+def test_monochrome1_is_inverted(dicom_factory) -> None:
+    mono2 = load_dicom(dicom_factory(shape=SHAPE, window=full_window(12), seed=1))
+    mono1 = load_dicom(
+        dicom_factory(shape=SHAPE, window=full_window(12), photometric="MONOCHROME1", seed=1)
+    )
+    stored = pydicom.dcmread(dicom_factory(shape=SHAPE, photometric="MONOCHROME1", seed=1)).pixel_array
+    ref = phantom()
+    # Stored values are inverted (air high) yet the decoded image shows air dark, as MONOCHROME2 does.
+    assert np.corrcoef(stored.ravel(), ref.ravel())[0, 1] < -0.99
+    assert np.abs(mono1.pixels - ref).max() < 1e-3
+    assert np.abs(mono1.pixels - mono2.pixels).max() < 1e-3
+    assert mono1.meta["photometric"] == "MONOCHROME1"
+
+
+def test_rescale_slope_intercept_applies_before_window(dicom_factory) -> None:
+    slope, intercept = 2.5, -1000.0
+    path = dicom_factory(
+        shape=SHAPE, rescale=(slope, intercept), window=full_window(12, slope, intercept), seed=1
+    )
+    image = load_dicom(path)
+    assert np.abs(image.pixels - phantom()).max() < 2e-3
+    # The same window applied to the stored values (no rescale) gives a different, compressed image.
+    ds = pydicom.dcmread(path)
+    del ds.RescaleSlope, ds.RescaleIntercept
+    assert np.abs(load_dicom(ds).pixels - phantom()).max() > 0.3
+
+
+def test_window_narrows_contrast(dicom_factory) -> None:
+    centre, width = 0.3 * 4095, 0.2 * 4095
+    image = load_dicom(dicom_factory(shape=SHAPE, window=(centre, width), seed=1))
+    ref = phantom()
+    expected = np.clip((np.rint(ref * 4095) - (centre - 0.5)) / (width - 1) + 0.5, 0, 1)
+    assert np.abs(image.pixels - expected).max() < 1e-4
+    assert (image.pixels == 1.0).mean() > 0.3  # bone and soft tissue saturate in a lung window
+
+
+@pytest.mark.parametrize("function", ["LINEAR_EXACT", "SIGMOID"])
+def test_voi_lut_functions(dicom_factory, function: str) -> None:
+    centre, width = 2048.0, 4096.0
+    image = load_dicom(
+        dicom_factory(shape=SHAPE, window=(centre, width), VOILUTFunction=function, seed=1)
+    )
+    x = np.rint(phantom() * 4095)
+    if function == "SIGMOID":
+        expected = 1 / (1 + np.exp(-4 * (x - centre) / width))
+    else:
+        expected = (x - centre) / width + 0.5
+    assert np.abs(image.pixels - expected).max() < 1e-3
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_voi_lut_sequence_is_applied_and_preferred(dicom_factory, photometric: str) -> None:
+    # make_dicom stores the square of the image and adds a square-root VOI LUT: only applying the LUT
+    # gives the drawn image back; a window on the stored values would give its square.
+    path = dicom_factory(shape=SHAPE, voi_lut=True, photometric=photometric, seed=1)
+    ds = pydicom.dcmread(path)
+    assert "VOILUTSequence" in ds
+    ds.WindowCenter, ds.WindowWidth = "2048", "4096"
+    ref = phantom()
+    for source in (path, ds):
+        image = load_dicom(source)
+        assert np.abs(image.pixels - ref).max() < 0.02
+    del ds.VOILUTSequence
+    assert np.abs(load_dicom(ds).pixels - ref).max() > 0.1
+
+
+def test_without_voi_uses_percentiles(dicom_factory) -> None:
+    image = load_dicom(dicom_factory(shape=SHAPE, seed=1))
+    ref = phantom()
+    low, high = np.percentile(ref, [0.5, 99.5])
+    expected = np.clip((ref - low) / (high - low), 0, 1)
+    assert np.abs(image.pixels - expected).max() < 0.02
+    assert image.pixels.min() == 0.0 and image.pixels.max() == 1.0
+
+
+def test_constant_image_decodes_to_zeros(dicom_factory) -> None:
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1))
+    ds.PixelData = bytes(len(ds.PixelData))
+    image = load_dicom(ds)
+    assert image.pixels.shape == SHAPE and not image.pixels.any()
+
+
+def test_dx_for_presentation_and_for_processing(dicom_factory) -> None:
+    for kwargs in ({}, {"sop_class_uid": DigitalXRayImageStorageForProcessing}):
+        path = dicom_factory(shape=SHAPE, modality="DX", photometric="MONOCHROME1", seed=1, **kwargs)
+        image = load_dicom(path)
+        assert image.meta["modality"] == "DX"
+        assert np.corrcoef(image.pixels.ravel(), phantom().ravel())[0, 1] > 0.999
+
+
+# ---------------------------------------------------------------------------------- transfer syntaxes
+
+
+@pytest.mark.parametrize(
+    ("syntax", "bits", "tolerance"),
+    [
+        (ExplicitVRLittleEndian, 12, 1e-6),
+        (ImplicitVRLittleEndian, 12, 1e-6),
+        (RLELossless, 12, 1e-6),
+        (RLELossless, 16, 1e-6),
+        (JPEG2000Lossless, 12, 1e-6),
+        (JPEG2000Lossless, 16, 1e-6),
+        (JPEG2000, 12, 0.08),
+        (JPEGBaseline8Bit, 8, 0.08),
+    ],
+)
+def test_pydicom_encoded_round_trip(dicom_factory, syntax: str, bits: int, tolerance: float) -> None:
+    window = full_window(bits)
+    reference = load_dicom(dicom_factory(shape=SHAPE, bits_stored=bits, window=window, seed=1))
+    path = dicom_factory(shape=SHAPE, bits_stored=bits, window=window, transfer_syntax=syntax, seed=1)
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    image = load_dicom(path)
+    assert image.meta["sop_instance_uid"] == ds.SOPInstanceUID
+    assert np.abs(image.pixels - reference.pixels).max() <= tolerance
+    assert np.abs(image.pixels - reference.pixels).mean() < 0.01
+
+
+@pytest.mark.parametrize("syntax", sorted(DCMTK_COMPRESSORS))
+def test_dcmtk_encoded_round_trip(dicom_factory, syntax: str) -> None:
+    bits = 8 if syntax == JPEGBaseline8Bit else 12
+    window = full_window(bits)
+    reference = load_dicom(dicom_factory(shape=SHAPE, bits_stored=bits, window=window, seed=1))
+    path = dicom_factory(shape=SHAPE, bits_stored=bits, window=window, seed=1, compress_with_dcmtk=syntax)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == syntax
+    image = load_dicom(path)
+    lossy = syntax in ("1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51", "1.2.840.10008.1.2.4.81")
+    error = np.abs(image.pixels - reference.pixels)
+    assert error.max() <= (0.08 if lossy else 1e-6)
+    assert error.mean() < 0.01
+
+
+def test_jpeg_ls_and_missing_encoders_are_explained(dicom_factory) -> None:
+    try:
+        path = dicom_factory(shape=SHAPE, transfer_syntax=JPEGLSLossless, seed=1)
+    except ValueError as exc:  # pyjpegls not installed: the message says how to get the syntax
+        assert "dcmcjpls" in str(exc)
+    else:
+        assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == JPEGLSLossless
+    with pytest.raises(ValueError, match="dcmcjpeg"):
+        make_dicom(shape=SHAPE, transfer_syntax=JPEGLosslessSV1)
+    with pytest.raises(ValueError, match="bits_stored"):
+        make_dicom(shape=SHAPE, transfer_syntax=JPEGBaseline8Bit, bits_stored=12)
+
+
+def test_multiframe_takes_first_frame(dicom_factory) -> None:
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, bits_stored=16, window=full_window(16), seed=1))
+    first = ds.pixel_array
+    second = (65535 - first).astype(np.uint16)
+    ds.NumberOfFrames = 2
+    ds.PixelData = first.tobytes() + second.tobytes()
+    image = load_dicom(ds)
+    assert image.pixels.shape == SHAPE
+    assert np.abs(image.pixels - phantom()).max() < 1e-3
+
+
+def test_rgb_is_converted_to_grey(dicom_factory) -> None:
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, bits_stored=8, seed=1))
+    grey = ds.pixel_array
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = np.repeat(grey[..., None], 3, axis=2).tobytes()
+    image = load_dicom(ds)
+    assert np.abs(image.pixels - grey / 255.0).max() < 1e-3
+
+
+# ---------------------------------------------------------------------------------- failures
+
+
+def test_corrupt_pixel_data_raises_invalid_instance(corrupt_dicom: Path) -> None:
+    with pytest.raises(InvalidInstance, match="pixel data cannot be decoded.*JPEG 2000"):
+        load_dicom(corrupt_dicom)
+
+
+def test_truncated_native_pixel_data(dicom_factory) -> None:
+    path = dicom_factory(shape=SHAPE, seed=1)
+    path.write_bytes(path.read_bytes()[:-5000])
+    with pytest.raises(InvalidInstance, match="pixel data"):
+        load_dicom(path)
+
+
+def test_damaged_rle_raises_invalid_instance(dicom_factory) -> None:
+    path = dicom_factory(shape=SHAPE, transfer_syntax=RLELossless, seed=1)
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    start = len(data) // 2
+    data[start : start + 2000] = rng.integers(0, 256, 2000, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+    with pytest.raises(InvalidInstance, match="RLE Lossless"):
+        load_dicom(path)
+
+
+def test_not_dicom_and_no_pixels(tmp_path: Path, dicom_factory) -> None:
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(InvalidInstance, match="not a readable DICOM"):
+        load_dicom(text)
+    with pytest.raises(InvalidInstance, match="neither DICOM nor"):
+        load_any(text)
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1))
+    del ds.PixelData
+    with pytest.raises(InvalidInstance, match="no pixel data"):
+        load_dicom(ds)
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1))
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    with pytest.raises(InvalidInstance, match="PALETTE COLOR"):
+        load_dicom(ds)
+    with pytest.raises(TypeError, match='"source"'):
+        load_dicom(42)  # type: ignore[arg-type]
+
+
+def test_invalid_optional_header_values_do_not_stop_decoding(dicom_factory, caplog) -> None:
+    path = dicom_factory(shape=SHAPE, window=full_window(12), seed=1)
+    ds = pydicom.dcmread(path)
+    bad = {
+        0x00280030: ("DS", b"abc\\def"),  # Pixel Spacing
+        0x00185101: ("CS", b"\xff\xfe??"),  # View Position
+        0x00281052: ("DS", b"zero"),  # Rescale Intercept
+        0x00281053: ("DS", b"1..0"),  # Rescale Slope
+        0x00280008: ("IS", b"one"),  # Number of Frames
+    }
+    for tag, (vr, value) in bad.items():
+        ds[Tag(tag)] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+    ds.save_as(path, enforce_file_format=True)
+    with caplog.at_level(logging.WARNING, logger="inference.imaging"):
+        image = load_dicom(path)
+    assert np.abs(image.pixels - phantom()).max() < 1e-3
+    assert image.meta["pixel_spacing"] is None
+    assert any(getattr(r, "action", "") == "dicom_header_invalid" for r in caplog.records)
+    assert header_reason(image) is None
+
+
+def test_invalid_window_falls_back_to_percentiles(dicom_factory) -> None:
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, window=(100, 200), seed=1))
+    ds[Tag(0x00281051)] = RawDataElement(Tag(0x00281051), "DS", 4, b"wide", 0, False, True)
+    image = load_dicom(ds)
+    assert image.pixels.min() == 0.0 and image.pixels.max() == 1.0
+    assert np.corrcoef(image.pixels.ravel(), phantom().ravel())[0, 1] > 0.99
+
+
+def test_meta_contract(synthetic_cr: Path) -> None:
+    image = load_dicom(synthetic_cr)
+    ds = pydicom.dcmread(synthetic_cr)
+    assert image.source == str(synthetic_cr)
+    assert image.meta["modality"] == "CR" and image.meta["body_part"] == "CHEST"
+    assert image.meta["view_position"] == "PA"
+    assert image.meta["sop_instance_uid"] == ds.SOPInstanceUID
+    assert image.meta["study_instance_uid"] == ds.StudyInstanceUID
+    assert (image.meta["rows"], image.meta["columns"]) == (512, 512)
+    assert image.meta["photometric"] == "MONOCHROME2"
+    assert image.meta["pixel_spacing"] == pytest.approx((430 / 512, 430 / 512), rel=1e-3)
+    assert image.meta["patient_orientation"] == "L\\F"
+    assert "image_laterality" in image.meta
+    by_dataset = load_dicom(ds)
+    assert by_dataset.source == ds.SOPInstanceUID
+    np.testing.assert_array_equal(by_dataset.pixels, image.pixels)
+
+
+# ---------------------------------------------------------------------------------- image files
+
+
+def test_png_8_and_16_bit_and_colour(phantom_png_factory) -> None:
+    ref = make_phantom((300, 400), seed=2)[0]
+    grey8 = load_image_file(phantom_png_factory("g8.png", shape=(300, 400), seed=2))
+    assert grey8.pixels.dtype == np.float32 and grey8.pixels.shape == (300, 400)
+    assert np.abs(grey8.pixels - ref).max() <= 0.5 / 255 + 1e-6
+    grey16 = load_image_file(phantom_png_factory("g16.png", shape=(300, 400), seed=2, bits=16))
+    expected16 = (ref - ref.min()) / (ref.max() - ref.min())  # 16-bit: min..max
+    assert np.abs(grey16.pixels - expected16).max() < 1e-3
+    rgb = load_image_file(phantom_png_factory("rgb.png", shape=(300, 400), seed=2, mode="RGB"))
+    np.testing.assert_allclose(rgb.pixels, grey8.pixels, atol=1.5 / 255)
+    rgba = load_image_file(phantom_png_factory("rgba.png", shape=(300, 400), seed=2, mode="RGBA"))
+    np.testing.assert_allclose(rgba.pixels, grey8.pixels, atol=1.5 / 255)
+    assert grey8.meta["format"] == "PNG" and grey8.meta["modality"] == ""
+    assert header_reason(grey8) is None
+
+
+def test_transparent_pixels_flatten_on_black(tmp_path: Path) -> None:
+    rgba = np.zeros((300, 300, 4), dtype=np.uint8)
+    rgba[..., :3] = 200
+    rgba[:150, :, 3] = 255  # top half opaque, bottom half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "alpha.png")
+    image = load_image_file(tmp_path / "alpha.png")
+    assert image.pixels[:150].min() == pytest.approx(200 / 255, abs=1 / 255)
+    assert image.pixels[150:].max() == 0.0
+
+
+def test_jpeg_and_load_any_detects_content(tmp_path: Path, synthetic_cr: Path) -> None:
+    ref = make_phantom((320, 256), seed=3)[0]
+    jpg = tmp_path / "chest.jpeg"
+    Image.fromarray(np.rint(ref * 255).astype(np.uint8)).convert("RGB").save(jpg, quality=95)
+    image = load_image_file(jpg)
+    assert image.meta["format"] == "JPEG"
+    assert np.abs(image.pixels - ref).mean() < 0.01
+    # Content decides, not the name.
+    renamed = tmp_path / "chest.dcm"
+    renamed.write_bytes(jpg.read_bytes())
+    assert load_any(renamed).meta["format"] == "JPEG"
+    dicom_named_png = tmp_path / "image.png"
+    dicom_named_png.write_bytes(synthetic_cr.read_bytes())
+    assert load_any(dicom_named_png).meta["modality"] == "CR"
+    # A data set without file meta (no 'DICM' prefix) is still recognised.
+    ds = pydicom.dcmread(synthetic_cr)
+    bare = tmp_path / "bare"
+    del ds.file_meta
+    ds.preamble = None
+    ds.save_as(bare, implicit_vr=True, little_endian=True)
+    assert bare.read_bytes()[128:132] != b"DICM"
+    loaded = load_any(bare)
+    assert loaded.meta["sop_instance_uid"] == ds.SOPInstanceUID and loaded.source == str(bare)
+
+
+def test_unreadable_image_file(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
+    with pytest.raises(InvalidInstance, match="broken.png"):
+        load_image_file(broken)
+    with pytest.raises(InvalidInstance):
+        load_any(tmp_path / "missing.png")
+
+
+# ---------------------------------------------------------------------------------- header reasons
+
+
+def image_with(**meta: object) -> XrayImage:
+    base = {"modality": "CR", "body_part": "CHEST", "view_position": "PA", "patient_orientation": "L\\F"}
+    base.update(meta)
+    return XrayImage(pixels=np.zeros((512, 512), dtype=np.float32), source="test", meta=base)
+
+
+@pytest.mark.parametrize(
+    ("meta", "expected"),
+    [
+        ({}, None),
+        ({"body_part": ""}, None),
+        ({"body_part": "THORAX"}, None),
+        ({"body_part": "LUNG"}, None),
+        ({"body_part": "TORAX"}, None),
+        ({"body_part": "CHEST_PA"}, None),
+        ({"view_position": "AP"}, None),
+        ({"view_position": "", "patient_orientation": ""}, None),
+        ({"modality": "DX"}, None),
+        ({"modality": ""}, None),
+        ({"modality": "CT"}, ("not_xray", "Modality is CT, not CR or DX")),
+        ({"modality": "MG"}, ("not_xray", "Modality is MG, not CR or DX")),
+        ({"body_part": "HAND"}, ("not_chest", "BodyPartExamined is HAND, not CHEST")),
+        ({"body_part": "EXTREMITY"}, ("not_chest", "BodyPartExamined is EXTREMITY, not CHEST")),
+        ({"view_position": "LL"}, ("lateral", "lateral view (ViewPosition LL)")),
+        ({"view_position": "RL"}, ("lateral", "lateral view (ViewPosition RL)")),
+        ({"view_position": "LATERAL"}, ("lateral", "lateral view (ViewPosition LATERAL)")),
+        ({"view_position": "LLD"}, ("lateral", "lateral decubitus view (ViewPosition LLD)")),
+        ({"view_position": "RLO"}, ("lateral", "oblique view (ViewPosition RLO)")),
+        ({"view_position": "", "patient_orientation": "A\\F"},
+         ("lateral", "lateral view (PatientOrientation A\\F)")),
+        ({"view_position": "", "patient_orientation": "P\\FR"},
+         ("lateral", "lateral view (PatientOrientation P\\FR)")),
+        ({"view_position": "PA", "patient_orientation": "A\\F"}, None),
+        ({"view_position": "", "view_hints": "CHEST LAT"},
+         ("lateral", "lateral view (description: CHEST LAT)")),
+        ({"view_position": "", "view_hints": "CHEST PA + LAT"}, None),
+        ({"species": "Canis lupus familiaris"},
+         ("not_chest", "non-human subject (PatientSpeciesDescription Canis lupus familiaris)")),
+        ({"view_hints": "CANINE THORAX"},
+         ("not_chest", "veterinary image (CANINE in the protocol or series description)")),
+    ],
+)  # fmt: skip
+def test_header_reasons(meta: dict, expected: tuple[str, str] | None) -> None:
+    assert header_reason(image_with(**meta)) == expected
+
+
+def test_too_small_and_order() -> None:
+    small = XrayImage(pixels=np.zeros((100, 120), dtype=np.float32), source="s", meta={"modality": "CR"})
+    assert header_reason(small) == (
+        "too_small",
+        "image is 120x100 px; at least 256 px needed on the short side",
+    )
+    assert header_reason(small, min_size=64) is None
+    assert header_reason(XrayImage(np.zeros((256, 4000), np.float32), "s")) is None
+    # The header's verdict comes before size.
+    tiny_hand = XrayImage(np.zeros((10, 10), np.float32), "s", {"body_part": "HAND"})
+    assert header_reason(tiny_hand)[0] == "not_chest"
+    with pytest.raises(TypeError, match='"image"'):
+        header_reason(np.zeros((10, 10)))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match='"min_size"'):
+        header_reason(small, min_size=0)
+
+
+def test_header_reasons_from_files(synthetic_cr, synthetic_lateral, synthetic_hand, dicom_factory) -> None:
+    assert header_reason(load_dicom(synthetic_cr)) is None
+    assert header_reason(load_dicom(synthetic_lateral)) == ("lateral", "lateral view (ViewPosition LL)")
+    assert header_reason(load_dicom(synthetic_hand))[0] == "not_chest"
+    orientation = dicom_factory(view_position="", PatientOrientation=["A", "F"])
+    assert header_reason(load_dicom(orientation))[0] == "lateral"
+    small = dicom_factory(shape=(200, 180))
+    assert header_reason(load_dicom(small)) == (
+        "too_small",
+        "image is 180x200 px; at least 256 px needed on the short side",
+    )
