@@ -1,0 +1,190 @@
+"""Nothing is lost: a destination that is down delays delivery, a SIGKILLed worker's job is finished later.
+
+Real parts: dcmtk ``storescp`` as the destination, ``cxr-node worker`` as an OS process, the tiny
+random model bundle, phantom DICOMs, SQLite in WAL mode.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pydicom
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
+
+from dicom_node.config import Settings
+from dicom_node.db import Delivery, Job, init_db, make_engine
+from dicom_node.queue import JobManager
+from dicom_node.worker import Worker
+from inference.phantom import make_dicom
+from tests.fixtures.common import free_port
+from tests.fixtures.peers import StoreSCP, to_toml
+
+pytestmark = pytest.mark.integration
+
+CXR_NODE = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "cxr-node"
+
+
+def queue_instance(settings: Settings, jm: JobManager, name: str = "chest") -> int:
+    path = settings.storage.spool_dir / "1.2.3" / f"{name}.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds = make_dicom(path, shape=(256, 256))
+    job_id, _ = jm.enqueue(sop_instance_uid=str(ds.SOPInstanceUID),
+                           study_instance_uid=str(ds.StudyInstanceUID),
+                           series_instance_uid=str(ds.SeriesInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                           calling_ae="MODALITY", calling_host="127.0.0.1", spool_path=str(path))
+    return job_id
+
+
+def job_row(engine: Engine, job_id: int) -> Job:
+    with Session(engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None
+        s.expunge(job)
+        return job
+
+
+def inference_runs(jm: JobManager, job_id: int) -> int:
+    return sum(1 for h in jm.history(job_id) if h["to_state"] == "processing")
+
+
+def received_sr_uids(dest: StoreSCP) -> set[str]:
+    return {str(ds.SOPInstanceUID) for ds in map(pydicom.dcmread, dest.files()) if ds.Modality == "SR"}
+
+
+def test_destination_down_then_up_is_delivered_without_rerunning_the_model(
+        tmp_path: Path, tiny_bundle: Path, storescp: Callable[..., StoreSCP]) -> None:
+    dest = storescp("PACS", start=False)
+    settings = Settings.model_validate({
+        "storage": {"data_dir": str(tmp_path / "data")},
+        "model": {"path": str(tiny_bundle), "device": "cpu", "cpu_threads": 1},
+        "worker": {"backoff_base_s": 0.3, "backoff_max_s": 1.0, "max_attempts": 10},
+        "export": {"destinations": [dest.address], "network_timeout_s": 5},
+    })
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    worker = Worker(settings, engine)
+    job_id = queue_instance(settings, worker.jm)
+
+    assert worker.run_once() == 1
+    job = job_row(engine, job_id)
+    assert job.state == "exporting" and job.lease_owner is None, "a down destination must delay, not fail"
+    assert dest.address in (job.last_error or "")
+
+    dest.start()
+    deadline = time.monotonic() + 30
+    while job_row(engine, job_id).state != "done" and time.monotonic() < deadline:
+        worker.run_once() or time.sleep(0.1)
+    job = job_row(engine, job_id)
+    assert job.state == "done", job.last_error
+    assert received_sr_uids(dest) == {job.sr_sop_instance_uid}
+    assert inference_runs(worker.jm, job_id) == 1
+    with Session(engine) as s:
+        statuses = s.execute(select(Delivery.status).where(Delivery.job_id == job_id)
+                             .order_by(Delivery.id)).scalars().all()
+    assert statuses[0] == "failed" and statuses[-1] == "sent" and statuses.count("sent") == 1
+    engine.dispose()
+
+
+class BlackHole:
+    """A TCP port that accepts connections and never answers: a hung PACS."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.sock = socket.create_server(("127.0.0.1", self.port))
+        self.accepted = threading.Event()
+        self.conns: list[socket.socket] = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            self.accepted.set()
+
+    def close(self) -> None:
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+@pytest.fixture
+def black_hole() -> Iterator[BlackHole]:
+    hole = BlackHole()
+    yield hole
+    hole.close()
+
+
+def start_worker(config: dict[str, Any], path: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    path.write_text(to_toml(config))
+    log_path = path.with_suffix(".log")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXRNODE_")}
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen([str(CXR_NODE), "worker", "--config", str(path)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=path.parent)
+    return proc, log_path
+
+
+def test_sigkilled_worker_job_finishes_after_restart(tmp_path: Path, tiny_bundle: Path, black_hole: BlackHole,
+                                                    storescp: Callable[..., StoreSCP]) -> None:
+    data_dir = tmp_path / "data"
+    base: dict[str, Any] = {
+        "storage": {"data_dir": str(data_dir)},
+        "model": {"path": str(tiny_bundle), "device": "cpu", "cpu_threads": 1},
+        "worker": {"lease_s": 3.0, "poll_interval_s": 0.2},
+        "export": {"destinations": [f"HUNG@127.0.0.1:{black_hole.port}"], "network_timeout_s": 120},
+    }
+    settings = Settings.model_validate(base)
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    jm = JobManager(engine, settings.worker)
+    job_id = queue_instance(settings, jm)
+
+    first, first_log = start_worker(base, tmp_path / "worker1.toml")
+    try:
+        assert black_hole.accepted.wait(120), first_log.read_text()[-3000:]
+        victim = job_row(engine, job_id)
+        assert victim.state == "exporting" and victim.lease_owner, "the worker is not mid-job"
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    assert first.returncode == -signal.SIGKILL
+    assert job_row(engine, job_id).lease_owner == victim.lease_owner  # nobody released it: the worker died
+
+    dest = storescp("PACS")
+    restarted = {**base, "export": {"destinations": [dest.address], "network_timeout_s": 10}}
+    second, second_log = start_worker(restarted, tmp_path / "worker2.toml")
+    try:
+        deadline = time.monotonic() + 120
+        while job_row(engine, job_id).state != "done" and time.monotonic() < deadline:
+            assert second.poll() is None, second_log.read_text()[-3000:]
+            time.sleep(0.2)
+        job = job_row(engine, job_id)
+        assert job.state == "done", second_log.read_text()[-3000:]
+        assert received_sr_uids(dest) == {job.sr_sop_instance_uid}
+        assert inference_runs(jm, job_id) == 1, "the stored outputs were not reused"
+        expired = f"lease of {victim.lease_owner} expired"
+        assert any(h["message"].startswith(expired) for h in jm.history(job_id))
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(60)
+    assert second.returncode == 0, second_log.read_text()[-3000:]
+    log_text = second_log.read_text()
+    assert "cxr-node worker starting" in log_text and "stopped" in log_text
+    engine.dispose()
