@@ -35,6 +35,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import re
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,7 +46,7 @@ from pydicom.datadict import dictionary_VR
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import UID
 from pydicom.valuerep import validate_value
 
 from dicom_node import __version__
@@ -95,7 +97,9 @@ _TYPE1 = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUI
 _TYPE2 = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
           "AccessionNumber", "StudyID", "ReferringPhysicianName", "Manufacturer"}
 _MAX_LENGTH = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "ST": 1024, "LT": 10240, "UC": None, "UT": None}
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "https://cxr-node/outputs")
 _ENUMS = {"PatientSex": {"M", "F", "O"}}
+_TEXT_VRS = {"AE", "AS", "CS", "DA", "DS", "DT", "IS", "LO", "LT", "PN", "SH", "ST", "TM", "UC", "UT"}
 
 
 def _valid(vr: str, value: Any) -> bool:
@@ -108,14 +112,24 @@ def _valid(vr: str, value: Any) -> bool:
     return True
 
 
+def _shorten_name_group(group: str, limit: int = 64) -> str:
+    """Cut the longest components of a PN component group until it fits ``limit`` characters."""
+    parts = group.split("^")
+    while len("^".join(parts)) > limit:
+        longest = max(range(len(parts)), key=lambda i: len(parts[i]))
+        excess = len("^".join(parts)) - limit
+        parts[longest] = parts[longest][: max(0, len(parts[longest]) - excess)]
+    return "^".join(parts)
+
+
 def _repair(keyword: str, vr: str, value: Any) -> Any:
     """A valid replacement for an invalid ``value``, or None to drop (Type 3) / empty (Type 2) it."""
     if vr == "PN":
-        groups = [
-            "^".join(part[:64] for part in group.split("^")) for group in str(value).split("=")
-        ]
-        fixed = "=".join(groups)
+        fixed = "=".join(_shorten_name_group(group) for group in str(value).split("="))
         return fixed if _valid(vr, fixed) else None
+    if vr == "CS" and isinstance(value, str):
+        fixed = re.sub(r"[^A-Z0-9 _]", "_", value.strip().upper())[:16]
+        return fixed if fixed and _valid(vr, fixed) else None
     limit = _MAX_LENGTH.get(vr)
     if limit and isinstance(value, str):
         fixed = value[:limit].rstrip()
@@ -128,7 +142,8 @@ def clean_reference(source: Dataset) -> Dataset:
 
     Real PACS data carries invalid optional values (over-long names, dates with dashes, codes in lower
     case); copied verbatim they would make the node's own objects invalid. Over-long strings and name
-    components are truncated, other invalid Type 2 values are emptied, invalid Type 3 values dropped.
+    components are truncated, code strings upper-cased, other invalid Type 2 values emptied and invalid
+    Type 3 values dropped. Text is re-encoded in the simplest character set that holds it.
 
     Raises
     ------
@@ -139,14 +154,20 @@ def clean_reference(source: Dataset) -> Dataset:
     if not isinstance(source, Dataset):
         raise TypeError('Argument "source" must be a pydicom Dataset.')
     ref = Dataset()
+    texts: list[str] = []
     for keyword in _REFERENCE_KEYWORDS:
         if keyword not in source:
             if keyword in _TYPE1:
                 raise ValueError(f'Argument "source" lacks the attribute {keyword}.')
             continue
+        if keyword == "SpecificCharacterSet":
+            continue  # chosen below for the values actually copied
         elem = source[keyword]
         value, vr = elem.value, elem.VR
-        if keyword == "SpecificCharacterSet" or value is None or value == "":
+        if vr in _TEXT_VRS and value is not None:
+            value = [str(v) for v in value] if isinstance(value, MultiValue) else str(value)
+            texts.extend(value if isinstance(value, list) else [value])
+        if value is None or value == "":
             ref.add_new(elem.tag, vr, value)
             continue
         ok = _valid(vr, value) and value not in ("",) and (
@@ -158,14 +179,33 @@ def clean_reference(source: Dataset) -> Dataset:
             logger.info("invalid source attribute repaired", extra={
                 "action": "source_attribute_repaired", "attribute": keyword,
                 "repair": "emptied" if value is None and keyword in _TYPE2 else
-                "dropped" if value is None else "truncated"})
+                "dropped" if value is None else "corrected"})
             if value is None and keyword not in _TYPE2:
                 continue
         ref.add_new(elem.tag, vr, value)
     for keyword in _TYPE2:
         if keyword not in ref:
             ref.add_new(keyword, dictionary_VR(keyword), None)
+    charset = character_set(texts)
+    if charset:
+        ref.SpecificCharacterSet = charset
     return ref
+
+
+def character_set(texts: list[str]) -> str | None:
+    """The simplest Specific Character Set that encodes all ``texts``: None (ASCII), Latin-1, UTF-8.
+
+    The outputs are re-encoded rather than copying the source's declaration: Latin-1 where it suffices
+    is what most PACS and dcmtk's checkers handle best.
+    """
+    joined = "".join(texts)
+    if joined.isascii():
+        return None
+    try:
+        joined.encode("latin-1")
+    except UnicodeEncodeError:
+        return "ISO_IR 192"
+    return "ISO_IR 100"
 
 
 def derived_uid(source: Dataset, card: Mapping[str, Any], purpose: str) -> UID:
@@ -174,9 +214,9 @@ def derived_uid(source: Dataset, card: Mapping[str, Any], purpose: str) -> UID:
     Building the outputs twice for the same job (a retried export) gives the same UIDs, so a PACS sees
     a re-send, not a second result.
     """
-    return generate_uid(prefix=None, entropy_srcs=[
-        str(source.SOPInstanceUID), str(card.get("name", "")), str(card.get("version", "")),
-        str(card.get("device_uid", "")), purpose, MANUFACTURER])
+    name = "|".join([str(source.SOPInstanceUID), str(card.get("name", "")), str(card.get("version", "")),
+                     str(card.get("device_uid", "")), purpose])
+    return UID(f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}")
 
 
 def node_equipment(card: Mapping[str, Any], description: str) -> ContributingEquipment:
@@ -193,7 +233,6 @@ def node_equipment(card: Mapping[str, Any], description: str) -> ContributingEqu
         contribution_datetime=datetime.datetime.now(),
         contribution_description=description[:64],
     )
-    return item
 
 
 def model_label(card: Mapping[str, Any]) -> str:

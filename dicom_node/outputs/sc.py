@@ -120,6 +120,8 @@ def build_heatmap_sc(
     sc.LossyImageCompression = "00"
     if reference.get("BodyPartExamined"):
         sc.BodyPartExamined = reference.BodyPartExamined
+    else:
+        sc.Laterality = None  # Type 2C: required (may be empty) when the body part is unknown
     if reference.get("ImageLaterality"):
         sc.ImageLaterality = reference.ImageLaterality
     source_item = Dataset()

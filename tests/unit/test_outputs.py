@@ -1,0 +1,258 @@
+"""dicom_node.outputs: SR + heatmap SC content, read-back, own-output recognition, argument checks."""
+
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import numpy as np
+import pytest
+from pydicom import Dataset
+from pydicom.uid import (
+    Comprehensive3DSRStorage,
+    ComprehensiveSRStorage,
+    ComputedRadiographyImageStorage,
+    SecondaryCaptureImageStorage,
+)
+
+from dicom_node.config import ExportSettings
+from dicom_node.outputs import build_outputs, is_own_output, read_result
+from dicom_node.outputs.caption import CAPTION_WARN, MAX_SIDE
+from dicom_node.outputs.common import CODING_SCHEME, MANUFACTURER
+from inference.types import Result, XrayImage
+from tests.fixtures.validators import CARD, output_inputs, received
+
+pytestmark = pytest.mark.unit
+
+
+def _build(finding: str = "positive", sop_class: str = "comprehensive3d", **extra):
+    source, image, result = output_inputs(finding, **extra)
+    outputs = [received(o) for o in build_outputs(source, image, result, CARD,
+                                                   ExportSettings(sr_sop_class=sop_class))]
+    return source, image, result, outputs
+
+
+def _referenced_uids(ds: Dataset) -> set[str]:
+    """Every ReferencedSOPInstanceUID anywhere in ``ds``."""
+    found: set[str] = set()
+
+    def walk(d: Dataset) -> None:
+        for elem in d:
+            if elem.VR == "SQ":
+                for item in elem.value:
+                    walk(item)
+            elif elem.keyword == "ReferencedSOPInstanceUID":
+                found.add(str(elem.value))
+
+    walk(ds)
+    return found
+
+
+@pytest.mark.parametrize("sop_class, uid", [("comprehensive3d", Comprehensive3DSRStorage),
+                                            ("comprehensive", ComprehensiveSRStorage)])
+def test_heatmap_first_then_sr_in_source_study_new_series(sop_class: str, uid: str) -> None:
+    source, _, _, (sc, sr) = _build(sop_class=sop_class)
+    assert sc.SOPClassUID == SecondaryCaptureImageStorage and sr.SOPClassUID == uid
+    assert sc.StudyInstanceUID == sr.StudyInstanceUID == source.StudyInstanceUID
+    series = {source.SeriesInstanceUID, sc.SeriesInstanceUID, sr.SeriesInstanceUID}
+    assert len(series) == 3
+    for out in (sc, sr):
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                        "StudyTime", "AccessionNumber", "StudyID"):
+            assert str(out.get(keyword, "")) == str(source.get(keyword, "")), keyword
+    assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
+    # SR references resolve: the source image and the heatmap SC, in evidence and content
+    evidence = {str(i.ReferencedSOPInstanceUID)
+                for s in sr.CurrentRequestedProcedureEvidenceSequence
+                for series_item in s.ReferencedSeriesSequence
+                for i in series_item.ReferencedSOPSequence}
+    assert evidence == {source.SOPInstanceUID, sc.SOPInstanceUID}
+    content = Dataset()
+    content.ContentSequence = sr.ContentSequence
+    assert _referenced_uids(content) == {source.SOPInstanceUID, sc.SOPInstanceUID}
+    assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+    assert sc.SourceImageSequence[0].ReferencedSOPClassUID == source.SOPClassUID
+
+
+@pytest.mark.parametrize("sop_class", ["comprehensive3d", "comprehensive"])
+@pytest.mark.parametrize("finding", ["positive", "negative", "not_assessable"])
+def test_read_result_gives_back_what_went_in(finding: str, sop_class: str) -> None:
+    _, _, result, outputs = _build(finding, sop_class)
+    got = read_result(outputs[-1])
+    assert got == {
+        "finding": finding,
+        "probability": result.probability,
+        "threshold": result.threshold,
+        "lung_attention": result.lung_attention,
+        "lung_fraction": pytest.approx(result.lung_fraction),
+        "model_name": CARD["name"],
+        "model_version": CARD["version"],
+        "reason": result.reason,
+        "reason_code": result.reason_code,
+    }
+
+
+def test_not_assessable_without_heatmap_gives_only_the_sr_with_reason() -> None:
+    _, _, result, outputs = _build("not_assessable")
+    assert [o.Modality for o in outputs] == ["SR"]
+    got = read_result(outputs[0])
+    assert got["finding"] == "not_assessable" and got["probability"] is None
+    assert got["reason"] == result.reason and got["reason_code"] == "lateral"
+
+
+def test_send_heatmap_off_builds_only_the_sr() -> None:
+    source, image, result = output_inputs("positive")
+    outputs = build_outputs(source, image, result, CARD, ExportSettings(send_heatmap=False))
+    assert [o.Modality for o in outputs] == ["SR"]
+    assert read_result(received(outputs[0]))["probability"] == result.probability
+
+
+def test_heatmap_sc_pixels_caption_and_derived_image_attributes() -> None:
+    source, image, result, (sc, _) = _build(PixelSpacing=[0.2, 0.2])
+    rgb = sc.pixel_array
+    assert sc.PhotometricInterpretation == "RGB" and sc.SamplesPerPixel == 3 and rgb.dtype == np.uint8
+    assert sc.Columns == image.pixels.shape[1]
+    band = sc.Rows - image.pixels.shape[0]
+    assert band > 0  # caption band on top
+    caption = rgb[:band]
+    assert (caption.max(axis=2) > 128).sum() > 50  # text drawn
+    warn = np.all(np.abs(caption.astype(int) - np.array(CAPTION_WARN)) < 40, axis=2)
+    assert warn.sum() > 20  # the red "NOT FOR DIAGNOSTIC USE" line
+    body = rgb[band:].astype(int)
+    hot = body[int(image.pixels.shape[0] * 0.45), int(image.pixels.shape[1] * 0.3)]
+    assert hot[0] > hot[2]  # jet: the heatmap's peak is red
+    assert np.abs(body[..., 0] - body[..., 2]).mean() > 5  # colour overlay, not grey
+    assert list(sc.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert sc.BurnedInAnnotation == "YES"
+    assert sc.BodyPartExamined == source.BodyPartExamined
+    assert "Grad-CAM" in sc.DerivationDescription
+    assert sc.DerivationCodeSequence[0].CodeValue == "130404"
+    assert sc.SourceImageSequence[0].PurposeOfReferenceCodeSequence[0].CodeValue == "121322"
+    assert [float(v) for v in sc.PixelSpacing] == [0.2, 0.2]
+    assert any(e.Manufacturer == MANUFACTURER and any("1.2.3-test" in v for v in e.SoftwareVersions)
+               for e in sc.ContributingEquipmentSequence)
+
+
+@pytest.fixture(scope="module")
+def large_case() -> tuple[Dataset, XrayImage, Result]:
+    """A 2000 x 2000 CR with 0.14 mm pixels (built once: the phantom takes seconds at this size)."""
+    return output_inputs("positive", shape=(2000, 2000), PixelSpacing=[0.14, 0.14])
+
+
+def test_large_source_is_downsampled_with_pixel_spacing_scaled(large_case) -> None:
+    source, image, result = large_case
+    sc = received(build_outputs(source, image, result, CARD, ExportSettings())[0])
+    assert sc.Columns == MAX_SIDE
+    assert sc.Rows > MAX_SIDE  # image rows + caption band
+    assert [float(v) for v in sc.PixelSpacing] == pytest.approx([0.14 * 2000 / 1024] * 2, rel=1e-5)
+    assert "downsampled" in sc.DerivationDescription
+
+
+def test_uids_repeat_for_the_same_job_and_change_with_the_model() -> None:
+    source, image, result = output_inputs("positive")
+    first = build_outputs(source, image, result, CARD, ExportSettings())
+    again = build_outputs(source, image, result, CARD, ExportSettings())
+    assert [o.SOPInstanceUID for o in first] == [o.SOPInstanceUID for o in again]
+    other = build_outputs(source, image, result, {**CARD, "version": "2.0.0"}, ExportSettings())
+    assert not {o.SOPInstanceUID for o in first} & {o.SOPInstanceUID for o in other}
+
+
+@pytest.mark.filterwarnings("ignore:.*(exceeds the maximum|Invalid value for VR):UserWarning")
+def test_source_header_is_repaired_in_the_outputs_not_in_the_source() -> None:
+    source, image, result = output_inputs(
+        "positive", patient_name="A" * 70 + "^B", PatientBirthDate="1970-01-01", PatientSex="X",
+        body_part="chest", SpecificCharacterSet="ISO_IR 192", InstitutionName="Klinikum Göttingen")
+    before = copy.deepcopy(source)
+    sc, sr = (received(o) for o in build_outputs(source, image, result, CARD, ExportSettings()))
+    assert source == before
+    for out in (sc, sr):
+        assert str(out.PatientName) == "A" * 62 + "^B"  # a PN component group holds 64 characters
+        assert out.PatientBirthDate == "" and out.PatientSex == ""
+        assert out.SpecificCharacterSet == "ISO_IR 100"  # Latin-1 holds every copied value
+    assert sc.BodyPartExamined == "CHEST"
+
+
+def test_non_latin_names_keep_utf8() -> None:
+    source, image, result = output_inputs("negative", SpecificCharacterSet="ISO_IR 192",
+                                          patient_name="Иванов^Иван")
+    sc, sr = (received(o) for o in build_outputs(source, image, result, CARD, ExportSettings()))
+    assert sr.SpecificCharacterSet == sc.SpecificCharacterSet == "ISO_IR 192"
+    assert str(sr.PatientName) == str(sc.PatientName) == "Иванов^Иван"
+
+
+def test_is_own_output_recognises_ours_only() -> None:
+    source, _, _, (sc, sr) = _build()
+    assert is_own_output(sc) and is_own_output(sr)
+    assert not is_own_output(source)
+    # ours with the Manufacturer blanked by a PACS: still recognised by equipment / coding scheme
+    for ds in (sc, sr):
+        stripped = copy.deepcopy(ds)
+        stripped.Manufacturer = ""
+        del stripped.SeriesDescription
+        assert is_own_output(stripped)
+    del sr.ContributingEquipmentSequence
+    sr.Manufacturer = "Other"
+    del sr.SeriesDescription
+    assert sr.CodingSchemeIdentificationSequence[0].CodingSchemeDesignator == CODING_SCHEME
+    assert is_own_output(sr)
+    # someone else's SC and near-empty datasets
+    foreign = copy.deepcopy(sc)
+    foreign.Manufacturer = "Other"
+    del foreign.ContributingEquipmentSequence
+    del foreign.SeriesDescription
+    assert not is_own_output(foreign)
+    assert not is_own_output(Dataset())
+    bare = Dataset()
+    bare.SOPClassUID = SecondaryCaptureImageStorage
+    assert not is_own_output(bare)
+    cr = Dataset()
+    cr.SOPClassUID = ComputedRadiographyImageStorage
+    cr.Manufacturer = MANUFACTURER
+    assert not is_own_output(cr)
+    with pytest.raises(TypeError, match='"ds"'):
+        is_own_output("not a dataset")  # type: ignore[arg-type]
+
+
+def test_read_result_rejects_other_objects() -> None:
+    source, _, _, (sc, _) = _build()
+    for ds in (source, sc):
+        with pytest.raises(ValueError, match='"sr"'):
+            read_result(ds)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"card": {**CARD, "device_uid": ""}}, '"card"'),
+    ({"card": {**CARD, "device_uid": "not-a-uid"}}, '"card"'),
+    ({"card": "model.json"}, '"card"'),
+    ({"export_settings": {"sr_sop_class": "comprehensive"}}, '"export_settings"'),
+    ({"source": b"DICM"}, '"source"'),
+    ({"result": {"probability": 1.5}}, '"result"'),
+    ({"result": {"probability": None}}, '"result"'),
+    ({"result": {"heatmap": np.zeros((3, 3), np.float32)}}, '"result"'),
+])
+def test_bad_arguments_are_named(change: dict, match: str) -> None:
+    source, image, result = output_inputs("positive")
+    args = {"source": source, "image": image, "result": result, "card": CARD,
+            "export_settings": ExportSettings()}
+    for key, value in change.items():
+        if key == "result":
+            args["result"] = Result(**{**vars(result), **value})
+        else:
+            args[key] = value
+    with pytest.raises((TypeError, ValueError), match=match):
+        build_outputs(**args)
+
+
+def test_build_time_for_a_2000_px_source(large_case, record_property: pytest.RecordProperty) -> None:
+    source, image, result = large_case
+    build_outputs(source, image, result, CARD, ExportSettings())  # warm caches (font, colormap)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        outputs = build_outputs(source, image, result, CARD, ExportSettings())
+        times.append(time.perf_counter() - start)
+    median = statistics.median(times)
+    record_property("outputs_build_s_2000px", round(median, 4))
+    assert len(outputs) == 2
+    assert median < 1.0, f"SR+SC build took {median:.3f} s (target well under 0.3 s)"
