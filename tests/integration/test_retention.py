@@ -1,0 +1,165 @@
+"""Retention: only files of delivered (or ignored) jobs older than the configured age go; scheduled."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from dicom_node.config import ConfigError
+from dicom_node.db import Job, JobEvent, utcnow
+from dicom_node.retention import EVENT_PREFIX, free_mb, has_room, purge
+from dicom_node.scheduler import RETENTION_JOB_ID, RETRAIN_JOB_ID, start_scheduler
+from tests.integration.ops_support import NodeDb, enqueue, make_done, make_failed, make_settings, new_node_db
+
+pytestmark = pytest.mark.integration
+
+
+def age(db: NodeDb, job_id: int, days: float) -> None:
+    """Pretend the job finished (and was created) ``days`` ago."""
+    then = utcnow() - timedelta(days=days)
+    with Session(db.engine) as s, s.begin():
+        s.execute(update(Job).where(Job.id == job_id).values(finished_at=then, created_at=then))
+
+
+def job(db: NodeDb, job_id: int) -> Job:
+    with Session(db.engine, expire_on_commit=False) as s:
+        row = s.get(Job, job_id)
+        assert row is not None
+        return row
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> NodeDb:
+    return new_node_db(tmp_path / "node")
+
+
+def test_only_old_delivered_jobs_lose_their_files(db: NodeDb) -> None:
+    failed_old = make_failed(db, 1)
+    old_done = make_done(db, 2)
+    new_done = make_done(db, 3)
+    ignored_old = enqueue(db, 4)[0]
+    [c] = db.jobs.claim("w")
+    db.jobs.ignore(c.id, "own output sent back", worker_id="w")
+    exporting_old = make_done(db, 5)
+    db.jobs.retry(exporting_old)  # re-sent: waiting for delivery again, outputs needed
+    queued_old = enqueue(db, 6)[0]
+    for job_id in (failed_old, old_done, ignored_old, exporting_old, queued_old):
+        age(db, job_id, 40)
+    age(db, new_done, 5)
+    before = {j: (Path(job(db, j).spool_path), job(db, j).output_dir) for j in
+              (failed_old, old_done, new_done, ignored_old, exporting_old, queued_old)}
+    assert all(p.is_file() for p, _ in before.values())
+
+    report = purge(db.engine, db.settings.storage.data_dir, 30)
+
+    assert report.jobs == 2 and report.spool_files == 2 and report.errors == []
+    assert report.output_files == 2  # SC + SR of old_done
+    assert report.bytes_freed > 0
+    gone = {old_done, ignored_old}
+    for job_id, (spool, out) in before.items():
+        assert spool.exists() == (job_id not in gone), job_id
+        if out:
+            assert Path(out).exists() == (job_id != old_done), job_id
+    # Undelivered jobs keep everything, whatever their age.
+    assert job(db, failed_old).state == "failed" and before[failed_old][0].is_file()
+    assert Path(before[exporting_old][1] or "").is_dir()
+    # What was done is recorded in the job's history; its row and audit data stay.
+    assert job(db, old_done).state == "done" and job(db, old_done).output_dir is None
+    with Session(db.engine) as s:
+        events = s.scalars(select(JobEvent.message).where(JobEvent.job_id == old_done)).all()
+    assert events[-1].startswith(EVENT_PREFIX)
+    assert "1 spooled instance file(s) and 2 output file(s)" in events[-1]
+    assert not before[old_done][0].parent.exists()  # the empty study folder went too
+    # A second run finds nothing more; resending the purged job now says there is nothing to send.
+    assert purge(db.engine, db.settings.storage.data_dir, 30).jobs == 0
+    with pytest.raises(ValueError, match="no stored outputs"):
+        db.jobs.retry(old_done)
+
+
+def test_zero_days_keeps_everything_and_age_is_respected(db: NodeDb) -> None:
+    done = make_done(db, 1)
+    age(db, done, 10)
+    assert purge(db.engine, db.settings.storage.data_dir, 0).jobs == 0
+    assert purge(db.engine, db.settings.storage.data_dir, 11).jobs == 0
+    assert Path(job(db, done).spool_path).is_file()
+    assert purge(db.engine, db.settings.storage.data_dir, 9).jobs == 1
+    assert not Path(job(db, done).spool_path).exists()
+    with pytest.raises(ValueError, match="retention_days"):
+        purge(db.engine, db.settings.storage.data_dir, -1)
+
+
+def test_paths_outside_the_data_directory_are_never_deleted(db: NodeDb, tmp_path: Path) -> None:
+    done = make_done(db, 1)
+    outside = tmp_path / "elsewhere" / "instance.dcm"
+    outside.parent.mkdir()
+    shutil.copy(job(db, done).spool_path, outside)
+    with Session(db.engine) as s, s.begin():
+        s.execute(update(Job).where(Job.id == done).values(spool_path=str(outside)))
+    age(db, done, 40)
+    report = purge(db.engine, db.settings.storage.data_dir, 30)
+    assert outside.is_file()
+    assert report.skipped_outside == 1 and report.spool_files == 0 and report.output_files == 2
+
+
+def test_free_mb_and_watermark(tmp_path: Path) -> None:
+    usage = shutil.disk_usage(tmp_path)
+    measured = free_mb(tmp_path / "not" / "yet" / "created")
+    assert abs(measured - usage.free / 2**20) < 512  # same volume, give or take other writers
+    st = os.statvfs(tmp_path)
+    assert measured <= st.f_bfree * st.f_frsize / 2**20 + 1
+    assert has_room(tmp_path, 1) and not has_room(tmp_path, 10**9)
+
+
+def test_scheduler_registers_and_runs_retention(db: NodeDb) -> None:
+    done = make_done(db, 1)
+    age(db, done, 40)
+    settings = make_settings(db.settings.storage.data_dir, retention_days=30, retention_cron="17 3 * * *")
+    scheduler = start_scheduler(settings, db.engine)
+    try:
+        assert [j.id for j in scheduler.get_jobs()] == [RETENTION_JOB_ID]  # no retrain cron configured
+        trigger = scheduler.get_job(RETENTION_JOB_ID).trigger
+        assert str(trigger.fields[6]) == "17" and str(trigger.fields[5]) == "3"  # minute, hour
+        ran = threading.Event()
+        outcome: list[object] = []
+
+        def done_listener(event: JobExecutionEvent) -> None:
+            outcome.append(event.exception)
+            ran.set()
+
+        scheduler.add_listener(done_listener, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
+        scheduler.modify_job(RETENTION_JOB_ID, next_run_time=datetime.now(UTC))
+        assert ran.wait(30), "retention job did not run"
+        assert outcome == [None]
+    finally:
+        scheduler.shutdown(wait=True)
+    assert not Path(job(db, done).spool_path).exists()
+
+
+def test_scheduler_retrain_cron_and_bad_expressions(db: NodeDb) -> None:
+    data_dir = db.settings.storage.data_dir
+    s = make_settings(data_dir)
+    s.retrain.cron = "0 2 * * 0"
+    scheduler = start_scheduler(s, db.engine)
+    try:
+        assert {j.id for j in scheduler.get_jobs()} == {RETENTION_JOB_ID, RETRAIN_JOB_ID}
+    finally:
+        scheduler.shutdown(wait=False)
+    off = make_settings(data_dir, retention_days=0)
+    scheduler = start_scheduler(off, db.engine)
+    try:
+        assert scheduler.get_jobs() == []
+    finally:
+        scheduler.shutdown(wait=False)
+    with pytest.raises(ConfigError, match="storage.retention_cron"):
+        start_scheduler(make_settings(data_dir, retention_cron="every night"), db.engine)
+    s.retrain.cron = "61 * * * *"
+    with pytest.raises(ConfigError, match="retrain.cron"):
+        start_scheduler(s, db.engine)
