@@ -39,6 +39,7 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from scipy import ndimage
 
 __all__ = ["make_dicom", "make_phantom"]
 
@@ -67,6 +68,16 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], cell: int) -
     base = rng.standard_normal(small).astype(np.float32)
     img = Image.fromarray(base, mode="F").resize((shape[1], shape[0]), Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.float32)
+
+
+def _largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected component (a lung clipped by the heart can leave a sliver behind)."""
+    labels, count = ndimage.label(mask)
+    if count <= 1:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
 
 
 def _soft(inside: np.ndarray, width: float) -> np.ndarray:
@@ -99,7 +110,7 @@ def _frontal(y: np.ndarray, x: np.ndarray, rng: np.random.Generator, jitter: np.
         lung = on_side & (d > medial_edge) & (d < lateral_edge) & (y < dome) & (y > 0.13)
         if side > 0:
             lung &= ~heart
-        lungs |= lung
+        lungs |= _largest_component(lung)
     lung_f = lungs.astype(np.float32)
 
     # Lung fields are dark, with vessel-like texture fading towards the periphery.
@@ -197,7 +208,8 @@ def make_phantom(
     if not 0.0 <= float(opacity) <= 1.0:
         raise ValueError('Argument "opacity" must be between 0 and 1.')
     rows, cols = int(shape[0]), int(shape[1])
-    rng = np.random.default_rng(seed)
+    # Separate streams, so that adding opacities changes nothing but the lungs.
+    rng, rng_opacity, rng_noise = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     jitter = rng.uniform(-0.015, 0.015, size=4)
     y, x = np.meshgrid(
         (np.arange(rows, dtype=np.float32) + 0.5) / rows,
@@ -206,9 +218,9 @@ def make_phantom(
     )
     img, lungs = (_lateral if lateral else _frontal)(y, x, rng, jitter)
     if opacity > 0:
-        img = img + 0.35 * float(opacity) * _opacities(rng, lungs, y, x, float(opacity))
-    img = img + 0.012 * rng.standard_normal(img.shape).astype(np.float32)
-    img = img + 0.02 * _smooth_noise(rng, img.shape, max(8, rows // 16))
+        img = img + 0.35 * float(opacity) * _opacities(rng_opacity, lungs, y, x, float(opacity))
+    img = img + 0.012 * rng_noise.standard_normal(img.shape).astype(np.float32)
+    img = img + 0.02 * _smooth_noise(rng_noise, img.shape, max(8, rows // 16))
     return np.clip(img, 0.0, 1.0).astype(np.float32), lungs
 
 

@@ -1,0 +1,189 @@
+"""Preprocessing shared by training and inference: geometry, lung crop, mask post-processing, speed."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from inference import preprocess
+from inference.imaging import (
+    PAD_VALUE,
+    load_dicom,
+    lung_box,
+    lung_crop,
+    postprocess_mask,
+    resize_mask,
+    square_resize,
+    uncrop,
+    unsquare,
+)
+from inference.phantom import make_phantom
+
+pytestmark = pytest.mark.unit
+
+
+def test_imaging_re_exports_preprocess() -> None:
+    assert square_resize is preprocess.square_resize and lung_crop is preprocess.lung_crop
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (400, 600), (600, 400), (1001, 333), (37, 2000)])
+def test_square_resize_pads_symmetrically_with_pad_value(shape: tuple[int, int]) -> None:
+    pixels = np.ones(shape, dtype=np.float32)
+    out = square_resize(pixels, 224)
+    assert out.shape == (224, 224) and out.dtype == np.float32
+    rows = np.flatnonzero(out.max(axis=1) > 0.5)
+    cols = np.flatnonzero(out.max(axis=0) > 0.5)
+    top, bottom = rows[0], 223 - rows[-1]
+    left, right = cols[0], 223 - cols[-1]
+    assert 0 <= bottom - top <= 1 and 0 <= right - left <= 1  # centred; odd pixel bottom/right
+    assert min(top, left) == 0  # the long side fills the canvas
+    padding = np.ones((224, 224), dtype=bool)
+    padding[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = False
+    assert np.all(out[padding] == PAD_VALUE)
+    # Aspect kept (to within a pixel of rounding).
+    assert abs((rows.size / cols.size) - shape[0] / shape[1]) < 0.02 * max(1, shape[0] / shape[1]) + 0.05
+
+
+def test_square_resize_same_content_same_output_whatever_resolution() -> None:
+    # The same anatomy at two resolutions and two aspects gives the same model input size, and the same
+    # content at two resolutions gives nearly the same pixels (no source-specific sharpness or offset).
+    small, _ = make_phantom((300, 400), seed=4)
+    large, _ = make_phantom((1200, 1600), seed=4)
+    a, b = square_resize(small, 256), square_resize(large, 256)
+    assert a.shape == b.shape == (256, 256)
+    inside = a > 0
+    assert np.corrcoef(a[inside], b[inside])[0, 1] > 0.95
+    assert abs(float(a.mean()) - float(b.mean())) < 0.01
+
+
+def test_square_resize_arguments() -> None:
+    with pytest.raises(ValueError, match='"size"'):
+        square_resize(np.zeros((10, 10), np.float32), 4)
+    with pytest.raises(ValueError, match='"pixels"'):
+        square_resize(np.zeros((10, 10, 3), np.float32), 64)
+    with pytest.raises(TypeError, match='"pixels"'):
+        square_resize([[0.0]], 64)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("shape", [(300, 500), (500, 300), (512, 512)])
+def test_unsquare_inverts_square_resize(shape: tuple[int, int]) -> None:
+    image, _ = make_phantom(shape, seed=5)
+    back = unsquare(square_resize(image, 512), shape)
+    assert back.shape == shape
+    assert np.abs(back - image).mean() < 0.02
+
+
+def test_resize_mask_keeps_area_and_type() -> None:
+    _, mask = make_phantom((512, 512), seed=6)
+    up = resize_mask(mask, (1500, 1300))
+    assert up.dtype == bool and up.shape == (1500, 1300)
+    assert abs(up.mean() - mask.mean()) < 0.005
+    down = resize_mask(mask, (128, 128))
+    assert abs(down.mean() - mask.mean()) < 0.01
+    same = resize_mask(mask, mask.shape)
+    assert same is not mask and np.array_equal(same, mask)
+    with pytest.raises(ValueError, match='"shape"'):
+        resize_mask(mask, (0, 10))
+
+
+def test_lung_box_margin_and_clipping() -> None:
+    mask = np.zeros((100, 200), dtype=bool)
+    mask[20:60, 50:150] = True
+    assert lung_box(mask, margin=0.0) == (20, 60, 50, 150)
+    assert lung_box(mask, margin=0.1) == (16, 64, 40, 160)
+    assert lung_box(mask, margin=1.0) == (0, 100, 0, 200)
+    with pytest.raises(ValueError, match='"mask" is empty'):
+        lung_box(np.zeros((10, 10), dtype=bool))
+    with pytest.raises(ValueError, match='"margin"'):
+        lung_box(mask, margin=-0.1)
+
+
+def test_lung_crop_blanks_outside_the_dilated_mask() -> None:
+    image, mask = make_phantom((600, 500), seed=7)
+    out = lung_crop(image, mask, 224)
+    assert out.shape == (224, 224) and out.dtype == np.float32
+    r0, r1, c0, c1 = lung_box(mask, 0.05)
+    square_mask = square_resize(mask[r0:r1, c0:c1].astype(np.float32), 224) >= 0.5
+    # Lungs kept, everything further than the dilation (2% of 224 ~ 4 px) from them blanked.
+    assert np.all(out[square_mask] > 0)
+    far = ~preprocess.ndimage.binary_dilation(square_mask, iterations=8)
+    assert np.all(out[far] == PAD_VALUE)
+    assert square_mask.mean() > 0.4  # the crop is mostly lung
+    unmasked = lung_crop(image, mask, 224, apply_mask=False)
+    assert (unmasked[far] > 0).mean() > 0.5  # mediastinum and surroundings still there
+
+
+def test_lung_crop_same_geometry_whatever_the_source() -> None:
+    # Same phantom at two sizes and the same anatomy with and without extra border: the crop is the same.
+    small_img, small_mask = make_phantom((400, 400), seed=8)
+    big_img, big_mask = make_phantom((1200, 1200), seed=8)
+    a, b = lung_crop(small_img, small_mask, 224), lung_crop(big_img, big_mask, 224)
+    assert np.array_equal(a > 0, b > 0) or np.mean((a > 0) != (b > 0)) < 0.01
+    padded_img = np.pad(small_img, ((50, 50), (200, 200)))
+    padded_mask = np.pad(small_mask, ((50, 50), (200, 200)))
+    c = lung_crop(padded_img, padded_mask, 224)
+    assert np.abs(a - c).max() < 1e-5
+
+
+def test_lung_crop_arguments() -> None:
+    image, mask = make_phantom((256, 256), seed=9)
+    with pytest.raises(ValueError, match='"mask" has shape'):
+        lung_crop(image, mask[:100], 128)
+    with pytest.raises(ValueError, match='"mask" is empty'):
+        lung_crop(image, np.zeros_like(mask), 128)
+    with pytest.raises(ValueError, match='"dilation"'):
+        lung_crop(image, mask, 128, dilation=0.9)
+
+
+def test_uncrop_puts_a_crop_map_back_in_place() -> None:
+    image, mask = make_phantom((500, 400), seed=10)
+    box = lung_box(mask, 0.05)
+    heat = np.ones((224, 224), dtype=np.float32)
+    full = uncrop(heat, box, image.shape)
+    r0, r1, c0, c1 = box
+    assert full.shape == image.shape
+    assert np.all(full[r0:r1, c0:c1] > 0.99)
+    assert full.sum() == pytest.approx((r1 - r0) * (c1 - c0), rel=0.01)
+    with pytest.raises(ValueError, match='"box"'):
+        uncrop(heat, (0, 600, 0, 10), image.shape)
+
+
+def test_postprocess_mask_keeps_two_largest_and_fills_holes() -> None:
+    prob = np.zeros((200, 200), dtype=np.float32)
+    prob[20:180, 20:90] = 0.9  # right lung
+    prob[20:180, 110:180] = 0.8  # left lung
+    prob[60:80, 40:60] = 0.1  # a hole inside the right lung
+    prob[5:10, 5:10] = 0.95  # a speck
+    prob[190:198, 100:108] = 0.7  # another speck
+    mask = postprocess_mask(prob)
+    assert mask.dtype == bool and mask.shape == prob.shape
+    expected = np.zeros_like(mask)
+    expected[20:180, 20:90] = True
+    expected[20:180, 110:180] = True
+    assert np.array_equal(mask, expected)
+    # Above 0.85 only the right lung (its hole filled) and the first speck remain.
+    assert postprocess_mask(prob, threshold=0.85).sum() == 160 * 70 + 25
+
+
+def test_postprocess_mask_edge_cases() -> None:
+    assert not postprocess_mask(np.zeros((50, 50), np.float32)).any()
+    _, lungs = make_phantom((256, 256), seed=11)
+    assert np.array_equal(postprocess_mask(lungs.astype(np.float32)), lungs)
+    with pytest.raises(ValueError, match='"threshold"'):
+        postprocess_mask(np.zeros((5, 5)), threshold=1.0)
+
+
+def test_decode_and_square_resize_2000px_is_fast(dicom_factory) -> None:
+    """A 2,000 x 2,000 12-bit CR: load_dicom + square_resize well under 0.2 s (a loose bound for CI)."""
+    path: Path = dicom_factory(shape=(2000, 2000), window=(2048, 4096), seed=12)
+    load_dicom(path)  # warm the page cache and imports
+    times = []
+    for _ in range(5):
+        start = time.perf_counter()
+        square_resize(load_dicom(path).pixels, 512)
+        times.append(time.perf_counter() - start)
+    assert statistics.median(times) < 0.2
