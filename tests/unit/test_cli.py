@@ -1,0 +1,72 @@
+"""The ``cxr-node`` command as a user runs it (a real subprocess of the installed entry point)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.unit
+
+CXR_NODE = Path(sys.executable).parent / "cxr-node"
+
+
+def cxr_node(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXRNODE_")}
+    return subprocess.run([str(CXR_NODE), *args], capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=timeout)
+
+
+def test_help_lists_the_commands(tmp_path: Path) -> None:
+    out = cxr_node("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for command in ("serve", "worker", "status", "predict", "train", "evaluate", "retrain", "models"):
+        assert command in out.stdout
+    assert "not for diagnostic use" in out.stdout.lower()
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "status"])
+def test_node_commands_keep_the_documented_options(tmp_path: Path, command: str) -> None:
+    out = cxr_node(command, "--help", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    for option in ("--config", "--ae-title", "--port", "--data-dir", "--db-url", "--model", "--destination",
+                   "--device"):
+        assert option in out.stdout
+    if command == "status":
+        assert "--json" in out.stdout
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[listener]\nport = 0\n")
+    out = cxr_node("status", "--config", str(config), cwd=tmp_path)
+    assert out.returncode == 2
+    assert "listener.port" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_missing_config_file_exits_2(tmp_path: Path) -> None:
+    out = cxr_node("worker", "--config", str(tmp_path / "absent.toml"), cwd=tmp_path)
+    assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_no_command_prints_help_and_exits_2(tmp_path: Path) -> None:
+    out = cxr_node(cwd=tmp_path)
+    assert out.returncode == 2 and "COMMAND" in out.stdout
+
+
+def test_worker_with_a_broken_model_stops_with_a_message(tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    from dicom_node.config import Settings
+    from dicom_node.service import run_worker
+
+    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
+                                        "model": {"path": str(tmp_path / "no-model"), "device": "cpu"}})
+    caplog.set_level(logging.ERROR, logger="dicom_node.service")
+    assert run_worker(argparse.Namespace(once=False), settings) == 1
+    [record] = [r for r in caplog.records if getattr(r, "action", "") == "node_start_failed"]
+    assert "cannot load the model" in record.getMessage() and "no-model" in record.getMessage()

@@ -1,0 +1,108 @@
+"""Settings: defaults, TOML file, CXRNODE_ environment variables, flags; errors name the key."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from dicom_node.cli import add_node_arguments, overrides_from_args
+from dicom_node.config import ConfigError, Peer, Settings, load_settings
+
+pytestmark = pytest.mark.unit
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cxr-node.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def flags(*argv: str) -> dict:
+    parser = argparse.ArgumentParser()
+    add_node_arguments(parser)
+    return overrides_from_args(parser.parse_args(list(argv)))
+
+
+def test_defaults_without_any_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # no config/cxr-node.toml here
+    s = load_settings(environ={"XDG_DATA_HOME": str(tmp_path)})
+    assert s.listener.ae_title == "CXRNODE" and s.listener.port == 11112
+    assert s.worker.run_in_serve is True and s.model.device == "auto"
+    assert s.db_url.startswith("sqlite:///") and s.db_url.endswith("cxr-node.db")
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+[listener]
+ae_title = "FROMFILE"
+port = 11200
+allowed_callers = ["MODALITY@10.0.0.5", "WS1"]
+
+[database]
+url = "postgresql+psycopg://node:secret@db/cxr"
+
+[worker]
+lease_s = 120
+max_attempts = 4
+
+[export]
+destinations = ["PACS@10.0.0.9:104"]
+callers = { MODALITY = "MODALITY@10.0.0.5:104" }
+""")
+    s = load_settings(path, environ={"CXRNODE_LISTENER_PORT": "11300", "CXRNODE_WORKER_RUN_IN_SERVE": "false",
+                                     "CXRNODE_ADMIN_TOKEN": "t0k"})
+    assert s.listener.ae_title == "FROMFILE"
+    assert s.listener.port == 11300  # the environment beats the file
+    assert s.worker.run_in_serve is False and s.worker.lease_s == 120 and s.worker.max_attempts == 4
+    assert s.admin.token == "t0k"
+    assert [str(p) for p in s.listener.allowed_callers] == ["MODALITY@10.0.0.5", "WS1"]
+    assert s.export.destinations == [Peer(ae_title="PACS", host="10.0.0.9", port=104)]
+    assert s.export.callers["MODALITY"].port == 104
+    assert s.db_url == "postgresql+psycopg://node:secret@db/cxr"
+
+    s = load_settings(path, flags("--port", "11400", "--ae-title", "FLAG", "--device", "cpu",
+                                  "--destination", "A@h1:11", "--destination", "B@h2:12"),
+                      environ={"CXRNODE_LISTENER_PORT": "11300"})
+    assert s.listener.port == 11400 and s.listener.ae_title == "FLAG"  # flags beat everything
+    assert s.model.device == "cpu"
+    assert [str(p) for p in s.export.destinations] == ["A@h1:11", "B@h2:12"]
+
+
+def test_config_file_from_environment_variable(tmp_path: Path) -> None:
+    path = write(tmp_path, '[listener]\nae_title = "VIAENV"\n')
+    assert load_settings(environ={"CXRNODE_CONFIG": str(path)}).listener.ae_title == "VIAENV"
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("[listener]\nport = 70000\n", "listener.port"),
+    ("[listener]\nae_title = \"THIS_AE_TITLE_IS_TOO_LONG\"\n", "listener.ae_title"),
+    ("[model]\ndevice = \"tpu\"\n", "model.device"),
+    ("[worker]\nlease_s = -1\n", "worker.lease_s"),
+    ("[export]\ndestinations = [\"PACS@nohostport\"]\n", "export.destinations"),
+    ("[listener]\nprot = 104\n", "listener.prot"),
+])
+def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=f"'{key}"):
+        load_settings(write(tmp_path, text), environ={})
+
+
+def test_bad_environment_variable_names_it(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="CXRNODE_LISTENER_PROT"):
+        load_settings(environ={"CXRNODE_LISTENER_PROT": "1"})
+    with pytest.raises(ConfigError, match="listener.port"):
+        load_settings(environ={"CXRNODE_LISTENER_PORT": "abc"})
+
+
+def test_missing_or_broken_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", environ={})
+    with pytest.raises(ConfigError, match="cxr-node.toml"):
+        load_settings(write(tmp_path, "[listener\nport = 1"), environ={})
+
+
+def test_settings_are_typed() -> None:
+    s = Settings.model_validate({"worker": {"backoff_base_s": "2.5"}, "storage": {"data_dir": "/srv/cxr"}})
+    assert s.worker.backoff_base_s == 2.5
+    assert s.storage.spool_dir == Path("/srv/cxr/spool")
