@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models as tvm
 
@@ -32,11 +33,22 @@ def _grey_conv(conv: nn.Conv2d) -> nn.Conv2d:
     return new
 
 
+class _DenseNet(tvm.DenseNet):
+    """torchvision's DenseNet whose final ReLU is a module (``features.relu5``), not in place.
+
+    torchvision applies ``F.relu(..., inplace=True)`` after ``features``, which overwrites the
+    tensor Grad-CAM hooks and breaks the backward pass; here the ReLU is the last feature layer
+    and gives Grad-CAM a clean target. The state_dict keys are torchvision's.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.adaptive_avg_pool2d(self.features(x), (1, 1))
+        return self.classifier(torch.flatten(out, 1))
+
+
 def _densenet121(num_classes: int) -> nn.Module:
-    m = tvm.densenet121(weights=None)
+    m = _DenseNet(growth_rate=32, block_config=(6, 12, 24, 16), num_init_features=64)
     m.features.conv0 = _grey_conv(m.features.conv0)
-    # An explicit ReLU at the end of ``features`` gives Grad-CAM a layer whose output the model's
-    # own in-place ReLU cannot change behind the hook's back (the values are already >= 0).
     m.features.add_module("relu5", nn.ReLU(inplace=False))
     m.classifier = nn.Linear(m.classifier.in_features, num_classes)
     return m

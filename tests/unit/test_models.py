@@ -1,0 +1,125 @@
+"""Stage 1 and stage 2 networks: build, forward, losses, checkpoint initialisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torchvision import models as tvm
+
+from inference.models.classifiers import CLASSIFIERS, build_classifier, cam_layers
+from inference.models.segmentation import (
+    SEGMENTERS,
+    LungVAE,
+    build_segmenter,
+    corrupt_for_imputation,
+    dice_loss,
+    lungvae_loss,
+    segmentation_loss,
+)
+
+pytestmark = pytest.mark.unit
+
+
+def n_params(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", SEGMENTERS)
+def test_segmenter_forward_shape(name: str) -> None:
+    model = build_segmenter(name).eval()
+    with torch.inference_mode():
+        out = model(torch.randn(2, 1, 64, 64))
+    assert out.shape == (2, 1, 64, 64)
+    assert torch.isfinite(out).all()
+
+
+def test_segmenter_sizes_are_small() -> None:
+    assert 200_000 < n_params(build_segmenter("unet")) < 1_500_000
+    assert 500_000 < n_params(build_segmenter("lungvae")) < 3_000_000
+
+
+def test_unknown_architectures_are_refused() -> None:
+    with pytest.raises(ValueError, match='"name"'):
+        build_segmenter("segformer")
+    with pytest.raises(ValueError, match='"name"'):
+        build_classifier("vgg16")
+    with pytest.raises(ValueError, match='"num_classes"'):
+        build_classifier("resnet18", num_classes=1)
+
+
+def test_lungvae_training_pass_and_loss() -> None:
+    torch.manual_seed(0)
+    model = LungVAE().train()
+    clean = torch.randn(2, 1, 64, 64)
+    target = (torch.rand(2, 1, 64, 64) > 0.5).float()
+    out = model.forward_train(corrupt_for_imputation(clean, generator=torch.Generator().manual_seed(1)))
+    assert out.logits.shape == out.reconstruction.shape == (2, 1, 64, 64)
+    assert out.mu.shape == out.logvar.shape == (2, 16, 4, 4)
+    losses = lungvae_loss(out, target, clean)
+    assert set(losses) == {"seg", "recon", "kl", "total"}
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["total"].backward()
+    assert model.mu.weight.grad is not None and model.recon_head.weight.grad is not None
+
+
+def test_lungvae_eval_is_deterministic() -> None:
+    model = LungVAE().eval()
+    x = torch.randn(1, 1, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(model(x), model(x))
+
+
+def test_corruption_changes_a_copy_only() -> None:
+    x = torch.zeros(4, 1, 32, 32)
+    y = corrupt_for_imputation(x, p_block=1.0, noise_std=0.0, generator=torch.Generator().manual_seed(0))
+    assert torch.count_nonzero(x) == 0
+    assert y.shape == x.shape
+    with pytest.raises(ValueError, match='"p_block"'):
+        corrupt_for_imputation(x, p_block=2.0)
+    noisy = corrupt_for_imputation(x, p_block=0.0, noise_std=0.1)
+    assert 0.05 < float(noisy.std()) < 0.2
+
+
+def test_dice_and_segmentation_loss_values() -> None:
+    target = torch.zeros(1, 1, 4, 4)
+    target[..., :2, :] = 1
+    perfect = (target * 2 - 1) * 50  # confident logits
+    assert float(dice_loss(perfect, target)) == pytest.approx(0.0, abs=1e-6)
+    assert float(segmentation_loss(perfect, target)) == pytest.approx(0.0, abs=1e-6)
+    assert float(dice_loss(-perfect, target)) > 0.9
+
+
+@pytest.mark.parametrize("name", CLASSIFIERS)
+def test_classifier_forward_and_cam_layers(name: str) -> None:
+    model = build_classifier(name).eval()
+    with torch.inference_mode():
+        out = model(torch.randn(2, 1, 64, 64))
+    assert out.shape == (2, 2)
+    target, grad_layer = cam_layers(name, model)
+    assert any(m is target for m in model.modules())
+    assert list(grad_layer.parameters())
+
+
+def test_classifier_from_local_torchvision_checkpoint(tmp_path: Path) -> None:
+    ref = tvm.resnet18(weights=None)
+    ckpt = tmp_path / "resnet18.pth"
+    torch.save(ref.state_dict(), ckpt)
+    model = build_classifier("resnet18", checkpoint=ckpt)
+    assert torch.allclose(model.conv1.weight, ref.conv1.weight.sum(dim=1, keepdim=True))
+    assert torch.equal(model.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
+    assert model.fc.out_features == 2
+
+
+def test_classifier_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="no such file"):
+        build_classifier("resnet18", checkpoint=tmp_path / "absent.pth")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="bad.pth"):
+        build_classifier("resnet18", checkpoint=bad)
+    other = tmp_path / "mobilenet.pth"
+    torch.save(tvm.mobilenet_v2(weights=None).state_dict(), other)
+    with pytest.raises(ValueError, match="does not fit resnet18"):
+        build_classifier("resnet18", checkpoint=other)
