@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.association import Association
@@ -112,7 +112,12 @@ def _for_context(assoc: Association, ds: Dataset) -> Dataset:
     accepted = [cx for cx in assoc.accepted_contexts if cx.abstract_syntax == sop_class]
     syntaxes = {UID(str(cx.transfer_syntax[0])) for cx in accepted}
     if native in syntaxes or (native in UNCOMPRESSED and syntaxes & set(UNCOMPRESSED)):
-        return ds
+        if "TransferSyntaxUID" in getattr(ds, "file_meta", {}):
+            return ds
+        labelled = copy.deepcopy(ds)  # pynetdicom needs the syntax in the file meta; never touch the caller's
+        labelled.file_meta = FileMetaDataset()
+        labelled.file_meta.TransferSyntaxUID = native
+        return labelled
     if native.is_compressed and syntaxes & set(UNCOMPRESSED):
         plain = copy.deepcopy(ds)
         plain.decompress(generate_instance_uid=False)
@@ -186,7 +191,11 @@ def _send_one(assoc: Association, ds: Dataset, dest: str) -> None:
     to_send = _for_context(assoc, ds)
     if not assoc.is_established:
         raise DestinationUnreachable(f"{dest}: association lost before sending {uid}")
-    status = assoc.send_c_store(to_send)
+    try:
+        status = assoc.send_c_store(to_send)
+    except (AttributeError, ValueError, TypeError) as exc:  # pynetdicom cannot encode it in the context
+        log.error("export: cannot encode instance (%s)", exc, extra={"action": "export_failed", **info})
+        raise ExportError(f"{dest}: cannot encode {uid} for sending: {exc}") from exc
     if "Status" not in status:
         log.warning("export: no response from %s", dest, extra={"action": "export_failed", **info})
         raise ExportError(f"{dest}: no C-STORE response for {uid} (timeout or aborted association)")

@@ -13,15 +13,21 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
 from pydicom.uid import (
+    ComprehensiveSRStorage,
     CTImageStorage,
     DigitalXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
+    generate_uid,
 )
 
+from dicom_node.config import ExportSettings, Peer
+from dicom_node.errors import ExportError
+from dicom_node.export import send
 from inference.phantom import make_dicom
 from tests.fixtures.common import free_port
 from tests.fixtures.peers import Listener, echoscu, require_tool, storescu
@@ -171,3 +177,34 @@ def test_disk_watermark_refuses_associations(node_listener: Callable[..., Listen
     rejected = [r for r in caplog.records if getattr(r, "action", "") == "association_rejected"]
     assert rejected and rejected[0].reason == "disk"
     assert "MiB free" in rejected[0].getMessage()
+
+
+def test_own_results_ignored_foreign_sr_refused(node_listener: Callable[..., Listener],
+                                                caplog: pytest.LogCaptureFixture) -> None:
+    from dicom_node.outputs import build_outputs
+    from tests.fixtures.validators import CARD, output_inputs
+
+    node = node_listener()
+    source, image, result = output_inputs("positive", shape=(128, 128))
+    own = build_outputs(source, image, result, CARD, ExportSettings())
+    assert len(own) == 2
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    # The PACS forwards the node's own SR + SC back to it: success, nothing queued.
+    node_peer = Peer(ae_title="CXRNODE", host="127.0.0.1", port=node.port)
+    send(own, node_peer, ExportSettings(network_timeout_s=10), calling_ae="PACS")
+    assert node.job_rows() == []
+    assert len([r for r in caplog.records if getattr(r, "action", "") == "own_output_ignored"]) == 2
+
+    foreign = Dataset()
+    foreign.SOPClassUID = ComprehensiveSRStorage
+    foreign.SOPInstanceUID = generate_uid()
+    foreign.StudyInstanceUID = source.StudyInstanceUID
+    foreign.SeriesInstanceUID = generate_uid()
+    foreign.Modality = "SR"
+    foreign.Manufacturer = "Another CAD vendor"
+    with pytest.raises(ExportError, match="0x0122"):
+        send([foreign], node_peer, ExportSettings(network_timeout_s=10), calling_ae="PACS")
+    refused = [r for r in caplog.records if getattr(r, "action", "") == "store_refused"]
+    assert [r.reason for r in refused] == ["foreign_output"]
+    assert "Comprehensive SR Storage" in refused[0].getMessage()
+    assert node.job_rows() == []
