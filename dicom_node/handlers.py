@@ -32,6 +32,7 @@ from pydicom.uid import (
 from sqlalchemy import Engine
 
 from dicom_node import audit, metrics, spool
+from dicom_node.outputs import is_own_output
 
 log = logging.getLogger(__name__)
 
@@ -172,12 +173,6 @@ def _read_header(data: bytes, full: bool) -> Dataset:
     return dcmread(BytesIO(data), stop_before_pixels=True, specific_tags=None if full else _HEADER_TAGS)
 
 
-def _is_own_output(ds: Dataset) -> bool:
-    from dicom_node.outputs import is_own_output
-
-    return bool(is_own_output(ds))
-
-
 def handle_store(event: Any, ctx: StoreContext) -> int:
     """C-STORE: spool + enqueue, then success; a named failure status otherwise. Never raises."""
     try:
@@ -211,7 +206,7 @@ def _store(event: Any, ctx: StoreContext) -> int:
         return CANNOT_UNDERSTAND
 
     if sop_class in OWN_OUTPUT_SOP_CLASSES and not is_image:
-        if _is_own_output(header):
+        if is_own_output(header):
             log.info("C-STORE of this node's own result ignored",
                      extra={"action": "own_output_ignored", **info})
             return SUCCESS
