@@ -172,10 +172,10 @@ def _purge_job(engine: Engine, job_id: int, spool_path: str | None, output_dir: 
         try:
             if spool_path:
                 n_spool = _remove_file(Path(spool_path), root, report)
-                if n_spool:
-                    _prune_empty_parent(Path(spool_path), spool_root)
             if output_dir:
                 n_out = _remove_tree(Path(output_dir), root, report)
+            if spool_path and n_spool:
+                _prune_empty_parent(Path(spool_path), spool_root)
         except OSError as exc:
             report.errors.append(f"job {job_id}: {exc}")
             log.error("retention could not delete a job's files", exc_info=True,

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from dicom_node.config import Settings, load_settings
 from dicom_node.db import ModelVersion, init_db, make_engine, utcnow
 from dicom_node.queue import JobManager
+from dicom_node.worker import output_dir_for
 from inference.phantom import make_dicom, make_phantom
 from inference.types import Result, XrayImage
 
@@ -66,8 +67,9 @@ def enqueue(db: NodeDb, n: int, *, calling_ae: str = "ORTHANC") -> tuple[int, An
     return job_id, ds, path
 
 
-def build_job_outputs(db: NodeDb, job_id: int, ds: Any, probability: float) -> tuple[Path, dict[str, Any]]:
-    """Real SC + SR for a job, saved in ``<data_dir>/outputs/<job_id>/``; returns (folder, result dict)."""
+def build_job_outputs(db: NodeDb, job_id: int, ds: Any, spool_path: Path,
+                      probability: float) -> tuple[Path, dict[str, Any]]:
+    """Real SC + SR for a job, saved where the worker saves them; returns (folder, result dict)."""
     from dicom_node.outputs import build_outputs
 
     pixels, mask = make_phantom(tuple(ds.pixel_array.shape), opacity=0.3, seed=job_id)
@@ -81,7 +83,7 @@ def build_job_outputs(db: NodeDb, job_id: int, ds: Any, probability: float) -> t
                     lung_fraction=0.3, heatmap=heat, lung_mask=mask, model_name=CARD["name"],
                     model_version=CARD["version"])
     outputs = build_outputs(ds, image, result, CARD, db.settings.export)
-    folder = db.settings.storage.data_dir / "outputs" / str(job_id)
+    folder = output_dir_for(spool_path)  # where the worker keeps them: beside the spool file
     folder.mkdir(parents=True, exist_ok=True)
     for i, out in enumerate(outputs):
         out.save_as(folder / f"{i}_{out.Modality}.dcm", enforce_file_format=True)
@@ -94,10 +96,10 @@ def build_job_outputs(db: NodeDb, job_id: int, ds: Any, probability: float) -> t
 def make_done(db: NodeDb, n: int, probability: float = 0.8,
               destination: str = "ORTHANC@127.0.0.1:4242") -> int:
     """A job taken through queued -> processing -> exporting -> done with real outputs and a delivery."""
-    job_id, ds, _ = enqueue(db, n)
+    job_id, ds, spool_path = enqueue(db, n)
     [claimed] = db.jobs.claim("worker-test")
     assert claimed.id == job_id
-    folder, res = build_job_outputs(db, job_id, ds, probability)
+    folder, res = build_job_outputs(db, job_id, ds, spool_path, probability)
     db.jobs.finish_inference(job_id, result={k: v for k, v in res.items() if not k.endswith("_uid")},
                              output_dir=str(folder), sr_sop_instance_uid=res["sr_uid"],
                              sc_sop_instance_uid=res["sc_uid"], worker_id="worker-test")
