@@ -1,11 +1,12 @@
 """Preprocessing shared by training and inference: the same geometry for every image, whatever its source.
 
-``square_resize`` scales an image so that its long side is ``size`` (aspect kept, bilinear, antialiased when
-shrinking) and centres it on a ``size`` x ``size`` canvas of ``PAD_VALUE`` (0, black like air): the padding
-is always that value and symmetric up to one pixel (an odd remainder goes to the bottom/right).
+``square_resize`` pads an image to a square with ``PAD_VALUE`` (0, black like air), the image centred (an
+odd remainder goes to the bottom/right), then resizes it to ``size`` x ``size`` (bilinear, antialiased when
+shrinking): aspect kept, padding always the same value, whatever the source.
 ``lung_crop`` does the same to the lung bounding box plus a margin, and blanks everything outside the
 slightly dilated lung mask; the dilation is measured on the output grid, so it is the same for every source
-resolution. ``unsquare`` and ``uncrop`` map square outputs (probability maps, heatmaps) back to the source.
+resolution. ``unsquare`` and ``uncrop`` map square outputs (probability maps, heatmaps) back to the source;
+``square_region`` says where the image lies on the square grid.
 Everything here is also importable from ``inference.imaging``.
 """
 
@@ -21,6 +22,7 @@ __all__ = [
     "lung_crop",
     "postprocess_mask",
     "resize_mask",
+    "square_region",
     "square_resize",
     "uncrop",
     "unsquare",
@@ -45,34 +47,47 @@ def _check_size(size: int) -> int:
     return int(size)
 
 
-def _geometry(shape: tuple[int, int], size: int) -> tuple[int, int, int, int]:
-    """(rows, columns, top, left) of an image of ``shape`` scaled and centred on a size x size canvas."""
-    h, w = shape
-    scale = size / max(h, w)
-    nh, nw = max(1, min(size, round(h * scale))), max(1, min(size, round(w * scale)))
-    return nh, nw, (size - nh) // 2, (size - nw) // 2
+def _pad_offsets(shape: tuple[int, int]) -> tuple[int, int, int]:
+    """(side, top, left): the square an image of ``shape`` is padded to, and where the image sits in it."""
+    rows, cols = shape
+    side = max(rows, cols)
+    return side, (side - rows) // 2, (side - cols) // 2
 
 
-def _resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinear float resize (antialiased when shrinking) to (rows, columns)."""
-    if arr.shape == tuple(shape):
+def _resize(
+    arr: np.ndarray, shape: tuple[int, int], box: tuple[float, float, float, float] | None = None
+) -> np.ndarray:
+    """Bilinear float resize (antialiased when shrinking) of ``arr`` (or its (left, top, right, bottom)
+    ``box``) to (rows, columns)."""
+    if box is None and arr.shape == tuple(shape):
         return arr.astype(np.float32, copy=True)
     img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32))
-    return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+    return np.array(img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR, box=box), dtype=np.float32)
 
 
 def square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Scale so the long side is ``size`` (aspect kept); centre on a ``size`` x ``size`` canvas of PAD_VALUE.
+    """Pad to a square with PAD_VALUE (image centred), then resize to ``size`` x ``size``.
 
-    Returns float32 (size, size). The padding is always PAD_VALUE (0) and symmetric up to one pixel (the odd
-    pixel goes to the bottom/right), whatever the source, so all sources are treated the same way.
+    Returns float32 (size, size). The padding is always PAD_VALUE (0) and symmetric up to one source pixel
+    (the odd pixel goes to the bottom/right), whatever the source, so all sources are treated the same way.
     """
     _check_image(pixels, "pixels")
     size = _check_size(size)
-    nh, nw, top, left = _geometry(pixels.shape, size)
-    out = np.full((size, size), PAD_VALUE, dtype=np.float32)
-    out[top : top + nh, left : left + nw] = _resize(pixels, (nh, nw))
-    return out
+    side, top, left = _pad_offsets(pixels.shape)
+    if side == pixels.shape[0] == pixels.shape[1]:
+        square = pixels
+    else:
+        square = np.full((side, side), PAD_VALUE, dtype=np.float32)
+        square[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
+    return _resize(square, (size, size))
+
+
+def square_region(shape: tuple[int, int], size: int) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom), in pixels of the ``square_resize(pixels, size)`` output, of the part that
+    shows the image of ``shape`` (the rest is padding); fractional where the edge falls inside a pixel."""
+    side, top, left = _pad_offsets(shape)
+    scale = size / side
+    return (left * scale, top * scale, (left + shape[1]) * scale, (top + shape[0]) * scale)
 
 
 def unsquare(square: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -85,8 +100,8 @@ def unsquare(square: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         raise ValueError(f'Argument "square" must be square, got shape {square.shape}.')
     if len(shape) != 2 or min(shape) < 1:
         raise ValueError('Argument "shape" must be (rows, columns), both positive.')
-    nh, nw, top, left = _geometry((int(shape[0]), int(shape[1])), square.shape[0])
-    return _resize(square[top : top + nh, left : left + nw], (int(shape[0]), int(shape[1])))
+    shape = (int(shape[0]), int(shape[1]))
+    return _resize(square, shape, box=square_region(shape, square.shape[0]))
 
 
 def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -101,8 +116,9 @@ def resize_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def lung_box(mask: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, int]:
-    """Bounding box (row0, row1, col0, col1), end exclusive, of the mask, grown by ``margin`` x its height
-    (rows) and width (columns) on each side and clipped to the image. Raises ValueError for an empty mask."""
+    """Bounding box (row0, col0, row1, col1) = (top, left, bottom, right), ends exclusive, of the mask, grown
+    by ``margin`` x its height (rows) and width (columns) on each side and clipped to the image.
+    Raises ValueError for an empty mask."""
     _check_image(mask, "mask")
     if not 0.0 <= float(margin) <= 1.0:
         raise ValueError('Argument "margin" must be between 0 and 1.')
@@ -112,7 +128,7 @@ def lung_box(mask: np.ndarray, margin: float = 0.05) -> tuple[int, int, int, int
         raise ValueError('Argument "mask" is empty: no lung pixels to crop to.')
     r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     dr, dc = round((r1 - r0) * margin), round((c1 - c0) * margin)
-    return max(0, r0 - dr), min(mask.shape[0], r1 + dr), max(0, c0 - dc), min(mask.shape[1], c1 + dc)
+    return max(0, r0 - dr), max(0, c0 - dc), min(mask.shape[0], r1 + dr), min(mask.shape[1], c1 + dc)
 
 
 def _disk(radius: int) -> np.ndarray:
@@ -140,7 +156,7 @@ def lung_crop(
     size = _check_size(size)
     if not 0.0 <= float(dilation) <= 0.5:
         raise ValueError('Argument "dilation" must be between 0 and 0.5.')
-    r0, r1, c0, c1 = lung_box(mask, margin)
+    r0, c0, r1, c1 = lung_box(mask, margin)
     out = square_resize(pixels[r0:r1, c0:c1], size)
     if apply_mask:
         square_mask = square_resize(mask[r0:r1, c0:c1].astype(np.float32), size) >= 0.5
@@ -156,7 +172,7 @@ def uncrop(square: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int,
     Use it to bring a stage-2 heatmap back to source resolution (``box`` from ``lung_box`` with the same
     margin).
     """
-    r0, r1, c0, c1 = (int(v) for v in box)
+    r0, c0, r1, c1 = (int(v) for v in box)
     if not (0 <= r0 < r1 <= shape[0] and 0 <= c0 < c1 <= shape[1]):
         raise ValueError(f'Argument "box" {box} does not fit in shape {tuple(shape)}.')
     out = np.zeros((int(shape[0]), int(shape[1])), dtype=np.float32)

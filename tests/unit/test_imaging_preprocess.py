@@ -17,6 +17,7 @@ from inference.imaging import (
     lung_crop,
     postprocess_mask,
     resize_mask,
+    square_region,
     square_resize,
     uncrop,
     unsquare,
@@ -39,10 +40,11 @@ def test_square_resize_pads_symmetrically_with_pad_value(shape: tuple[int, int])
     cols = np.flatnonzero(out.max(axis=0) > 0.5)
     top, bottom = rows[0], 223 - rows[-1]
     left, right = cols[0], 223 - cols[-1]
-    assert 0 <= bottom - top <= 1 and 0 <= right - left <= 1  # centred; odd pixel bottom/right
+    assert abs(bottom - top) <= 1 and abs(right - left) <= 1  # centred
     assert min(top, left) == 0  # the long side fills the canvas
+    # Padding is PAD_VALUE except the one output pixel next to the image that resampling blends.
     padding = np.ones((224, 224), dtype=bool)
-    padding[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = False
+    padding[max(0, rows[0] - 1) : rows[-1] + 2, max(0, cols[0] - 1) : cols[-1] + 2] = False
     assert np.all(out[padding] == PAD_VALUE)
     # Aspect kept (to within a pixel of rounding).
     assert abs((rows.size / cols.size) - shape[0] / shape[1]) < 0.02 * max(1, shape[0] / shape[1]) + 0.05
@@ -77,6 +79,17 @@ def test_unsquare_inverts_square_resize(shape: tuple[int, int]) -> None:
     assert np.abs(back - image).mean() < 0.02
 
 
+@pytest.mark.parametrize("shape", [(300, 500), (501, 300)])
+def test_square_region_marks_the_image(shape: tuple[int, int]) -> None:
+    out = square_resize(np.ones(shape, dtype=np.float32), 256)
+    left, top, right, bottom = square_region(shape, 256)
+    assert 0 <= left < right <= 256 and 0 <= top < bottom <= 256
+    assert np.all(out[int(np.ceil(top)) : int(bottom), int(np.ceil(left)) : int(right)] > 0.99)
+    # Outside it, only the pixel next to the edge (resampling support) may be non-zero.
+    assert not out[: max(0, int(np.floor(top)) - 1)].any() and not out[int(np.ceil(bottom)) + 1 :].any()
+    assert not out[:, : max(0, int(np.floor(left)) - 1)].any() and not out[:, int(np.ceil(right)) + 1 :].any()
+
+
 def test_resize_mask_keeps_area_and_type() -> None:
     _, mask = make_phantom((512, 512), seed=6)
     up = resize_mask(mask, (1500, 1300))
@@ -93,9 +106,9 @@ def test_resize_mask_keeps_area_and_type() -> None:
 def test_lung_box_margin_and_clipping() -> None:
     mask = np.zeros((100, 200), dtype=bool)
     mask[20:60, 50:150] = True
-    assert lung_box(mask, margin=0.0) == (20, 60, 50, 150)
-    assert lung_box(mask, margin=0.1) == (16, 64, 40, 160)
-    assert lung_box(mask, margin=1.0) == (0, 100, 0, 200)
+    assert lung_box(mask, margin=0.0) == (20, 50, 60, 150)  # (top, left, bottom, right)
+    assert lung_box(mask, margin=0.1) == (16, 40, 64, 160)
+    assert lung_box(mask, margin=1.0) == (0, 0, 100, 200)
     with pytest.raises(ValueError, match='"mask" is empty'):
         lung_box(np.zeros((10, 10), dtype=bool))
     with pytest.raises(ValueError, match='"margin"'):
@@ -106,7 +119,7 @@ def test_lung_crop_blanks_outside_the_dilated_mask() -> None:
     image, mask = make_phantom((600, 500), seed=7)
     out = lung_crop(image, mask, 224)
     assert out.shape == (224, 224) and out.dtype == np.float32
-    r0, r1, c0, c1 = lung_box(mask, 0.05)
+    r0, c0, r1, c1 = lung_box(mask, 0.05)
     square_mask = square_resize(mask[r0:r1, c0:c1].astype(np.float32), 224) >= 0.5
     # Lungs kept, everything further than the dilation (2% of 224 ~ 4 px) from them blanked.
     assert np.all(out[square_mask] > 0)
@@ -144,12 +157,12 @@ def test_uncrop_puts_a_crop_map_back_in_place() -> None:
     box = lung_box(mask, 0.05)
     heat = np.ones((224, 224), dtype=np.float32)
     full = uncrop(heat, box, image.shape)
-    r0, r1, c0, c1 = box
+    r0, c0, r1, c1 = box
     assert full.shape == image.shape
     assert np.all(full[r0:r1, c0:c1] > 0.99)
     assert full.sum() == pytest.approx((r1 - r0) * (c1 - c0), rel=0.01)
     with pytest.raises(ValueError, match='"box"'):
-        uncrop(heat, (0, 600, 0, 10), image.shape)
+        uncrop(heat, (0, 0, 600, 10), image.shape)
 
 
 def test_postprocess_mask_keeps_two_largest_and_fills_holes() -> None:
