@@ -101,3 +101,41 @@ def test_n_processes_m_jobs_each_exactly_once(queue_url: str, tmp_path: Path) ->
         assert len(claims) == M_JOBS and {n for _, n in claims} == {1}
     engine.dispose()
     print(f"{engine.dialect.name}: {N_PROCESSES} processes x {M_JOBS} jobs in {elapsed:.1f} s")
+
+
+def test_worker_on_postgres_processes_and_delivers(postgres_url: str, tmp_path: Path, tiny_bundle: Path,
+                                                   storescp: Any) -> None:
+    """The real worker (tiny model) on PostgreSQL: result JSON, registry model, delivery to storescp."""
+    import pydicom
+
+    from dicom_node.config import Settings
+    from dicom_node.db import ModelVersion, utcnow
+    from dicom_node.worker import Worker
+    from inference.phantom import make_dicom
+
+    dest = storescp("PACS")
+    settings = Settings.model_validate({
+        "storage": {"data_dir": str(tmp_path / "data")}, "database": {"url": postgres_url},
+        "model": {"device": "cpu", "cpu_threads": 1},
+        "export": {"destinations": [dest.address], "network_timeout_s": 10},
+    })
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    with Session(engine) as s, s.begin():
+        s.add(ModelVersion(version="0.0.0-test", path=str(tiny_bundle), status="current",
+                           promoted_at=utcnow(), metrics={"roc_auc": 0.5}))
+    worker = Worker(settings, engine)
+    path = settings.storage.spool_dir / "study" / "a.dcm"
+    path.parent.mkdir(parents=True)
+    ds = make_dicom(path, shape=(256, 256))
+    job_id, _ = worker.jm.enqueue(sop_instance_uid=str(ds.SOPInstanceUID), study_instance_uid="1.2",
+                                  series_instance_uid="1.2.1", sop_class_uid=str(ds.SOPClassUID),
+                                  calling_ae="MOD", calling_host="127.0.0.1", spool_path=str(path))
+    assert worker.run_once() == 1
+    with Session(engine) as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.state == "done", job.last_error
+        assert job.result is not None and job.result["model_version"] == "0.0.0-test"
+        sr_uid = job.sr_sop_instance_uid
+    assert sr_uid in {str(pydicom.dcmread(f).SOPInstanceUID) for f in dest.files()}
+    engine.dispose()
