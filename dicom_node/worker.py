@@ -209,6 +209,9 @@ class Worker:
                           extra={"action": "worker_db_error"})
                 stop.wait(DB_RETRY_PAUSE_S)
                 continue
+            except Exception:
+                log.exception("worker %s crashed", self.worker_id, extra={"action": "worker_crashed"})
+                raise
             if handled == 0:
                 stop.wait(self.settings.worker.poll_interval_s)
         log.info("worker %s stopped", self.worker_id, extra={"action": "worker_stopped"})

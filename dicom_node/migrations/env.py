@@ -8,6 +8,7 @@ Normally run through :func:`dicom_node.db.init_db`, which passes its open connec
 from __future__ import annotations
 
 from alembic import context
+from sqlalchemy.engine import Connection
 
 from dicom_node.db import Base, make_engine
 
@@ -15,11 +16,11 @@ config = context.config
 target_metadata = Base.metadata
 
 
-def _run(connection: object) -> None:
+def _run(connection: Connection) -> None:
     context.configure(
         connection=connection,
         target_metadata=target_metadata,
-        render_as_batch=connection.dialect.name == "sqlite",  # type: ignore[attr-defined]
+        render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
     )
     with context.begin_transaction():
