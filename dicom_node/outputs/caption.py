@@ -12,8 +12,8 @@ from matplotlib import colormaps
 from PIL import Image, ImageDraw, ImageFont
 
 MAX_SIDE = 1024  # long side of the SC in pixels; larger sources are downsampled
-ALPHA_MIN = 0.15  # overlay opacity where the heatmap is 0
-ALPHA_MAX = 0.6  # overlay opacity where the heatmap is 1
+ALPHA_MIN = 0.0  # overlay opacity where the heatmap is 0 (the radiograph stays grey)
+ALPHA_MAX = 0.65  # overlay opacity where the heatmap is 1
 CAPTION_BG = (0, 0, 0)
 CAPTION_FG = (255, 255, 255)
 CAPTION_WARN = (255, 64, 64)
@@ -24,6 +24,11 @@ def colormap_lut(name: str = "jet") -> np.ndarray:
     """A 256x3 uint8 lookup table of the matplotlib colormap ``name``."""
     cmap = colormaps[name]
     return (cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+
+
+@lru_cache(maxsize=1)
+def _alpha_table() -> list[int]:
+    return [round(255 * (ALPHA_MIN + (ALPHA_MAX - ALPHA_MIN) * v / 255)) for v in range(256)]
 
 
 @lru_cache(maxsize=16)
@@ -40,35 +45,38 @@ def output_shape(shape: tuple[int, int], max_side: int = MAX_SIDE) -> tuple[tupl
     return (max(1, round(rows * scale)), max(1, round(cols * scale))), scale
 
 
-def _resize(array: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if array.shape == shape:
-        return array.astype(np.float32, copy=False)
-    img = Image.fromarray(array.astype(np.float32, copy=False), mode="F")
-    return np.asarray(img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR), dtype=np.float32)
+def _to_image(array: np.ndarray, shape: tuple[int, int]) -> Image.Image:
+    """``array`` (float, [0, 1]) as an 8-bit greyscale PIL image resized to ``shape`` (rows, columns)."""
+    scaled = array * np.float32(255.0)
+    np.clip(scaled, 0.0, 255.0, out=scaled)
+    img = Image.fromarray(scaled.astype(np.uint8), mode="L")
+    if img.size != (shape[1], shape[0]):
+        img = img.resize((shape[1], shape[0]), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return img
 
 
 def overlay(pixels: np.ndarray, heatmap: np.ndarray, shape: tuple[int, int], cmap: str = "jet") -> np.ndarray:
     """Alpha-blend ``heatmap`` (colour-mapped) over the greyscale ``pixels``, both resized to ``shape``.
 
     ``pixels`` and ``heatmap`` are float arrays in [0, 1] of the same shape. The overlay's opacity grows
-    with the heatmap value, so the radiograph stays readable where the model did not look.
-    Returns an RGB uint8 array of ``shape`` + (3,).
+    with the heatmap value (from ALPHA_MIN to ALPHA_MAX), so the radiograph stays readable where the
+    model did not look. Returns an RGB uint8 array of ``shape`` + (3,).
     """
     if pixels.ndim != 2 or heatmap.shape != pixels.shape:
         raise ValueError(
             f'Arguments "pixels" {pixels.shape} and "heatmap" {heatmap.shape} must be 2-D of the same shape.')
-    grey = np.clip(_resize(pixels, shape), 0.0, 1.0)
-    heat = np.clip(_resize(heatmap, shape), 0.0, 1.0)
-    colour = colormap_lut(cmap)[(heat * 255.0).astype(np.uint8)].astype(np.float32)
-    alpha = (ALPHA_MIN + (ALPHA_MAX - ALPHA_MIN) * heat)[..., None]
-    blended = grey[..., None] * 255.0 * (1.0 - alpha) + colour * alpha
-    return (blended + 0.5).astype(np.uint8)
+    grey = _to_image(pixels, shape).convert("RGB")
+    heat = _to_image(heatmap, shape)
+    colour = Image.frombytes("P", heat.size, heat.tobytes())  # heat values index the colormap palette
+    colour.putpalette(colormap_lut(cmap).tobytes())
+    colour = colour.convert("RGB")
+    alpha = heat.point(_alpha_table())
+    return np.asarray(Image.composite(colour, grey, alpha))
 
 
 def greyscale_rgb(pixels: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """The radiograph alone as RGB uint8 of ``shape`` (when there is no heatmap to overlay)."""
-    grey = (np.clip(_resize(pixels, shape), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(_to_image(pixels, shape).convert("RGB"))
 
 
 def add_caption(rgb: np.ndarray, lines: list[str], warning: str) -> tuple[np.ndarray, int]:
