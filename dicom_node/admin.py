@@ -239,7 +239,7 @@ class AdminServer:
     thread: threading.Thread
     host: str
     port: int
-    _bound_queue: bool = False
+    _queue_collector: metrics.QueueCollector | None = None
 
     @property
     def url(self) -> str:
@@ -250,8 +250,7 @@ class AdminServer:
         """Stop serving and wait up to ``timeout`` seconds for the thread."""
         self.server.should_exit = True
         self.thread.join(timeout)
-        if self._bound_queue:
-            metrics.bind_queue(None)
+        metrics.unbind_queue(self._queue_collector)
         log.info("admin API stopped", extra={"action": "admin_stopped", "port": self.port})
 
 
@@ -293,9 +292,9 @@ def start_admin(settings: Settings, engine: Engine, job_manager: JobManager, *,
             raise OSError(f"admin API could not listen on {host}:{settings.admin.port}")
         time.sleep(0.02)
     port = int(server.servers[0].sockets[0].getsockname()[1])
-    metrics.bind_queue(job_manager.counts)
+    collector = metrics.bind_queue(job_manager.counts)
     if not settings.admin.token:
         log.warning("admin API has no token: open to every local user of %s", host,
                     extra={"action": "admin_open"})
     log.info("admin API listening on %s:%s", host, port, extra={"action": "admin_started", "port": port})
-    return AdminServer(server=server, thread=thread, host=host, port=port, _bound_queue=True)
+    return AdminServer(server=server, thread=thread, host=host, port=port, _queue_collector=collector)

@@ -126,10 +126,10 @@ class QueueCollector(Collector):
 _queue_collector: QueueCollector | None = None
 
 
-def bind_queue(counts: Callable[[], Mapping[str, int]] | None) -> None:
+def bind_queue(counts: Callable[[], Mapping[str, int]] | None) -> QueueCollector | None:
     """Make ``cxrnode_queue_jobs`` read from ``counts`` (``JobManager.counts``); ``None`` unbinds.
 
-    Binding again replaces the previous source (tests start several admin servers in one process).
+    Binding again replaces the previous source (one queue per process). Returns the collector now bound.
     """
     global _queue_collector
     if _queue_collector is not None:
@@ -138,6 +138,13 @@ def bind_queue(counts: Callable[[], Mapping[str, int]] | None) -> None:
     if counts is not None:
         _queue_collector = QueueCollector(counts)
         REGISTRY.register(_queue_collector)
+    return _queue_collector
+
+
+def unbind_queue(collector: QueueCollector | None) -> None:
+    """Unbind ``collector`` if it is still the bound one (a later :func:`bind_queue` wins)."""
+    if collector is not None and collector is _queue_collector:
+        bind_queue(None)
 
 
 def record_received(sop_class: str = "") -> None:

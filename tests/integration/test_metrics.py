@@ -104,3 +104,18 @@ def test_helpers_validate_their_arguments() -> None:
         metrics.observe_stage("decode", -1.0)
     with pytest.raises(TypeError, match='"counts"'):
         metrics.QueueCollector(42)  # type: ignore[arg-type]
+
+
+def test_the_latest_admin_server_owns_the_queue_gauge(tmp_path: Path) -> None:
+    first = new_node_db(tmp_path / "a", admin_port=free_port())
+    second = new_node_db(tmp_path / "b", admin_port=free_port())
+    enqueue(second, 1)
+    enqueue(second, 2)
+    s1 = start_admin(first.settings, first.engine, first.jobs)
+    s2 = start_admin(second.settings, second.engine, second.jobs)
+    try:
+        s1.stop()  # stopping the older server leaves the newer one's binding alone
+        assert value(scrape(s2.url), "cxrnode_queue_jobs", state="queued") == 2
+    finally:
+        s2.stop()
+    assert metrics._queue_collector is None
