@@ -53,16 +53,15 @@ def binary_metrics(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | n
                    threshold: float = 0.5) -> dict[str, float]:
     """Accuracy, precision, recall (= sensitivity), specificity, F1 and ROC AUC, plus the counts.
 
-    Returns a flat dict of floats: ``n, positives, threshold, tp, fp, tn, fn, accuracy, precision, recall,
-    sensitivity, specificity, f1, roc_auc``.
+    Returns a flat dict: the counts ``n, positives, tp, fp, tn, fn`` (int), and ``threshold, accuracy,
+    precision, recall, sensitivity, specificity, f1, roc_auc`` (float).
     """
     c = confusion(y_true, prob, threshold)
     tp, fp, tn, fn = c["tp"], c["fp"], c["tn"], c["fn"]
     n = tp + fp + tn + fn
     precision, recall = _ratio(tp, tp + fp), _ratio(tp, tp + fn)
     return {
-        "n": float(n), "positives": float(tp + fn), "threshold": float(threshold),
-        "tp": float(tp), "fp": float(fp), "tn": float(tn), "fn": float(fn),
+        "n": n, "positives": tp + fn, "threshold": float(threshold), "tp": tp, "fp": fp, "tn": tn, "fn": fn,
         "accuracy": _ratio(tp + tn, n), "precision": precision, "recall": recall, "sensitivity": recall,
         "specificity": _ratio(tn, tn + fp), "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "roc_auc": roc_auc(y_true, prob),
@@ -154,8 +153,8 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     """n, mean, median, 10th/25th/75th/90th percentiles of finite ``values`` (nan when empty)."""
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     if not v.size:
-        return {"n": 0.0, "mean": math.nan, "median": math.nan, "p10": math.nan, "p25": math.nan,
+        return {"n": 0, "mean": math.nan, "median": math.nan, "p10": math.nan, "p25": math.nan,
                 "p75": math.nan, "p90": math.nan}
     q = np.percentile(v, [10, 25, 50, 75, 90])
-    return {"n": float(v.size), "mean": float(v.mean()), "median": float(q[2]), "p10": float(q[0]),
+    return {"n": int(v.size), "mean": float(v.mean()), "median": float(q[2]), "p10": float(q[0]),
             "p25": float(q[1]), "p75": float(q[3]), "p90": float(q[4])}

@@ -1,0 +1,313 @@
+"""Build the node's default model in one command, from data to a tested bundle with its report.
+
+    python -m training.build_default --data .gpudata --out runs/default --device cuda
+
+Steps, each printed with its time:
+
+1. load + patient split (saved as ``split.json``);
+2. stage 1 (``unet`` and ``lungvae``; the better on validation Dice is kept) on the segmentation rows of the
+   training patients;
+3. lung masks for every classification image with that stage 1 (the pipeline's post-processing and crop);
+4. stage 2 for every architecture x {whole image, lung-segmented} on covid vs normal;
+5. selection of the configuration with the best validation ROC AUC (a tie goes to lung mode), and the
+   operating threshold on validation for the target sensitivity;
+6. every configuration on the one test split, plus per-source metrics, lung attention, shape-normalised
+   copies and two trivial baselines;
+7. the chosen bundle (fp16 weights) via ``inference.bundle.create_bundle``.
+
+Outputs in ``--out``: ``results.json``, ``report.md``, ``split.json``, ``bundle/``, ``checkpoints/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.datasets import SIDES, Sample, patient_split, read_manifest, save_split
+from training.loops import FitConfig, fit, pick_device, predict, seed_everything
+from training.metrics import (
+    binary_metrics,
+    dice_iou,
+    metrics_with_ci,
+    per_group,
+    summary,
+    threshold_for_sensitivity,
+)
+from training.report import _plain, write_build_report, write_json
+from training.tensors import ImageSet, LungCrops, build_image_set, lung_crops
+
+log = logging.getLogger(__name__)
+
+MODES = ("whole", "lung")
+DEFAULT_ARCHS = ("densenet121", "resnet18", "mobilenet_v2")
+
+
+class Timer:
+    """Named steps with their wall time; ``say`` receives one line per finished step."""
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.steps: dict[str, float] = {}
+        self.t0 = time.perf_counter()
+
+    @contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        yield
+        self.steps[name] = round(time.perf_counter() - t, 2)
+        self.say(f"[{time.perf_counter() - self.t0:7.1f} s] {name}: {self.steps[name]:.1f} s")
+
+
+def _seg_dice(segmenter: torch.nn.Module, images: ImageSet, device: torch.device) -> dict[str, float]:
+    """Dice / IoU of the post-processed stage 1 mask vs the reference, on the stage 1 grid."""
+    from inference.preprocess import postprocess_mask
+
+    if not len(images):
+        return {"n": 0}
+    prob = predict(segmenter, images.seg_input, kind="segmentation", device=device, mean=0.5, std=0.25)
+    assert images.masks is not None
+    d, j = zip(*(dice_iou(postprocess_mask(prob[i, 0].numpy(), threshold=0.5), images.masks[i, 0].numpy() > 0)
+                 for i in range(len(images))), strict=True)
+    return {"n": len(d), "dice_mean": float(np.mean(d)), "dice_median": float(np.median(d)),
+            "iou_mean": float(np.mean(j)), "dice_p10": float(np.percentile(d, 10))}
+
+
+def _inputs(mode: str, images: ImageSet, crops: LungCrops) -> torch.Tensor:
+    return crops.crops if mode == "lung" else images.whole
+
+
+def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: int = 40, epochs_cls: int = 30,
+                  archs: tuple[str, ...] = DEFAULT_ARCHS, seg_archs: tuple[str, ...] = ("unet", "lungvae"),
+                  seg_size: int = 256, cls_size: int = 224, batch_size: int = 32, lr: float = 0.002,
+                  target_sensitivity: float = 0.95, seed: int = 0, quick: bool = False, resume: bool = False,
+                  version: str = "1.0.0", say: Callable[[str], None] = log.info) -> dict[str, Any]:
+    """Run every step (see the module docstring) and return the results dict (also in ``results.json``)."""
+    from inference.models.classifiers import build_classifier
+    from inference.models.segmentation import build_segmenter
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dev = pick_device(device)
+    timer = Timer(say)
+    seed_everything(seed)
+    max_steps = 2 if quick else 0
+    say(f"device {dev}, data {data}, out {out}")
+    with timer.step("load data + patient split"):
+        samples = read_manifest(data, labels=("covid", "normal"))
+        cls = [s for s in samples if s.task == "classification"]
+        seg = [s for s in samples if s.task == "segmentation"]
+        split = patient_split(cls + seg, seed=seed)
+        save_split(split, out / "split.json")
+        centre = 256 if not quick else 64
+        cls_sets = {side: build_image_set(split.select(cls, side), seg_size=seg_size, cls_size=cls_size,
+                                          centre_size=centre if side == "test" else 0) for side in SIDES}
+        seg_sets = {side: build_image_set(split.select(seg, side), seg_size=seg_size, cls_size=cls_size,
+                                          with_masks=True) for side in SIDES}
+    say(f"classification images per side: { {k: len(v) for k, v in cls_sets.items()} }, "
+        f"segmentation: { {k: len(v) for k, v in seg_sets.items()} }")
+    results: dict[str, Any] = {"data": str(data), "device": str(dev), "split": split.counts,
+                               "seed": seed, "target_sensitivity": target_sensitivity}
+    seg_val = seg_sets["val"] if len(seg_sets["val"]) else seg_sets["train"]
+    best_seg, best_seg_score, stage1 = None, -1.0, {}
+    for arch in seg_archs:
+        with timer.step(f"stage 1 {arch}"):
+            model = build_segmenter(arch)
+            cfg = FitConfig(epochs=epochs_seg, batch_size=min(batch_size, 16), lr=lr, seed=seed,
+                            patience=10, max_steps=max_steps)
+            r = fit(model, (seg_sets["train"].seg_input, seg_sets["train"].masks),
+                    (seg_val.seg_input, seg_val.masks), kind="segmentation", config=cfg, device=dev,
+                    checkpoint=out / "checkpoints" / f"stage1_{arch}.pt", resume=resume,
+                    name=f"stage1 {arch}")
+            stage1[arch] = {"val_dice": r.best_score, "best_epoch": r.best_epoch, "seconds": r.seconds,
+                            "test": _seg_dice(model, seg_sets["test"], dev)}
+            say(f"stage 1 {arch}: val Dice {r.best_score:.3f} (epoch {r.best_epoch}), "
+                f"test Dice {stage1[arch]['test'].get('dice_mean', float('nan')):.3f}")
+            if r.best_score > best_seg_score:
+                best_seg, best_seg_score = (arch, model), r.best_score
+    assert best_seg is not None
+    seg_arch, segmenter = best_seg
+    results["stage1"] = {"chosen": seg_arch, "size": seg_size, "by_arch": stage1}
+    with timer.step("lung masks for all classification images"):
+        crops = {side: lung_crops(segmenter, cls_sets[side], cls_size=cls_size, device=dev) for side in SIDES}
+        test_centre = cls_sets["test"].centre
+        assert test_centre is not None
+        crops_centre = lung_crops(segmenter, test_centre, cls_size=cls_size, device=dev)
+    results["lungs_found"] = {side: float(crops[side].found.mean()) if len(crops[side].found) else None
+                              for side in SIDES}
+    results["lung_fraction_test"] = summary(crops["test"].lung_fraction.tolist())
+    y = {side: cls_sets[side].y for side in SIDES}
+    configs: dict[str, dict[str, Any]] = {}
+    models: dict[str, torch.nn.Module] = {}
+    for arch in archs:
+        for mode in MODES:
+            name = f"{arch}/{mode}"
+            with timer.step(f"stage 2 {name}"):
+                model = build_classifier(arch)
+                cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=seed,
+                                max_steps=max_steps)
+                r = fit(model, (_inputs(mode, cls_sets["train"], crops["train"]), y["train"]),
+                        (_inputs(mode, cls_sets["val"], crops["val"]), y["val"]), kind="classification",
+                        config=cfg, device=dev, checkpoint=out / "checkpoints" / f"stage2_{arch}_{mode}.pt",
+                        resume=resume, name=name)
+                p = {side: predict(model, _inputs(mode, cls_sets[side], crops[side]),
+                                   kind="classification", device=dev, mean=cfg.mean, std=cfg.std).numpy()
+                     for side in ("val", "test")}
+                p_centre = predict(model, _inputs(mode, test_centre, crops_centre), kind="classification",
+                                   device=dev, mean=cfg.mean, std=cfg.std).numpy()
+                thr = _threshold(y["val"].numpy(), p["val"], target_sensitivity)
+                configs[name] = {
+                    "arch": arch, "mode": mode, "best_epoch": r.best_epoch, "seconds": round(r.seconds, 1),
+                    "epochs_run": len(r.history), "threshold": thr,
+                    "val": binary_metrics(y["val"].numpy(), p["val"], thr),
+                    "test": binary_metrics(y["test"].numpy(), p["test"], thr),
+                    "test_shape_normalised": binary_metrics(y["test"].numpy(), p_centre, thr),
+                    "prob_test": p["test"].tolist(),
+                }
+                models[name] = model.cpu()
+                c = configs[name]
+                say(f"stage 2 {name}: val AUC {c['val']['roc_auc']:.3f}, test AUC "
+                    f"{c['test']['roc_auc']:.3f}, test acc {c['test']['accuracy']:.3f}")
+    chosen = max(configs, key=lambda k: (_nan0(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"))
+    say(f"chosen on validation: {chosen}")
+    results["configs"] = {k: {kk: vv for kk, vv in v.items() if kk != "prob_test"}
+                          for k, v in configs.items()}
+    results["chosen"] = chosen
+    with timer.step("test metrics, per source, lung attention"):
+        c = configs[chosen]
+        yt, pt = y["test"].numpy(), np.asarray(c["prob_test"])
+        results["test"] = metrics_with_ci(yt, pt, c["threshold"], n_boot=200 if quick else 1000, seed=seed)
+        results["per_source"] = per_group(yt, pt, cls_sets["test"].sources, c["threshold"])
+        results["test_shape_normalised"] = c["test_shape_normalised"]
+        results["lung_attention"] = _attention(configs, models, cls_sets["test"], crops["test"], dev)
+    with timer.step("trivial baselines"):
+        from training.baselines import trivial_baselines
+
+        centres = {side: (cls_sets[side].centre.whole if cls_sets[side].centre is not None
+                          else _centre_whole(cls_sets[side], cls_size)) for side in SIDES}
+        results["baselines"] = trivial_baselines({s: cls_sets[s].shapes for s in SIDES}, centres,
+                                                 {s: y[s].numpy() for s in SIDES},
+                                                 target_sensitivity=target_sensitivity)
+    with timer.step("bundle"):
+        results["bundle"] = str(_write_bundle(out / "bundle", segmenter, seg_arch, models[chosen], c, results,
+                                              seg_size=seg_size, cls_size=cls_size, version=version,
+                                              cls_samples=cls))
+    results["timings_s"] = timer.steps
+    write_json(out / "results.json", results)
+    write_build_report(out, results)
+    say(f"done in {time.perf_counter() - timer.t0:.1f} s: {out / 'report.md'}")
+    return results
+
+
+def _nan0(v: float) -> float:
+    return -1.0 if v is None or not np.isfinite(v) else float(v)
+
+
+def _threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
+    thr = threshold_for_sensitivity(y, p, target) if (y == 1).any() else 0.5
+    return float(min(max(thr, 1e-4), 1 - 1e-4))  # the bundle needs 0 < threshold < 1
+
+
+def _centre_whole(images: ImageSet, size: int) -> torch.Tensor:
+    from inference.preprocess import square_resize
+    from training.tensors import centre_square, to_uint8
+
+    arrs = [to_uint8(square_resize(centre_square(p).astype(np.float32) / 255.0, size)) for p in images.pixels]
+    if not arrs:
+        return torch.zeros((0, 1, size, size), dtype=torch.uint8)
+    return torch.from_numpy(np.stack(arrs))[:, None]
+
+
+def _attention(configs: dict[str, dict[str, Any]], models: dict[str, torch.nn.Module], images: ImageSet,
+               crops: LungCrops, dev: torch.device) -> dict[str, Any]:
+    """Lung attention on the test images for every configuration (all images and positives only)."""
+    from training.attention import lung_attention_scores
+
+    out: dict[str, Any] = {}
+    y = images.y.numpy()
+    for name, c in configs.items():
+        x = _inputs(c["mode"], images, crops)
+        masks = crops.crop_masks if c["mode"] == "lung" else crops.whole_masks
+        a = lung_attention_scores(models[name], c["arch"], x, masks, device=dev)
+        models[name].cpu()
+        out[name] = {"all": summary(a.tolist()), "positives": summary(a[y == 1].tolist()),
+                     "negatives": summary(a[y == 0].tolist())}
+    return out
+
+
+def _write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifier: torch.nn.Module,
+                  chosen: dict[str, Any], results: dict[str, Any], *, seg_size: int, cls_size: int,
+                  version: str, cls_samples: list[Sample]) -> Path:
+    from inference.bundle import TARGETS, create_bundle
+
+    by_source = Counter(f"{s.source}/{s.label}" for s in cls_samples)
+    card = {
+        "name": "cxr-node-covid19",
+        "version": version,
+        "architectures": {"segmenter": seg_arch, "classifier": chosen["arch"]},
+        "input_sizes": {"segmenter": seg_size, "classifier": cls_size},
+        "normalisation": {"mean": 0.5, "std": 0.25},
+        "targets": list(TARGETS),
+        "threshold": chosen["threshold"],
+        "crop_mode": chosen["mode"],
+        "training_data": {
+            "description": "COVID-19 vs normal chest radiographs (public sources; 'other' excluded), "
+                           "patient-level split 7:2:1, stratified by label and source",
+            "images_by_source_label": dict(sorted(by_source.items())),
+            "split_counts": results["split"], "seed": results["seed"],
+            "selection": "best validation ROC AUC over architecture x {whole, lung}; threshold on validation "
+                         f"for sensitivity >= {results['target_sensitivity']}",
+        },
+        "metrics": {k: results[k] for k in ("test", "per_source", "test_shape_normalised", "stage1",
+                                             "lung_attention") if k in results},
+    }
+    card["metrics"]["lung_attention"] = results.get("lung_attention", {}).get(results["chosen"])
+    card["metrics"]["baselines"] = {k: v["test_at_0.5"] for k, v in results.get("baselines", {}).items()}
+    return create_bundle(path, segmenter=segmenter.cpu().float(), classifier=classifier.cpu().float(),
+                         card=_plain(card), half=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point (``python -m training.build_default``)."""
+    p = argparse.ArgumentParser(prog="python -m training.build_default", description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True, type=Path, help="manifest CSV or folder with manifest.csv")
+    p.add_argument("--out", required=True, type=Path, help="output folder (report, bundle, checkpoints)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--epochs-seg", type=int, default=40)
+    p.add_argument("--epochs-cls", type=int, default=30)
+    p.add_argument("--archs", default=",".join(DEFAULT_ARCHS), help="comma-separated stage 2 architectures")
+    p.add_argument("--seg-archs", default="unet,lungvae", help="comma-separated stage 1 architectures")
+    p.add_argument("--seg-size", type=int, default=256)
+    p.add_argument("--cls-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.002)
+    p.add_argument("--target-sensitivity", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--version", default="1.0.0", help="version written into the bundle card")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 batches per epoch, small sizes")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.quick:
+        args.seg_size, args.cls_size = min(args.seg_size, 64), min(args.cls_size, 64)
+    build_default(args.data, args.out, device=args.device, epochs_seg=args.epochs_seg,
+                  epochs_cls=args.epochs_cls, archs=tuple(a for a in args.archs.split(",") if a),
+                  seg_archs=tuple(a for a in args.seg_archs.split(",") if a), seg_size=args.seg_size,
+                  cls_size=args.cls_size, batch_size=args.batch_size, lr=args.lr,
+                  target_sensitivity=args.target_sensitivity, seed=args.seed, quick=args.quick,
+                  resume=args.resume, version=args.version,
+                  say=lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush()) and None)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Training loops for both stages on preloaded tensors: one :func:`fit` for segmenters and classifiers.
+
+Data are whole tensors in memory (uint8, N x 1 x S x S) moved to the device once; batches are augmented there
+(:mod:`training.augment`). Adam (lr 0.002 by default), class-balanced cross-entropy for classifiers,
+BCE + soft Dice for segmenters, one-cycle learning-rate schedule, early stopping on the validation score
+(ROC AUC / Dice), bf16 autocast on CUDA, fixed seeds, a checkpoint after every epoch and resume from it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.augment import augment
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["segmentation", "classification"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) RNGs."""
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when present, else CPU; ``cuda`` without a GPU raises ``RuntimeError``."""
+    if name not in ("auto", "cpu", "cuda"):
+        raise ValueError('Argument "device" must be auto, cpu or cuda.')
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device cuda requested but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def in_channels(model: nn.Module) -> int:
+    """Input channels of the model's first convolution (1 or 3)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            return int(m.in_channels)
+    return 1
+
+
+def as_input(x_uint8: torch.Tensor, channels: int, mean: float, std: float) -> torch.Tensor:
+    """uint8 (N,1,H,W) or float in [0,1] -> normalised float (N,channels,H,W)."""
+    x = x_uint8.float() / 255.0 if x_uint8.dtype == torch.uint8 else x_uint8.float()
+    x = (x - mean) / std
+    return x.expand(-1, channels, -1, -1) if channels != x.shape[1] else x
+
+
+def logits_of(out: object) -> torch.Tensor:
+    """The logits tensor of a model output (a tensor, a tuple whose first item is it, or a dict 'logits')."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return out["logits"]
+    if isinstance(out, tuple | list):
+        return out[0]
+    raise TypeError(f"unexpected model output type {type(out).__name__}")
+
+
+def class_probability(logits: torch.Tensor) -> torch.Tensor:
+    """P(class 1) from (N,2) softmax logits or (N,1)/(N,) sigmoid logits."""
+    logits = logits.float()
+    if logits.ndim == 2 and logits.shape[1] == 2:
+        return logits.softmax(1)[:, 1]
+    return torch.sigmoid(logits.reshape(-1))
+
+
+def _cls_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    logits = logits.float()
+    if logits.ndim == 2 and logits.shape[1] == 2:
+        return F.cross_entropy(logits, y, weight=weights)
+    pos_weight = weights[1] / weights[0]
+    return F.binary_cross_entropy_with_logits(logits.reshape(-1), y.float(), pos_weight=pos_weight)
+
+
+def _seg_step(model: nn.Module, xb: torch.Tensor, target: torch.Tensor,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """Forward + loss of one segmentation batch; lungvae-style models train on corrupted inputs."""
+    from inference.models.segmentation import corrupt_for_imputation, lungvae_loss, segmentation_loss
+
+    if hasattr(model, "forward_train"):
+        gen = generator if generator is not None and generator.device.type == "cpu" else None
+        out = model.forward_train(corrupt_for_imputation(xb, generator=gen))
+        return lungvae_loss(out, target, xb)["total"].float()
+    return segmentation_loss(logits_of(model(xb)).float(), target)
+
+
+@dataclass
+class FitConfig:
+    """Hyper-parameters of one training run."""
+
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 0.002
+    weight_decay: float = 1e-4
+    patience: int = 8  # epochs without a better validation score before stopping
+    seed: int = 0
+    mean: float = 0.5  # input normalisation (recorded in the bundle card)
+    std: float = 0.25
+    augment: bool = True
+    max_steps: int = 0  # >0: stop each epoch after this many batches (tests)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f'Argument "{name}" must be at least 1.')
+        if not self.lr > 0:
+            raise ValueError('Argument "lr" must be positive.')
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` returns: the best weights (on validation) and the history."""
+
+    state: dict[str, torch.Tensor]
+    best_score: float
+    best_epoch: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _progress(iterable: range, desc: str, enabled: bool | None) -> object:
+    from tqdm.auto import tqdm
+
+    if enabled is None:
+        enabled = sys.stderr.isatty() and not os.environ.get("CI")
+    return tqdm(iterable, desc=desc, disable=not enabled, leave=False)
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, x: torch.Tensor, *, kind: Kind, device: torch.device, mean: float, std: float,
+            batch_size: int = 64) -> torch.Tensor:
+    """Probabilities for a uint8 tensor ``x``: P(covid) per image (N,) or lung probability maps (N,1,H,W)."""
+    model.eval().to(device)
+    ch = in_channels(model)
+    outs = []
+    for i in range(0, x.shape[0], batch_size):
+        xb = as_input(x[i:i + batch_size].to(device, non_blocking=True), ch, mean, std)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = logits_of(model(xb))
+        outs.append((class_probability(logits) if kind == "classification" else torch.sigmoid(logits.float()))
+                    .float().cpu())
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def protect_inplace_relu(model: nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hook the final non-inplace ReLU of a ``features`` block to return a copy.
+
+    torchvision's DenseNet applies ``F.relu(..., inplace=True)`` after ``features``; when ``features`` ends in
+    its own ReLU (kept for Grad-CAM), the in-place op would overwrite the tensor that ReLU's backward needs.
+    Returning a copy from the hook keeps training correct and leaves the weights and module names unchanged.
+    """
+    features = getattr(model, "features", None)
+    last = list(features.children())[-1] if isinstance(features, nn.Sequential) and len(features) else None
+    if isinstance(last, nn.ReLU) and not last.inplace:
+        return [last.register_forward_hook(lambda _m, _i, out: out.clone())]
+    return []
+
+
+def _val_score(kind: Kind, prob: torch.Tensor, y: torch.Tensor) -> float:
+    if kind == "classification":
+        from sklearn.metrics import roc_auc_score
+
+        yy = y.numpy()
+        if len(np.unique(yy)) < 2:
+            return float(-F.binary_cross_entropy(prob.clamp(1e-6, 1 - 1e-6), y.float()))
+        return float(roc_auc_score(yy, prob.numpy()))
+    pred = (prob > 0.5).float()
+    t = y.float()
+    inter = (pred * t).sum(dim=(1, 2, 3))
+    return float(((2 * inter + 1e-6) / (pred.sum(dim=(1, 2, 3)) + t.sum(dim=(1, 2, 3)) + 1e-6)).mean())
+
+
+def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], *,
+        kind: Kind, config: FitConfig, device: torch.device, checkpoint: Path | None = None,
+        resume: bool = False, progress: bool | None = None, name: str = "",
+        on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
+    """Train ``model`` on ``train`` = (x uint8 (N,1,S,S), y) and keep the weights best on ``val``.
+
+    ``y`` is a long tensor of class ids (classification) or a uint8 mask tensor (N,1,S,S) (segmentation).
+    With ``checkpoint`` the full training state is saved after each epoch; ``resume=True`` continues from it.
+    Returns the best state dict (CPU tensors), its validation score and epoch, and the per-epoch history.
+    """
+    if kind not in ("segmentation", "classification"):
+        raise ValueError('Argument "kind" must be segmentation or classification.')
+    if train[0].shape[0] == 0 or val[0].shape[0] == 0:
+        raise ValueError(f"{name or kind}: empty training or validation set")
+    t0 = time.perf_counter()
+    seed_everything(config.seed)
+    model.to(device)
+    hooks = protect_inplace_relu(model)
+    ch = in_channels(model)
+    xt, yt = train[0].to(device), train[1].to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(xt.shape[0] / config.batch_size)
+    if config.max_steps:
+        steps_per_epoch = min(steps_per_epoch, config.max_steps)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=config.lr, total_steps=config.epochs * steps_per_epoch, pct_start=0.15)
+    weights = torch.ones(2, device=device)
+    if kind == "classification":
+        counts = torch.bincount(yt, minlength=2).float().clamp(min=1)
+        weights = counts.sum() / (2 * counts)
+    gen = torch.Generator(device=device).manual_seed(config.seed)
+    cpu_gen = torch.Generator().manual_seed(config.seed)
+    best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    best_score, best_epoch, start, history = -math.inf, -1, 0, []
+    if resume and checkpoint is not None and checkpoint.is_file():
+        ck = torch.load(checkpoint, map_location=device, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        best_state, best_score, best_epoch = ck["best_state"], float(ck["best_score"]), int(ck["best_epoch"])
+        start, history = int(ck["epoch"]) + 1, [dict(h) for h in ck["history"]]
+        if ck.get("finished"):
+            start = config.epochs
+        gen.manual_seed(config.seed + start)
+        log.info("resumed", extra={"action": "train_resume", "run": name, "epoch": start})
+    for epoch in _progress(range(start, config.epochs), name or kind, progress):  # type: ignore[attr-defined]
+        model.train()
+        perm = torch.randperm(xt.shape[0], device=device, generator=gen)
+        total, seen = 0.0, 0
+        for step in range(steps_per_epoch):
+            idx = perm[step * config.batch_size:(step + 1) * config.batch_size]
+            if idx.numel() < 2 and kind == "classification" and step > 0:
+                continue  # BatchNorm cannot train on a single sample
+            xb = xt[idx].float() / 255.0
+            yb = yt[idx]
+            mb = yb.float() if kind == "segmentation" else None
+            if config.augment:
+                xb, mb = augment(xb, mb, generator=gen)
+            xb = as_input(xb, ch, config.mean, config.std)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                if kind == "classification":
+                    loss = _cls_loss(logits_of(model(xb)), yb, weights)
+                else:
+                    loss = _seg_step(model, xb, mb, cpu_gen)  # type: ignore[arg-type]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * idx.numel()
+            seen += idx.numel()
+        prob = predict(model, val[0], kind=kind, device=device, mean=config.mean, std=config.std)
+        score = _val_score(kind, prob, val[1].cpu())
+        row = {"epoch": float(epoch), "loss": total / max(seen, 1), "val_score": score,
+               "lr": float(sched.get_last_lr()[0])}
+        history.append(row)
+        if score > best_score:
+            best_score, best_epoch = score, epoch
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        log.info("epoch", extra={"action": "train_epoch", "run": name, **row})
+        if on_epoch is not None:
+            on_epoch(row)
+        if checkpoint is not None:
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            tmp = checkpoint.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(), "best_state": best_state, "best_score": best_score,
+                        "best_epoch": best_epoch, "epoch": epoch, "history": history}, tmp)
+            tmp.replace(checkpoint)
+        if epoch - best_epoch >= config.patience:
+            log.info("early stop", extra={"action": "train_early_stop", "run": name, "epoch": epoch})
+            break
+    if checkpoint is not None and checkpoint.is_file():
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if not ck.get("finished"):
+            ck["finished"] = True
+            torch.save(ck, checkpoint)
+    for handle in hooks:
+        handle.remove()
+    model.load_state_dict(best_state)
+    return FitResult(state=best_state, best_score=best_score, best_epoch=best_epoch, history=history,
+                     seconds=time.perf_counter() - t0)

@@ -1,0 +1,145 @@
+"""Writing results: JSON (numbers for scripts and the model card) and Markdown (for people and the README).
+
+Every table in the Markdown is generated from the same dict that is written as JSON, never typed by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _plain(value: Any) -> Any:
+    """JSON-safe copy: NumPy scalars/arrays to Python, NaN/inf to None, tuples to lists, Paths to str."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return [_plain(v) for v in value.tolist()]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON (NaN as null)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_plain(data), indent=1, sort_keys=False) + "\n")
+    return path
+
+
+def fmt(value: Any, digits: int = 3) -> str:
+    """A number for a table: ``0.912``; intervals as ``0.912 [0.85, 0.96]``; missing as ``–``."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "–"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(fmt(v, digits) for v in value) + "]"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.{digits}f}"
+    return str(value)
+
+
+def with_ci(metrics: Mapping[str, Any], name: str) -> str:
+    """``value [lo, hi]`` when ``<name>_ci`` is present, else the value."""
+    ci = metrics.get(f"{name}_ci")
+    return fmt(metrics.get(name)) + (f" {fmt(ci, 2)}" if ci else "")
+
+
+def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
+    """A Markdown table; ``columns`` are (key, header) pairs."""
+    head = "| " + " | ".join(h for _, h in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(fmt(r.get(k)) for k, _ in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+METRIC_COLUMNS = [("accuracy", "accuracy"), ("precision", "precision"), ("recall", "recall"),
+                  ("specificity", "specificity"), ("f1", "F1"), ("roc_auc", "ROC AUC")]
+
+
+def metrics_table(named: Mapping[str, Mapping[str, Any]], first: str = "set") -> str:
+    """One row per entry of ``named`` (name -> binary metrics), with n and positives."""
+    rows = [{**v, first: k, "n": int(v.get("n") or 0), "positives": int(v.get("positives") or 0)}
+            for k, v in named.items()]
+    return table(rows, [(first, first), ("n", "n"), ("positives", "covid"), *METRIC_COLUMNS])
+
+
+def _comparison_rows(configs: Mapping[str, Mapping[str, Any]], key: str) -> list[dict[str, Any]]:
+    return [{"configuration": name, "threshold": c["threshold"], "val_auc": c["val"]["roc_auc"], **c[key]}
+            for name, c in configs.items()]
+
+
+def comparison_markdown(configs: Mapping[str, Mapping[str, Any]], chosen: str) -> str:
+    """The method's comparison table: architecture x {whole, lung} on the one test split."""
+    cols = [("configuration", "configuration"), ("val_auc", "val AUC"), ("threshold", "threshold"),
+            *METRIC_COLUMNS]
+    rows = _comparison_rows(configs, "test")
+    for r in rows:
+        if r["configuration"] == chosen:
+            r["configuration"] = f"**{chosen}** (chosen)"
+    return table(rows, cols)
+
+
+def write_build_report(out: str | Path, results: Mapping[str, Any]) -> Path:
+    """``report.md`` for a ``build_default`` run (every number from ``results``)."""
+    out = Path(out)
+    t = results.get("test", {})
+    lines = [
+        "# Default model: training and evaluation report", "",
+        f"Data: `{results.get('data')}`; device: {results.get('device')}; seed {results.get('seed')}. "
+        f"Split (images per side and label): `{_plain(results.get('split'))}`.", "",
+        "## Stage 1 (lung segmentation)", "",
+        table([{"arch": k, "val_dice": v["val_dice"], **v["test"]}
+               for k, v in results["stage1"]["by_arch"].items()],
+              [("arch", "architecture"), ("val_dice", "val Dice"), ("n", "test n"),
+               ("dice_mean", "test Dice"), ("dice_median", "median Dice"), ("iou_mean", "test IoU")]),
+        "", f"Chosen: `{results['stage1']['chosen']}`. "
+        f"Share of images where lungs were found: `{_plain(results.get('lungs_found'))}`.", "",
+        "## Comparison: architecture x {whole image, lung-segmented} (one test split)", "",
+        "Threshold of each configuration set on validation for sensitivity >= "
+        f"{results.get('target_sensitivity')}; selection by validation ROC AUC.", "",
+        comparison_markdown(results["configs"], results["chosen"]), "",
+        f"## Chosen configuration `{results['chosen']}` on test", "",
+        table([{"m": n, "v": t.get(n), "ci": t.get(f"{n}_ci")} for n in
+               ("roc_auc", "sensitivity", "specificity", "accuracy", "f1")],
+              [("m", "metric"), ("v", "value"), ("ci", "95% bootstrap CI")]), "",
+        f"Threshold {fmt(t.get('threshold'), 4)}; TP {fmt(t.get('tp'))}, FP {fmt(t.get('fp'))}, "
+        f"TN {fmt(t.get('tn'))}, FN {fmt(t.get('fn'))}.", "",
+        "### Per source (test)", "", metrics_table(results.get("per_source", {}), "source"), "",
+        "## Shortcut checks", "",
+        "Shape-normalised copies of the test images (centre square, fixed size, then the same pipeline), and "
+        "two trivial baselines that never look at the lungs.", "",
+        metrics_table({**{f"{k} (shape-normalised)": v["test_shape_normalised"]
+                          for k, v in results["configs"].items()},
+                       **{f"baseline {k} (threshold 0.5)": v["test_at_0.5"]
+                          for k, v in results.get("baselines", {}).items()},
+                       **{f"baseline {k} (val threshold)": v["test_at_val_threshold"]
+                          for k, v in results.get("baselines", {}).items()}}, "model / input"), "",
+        "### Lung attention on test (share of Grad-CAM++ mass inside the lung mask)", "",
+        table([{"configuration": k, **{f"{g}_{s}": v[g][s] for g in ("all", "positives") for s in
+                                       ("median", "p25", "p75")}}
+               for k, v in results.get("lung_attention", {}).items()],
+              [("configuration", "configuration"), ("all_median", "median (all)"), ("all_p25", "p25"),
+               ("all_p75", "p75"), ("positives_median", "median (covid)"), ("positives_p25", "p25 (covid)")]),
+        "", "## Timings (s)", "",
+        table([{"step": k, "s": v} for k, v in results.get("timings_s", {}).items()],
+              [("step", "step"), ("s", "seconds")]), "",
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
