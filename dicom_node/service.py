@@ -92,6 +92,10 @@ class _Node:
 
     def start(self, *, once: bool = False) -> None:
         s = self.settings
+        if self.want_worker and not self.want_listener and not s.storage.spool_dir.is_dir():
+            raise ConfigError(f"storage.data_dir: spool directory {s.storage.spool_dir} does not exist on "
+                              "this machine (a scale-out worker needs the shared spool volume mounted at the "
+                              "same path)")
         if self.want_worker:
             from dicom_node.worker import Worker
 

@@ -178,6 +178,9 @@ class Worker:
             return False
         previous = self._model_key
         self.pipeline, self._model_key, self._failed_key = pipeline, key, None
+        if previous is None and key.startswith("path:"):
+            log.info("model.path is set: models promoted in the registry are not picked up by this worker",
+                     extra={"action": "model_pinned"})
         bundle = pipeline.bundle
         metrics.set_model(bundle.name, bundle.version, getattr(bundle, "device_uid", "") or "",
                           str(getattr(bundle, "path", "")))
@@ -260,7 +263,14 @@ class Worker:
             ds = pydicom.dcmread(job.spool_path)
             return ds, load_dicom(ds)
         except FileNotFoundError:
-            self._fail(job, f"spooled file {job.spool_path} is missing", retryable=False)
+            spool_dir = self.settings.storage.spool_dir
+            if not spool_dir.is_dir():  # the shared volume is not mounted here: not the instance's fault
+                log.error("spool directory %s is not available on this machine", spool_dir,
+                          extra={"action": "worker_spool_missing", "job_id": job.id})
+                self._fail(job, f"spool directory {spool_dir} is not available on worker {self.worker_id}",
+                           retryable=True)
+            else:
+                self._fail(job, f"spooled file {job.spool_path} is missing", retryable=False)
         except (InvalidDicomError, InvalidInstance) as exc:
             self._fail(job, f"undecodable instance: {exc}", retryable=False)
         except OSError as exc:

@@ -59,7 +59,7 @@ def test_no_command_prints_help_and_exits_2(tmp_path: Path) -> None:
     assert out.returncode == 2 and "COMMAND" in out.stdout
 
 
-def test_worker_with_a_broken_model_stops_with_a_message(tmp_path: Path,
+def test_worker_without_spool_or_model_stops_with_a_message(tmp_path: Path,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     from dicom_node.config import Settings
     from dicom_node.service import run_worker
@@ -67,6 +67,12 @@ def test_worker_with_a_broken_model_stops_with_a_message(tmp_path: Path,
     settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
                                         "model": {"path": str(tmp_path / "no-model"), "device": "cpu"}})
     caplog.set_level(logging.ERROR, logger="dicom_node.service")
+    assert run_worker(argparse.Namespace(once=False), settings) == 1
+    [record] = [r for r in caplog.records if getattr(r, "action", "") == "node_start_failed"]
+    assert "spool directory" in record.getMessage() and "shared spool volume" in record.getMessage()
+
+    caplog.clear()
+    settings.storage.spool_dir.mkdir(parents=True)
     assert run_worker(argparse.Namespace(once=False), settings) == 1
     [record] = [r for r in caplog.records if getattr(r, "action", "") == "node_start_failed"]
     assert "cannot load the model" in record.getMessage() and "no-model" in record.getMessage()
