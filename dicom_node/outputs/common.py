@@ -229,10 +229,15 @@ def node_equipment(card: Mapping[str, Any], description: str) -> ContributingEqu
         manufacturer=MANUFACTURER,
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=model_label(card)[:64],
-        software_versions=[f"cxr-node {__version__}"[:64], f"model {card['version']}"[:64]],
+        software_versions=software_versions(card),
         contribution_datetime=datetime.datetime.now(),
         contribution_description=description[:64],
     )
+
+
+def software_versions(card: Mapping[str, Any]) -> list[str]:
+    """SoftwareVersions of the node's objects: the node's version and the model bundle's version."""
+    return [f"cxr-node {__version__}"[:64], f"model {card['version']}"[:64]]
 
 
 def model_label(card: Mapping[str, Any]) -> str:

@@ -31,6 +31,7 @@ from dicom_node.outputs.common import (
     derived_uid,
     model_label,
     node_equipment,
+    software_versions,
 )
 from inference.types import Result, XrayImage
 
@@ -111,7 +112,7 @@ def build_heatmap_sc(
         patient_orientation=_orientation(reference),
         series_description=SC_SERIES_DESCRIPTION,
         manufacturer_model_name=model_label(card)[:64],
-        software_versions=[f"model {card['version']}"[:64]],
+        software_versions=software_versions(card),
         contributing_equipment=[node_equipment(card, "Grad-CAM heatmap overlay")],
     )
     sc.ImageType = ["DERIVED", "SECONDARY"]

@@ -58,6 +58,7 @@ from dicom_node.outputs.common import (
     derived_uid,
     model_label,
     node_equipment,
+    software_versions,
 )
 from inference.types import Result
 
@@ -199,7 +200,7 @@ def build_sr(
             designator=CODING_SCHEME, name=CODING_SCHEME_NAME)],
     )
     sr.ManufacturerModelName = model_label(card)[:64]
-    sr.SoftwareVersions = [f"model {card['version']}"[:64]]
+    sr.SoftwareVersions = software_versions(card)
     logger.debug("SR built", extra={"action": "sr_built", "finding": result.finding})
     return sr
 
