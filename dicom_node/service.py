@@ -106,7 +106,8 @@ class _Node:
             "cxr-node %s starting: AE title %s, port %s, database %s, model %s %s, device %s",
             "serve" if self.want_listener else "worker", s.listener.ae_title,
             s.listener.port if self.want_listener else "-", safe_url(s.db_url),
-            getattr(model, "name", "-"), getattr(model, "version", "-"), s.model.device,
+            getattr(model, "name", "-"), getattr(model, "version", "-"),
+            getattr(self.worker.pipeline, "device", s.model.device) if self.worker else "-",
             extra={"action": "node_start"})
         if self.want_listener:
             from dicom_node.scp import start_scp

@@ -178,3 +178,16 @@ def test_heartbeat_keeps_the_lease_during_a_long_batch(settings: Settings, engin
     assert sum(reclaimed) == 0, "the lease expired although the worker was alive"
     history = [h["to_state"] for h in worker.jm.history(job_id)]
     assert history[:3] == ["queued", "processing", "exporting"]
+
+
+def test_missing_spool_volume_is_retried_not_failed(settings: Settings, engine: Engine,
+                                                    tmp_path: Path) -> None:
+    jm = JobManager(engine, settings.worker)
+    job_id = spool(settings, jm, "elsewhere")
+    moved = settings.model_copy(update={"storage": settings.storage.model_copy(
+        update={"data_dir": tmp_path / "not-mounted"})})
+    worker = Worker(moved, engine, job_manager=jm)
+    Path(job_row(engine, job_id).spool_path).unlink()
+    worker.run_once()
+    job = job_row(engine, job_id)
+    assert job.state == "queued" and "is not available on worker" in (job.last_error or "")
