@@ -176,8 +176,10 @@ class Worker:
             log.error("new model %s could not be loaded; still serving the previous one: %s", path, exc,
                       extra={"action": "model_swap_failed"})
             return False
-        previous = self._model_key
+        previous, old_pipeline = self._model_key, self.pipeline
         self.pipeline, self._model_key, self._failed_key = pipeline, key, None
+        if old_pipeline is not None and hasattr(old_pipeline, "close"):
+            old_pipeline.close()  # release its threads and device memory
         if previous is None and key.startswith("path:"):
             log.info("model.path is set: models promoted in the registry are not picked up by this worker",
                      extra={"action": "model_pinned"})
