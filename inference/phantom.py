@@ -88,13 +88,15 @@ def _soft(inside: np.ndarray, width: float) -> np.ndarray:
 def _frontal(y: np.ndarray, x: np.ndarray, rng: np.random.Generator, jitter: np.ndarray) -> tuple[
     np.ndarray, np.ndarray
 ]:
-    """Frontal (PA) projection in unit coordinates; returns (image, lung mask)."""
+    """Frontal (PA) projection; ``y`` is a (rows, 1) and ``x`` a (1, columns) grid of unit coordinates
+    (broadcast, so that terms of one coordinate cost one row or column). Returns (image, lung mask)."""
+    shape = (y.shape[0], x.shape[1])
     # Body outline: trunk with shoulders, slightly wider at the top.
     half_w = 0.41 + 0.04 * np.clip((0.35 - y) / 0.35, 0, 1) + jitter[0]
     body = _soft(half_w - np.abs(x - 0.5), 0.01) * _soft(y - 0.04, 0.02)
     img = _AIR + (_SOFT - _AIR) * body
 
-    lungs = np.zeros(y.shape, dtype=bool)
+    lungs = np.zeros(shape, dtype=bool)
     heart_cx, heart_cy = 0.56 + jitter[1], 0.66
     heart = ((x - heart_cx) / 0.15) ** 2 + ((y - heart_cy) / 0.14) ** 2 < 1.0
     for side in (-1, 1):
@@ -114,7 +116,7 @@ def _frontal(y: np.ndarray, x: np.ndarray, rng: np.random.Generator, jitter: np.
     lung_f = lungs.astype(np.float32)
 
     # Lung fields are dark, with vessel-like texture fading towards the periphery.
-    vessels = np.abs(_smooth_noise(rng, y.shape, max(4, y.shape[0] // 64)))
+    vessels = np.abs(_smooth_noise(rng, shape, max(4, shape[0] // 64)))
     hilum = np.exp(-(((np.abs(x - 0.5) - 0.1) / 0.12) ** 2 + ((y - 0.45) / 0.15) ** 2))
     lung_val = _LUNG + 0.05 * vessels * (0.3 + hilum)
     img = img * (1 - lung_f) + lung_val * lung_f
@@ -146,13 +148,14 @@ def _lateral(y: np.ndarray, x: np.ndarray, rng: np.random.Generator, jitter: np.
     np.ndarray, np.ndarray
 ]:
     """Lateral projection: one large lung blob, spine posterior (image right), heart anterior."""
+    shape = (y.shape[0], x.shape[1])
     body = _soft(0.40 + jitter[0] - np.abs(x - 0.5), 0.01) * _soft(y - 0.04, 0.02)
     img = _AIR + (_SOFT - _AIR) * body
     blob = ((x - 0.5) / 0.25) ** 2 + ((y - 0.48) / 0.32) ** 2 < 1.0
     heart = ((x - 0.38) / 0.14) ** 2 + ((y - 0.66) / 0.13) ** 2 < 1.0
     lungs = blob & ~heart & (y < 0.74 + 0.05 * (x - 0.5))
     lung_f = lungs.astype(np.float32)
-    vessels = np.abs(_smooth_noise(rng, y.shape, max(4, y.shape[0] // 64)))
+    vessels = np.abs(_smooth_noise(rng, shape, max(4, shape[0] // 64)))
     img = img * (1 - lung_f) + (_LUNG + 0.06 + 0.05 * vessels) * lung_f
     img = np.where(heart & (body > 0.5), np.maximum(img, 0.6), img)
     spine = (np.abs(x - 0.78) < 0.05) & (body > 0.5)
@@ -168,16 +171,21 @@ def _opacities(
     ys, xs = np.nonzero(lungs)
     if ys.size == 0:
         return np.zeros(lungs.shape, dtype=np.float32)
-    yn, xn = y[ys, xs], x[ys, xs]
+    yn, xn = y[ys, 0], x[0, xs]
     # Weight candidate centres towards the lateral edge and the bases.
     weight = (np.abs(xn - 0.5) ** 2) * (0.3 + (yn - yn.min()) / max(np.ptp(yn), 1e-6)) ** 2
     weight = weight / weight.sum()
     n = 5 + int(round(6 * min(amount, 1.0)))
     picks = rng.choice(ys.size, size=n, p=weight)
     field = np.zeros(lungs.shape, dtype=np.float32)
+    rows, cols = lungs.shape
     for i in picks:
         r = rng.uniform(0.03, 0.07)
-        field += np.exp(-(((y - yn[i]) ** 2 + (x - xn[i]) ** 2) / (2 * r * r))).astype(np.float32)
+        # Each blob only where it is visible (within 4 radii): the rest of the field is untouched.
+        r0, r1 = max(0, int((yn[i] - 4 * r) * rows)), min(rows, int((yn[i] + 4 * r) * rows) + 1)
+        c0, c1 = max(0, int((xn[i] - 4 * r) * cols)), min(cols, int((xn[i] + 4 * r) * cols) + 1)
+        dy2, dx2 = (y[r0:r1] - yn[i]) ** 2, (x[:, c0:c1] - xn[i]) ** 2
+        field[r0:r1, c0:c1] += np.exp(-(dy2 + dx2) / np.float32(2 * r * r))
     texture = 0.7 + 0.3 * np.clip(_smooth_noise(rng, lungs.shape, max(4, lungs.shape[0] // 40)), -1, 1)
     return np.clip(field, 0, 1) * texture * lungs
 
@@ -211,11 +219,8 @@ def make_phantom(
     # Separate streams, so that adding opacities changes nothing but the lungs.
     rng, rng_opacity, rng_noise = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     jitter = rng.uniform(-0.015, 0.015, size=4)
-    y, x = np.meshgrid(
-        (np.arange(rows, dtype=np.float32) + 0.5) / rows,
-        (np.arange(cols, dtype=np.float32) + 0.5) / cols,
-        indexing="ij",
-    )
+    y = ((np.arange(rows, dtype=np.float32) + 0.5) / rows)[:, None]
+    x = ((np.arange(cols, dtype=np.float32) + 0.5) / cols)[None, :]
     img, lungs = (_lateral if lateral else _frontal)(y, x, rng, jitter)
     if opacity > 0:
         img = img + 0.35 * float(opacity) * _opacities(rng_opacity, lungs, y, x, float(opacity))
