@@ -457,3 +457,25 @@ def test_header_reasons_from_files(synthetic_cr, synthetic_lateral, synthetic_ha
         "too_small",
         "image is 180x200 px; at least 256 px needed on the short side",
     )
+
+
+def test_mixed_inputs_fixture_through_load_any(mixed_inputs: Path) -> None:
+    expected = {
+        "cr_clear.dcm": None,
+        "sub/cr_opacity.dcm": None,
+        "dx_mono1.dcm": None,
+        "lateral.dcm": "lateral",
+        "hand.dcm": "not_chest",
+        "small.dcm": "too_small",
+        "chest.png": None,
+        "sub/chest16.png": None,
+        "chest.jpg": None,
+    }
+    found = sorted(p.relative_to(mixed_inputs).as_posix() for p in mixed_inputs.rglob("*") if p.is_file())
+    assert found == sorted([*expected, "corrupt.dcm", "notes.txt"])
+    for name, code in expected.items():
+        reason = header_reason(load_any(mixed_inputs / name))
+        assert (reason[0] if reason else None) == code, name
+    for name in ("corrupt.dcm", "notes.txt"):
+        with pytest.raises(InvalidInstance, match=name):
+            load_any(mixed_inputs / name)
