@@ -41,6 +41,8 @@ SOURCES = {
                      "PatientSex": "", "StudyDate": "", "StudyTime": "", "PatientBirthDate": ""}, False),
     "latin1_names": ({"SpecificCharacterSet": "ISO_IR 100", "patient_name": "Müller^Jürgen",
                       "InstitutionName": "Klinikum Göttingen"}, False),
+    "undeclared_latin1_bytes": ({"PatientName": b"M\xfcller^J\xfcrgen", "InstitutionName": b"G\xf6ttingen"},
+                                False),
     "utf8_latin_names": ({"SpecificCharacterSet": "ISO_IR 192", "patient_name": "Åström^Zoë"}, False),
     "odd_codes_and_lengths": ({"PatientSex": "X", "body_part": "chest", "PatientAge": "45",
                                "StudyDescription": "x" * 80, "Manufacturer": "M" * 80}, True),

@@ -17,7 +17,7 @@ from pydicom.uid import (
 )
 
 from dicom_node.config import ExportSettings
-from dicom_node.outputs import build_outputs, is_own_output, read_result
+from dicom_node.outputs import build_outputs, clean_reference, is_own_output, read_result
 from dicom_node.outputs.caption import CAPTION_WARN, MAX_SIDE
 from dicom_node.outputs.common import CODING_SCHEME, MANUFACTURER
 from inference.types import Result, XrayImage
@@ -171,6 +171,18 @@ def test_source_header_is_repaired_in_the_outputs_not_in_the_source() -> None:
         assert out.PatientBirthDate == "" and out.PatientSex == ""
         assert out.SpecificCharacterSet == "ISO_IR 100"  # Latin-1 holds every copied value
     assert sc.BodyPartExamined == "CHEST"
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")
+def test_clean_reference_needs_the_source_identity() -> None:
+    source, _, _ = output_inputs("positive")
+    del source.SOPInstanceUID
+    with pytest.raises(ValueError, match="SOPInstanceUID"):
+        clean_reference(source)
+    source, _, _ = output_inputs("positive")
+    source.StudyInstanceUID = "1.2.03.x"
+    with pytest.raises(ValueError, match="StudyInstanceUID"):
+        clean_reference(source)
 
 
 def test_non_latin_names_keep_utf8() -> None:
