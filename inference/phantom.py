@@ -22,13 +22,18 @@ from PIL import Image
 from pydicom import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import (
+    HTJ2K,
     JPEG2000,
     PYDICOM_IMPLEMENTATION_UID,
     UID,
     ComputedRadiographyImageStorage,
+    DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForPresentation,
     DigitalXRayImageStorageForProcessing,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -56,9 +61,12 @@ _ENCODER_OPTIONS: dict[str, dict[str, Any]] = {
     JPEGLSNearLossless: {"jls_error": 2},
 }
 _NO_ENCODER = {
-    JPEGLossless: "dcmcjpeg +e14 (dcmtk)",
-    JPEGLosslessSV1: "dcmcjpeg (dcmtk, default mode)",
+    JPEGLossless: "dcmcjpeg +el (dcmtk)",
+    JPEGLosslessSV1: "dcmcjpeg +e1 (dcmtk)",
     JPEGExtended12Bit: "dcmcjpeg +ee (dcmtk)",
+    HTJ2K: "an HTJ2K encoder (neither pydicom's plugins nor dcmtk 3.6 have one)",
+    HTJ2KLossless: "an HTJ2K encoder (neither pydicom's plugins nor dcmtk 3.6 have one)",
+    HTJ2KLosslessRPCL: "an HTJ2K encoder (neither pydicom's plugins nor dcmtk 3.6 have one)",
 }
 
 
@@ -312,9 +320,10 @@ def make_dicom(
         window: (centre, width) in modality units, written as Window Center/Width.
         voi_lut: add a VOI LUT Sequence with a square-root curve over the modality range; stored values are
             squared first, so the image still displays as drawn.
-        transfer_syntax: Explicit/Implicit VR Little Endian, JPEG Baseline (8-bit only, via Pillow),
+        transfer_syntax: Explicit/Implicit VR Little Endian, Deflated, Explicit VR Big Endian (retired, still
+            sent by old devices), JPEG Baseline (8-bit only, via Pillow),
             RLE Lossless (pydicom), JPEG-LS (pyjpegls, when installed) or JPEG 2000 (pylibjpeg-openjpeg).
-            JPEG lossless/extended have no Python encoder: a ValueError names the dcmtk tool to use.
+            JPEG lossless/extended and HTJ2K have no Python encoder here: a ValueError names the tool to use.
         lateral: draw a lateral phantom; by default when ``view_position`` is LL, RL or LATERAL.
         extra: further attributes set by keyword (e.g. ``PatientOrientation=["A", "F"]``), after the others.
 
@@ -437,8 +446,11 @@ def make_dicom(
 
     if transfer_syntax == JPEGBaseline8Bit:
         _encode_jpeg_baseline(ds, stored)
-    elif transfer_syntax == ImplicitVRLittleEndian:
-        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    elif transfer_syntax in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        ds.file_meta.TransferSyntaxUID = transfer_syntax  # pydicom encodes (and deflates) when writing
+    elif transfer_syntax == ExplicitVRBigEndian:
+        ds.PixelData = stored.astype(stored.dtype.newbyteorder(">")).tobytes()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
     elif transfer_syntax != ExplicitVRLittleEndian:
         try:
             ds.compress(

@@ -13,7 +13,9 @@ from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import (
     JPEG2000,
+    DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForProcessing,
+    ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -156,6 +158,9 @@ def test_dx_for_presentation_and_for_processing(dicom_factory) -> None:
     [
         (ExplicitVRLittleEndian, 12, 1e-6),
         (ImplicitVRLittleEndian, 12, 1e-6),
+        (DeflatedExplicitVRLittleEndian, 12, 1e-6),
+        (ExplicitVRBigEndian, 12, 1e-6),
+        (ExplicitVRBigEndian, 8, 1e-6),
         (RLELossless, 12, 1e-6),
         (RLELossless, 16, 1e-6),
         (JPEG2000Lossless, 12, 1e-6),
