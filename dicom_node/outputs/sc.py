@@ -108,7 +108,7 @@ def build_heatmap_sc(
         sop_instance_uid=derived_uid(reference, card, "sc-instance"),
         instance_number=1,
         manufacturer=MANUFACTURER,
-        pixel_spacing=spacing,
+        pixel_spacing=spacing,  # type: ignore[arg-type]  # highdicom annotates int; mm values are float
         patient_orientation=_orientation(reference),
         series_description=SC_SERIES_DESCRIPTION,
         manufacturer_model_name=model_label(card)[:64],
@@ -122,7 +122,7 @@ def build_heatmap_sc(
     if reference.get("BodyPartExamined"):
         sc.BodyPartExamined = reference.BodyPartExamined
     else:
-        sc.Laterality = None  # Type 2C: required (may be empty) when the body part is unknown
+        sc.add_new("Laterality", "CS", None)  # Type 2C: required (empty = unknown) without a body part
     if reference.get("ImageLaterality"):
         sc.ImageLaterality = reference.ImageLaterality
     source_item = Dataset()

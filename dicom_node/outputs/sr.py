@@ -231,7 +231,8 @@ def read_result(sr: Dataset) -> dict[str, Any]:
     if not isinstance(sr, Dataset):
         raise TypeError('Argument "sr" must be a pydicom Dataset.')
     uid = str(sr.get("SOPClassUID", ""))
-    readers = {str(Comprehensive3DSRStorage): Comprehensive3DSR, str(ComprehensiveSRStorage): ComprehensiveSR}
+    readers: dict[str, type[Comprehensive3DSR] | type[ComprehensiveSR]] = {
+        str(Comprehensive3DSRStorage): Comprehensive3DSR, str(ComprehensiveSRStorage): ComprehensiveSR}
     if uid not in readers:
         raise ValueError(f'Argument "sr" is not a Comprehensive (3D) SR (SOP Class {uid!r}).')
     doc = readers[uid].from_dataset(sr, copy=True)
