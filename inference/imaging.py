@@ -158,8 +158,8 @@ def _meta(ds: Dataset) -> dict[str, Any]:
         "sop_class_uid": _text(ds, "SOPClassUID"),
         "study_instance_uid": _text(ds, "StudyInstanceUID"),
         "series_instance_uid": _text(ds, "SeriesInstanceUID"),
-        "rows": int(_numbers(ds, "Rows")[0]) if _numbers(ds, "Rows") else 0,
-        "columns": int(_numbers(ds, "Columns")[0]) if _numbers(ds, "Columns") else 0,
+        "rows": int((_numbers(ds, "Rows") or [0])[0]),
+        "columns": int((_numbers(ds, "Columns") or [0])[0]),
         "photometric": _text(ds, "PhotometricInterpretation").upper(),
         "pixel_spacing": _pixel_spacing(ds),
         "image_laterality": _text(ds, "ImageLaterality").upper(),
@@ -332,11 +332,10 @@ def load_dicom(source: str | Path | Dataset) -> XrayImage:
         pixels = np.clip(stored / float((1 << int(bits[0] if bits else 8)) - 1), 0, 1).astype(np.float32)
     else:
         arr = _modality_lut(stored, ds)
-        pixels = _voi_lut(arr, ds)
-        if pixels is None:
-            pixels = _window(arr, ds)
-        if pixels is None:
-            pixels = _percentile_scale(arr)
+        voi = _voi_lut(arr, ds)
+        if voi is None:
+            voi = _window(arr, ds)
+        pixels = voi if voi is not None else _percentile_scale(arr)
         inverse = meta["photometric"] == "MONOCHROME1"
         if meta["photometric"] == "MONOCHROME2" and _text(ds, "PresentationLUTShape").upper() == "INVERSE":
             inverse = True
@@ -360,11 +359,10 @@ def load_image_file(path: str | Path) -> XrayImage:
     if not isinstance(path, str | Path):
         raise TypeError('Argument "path" must be a str or Path.')
     try:
-        with Image.open(path) as img:
-            fmt = img.format or ""
-            img.load()
-            img = ImageOps.exif_transpose(img)
-            pixels = _grey(img)
+        with Image.open(path) as opened:
+            fmt = opened.format or ""
+            opened.load()
+            pixels = _grey(ImageOps.exif_transpose(opened))
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InvalidInstance(f"{path}: not a readable image file ({exc})") from exc
     meta: dict[str, Any] = {

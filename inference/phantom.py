@@ -335,6 +335,8 @@ def make_dicom(
         raise ValueError('Argument "modality" must be "CR" or "DX".')
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError('Argument "photometric" must be "MONOCHROME1" or "MONOCHROME2".')
+    if not isinstance(shape, tuple | list) or len(shape) != 2:
+        raise ValueError('Argument "shape" must be two integers (rows, columns), each at least 32.')
     if not isinstance(bits_stored, int) or not 8 <= bits_stored <= 16:
         raise ValueError('Argument "bits_stored" must be an integer from 8 to 16.')
     if rescale is not None and (len(rescale) != 2 or float(rescale[0]) == 0.0):
@@ -355,10 +357,10 @@ def make_dicom(
     if lateral is None:
         lateral = str(view_position).upper() in _LATERAL_VIEWS
 
-    image, _ = make_phantom(tuple(shape), opacity=opacity, seed=seed, lateral=lateral)
+    image, _ = make_phantom((int(shape[0]), int(shape[1])), opacity=opacity, seed=seed, lateral=lateral)
     stored = _stored_values(image, bits_stored, photometric, voi_lut)
     now = _dt.datetime(2024, 1, 15, 10, 30, 0) + _dt.timedelta(seconds=int(seed) % 86400)
-    sop_instance_uid = sop_instance_uid or generate_uid()
+    sop_instance_uid = UID(sop_instance_uid or generate_uid())
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = sop_class_uid
