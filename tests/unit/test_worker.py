@@ -159,15 +159,15 @@ class SlowPipeline:
 
 
 def test_heartbeat_keeps_the_lease_during_a_long_batch(settings: Settings, engine: Engine) -> None:
-    settings.worker.lease_s = 0.6
+    settings.worker.lease_s = 1.5  # heartbeat every 0.5 s
     real = default_pipeline_factory(settings)
-    worker = Worker(settings, engine, pipeline_factory=lambda p: SlowPipeline(real(p), 2.0))
+    worker = Worker(settings, engine, pipeline_factory=lambda p: SlowPipeline(real(p), 3.0))
     job_id = spool(settings, worker.jm, "slow")
     other = JobManager(engine, settings.worker)
     reclaimed: list[int] = []
 
     def watcher() -> None:  # another node's maintenance running while the batch is in hand
-        for _ in range(20):
+        for _ in range(30):
             reclaimed.append(other.reclaim_stalled())
             time.sleep(0.1)
 
