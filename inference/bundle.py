@@ -375,4 +375,4 @@ def fit_segmenter_to_phantoms(
         loss.backward()
         opt.step()
     model.eval()
-    return float(loss)
+    return float(loss.detach())

@@ -1,0 +1,150 @@
+"""The two-stage pipeline on synthetic phantoms: well-formed results, reasons, batching, device handling."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dicom_node.errors import ModelBundleError
+from inference.bundle import CARD_FILE, default_bundle_path
+from inference.imaging import load_dicom, lung_box
+from inference.phantom import make_dicom, make_phantom
+from inference.pipeline import Pipeline
+from inference.types import XrayImage
+
+pytestmark = pytest.mark.unit
+
+SHAPES = [(512, 512), (400, 600), (640, 400)]
+
+
+@pytest.fixture(scope="module")
+def pipeline(phantom_bundle: Path) -> Iterator[Pipeline]:
+    p = Pipeline.from_bundle(phantom_bundle, device="cpu", cam="gradcam++")
+    yield p
+    p.close()
+
+
+def _phantom(shape: tuple[int, int], seed: int, **kw: object) -> tuple[XrayImage, np.ndarray]:
+    pixels, mask = make_phantom(shape, seed=seed, **kw)
+    meta = {"modality": "CR", "body_part": "CHEST", "view_position": "PA"}
+    return XrayImage(pixels, f"phantom-{seed}", meta), mask
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * float((a & b).sum()) / float(a.sum() + b.sum())
+
+
+def test_results_are_well_formed(pipeline: Pipeline) -> None:
+    cases = [_phantom(shape, seed=10 + i, opacity=0.4 * i) for i, shape in enumerate(SHAPES)]
+    results = pipeline.run([img for img, _ in cases])
+    assert len(results) == len(cases)
+    for (img, truth), r in zip(cases, results, strict=True):
+        assert r.finding in ("positive", "negative"), r.reason
+        assert r.finding == ("positive" if r.probability >= r.threshold else "negative")
+        assert 0.0 <= r.probability <= 1.0 and r.threshold == 0.5
+        assert r.heatmap is not None and r.heatmap.shape == img.pixels.shape and r.heatmap.dtype == np.float32
+        assert 0.0 <= float(r.heatmap.min()) and float(r.heatmap.max()) <= 1.0
+        assert r.lung_attention is not None and 0.0 <= r.lung_attention <= 1.0
+        assert r.lung_mask is not None and r.lung_mask.shape == img.pixels.shape and r.lung_mask.dtype == bool
+        assert _dice(r.lung_mask, truth) > 0.8
+        assert r.lung_fraction == pytest.approx(float(r.lung_mask.mean()))
+        # Lung crop mode: no heat outside the crop box.
+        r0, c0, r1, c1 = lung_box(r.lung_mask)
+        outside = r.heatmap.copy()
+        outside[r0:r1, c0:c1] = 0
+        assert not outside.any()
+        assert r.model_version == "0.0.0-test" and r.model_name
+        stages = {"preprocess", "stage1", "postprocess", "stage2", "cam", "explain_map", "total"}
+        assert stages <= set(r.timings)
+        assert all(v >= 0 for v in r.timings.values())
+
+
+def test_whole_image_mode(phantom_bundle_whole: Path) -> None:
+    p = Pipeline.from_bundle(phantom_bundle_whole, device="cpu", cam="gradcam")
+    try:
+        img, _ = _phantom((480, 600), seed=3)
+        (r,) = p.run([img])
+    finally:
+        p.close()
+    assert r.finding in ("positive", "negative"), r.reason
+    assert r.heatmap is not None and r.heatmap.shape == (480, 600)
+    if r.heatmap.any():
+        assert r.lung_attention is not None and 0.0 <= r.lung_attention <= 1.0
+    else:  # no evidence for covid19 anywhere: attention is undefined, not 0
+        assert r.lung_attention is None
+
+
+def test_not_assessable_reasons_come_through_in_order(pipeline: Pipeline) -> None:
+    frontal, _ = _phantom((512, 512), seed=1)
+    lateral_content, _ = _phantom((512, 512), seed=2, lateral=True)
+    lateral_content.meta = {"modality": "CR", "body_part": "CHEST"}  # nothing in the header says lateral
+    tiny, _ = _phantom((120, 120), seed=3)
+    hand = XrayImage(frontal.pixels, "hand", {"modality": "CR", "body_part": "HAND"})
+    lateral_header = XrayImage(frontal.pixels, "ll", {"modality": "DX", "view_position": "LL"})
+    blank = XrayImage(np.zeros((512, 512), np.float32), "blank", {})
+    images = [lateral_content, frontal, tiny, hand, lateral_header, blank]
+    results = pipeline.run(images)
+    codes = [r.reason_code for r in results]
+    assert codes[0] in ("lateral", "no_lungs")
+    assert codes[1:] == ["", "too_small", "not_chest", "lateral", "no_lungs"]
+    assert results[1].finding in ("positive", "negative")
+    for r in results[:1] + results[2:]:
+        assert r.finding == "not_assessable" and r.probability is None and r.heatmap is None
+        assert r.reason and r.model_version == "0.0.0-test"
+
+
+def test_probability_is_the_same_without_explanation(pipeline: Pipeline) -> None:
+    images = [_phantom(shape, seed=20 + i)[0] for i, shape in enumerate(SHAPES)]
+    with_cam = pipeline.run(images, explain=True)
+    without = pipeline.run(images, explain=False)
+    for a, b in zip(with_cam, without, strict=True):
+        assert a.probability == pytest.approx(b.probability, abs=1e-5)
+        assert b.heatmap is None and b.lung_attention is None and "cam" not in b.timings
+
+
+def test_batches_larger_than_max_batch_are_split(phantom_bundle: Path) -> None:
+    p = Pipeline.from_bundle(phantom_bundle, device="cpu", max_batch=2, prep_workers=1)
+    try:
+        images = [_phantom((300, 300), seed=40 + i)[0] for i in range(5)]
+        results = p.run(images)
+    finally:
+        p.close()
+    assert len(results) == 5
+    assert all(r.finding in ("positive", "negative") for r in results)
+
+
+def test_no_hooks_or_gradients_left_on_the_model(pipeline: Pipeline) -> None:
+    for _ in range(3):
+        pipeline.run([_phantom((300, 300), seed=60)[0]])
+    for model in (pipeline.classifier, pipeline.segmenter):
+        assert all(not m._forward_hooks and not m._backward_hooks for m in model.modules())
+        assert all(p.grad is None for p in model.parameters())
+
+
+def test_dicom_phantom_end_to_end(pipeline: Pipeline, tmp_path: Path) -> None:
+    make_dicom(tmp_path / "cr.dcm", shape=(512, 512), photometric="MONOCHROME1", seed=5)
+    image = load_dicom(tmp_path / "cr.dcm")
+    (r,) = pipeline.run([image])
+    assert r.finding in ("positive", "negative"), r.reason
+    assert r.heatmap is not None and r.heatmap.shape == image.pixels.shape
+
+
+def test_arguments_and_default_bundle(phantom_bundle: Path) -> None:
+    with pytest.raises(ValueError, match='"cam"'):
+        Pipeline.from_bundle(phantom_bundle, cam="scorecam")
+    with pytest.raises(ValueError, match='"device"'):
+        Pipeline.from_bundle(phantom_bundle, device="tpu")
+    with pytest.raises(ValueError, match='"cpu_threads"'):
+        Pipeline.from_bundle(phantom_bundle, cpu_threads=-1)
+    with pytest.raises(TypeError, match='"images"'):
+        Pipeline.from_bundle(phantom_bundle, device="cpu").run(_phantom((300, 300), seed=1)[0])  # type: ignore[arg-type]
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            Pipeline.from_bundle(phantom_bundle, device="cuda")
+    if not (default_bundle_path() / CARD_FILE).is_file():
+        with pytest.raises(ModelBundleError, match="no default model is installed"):
+            Pipeline.from_bundle(None)
