@@ -17,7 +17,7 @@ from pydicom.uid import (
 )
 
 from dicom_node.config import ExportSettings
-from dicom_node.outputs import build_outputs, clean_reference, is_own_output, read_result
+from dicom_node.outputs import build_heatmap_sc, build_outputs, clean_reference, is_own_output, read_result
 from dicom_node.outputs.caption import CAPTION_WARN, MAX_SIDE
 from dicom_node.outputs.common import CODING_SCHEME, MANUFACTURER
 from inference.types import Result, XrayImage
@@ -138,6 +138,14 @@ def test_heatmap_sc_pixels_caption_and_derived_image_attributes() -> None:
 def large_case() -> tuple[Dataset, XrayImage, Result]:
     """A 2000 x 2000 CR with 0.14 mm pixels (built once: the phantom takes seconds at this size)."""
     return output_inputs("positive", shape=(2000, 2000), PixelSpacing=[0.14, 0.14])
+
+
+def test_sc_without_heatmap_shows_the_radiograph_in_grey_with_the_reason() -> None:
+    source, image, result = output_inputs("not_assessable")
+    sc = received(build_heatmap_sc(clean_reference(source), image, result, CARD))
+    body = sc.pixel_array[sc.Rows - image.pixels.shape[0]:].astype(int)
+    assert np.array_equal(body[..., 0], body[..., 2]) and body.std() > 10
+    assert sc.BurnedInAnnotation == "YES"
 
 
 def test_large_source_is_downsampled_with_pixel_spacing_scaled(large_case) -> None:
