@@ -100,12 +100,20 @@ class JobManager:
     """
 
     def __init__(self, engine: Engine, worker_settings: WorkerSettings | None = None,
-                 *, clock: Callable[[], datetime] = utcnow) -> None:
+                 *, clock: Callable[[], datetime] = utcnow, export_max_attempts: int | None = None) -> None:
         if not isinstance(engine, Engine):
             raise TypeError('Argument "engine" must be a sqlalchemy Engine.')
+        if export_max_attempts is not None and export_max_attempts < 1:
+            raise ValueError('Argument "export_max_attempts" must be at least 1.')
         self.engine = engine
         self.settings = worker_settings or WorkerSettings()
         self.clock = clock
+        # Delivery tries before a job fails (a PACS down for maintenance must not fail jobs quickly);
+        # None: the same limit as inference, worker.max_attempts.
+        self.export_max_attempts = export_max_attempts or self.settings.max_attempts
+
+    def _limit(self, state: str) -> int:
+        return self.export_max_attempts if state == JobState.EXPORTING else self.settings.max_attempts
 
     # -- helpers -------------------------------------------------------------------------------
     def _session(self) -> Session:
@@ -284,7 +292,7 @@ class JobManager:
             state = JobState(job.state)
             job.lease_owner = job.lease_expires_at = None
             job.last_error = error
-            if retryable and job.attempts < self.settings.max_attempts:
+            if retryable and job.attempts < self._limit(state):
                 delay = backoff_delay(max(job.attempts, 1), self.settings)
                 job.not_before = now + timedelta(seconds=delay)
                 new = JobState.EXPORTING if state == JobState.EXPORTING else JobState.QUEUED
@@ -335,7 +343,7 @@ class JobManager:
                 owner = job.lease_owner
                 job.lease_owner = job.lease_expires_at = None
                 job.not_before = now
-                if job.attempts >= self.settings.max_attempts:
+                if job.attempts >= self._limit(job.state):
                     job.finished_at = now
                     job.last_error = f"worker {owner} stopped responding {job.attempts} times"
                     self._move(session, job, JobState.FAILED, job.last_error, action="job_failed",

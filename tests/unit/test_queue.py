@@ -297,3 +297,18 @@ def test_concurrent_claims_on_sqlite_hand_out_each_job_once(engine: Engine) -> N
     for t in threads:
         t.join(60)
     assert sorted(seen) == sorted(set(seen)) and len(seen) == n_jobs
+
+
+def test_delivery_has_its_own_attempt_limit(engine: Engine, settings: WorkerSettings, clock: Clock) -> None:
+    jm = JobManager(engine, settings, clock=clock, export_max_attempts=5)
+    job_id, _ = enqueue(jm)
+    jm.claim("w")
+    jm.finish_inference(job_id, result={"finding": "negative"}, output_dir="/o", worker_id="w")
+    states = [jm.fail(job_id, "PACS down", retryable=True, worker_id="w")]
+    for _ in range(4):
+        clock.advance(60)
+        jm.claim("w")
+        states.append(jm.fail(job_id, "PACS down", retryable=True, worker_id="w"))
+    assert states == [JobState.EXPORTING] * 4 + [JobState.FAILED]  # inference limit is 3, delivery 5
+    with pytest.raises(ValueError, match="export_max_attempts"):
+        JobManager(engine, settings, export_max_attempts=0)
