@@ -191,3 +191,22 @@ def test_missing_spool_volume_is_retried_not_failed(settings: Settings, engine: 
     worker.run_once()
     job = job_row(engine, job_id)
     assert job.state == "queued" and "is not available on worker" in (job.last_error or "")
+
+
+def test_stop_lets_the_batch_in_hand_finish(settings: Settings, engine: Engine) -> None:
+    real = default_pipeline_factory(settings)
+    worker = Worker(settings, engine, pipeline_factory=lambda p: SlowPipeline(real(p), 1.5))
+    first = spool(settings, worker.jm, "in-hand")
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while job_row(engine, first).state == "queued" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    later = spool(settings, worker.jm, "arrives-after-stop")
+    stop.set()  # what SIGTERM does, while the first job is being processed
+    thread.join(60)
+    assert not thread.is_alive()
+    job = job_row(engine, first)
+    assert job.lease_owner is None and job.result is not None, "the job in hand was abandoned"
+    assert job_row(engine, later).state == "queued"
