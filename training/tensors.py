@@ -11,7 +11,9 @@ model that scores well only on the originals is using the image's shape, not its
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +25,11 @@ from training.datasets import Sample
 from training.loops import predict
 
 log = logging.getLogger(__name__)
+
+
+def _workers() -> int:
+    """Threads for per-image CPU work (NumPy, SciPy and Pillow release the GIL for most of it)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def to_uint8(a: np.ndarray) -> np.ndarray:
@@ -101,10 +108,14 @@ def _stack(arrs: list[np.ndarray], size: int) -> torch.Tensor:
 def _from_pixels(samples: list[Sample], pixels: list[np.ndarray], seg_size: int, cls_size: int) -> ImageSet:
     from inference.preprocess import square_resize
 
-    floats = [p.astype(np.float32) / 255.0 for p in pixels]
-    return ImageSet(samples=samples, pixels=pixels,
-                    seg_input=_stack([to_uint8(square_resize(f, seg_size)) for f in floats], seg_size),
-                    whole=_stack([to_uint8(square_resize(f, cls_size)) for f in floats], cls_size))
+    def one(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        f = p.astype(np.float32) / 255.0
+        return to_uint8(square_resize(f, seg_size)), to_uint8(square_resize(f, cls_size))
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        rows = list(pool.map(one, pixels))
+    return ImageSet(samples=samples, pixels=pixels, seg_input=_stack([r[0] for r in rows], seg_size),
+                    whole=_stack([r[1] for r in rows], cls_size))
 
 
 def build_image_set(samples: Sequence[Sample], *, seg_size: int, cls_size: int, with_masks: bool = False,
@@ -120,15 +131,20 @@ def build_image_set(samples: Sequence[Sample], *, seg_size: int, cls_size: int, 
         if not 32 <= int(v) <= 2048:
             raise ValueError(f'Argument "{name}" must be between 32 and 2048.')
     samples = list(samples)
-    pixels, masks = [], []
-    for s in samples:
+
+    def one(s: Sample) -> tuple[np.ndarray, np.ndarray | None]:
         px = load_pixels(s)
-        pixels.append(to_uint8(px))
-        if with_masks:
-            if s.mask_file is None:
-                raise ValueError(f"sample {s.key or s.file} has no mask_file")
-            m = load_mask(str(s.mask_file), px.shape[:2])
-            masks.append((square_resize(m.astype(np.float32), seg_size) > 0.5).astype(np.uint8))
+        if not with_masks:
+            return to_uint8(px), None
+        if s.mask_file is None:
+            raise ValueError(f"sample {s.key or s.file} has no mask_file")
+        m = load_mask(str(s.mask_file), px.shape[:2])
+        return to_uint8(px), (square_resize(m.astype(np.float32), seg_size) > 0.5).astype(np.uint8)
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        rows = list(pool.map(one, samples))
+    pixels = [r[0] for r in rows]
+    masks = [r[1] for r in rows if r[1] is not None]
     out = _from_pixels(samples, pixels, seg_size, cls_size)
     if with_masks:
         out.masks = _stack(masks, seg_size)
@@ -162,22 +178,21 @@ def lung_crops(segmenter: nn.Module, images: ImageSet, *, cls_size: int, device:
 
     prob = predict(segmenter, images.seg_input, kind="segmentation", device=device, mean=mean, std=std,
                    batch_size=batch_size)
-    crops, crop_masks, whole_masks, fractions, found = [], [], [], [], []
-    for i, px8 in enumerate(images.pixels):
-        px = px8.astype(np.float32) / 255.0
+    def one(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]:
+        px = images.pixels[i].astype(np.float32) / 255.0
         small = np.asarray(postprocess_mask(prob[i, 0].numpy(), threshold=0.5), dtype=bool)
-        mask = (unsquare(small.astype(np.float32), px.shape) >= 0.5 if small.any()
-                else np.zeros(px.shape, dtype=bool))
+        if not small.any():  # the pipeline calls this not assessable; keep the image so every case is scored
+            whole = square_resize(np.zeros(px.shape, np.float32), cls_size) > 0.5
+            return to_uint8(square_resize(px, cls_size)), whole, whole, 0.0, False
+        mask = unsquare(small.astype(np.float32), px.shape) >= 0.5
         m = mask.astype(np.float32)
-        whole_masks.append(square_resize(m, cls_size) > 0.5)
-        if mask.any():
-            crops.append(to_uint8(lung_crop(px, mask, cls_size)))
-            crop_masks.append(lung_crop(m, mask, cls_size) > 0.5)
-        else:  # the pipeline calls this not assessable; keep the image so that every case is scored
-            crops.append(to_uint8(square_resize(px, cls_size)))
-            crop_masks.append(whole_masks[-1])
-        fractions.append(float(mask.mean()))
-        found.append(bool(mask.any()))
+        return (to_uint8(lung_crop(px, mask, cls_size)), lung_crop(m, mask, cls_size) > 0.5,
+                square_resize(m, cls_size) > 0.5, float(mask.mean()), True)
+
+    with ThreadPoolExecutor(max_workers=_workers()) as pool:
+        rows = list(pool.map(one, range(len(images.pixels))))
+    crops, crop_masks, whole_masks = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+    fractions, found = [r[3] for r in rows], [r[4] for r in rows]
     return LungCrops(crops=_stack(crops, cls_size), crop_masks=_stack(crop_masks, cls_size).bool(),
                      whole_masks=_stack(whole_masks, cls_size).bool(), lung_fraction=np.asarray(fractions),
                      found=np.asarray(found, dtype=bool))

@@ -1,0 +1,76 @@
+"""build_default end to end on synthetic phantoms (CPU, --quick): data -> bundle -> the pipeline uses it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    import torch
+
+    from training.build_default import main
+    from training.synthetic import make_phantom_dataset
+
+    torch.set_num_threads(2)
+    root = tmp_path_factory.mktemp("build")
+    make_phantom_dataset(root / "data", patients=20, images_per_patient=2, size=80)
+    out = root / "run"
+    rc = main(["--data", str(root / "data"), "--out", str(out), "--device", "cpu", "--quick",
+               "--epochs-seg", "2", "--epochs-cls", "1", "--archs", "mobilenet_v2", "--seg-archs", "unet"])
+    assert rc == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_outputs_and_split(built: tuple[Path, dict]) -> None:
+    out, results = built
+    split = json.loads((out / "split.json").read_text())
+    train, val, test = set(split["train"]), set(split["val"]), set(split["test"])
+    assert train and val and test
+    assert not (train & val) and not (train & test) and not (val & test)
+    assert set(results["configs"]) == {"mobilenet_v2/whole", "mobilenet_v2/lung"}
+    assert results["chosen"] in results["configs"]
+    for name, c in results["configs"].items():  # each threshold reaches the target sensitivity on validation
+        assert c["val"]["sensitivity"] >= 0.95, name
+        assert 0 < c["threshold"] < 1
+    assert set(results["baselines"]) == {"shape", "pixels64"}
+    assert results["stage1"]["by_arch"]["unet"]["test"]["n"] > 0
+    assert set(results["lung_attention"]) == set(results["configs"])
+    assert "roc_auc_ci" in results["test"] and results["per_source"]
+    report = (out / "report.md").read_text()
+    assert "| configuration | val AUC |" in report and "(chosen)" in report
+    assert "baseline shape" in report and "shape-normalised" in report
+
+
+def test_bundle_loads_and_runs_in_the_pipeline(built: tuple[Path, dict]) -> None:
+    from inference.bundle import ModelBundle
+    from inference.phantom import make_phantom
+    from inference.pipeline import Pipeline
+    from inference.types import XrayImage
+
+    out, results = built
+    bundle = ModelBundle.load(out / "bundle")
+    chosen = results["configs"][results["chosen"]]
+    assert bundle.threshold == pytest.approx(chosen["threshold"])
+    assert bundle.crop_mode == chosen["mode"] and bundle.classifier_arch == "mobilenet_v2"
+    assert bundle.card["metrics"]["test"]["n"] == results["test"]["n"]
+    assert sum(p.stat().st_size for p in (out / "bundle").iterdir()) < 40 * 2**20
+    img, _ = make_phantom((300, 280), opacity=0.7, seed=5)
+    res = Pipeline.from_bundle(out / "bundle", device="cpu").run(
+        [XrayImage(pixels=img, source="phantom", meta={"modality": "CR", "body_part": "CHEST",
+                                                       "view_position": "PA"})], explain=False)
+    assert res[0].finding in ("positive", "negative", "not_assessable")
+    assert res[0].threshold == pytest.approx(bundle.threshold)
+
+
+def test_resume_reuses_finished_checkpoints(built: tuple[Path, dict]) -> None:
+    import torch
+
+    out, _ = built
+    ck = torch.load(out / "checkpoints" / "stage2_mobilenet_v2_lung.pt", weights_only=True)
+    assert ck["finished"] and ck["epoch"] == 0 and len(ck["history"]) == 1
