@@ -31,7 +31,7 @@ class Result:
     probability: float | None  # P(COVID-19 pneumonia); None when not assessable
     threshold: float  # operating threshold of the model bundle
     reason: str = ""  # why not assessable (empty otherwise)
-    reason_code: str = ""  # not_chest | lateral | too_small | no_lungs | undecodable
+    reason_code: str = ""  # not_xray | not_chest | lateral | too_small | no_lungs | undecodable
     lung_attention: float | None = None  # share of the heatmap's mass inside the lung mask
     lung_fraction: float | None = None  # lung mask area / image area
     heatmap: np.ndarray | None = None  # float32 (rows, columns) in [0, 1] at source resolution
