@@ -255,10 +255,18 @@ class JobManager:
                                  error=(error or None) and error[:MAX_ERROR_CHARS], at=self.clock()))
 
     def delivered_to(self, job_id: int) -> set[str]:
-        """Destinations that already accepted this job's results (skipped when a delivery is retried)."""
+        """Destinations that already accepted this job's results (skipped when a delivery is retried).
+
+        Deliveries from before an operator's resend of a done job do not count: a resend sends again.
+        """
         with self._session() as session:
-            return set(session.execute(select(Delivery.destination).where(
-                Delivery.job_id == job_id, Delivery.status == "sent")).scalars())
+            resent_at = session.execute(select(func.max(JobEvent.at)).where(
+                JobEvent.job_id == job_id, JobEvent.from_state == JobState.DONE.value,
+                JobEvent.to_state == JobState.EXPORTING.value)).scalar()
+            stmt = select(Delivery.destination).where(Delivery.job_id == job_id, Delivery.status == "sent")
+            if resent_at is not None:
+                stmt = stmt.where(Delivery.at >= resent_at)
+            return set(session.execute(stmt).scalars())
 
     def complete(self, job_id: int, *, worker_id: str | None = None, message: str = "") -> None:
         """``exporting -> done``: results delivered everywhere; the lease is released."""

@@ -251,8 +251,12 @@ def test_operator_retry_and_resend(jm: JobManager, clock: Clock) -> None:
     jm.fail(a, "undecodable", retryable=False)
     jm.finish_inference(b, result={"finding": "negative"}, output_dir="/o/b", worker_id="w")
     jm.complete(b, worker_id="w")
+    jm.record_delivery(b, "PACS@h:104", "sent")
+    assert jm.delivered_to(b) == {"PACS@h:104"}
     assert jm.retry(a) is JobState.QUEUED
+    clock.advance(1)
     assert jm.retry(b) is JobState.EXPORTING  # resend: outputs are stored, no recomputation
+    assert jm.delivered_to(b) == set(), "a resend must send again"
     with pytest.raises(ValueError, match="illegal"):
         jm.retry(a)  # queued cannot be retried
     with pytest.raises(KeyError):
