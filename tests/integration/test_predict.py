@@ -1,0 +1,107 @@
+"""``cxr-node predict`` as a real process on a folder of mixed files: CSV rows and heatmap overlays."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dicom_node.config import load_settings
+from inference.phantom import make_dicom, make_phantom
+from inference.predict import CSV_COLUMNS, add_arguments, heatmap_name, run
+
+pytestmark = pytest.mark.integration
+
+
+def _grey_file(path: Path, shape: tuple[int, int], seed: int) -> None:
+    pixels, _ = make_phantom(shape, seed=seed)
+    Image.fromarray((pixels * 255).astype(np.uint8)).save(path)
+
+
+def _predict(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CXRNODE_")}
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", "predict", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_predict_folder_of_mixed_files(tmp_path: Path, phantom_bundle: Path) -> None:
+    data = tmp_path / "in"
+    (data / "sub" / "deeper").mkdir(parents=True)
+    make_dicom(data / "cr.dcm", shape=(512, 512), seed=1)
+    make_dicom(data / "sub" / "dx_without_suffix", modality="DX", shape=(400, 520), seed=2,
+               photometric="MONOCHROME1")
+    _grey_file(data / "sub" / "frontal.png", (480, 480), seed=3)
+    _grey_file(data / "sub" / "deeper" / "frontal.jpg", (600, 500), seed=4)
+    _grey_file(data / "small.png", (100, 100), seed=5)
+    (data / "corrupt.dcm").write_bytes(b"DICM" + os.urandom(300))
+    (data / "notes.txt").write_text("not an image")
+    out, heat = tmp_path / "out" / "preds.csv", tmp_path / "heat"
+
+    proc = _predict(tmp_path, "--model", str(phantom_bundle), "--device", "cpu", "--cam", "gradcam",
+                    "--heatmaps", str(heat), "--out", str(out), str(data), str(tmp_path / "missing.dcm"))
+    assert proc.returncode == 0, proc.stderr
+    assert "7 file(s)" in proc.stdout
+
+    with out.open(newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == CSV_COLUMNS
+        rows = {Path(r["file"]).name: r for r in reader}
+    assessable = ("cr.dcm", "dx_without_suffix", "frontal.png", "frontal.jpg")
+    assert set(rows) == {*assessable, "small.png", "corrupt.dcm", "missing.dcm"}
+    for name in assessable:
+        row = rows[name]
+        assert row["finding"] in ("positive", "negative"), row
+        assert 0.0 <= float(row["probability"]) <= 1.0
+        assert 0.0 <= float(row["lung_attention"]) <= 1.0
+        assert 0.0 < float(row["lung_fraction"]) < 1.0
+        assert row["model_version"] == "0.0.0-test" and row["reason"] == ""
+    assert rows["small.png"]["finding"] == "not_assessable"
+    assert rows["small.png"]["reason_code"] == "too_small"
+    for name in ("corrupt.dcm", "missing.dcm"):
+        assert rows[name]["finding"] == "not_assessable", rows[name]
+        assert rows[name]["reason_code"] == "undecodable" and rows[name]["reason"]
+        assert rows[name]["probability"] == ""
+
+    pngs = sorted(p.name for p in heat.iterdir())
+    assert len(pngs) == 4
+    overlay = Image.open(heat / heatmap_name(data / "sub" / "deeper" / "frontal.jpg"))
+    assert overlay.mode == "RGB" and overlay.size == (500, 600)
+
+
+def _predict_in_process(tmp_path: Path, *argv: str) -> int:
+    """The command's own entry point in this process, with settings from an empty config file."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    config = tmp_path / "empty.toml"
+    config.write_text("")
+    overrides = {"model": {k: v for k, v in (("path", args.model), ("device", args.device)) if v}}
+    return run(args, load_settings(config, overrides, environ={}))
+
+
+def test_predict_without_a_default_model_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from inference.bundle import CARD_FILE, default_bundle_path
+
+    if (default_bundle_path() / CARD_FILE).is_file():
+        pytest.skip("a default model is installed")
+    _grey_file(tmp_path / "x.png", (300, 300), seed=1)
+    assert _predict_in_process(tmp_path, "--out", str(tmp_path / "p.csv"), str(tmp_path / "x.png")) == 1
+    assert "no default model is installed" in capsys.readouterr().err
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_predict_with_no_inputs_is_an_error(tmp_path: Path, tiny_bundle: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    empty = str(tmp_path / "empty")
+    code = _predict_in_process(tmp_path, "--model", str(tiny_bundle), "--out", str(tmp_path / "p.csv"), empty)
+    assert code == 2
+    assert "no DICOM, PNG or JPEG files" in capsys.readouterr().err
