@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     configure_logging(settings)
     module = importlib.import_module(COMMANDS[args.command][0])
-    runner = getattr(module, f"run_{args.command}", None) or getattr(module, "run")
+    runner = getattr(module, f"run_{args.command}", None) or module.run
     return int(runner(args, settings) or 0)
 
 

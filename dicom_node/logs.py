@@ -1,4 +1,7 @@
-"""Logging set-up: plain text or one JSON object per line. Extras such as ``action`` and ``job_id`` are kept."""
+"""Logging set-up: plain text or one JSON object per line.
+
+Extras such as ``action`` and ``job_id`` are kept in both formats.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -42,5 +46,5 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "PIL"):
+    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "PIL", "alembic"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))

@@ -139,7 +139,8 @@ class Worker:
             raise ValueError('Argument "model_check_interval_s" must be positive.')
         self.settings = settings
         self.engine = engine
-        self.jm = job_manager or JobManager(engine, settings.worker)
+        self.jm = job_manager or JobManager(
+            engine, settings.worker, export_max_attempts=settings.worker.export_max_attempts)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.model_check_interval_s = model_check_interval_s
         self._factory = pipeline_factory or default_pipeline_factory(settings)
