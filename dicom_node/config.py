@@ -138,7 +138,7 @@ class WorkerSettings(_Section):
     max_attempts: int = Field(default=6, ge=1)
     backoff_base_s: float = Field(default=5.0, gt=0)
     backoff_max_s: float = Field(default=900.0, gt=0)
-    # Delivery tries before a job is marked failed (backoff capped at backoff_max_s: about 3 h with the defaults).
+    # Delivery tries before a job is marked failed (backoff capped at backoff_max_s: ~3 h by default).
     export_max_attempts: int = Field(default=20, ge=1)
 
 

@@ -79,7 +79,8 @@ class _Node:
         self.settings = settings
         self.engine = make_engine(settings.db_url)
         init_db(self.engine)
-        self.jm = JobManager(self.engine, settings.worker, export_max_attempts=settings.worker.export_max_attempts)
+        self.jm = JobManager(
+            self.engine, settings.worker, export_max_attempts=settings.worker.export_max_attempts)
         self.stop_event = threading.Event()
         self.worker: Any = None
         self.worker_thread: threading.Thread | None = None
