@@ -30,7 +30,7 @@ from pydicom.uid import (
 )
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 from sqlalchemy import Engine
 
@@ -230,7 +230,7 @@ def start_scp(settings: Settings, job_manager: JobQueue, engine: Engine | None) 
     store = StoreContext(spool_dir, job_manager, min_free_mb=settings.storage.min_free_mb, audit=audit)
     ae = build_ae(settings, store)
     ssl_context = server_context(settings.listener.tls)
-    handlers = [
+    handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store]),
         (evt.EVT_ACCEPTED, _handle_accepted, [store]),
@@ -244,6 +244,8 @@ def start_scp(settings: Settings, job_manager: JobQueue, engine: Engine | None) 
                     extra={"action": "allowlist_open"})
     server = ae.start_server((listener.bind_address, listener.port), block=False, evt_handlers=handlers,
                              ssl_context=ssl_context)
+    if server is None:  # only a blocking start_server returns None
+        raise RuntimeError("pynetdicom did not return a server for a non-blocking start")
     log.info("DICOM listener started", extra={
         "action": "scp_started", "ae_title": listener.ae_title, "bind": listener.bind_address,
         "port": server.server_address[1], "tls": ssl_context is not None,

@@ -208,3 +208,48 @@ def test_own_results_ignored_foreign_sr_refused(node_listener: Callable[..., Lis
     assert [r.reason for r in refused] == ["foreign_output"]
     assert "Comprehensive SR Storage" in refused[0].getMessage()
     assert node.job_rows() == []
+
+
+def test_maximum_associations(node_listener: Callable[..., Listener],
+                              caplog: pytest.LogCaptureFixture) -> None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    node = node_listener(listener={"max_associations": 1})
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    ae = AE(ae_title="HOLDER")
+    ae.add_requested_context(Verification)
+    held = ae.associate("127.0.0.1", node.port, ae_title="CXRNODE")
+    assert held.is_established
+    try:
+        second = echoscu(node.port)
+        assert second.returncode != 0
+        assert "Local Limit Exceeded" in second.stdout + second.stderr
+    finally:
+        held.release()
+    rejected = [r for r in caplog.records if getattr(r, "action", "") == "association_rejected"]
+    assert [r.reason for r in rejected] == ["busy"]
+    _ok(echoscu(node.port))  # the slot is free again
+
+
+def test_spool_names_and_atomic_writes(tmp_path: Path) -> None:
+    from dicom_node import spool
+
+    assert spool.safe_name("1.2.840.10008.1") == "1.2.840.10008.1"
+    for hostile in ("../../etc/passwd", "..", "", "1.2/3", "a" * 65, "1.2.3\\x"):
+        name = spool.safe_name(hostile)
+        assert name.startswith("x") and "/" not in name and ".." not in name
+    path = spool.spool_path(tmp_path, "../..", "1.2.3")
+    assert path.resolve().is_relative_to(tmp_path.resolve())
+
+    target = tmp_path / "study" / "1.2.3.dcm"
+    assert spool.write_atomic(target, b"first") is True
+    assert spool.write_atomic(target, b"second") is False  # the first copy of an instance wins
+    assert target.read_bytes() == b"first"
+    assert spool.write_atomic(target, b"third", replace=True) is True
+    assert target.read_bytes() == b"third"
+    assert [p.name for p in target.parent.iterdir()] == ["1.2.3.dcm"]  # no temp files left
+    blocker = tmp_path / "file"
+    blocker.write_bytes(b"")
+    with pytest.raises(OSError):
+        spool.write_atomic(blocker / "sub" / "x.dcm", b"data")  # a parent that is a file: nothing written
