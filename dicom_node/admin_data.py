@@ -26,7 +26,7 @@ from dicom_node import __version__, audit
 from dicom_node.config import Settings
 from dicom_node.db import Job, ModelVersion
 from dicom_node.queue import JobManager
-from dicom_node.retention import free_mb
+from dicom_node.spool import free_mb
 
 log = logging.getLogger(__name__)
 

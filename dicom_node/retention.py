@@ -9,7 +9,8 @@ adds a job event (``retention: ...``) so the admin API shows when the files went
 ``output_dir`` so a later re-send says plainly that there is nothing left to send. Only paths inside
 ``storage.data_dir`` are ever deleted.
 
-:func:`free_mb` is the watermark helper the listener uses to refuse associations before the disk fills.
+:func:`free_mb` (from :mod:`dicom_node.spool`, re-exported here) and :func:`has_room` are the disk watermark
+helpers: the listener refuses associations below ``storage.min_free_mb``, ``/health`` reports it.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ from sqlalchemy.orm import Session
 
 from dicom_node import metrics
 from dicom_node.db import Job, JobEvent, utcnow
+from dicom_node.spool import free_mb
 
 log = logging.getLogger(__name__)
+
+__all__ = ["EVENT_PREFIX", "PURGEABLE_STATES", "PurgeReport", "free_mb", "has_room", "purge"]
 
 #: Job states whose files may go: results delivered, or nothing to deliver. Never failed or in flight.
 PURGEABLE_STATES: tuple[str, ...] = ("done", "ignored")
@@ -54,25 +58,11 @@ class PurgeReport:
                 "skipped_outside": self.skipped_outside, "errors": list(self.errors)}
 
 
-def free_mb(path: str | os.PathLike[str]) -> float:
-    """Free space in MiB for unprivileged users on the file system holding ``path``.
-
-    ``path`` need not exist yet: its nearest existing parent is measured (a fresh data directory).
-    """
-    p = Path(path).expanduser().absolute()
-    while not p.exists():
-        if p.parent == p:
-            break
-        p = p.parent
-    st = os.statvfs(p)
-    return st.f_bavail * st.f_frsize / (1024 * 1024)
-
-
 def has_room(path: str | os.PathLike[str], min_free_mb: int) -> bool:
-    """True when more than ``min_free_mb`` MiB are free where ``path`` lives."""
+    """True when more than ``min_free_mb`` MiB are free where ``path`` (or its nearest parent) lives."""
     if min_free_mb < 0:
         raise ValueError('Argument "min_free_mb" must be >= 0.')
-    return free_mb(path) > min_free_mb
+    return free_mb(Path(path)) > min_free_mb
 
 
 def _inside(path: Path, root: Path) -> bool:
