@@ -1,0 +1,242 @@
+"""``cxr-node evaluate``: a model bundle on the test patients, through the node's own pipeline.
+
+Every image goes through ``inference.pipeline.Pipeline`` exactly as a received instance would (header checks,
+stage 1, plausibility, lung crop, stage 2, Grad-CAM), so the report measures what the node does. The operating
+threshold is the bundle's (chosen on validation at training time); ``--recalibrate`` sets it again on the
+validation patients, never on test. The report folder holds ``metrics.json``, ``report.md``, ROC / PR /
+confusion / calibration plots and a montage of heatmap overlays.
+
+    cxr-node evaluate --model runs/default/bundle --data .gpudata --run runs/default --out reports/x
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.datasets import Sample, load_data, load_split, patient_split
+from training.metrics import dice_iou, metrics_with_ci, per_group, summary, threshold_for_sensitivity
+from training.report import comparison_markdown, fmt, metrics_table, table, write_json
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``cxr-node evaluate``."""
+    p.add_argument("--model", metavar="DIR", help="model bundle (default: the node's default model)")
+    p.add_argument("--data", required=True, help="manifest CSV / folder with manifest.csv / DICOM folder")
+    p.add_argument("--labels", help="labels CSV when --data is a folder of DICOM files")
+    p.add_argument("--split", help="split.json from training (default: a new seeded patient split)")
+    p.add_argument("--run", help="a build_default output folder: its comparison table and baselines are "
+                                 "included, its split.json used")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--cam", default="gradcam++", choices=["gradcam", "gradcam++"])
+    p.add_argument("--recalibrate", action="store_true", help="set the threshold again on validation")
+    p.add_argument("--target-sensitivity", type=float, default=0.95)
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
+    p.add_argument("--montage", type=int, default=16, help="heatmap overlays in the montage (0: none)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace, settings: Any) -> int:
+    """Entry point of ``cxr-node evaluate``; prints where the report is."""
+    from inference.bundle import default_bundle_path
+
+    samples = load_data(args.data, args.labels)
+    split_file = args.split or (str(Path(args.run) / "split.json") if args.run else None)
+    split = load_split(split_file) if split_file else patient_split(samples, seed=args.seed)
+    res = evaluate_bundle(Path(args.model) if args.model else default_bundle_path(), samples, split,
+                          Path(args.out), device=args.device, cam=args.cam, recalibrate=args.recalibrate,
+                          target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
+                          montage_n=args.montage, seed=args.seed,
+                          run_dir=Path(args.run) if args.run else None)
+    t = res["test"]
+    sys.stdout.write(f"test: n={t['n']} AUC {fmt(t['roc_auc'])} {fmt(t.get('roc_auc_ci'), 2)} "
+                     f"sensitivity {fmt(t['sensitivity'])} specificity {fmt(t['specificity'])} "
+                     f"at {fmt(t['threshold'], 4)}\nreport: {Path(args.out) / 'report.md'}\n")
+    return 0
+
+
+def _load(sample: Sample, centre: bool = False) -> Any:
+    from inference.imaging import load_any
+    from inference.types import XrayImage
+    from training.tensors import centre_square
+
+    img = load_any(sample.file)
+    if centre:
+        img = XrayImage(pixels=np.ascontiguousarray(centre_square(img.pixels)), source=img.source,
+                        meta=img.meta)
+    return img
+
+
+def _run(pipeline: Any, samples: Sequence[Sample], *, explain: bool, centre: bool = False,
+         batch: int = 16) -> tuple[list[Any], list[Any]]:
+    """(images, results) of ``pipeline`` on ``samples`` in batches."""
+    images, results = [], []
+    for i in range(0, len(samples), batch):
+        chunk = [_load(s, centre) for s in samples[i:i + batch]]
+        results += pipeline.run(chunk, explain=explain)
+        images += chunk if explain else [None] * len(chunk)
+    return images, results
+
+
+def _scored(samples: Sequence[Sample], results: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    keep = [(s, r) for s, r in zip(samples, results, strict=True) if r.probability is not None]
+    return (np.asarray([s.target for s, _ in keep], dtype=int), np.asarray([r.probability for _, r in keep]),
+            [s.source for s, _ in keep])
+
+
+def evaluate_bundle(bundle: Path, samples: Sequence[Sample], split: Any, out: Path, *, device: str = "auto",
+                    cam: str = "gradcam++", recalibrate: bool = False, target_sensitivity: float = 0.95,
+                    n_boot: int = 1000, montage_n: int = 16, seed: int = 0,
+                    run_dir: Path | None = None) -> dict[str, Any]:
+    """Evaluate ``bundle`` on the test patients of ``split``; write the report folder ``out``; return metrics.
+
+    Not-assessable results (the pipeline's refusals, with their reasons) are counted apart and left out of
+    the classification metrics.
+    """
+    import json
+
+    from inference.pipeline import Pipeline
+    from training import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = Pipeline.from_bundle(bundle, device=device, cam=cam)
+    cls = [s for s in samples if s.task == "classification" and s.label in ("covid", "normal")]
+    test, val = split.select(cls, "test"), split.select(cls, "val")
+    if not test:
+        raise ValueError("no classification images of test patients in the data")
+    threshold = pipeline.bundle.threshold
+    res: dict[str, Any] = {"bundle": str(bundle), "version": pipeline.bundle.version,
+                           "bundle_threshold": threshold, "device": str(pipeline.device)}
+    if recalibrate:
+        _, vres = _run(pipeline, val, explain=False)
+        yv, pv, _ = _scored(val, vres)
+        threshold = float(min(max(threshold_for_sensitivity(yv, pv, target_sensitivity), 1e-4), 1 - 1e-4))
+        res["recalibrated_on_validation"] = {"n": len(yv), "target_sensitivity": target_sensitivity}
+    res["threshold"] = threshold
+    images, tres = _run(pipeline, test, explain=True)
+    y, p, sources = _scored(test, tres)
+    res["not_assessable"] = dict(Counter(r.reason_code for r in tres if r.probability is None))
+    res["test"] = metrics_with_ci(y, p, threshold, n_boot=n_boot, seed=seed)
+    res["per_source"] = per_group(y, p, sources, threshold)
+    att = np.asarray([np.nan if r.lung_attention is None else r.lung_attention for r in tres], dtype=float)
+    yt = np.asarray([s.target for s in test])
+    res["lung_attention"] = {"all": summary(att.tolist()), "positives": summary(att[yt == 1].tolist()),
+                             "negatives": summary(att[yt == 0].tolist())}
+    _, cres = _run(pipeline, test, explain=False, centre=True)
+    yc, pc, _ = _scored(test, cres)
+    res["test_shape_normalised"] = metrics_with_ci(yc, pc, threshold, n_boot=max(10, n_boot // 5), seed=seed)
+    res["stage1"] = _stage1(pipeline, split.select([s for s in samples if s.task == "segmentation"], "test"))
+    res["baselines"] = _baselines(cls, split, target_sensitivity)
+    res["plots"] = plots.roc_pr_confusion_calibration(y, p, threshold, out, title=f"(test, n={len(y)})")
+    if montage_n and images:
+        res["plots"]["montage"] = _montage(images, tres, test, out / "montage.png", montage_n)
+    if run_dir is not None and (run_dir / "results.json").is_file():
+        built = json.loads((run_dir / "results.json").read_text())
+        res["comparison"] = {"configs": built.get("configs", {}), "chosen": built.get("chosen")}
+    write_json(out / "metrics.json", res)
+    write_report(out, res)
+    return res
+
+
+def _stage1(pipeline: Any, seg: Sequence[Sample]) -> dict[str, Any]:
+    """Dice / IoU at source resolution of the pipeline's lung mask vs the reference mask."""
+    from training.tensors import load_mask
+
+    if not seg:
+        return {"n": 0}
+    _, results = _run(pipeline, seg, explain=False)
+    d, j, missing = [], [], 0
+    for s, r in zip(seg, results, strict=True):
+        if r.lung_mask is None or s.mask_file is None:
+            missing += 1
+            continue
+        a, b = dice_iou(r.lung_mask, load_mask(str(s.mask_file), r.lung_mask.shape))
+        d.append(a)
+        j.append(b)
+    return {"n": len(d), "no_mask": missing, "dice": summary(d), "iou": summary(j)}
+
+
+def _baselines(cls: Sequence[Sample], split: Any, target: float) -> dict[str, Any]:
+    import torch
+
+    from inference.preprocess import square_resize
+    from training.baselines import trivial_baselines
+    from training.tensors import centre_square, load_pixels
+
+    shapes, centres, ys = {}, {}, {}
+    for side in ("train", "val", "test"):
+        chosen = split.select(cls, side)
+        pix = [load_pixels(s) for s in chosen]
+        shapes[side] = np.asarray([q.shape[:2] for q in pix]).reshape(-1, 2)
+        centres[side] = torch.from_numpy(np.stack([np.rint(square_resize(centre_square(q), 64) * 255)
+                                                   .astype(np.uint8) for q in pix]))[:, None]
+        ys[side] = np.asarray([s.target for s in chosen])
+    if any(len(np.unique(ys[s])) < 2 for s in ys):
+        return {}
+    return trivial_baselines(shapes, centres, ys, target_sensitivity=target)
+
+
+def _montage(images: Sequence[Any], results: Sequence[Any], samples: Sequence[Sample], path: Path,
+             n: int) -> str:
+    from inference.explain import overlay
+    from training import plots
+
+    idx = [i for i, r in enumerate(results) if r.heatmap is not None]
+    rng = np.random.default_rng(0)
+    idx = sorted(rng.choice(idx, size=min(n, len(idx)), replace=False).tolist()) if idx else []
+    if not idx:
+        return ""
+    tiles = [overlay(images[i].pixels, results[i].heatmap) for i in idx]
+    caps = [f"{samples[i].label} p={results[i].probability:.2f} att={fmt(results[i].lung_attention, 2)}"
+            for i in idx]
+    plots.montage(tiles, caps, path)
+    return path.name
+
+
+def write_report(out: Path, res: dict[str, Any]) -> Path:
+    """``report.md`` of an evaluation (every number from ``res``)."""
+    t = res["test"]
+    s1 = res.get("stage1", {})
+    lines = [f"# Evaluation of model {res['version']}", "",
+             f"Bundle `{res['bundle']}`, device {res['device']}. Threshold {fmt(res['threshold'], 4)} "
+             + ("(recalibrated on validation)" if "recalibrated_on_validation" in res
+                else "(the bundle's, chosen on validation at training)")
+             + f". Not assessable on test: `{res['not_assessable']}`.",
+             "", "## Test", "",
+             table([{"m": m, "v": t.get(m), "ci": t.get(f"{m}_ci")} for m in
+                    ("roc_auc", "sensitivity", "specificity", "accuracy", "precision", "f1")],
+                   [("m", "metric"), ("v", "value"), ("ci", "95% bootstrap CI")]), "",
+             f"TP {t['tp']}, FP {t['fp']}, TN {t['tn']}, FN {t['fn']} (n {t['n']}).", "",
+             "![ROC](roc.png) ![PR](pr.png) ![confusion](confusion.png) ![calibration](calibration.png)", "",
+             "## Per source", "", metrics_table(res["per_source"], "source"), "",
+             "## Stage 1", "",
+             f"Dice on {s1.get('n', 0)} test images with a reference mask: median "
+             f"{fmt(s1.get('dice', {}).get('median'))}, mean {fmt(s1.get('dice', {}).get('mean'))}; "
+             f"IoU median {fmt(s1.get('iou', {}).get('median'))}.", "",
+             "## Lung attention (share of the heatmap inside the lung mask)", "",
+             table([{"g": g, **v} for g, v in res["lung_attention"].items()],
+                   [("g", "cases"), ("n", "n"), ("median", "median"), ("p10", "p10"), ("p25", "p25"),
+                    ("p75", "p75")]), "",
+             "## Shortcut checks", "",
+             metrics_table({"model (test as is)": t,
+                            "model (shape-normalised test)": res["test_shape_normalised"],
+                            **{f"baseline {k} (threshold 0.5)": v["test_at_0.5"]
+                               for k, v in res.get("baselines", {}).items()}}, "model / input"), ""]
+    if res.get("comparison", {}).get("configs"):
+        lines += ["## Comparison (from the training run)", "",
+                  comparison_markdown(res["comparison"]["configs"], res["comparison"]["chosen"]), ""]
+    if res.get("plots", {}).get("montage"):
+        lines += ["## Heatmaps", "", "![montage](montage.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
