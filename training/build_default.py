@@ -95,9 +95,12 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     from inference.models.classifiers import build_classifier
     from inference.models.segmentation import build_segmenter
 
+    cam_missing = preflight()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
+    if cam_missing:
+        say(f"lung attention will be skipped: {cam_missing} (run `cxr-node evaluate` where it is installed)")
     timer = Timer(say)
     seed_everything(seed)
     max_steps = 2 if quick else 0
@@ -188,7 +191,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
         results["test"] = metrics_with_ci(yt, pt, c["threshold"], n_boot=200 if quick else 1000, seed=seed)
         results["per_source"] = per_group(yt, pt, cls_sets["test"].sources, c["threshold"])
         results["test_shape_normalised"] = c["test_shape_normalised"]
-        results["lung_attention"] = _attention(configs, models, cls_sets["test"], crops["test"], dev)
+        results["lung_attention"] = ({"skipped": cam_missing} if cam_missing else
+                                     _attention(configs, models, cls_sets["test"], crops["test"], dev))
     with timer.step("trivial baselines"):
         from training.baselines import trivial_baselines
 
@@ -206,6 +210,27 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     write_build_report(out, results)
     say(f"done in {time.perf_counter() - timer.t0:.1f} s: {out / 'report.md'}")
     return results
+
+
+def preflight() -> str:
+    """Import what every step needs now, so a missing package stops the run before any training.
+
+    Returns an empty string, or why lung attention cannot be computed (pytorch-grad-cam or OpenCV missing):
+    that step alone is then skipped and says so in the results.
+    """
+    import importlib
+
+    for module in ("inference.preprocess", "inference.imaging", "inference.bundle",
+                   "inference.models.segmentation", "inference.models.classifiers", "sklearn", "scipy"):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise RuntimeError(f"cannot import {module}: {exc}; install the missing package first") from exc
+    try:
+        importlib.import_module("inference.explain")
+    except ImportError as exc:
+        return f"inference.explain cannot be imported ({exc})"
+    return ""
 
 
 def _nan0(v: float) -> float:
@@ -270,7 +295,8 @@ def _write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classif
         "metrics": {k: results[k] for k in ("test", "per_source", "test_shape_normalised", "stage1",
                                              "lung_attention") if k in results},
     }
-    card["metrics"]["lung_attention"] = results.get("lung_attention", {}).get(results["chosen"])
+    attention = results.get("lung_attention", {})
+    card["metrics"]["lung_attention"] = attention.get(results["chosen"], attention)
     card["metrics"]["baselines"] = {k: v["test_at_0.5"] for k, v in results.get("baselines", {}).items()}
     return create_bundle(path, segmenter=segmenter.cpu().float(), classifier=classifier.cpu().float(),
                          card=_plain(card), half=True)

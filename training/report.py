@@ -131,9 +131,11 @@ def write_build_report(out: str | Path, results: Mapping[str, Any]) -> Path:
                        **{f"baseline {k} (val threshold)": v["test_at_val_threshold"]
                           for k, v in results.get("baselines", {}).items()}}, "model / input"), "",
         "### Lung attention on test (share of Grad-CAM++ mass inside the lung mask)", "",
+        *([f"Not computed: {results['lung_attention']['skipped']}.", ""]
+          if "skipped" in results.get("lung_attention", {}) else []),
         table([{"configuration": k, **{f"{g}_{s}": v[g][s] for g in ("all", "positives") for s in
                                        ("median", "p25", "p75")}}
-               for k, v in results.get("lung_attention", {}).items()],
+               for k, v in results.get("lung_attention", {}).items() if isinstance(v, dict)],
               [("configuration", "configuration"), ("all_median", "median (all)"), ("all_p25", "p25"),
                ("all_p75", "p75"), ("positives_median", "median (covid)"), ("positives_p25", "p25 (covid)")]),
         "", "## Timings (s)", "",
