@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import sys
 import time
 from collections import Counter
@@ -33,8 +34,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.datasets import SIDES, Sample, patient_split, read_manifest, save_split
-from training.loops import FitConfig, fit, pick_device, predict, seed_everything
+from training.datasets import SIDES, Sample, load_data, load_split, patient_split, save_split
+from training.loops import FitConfig, FitResult, fit, pick_device, predict, seed_everything
 from training.metrics import (
     binary_metrics,
     dice_iou,
@@ -90,8 +91,17 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                   archs: tuple[str, ...] = DEFAULT_ARCHS, seg_archs: tuple[str, ...] = ("unet", "lungvae"),
                   seg_size: int = 256, cls_size: int = 224, batch_size: int = 32, lr: float = 0.002,
                   target_sensitivity: float = 0.95, seed: int = 0, quick: bool = False, resume: bool = False,
-                  version: str = "1.0.0", say: Callable[[str], None] = log.info) -> dict[str, Any]:
-    """Run every step (see the module docstring) and return the results dict (also in ``results.json``)."""
+                  version: str = "1.0.0", say: Callable[[str], None] = log.info,
+                  modes: tuple[str, ...] = MODES, labels: Path | None = None, split_file: Path | None = None,
+                  base_bundle: Path | None = None, fine_tune: bool = False,
+                  samples: list[Sample] | None = None) -> dict[str, Any]:
+    """Run every step (see the module docstring) and return the results dict (also in ``results.json``).
+
+    ``seg_archs=()`` takes stage 1 from ``base_bundle`` instead of training it (its input size wins);
+    ``archs=()`` trains no classifier and bundles the new stage 1 with ``base_bundle``'s classifier;
+    ``fine_tune=True`` starts stage 2 from ``base_bundle``'s classifier (same architecture and size).
+    ``samples`` replaces reading ``data`` (+ ``labels``); ``split_file`` reuses a saved split.
+    """
     from inference.models.classifiers import build_classifier
     from inference.models.segmentation import build_segmenter
 
@@ -99,6 +109,18 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     dev = pick_device(device)
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f'Argument "modes": {m!r} is not one of {MODES}.')
+    base = None
+    if base_bundle is not None or not seg_archs or not archs or fine_tune:
+        from inference.bundle import ModelBundle
+
+        base = ModelBundle.load(base_bundle)
+        if not seg_archs:
+            seg_size = base.segmenter_size
+        if fine_tune:
+            cls_size = base.classifier_size
     if cam_missing:
         say(f"lung attention will be skipped: {cam_missing} (run `cxr-node evaluate` where it is installed)")
     timer = Timer(say)
@@ -106,10 +128,12 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     max_steps = 2 if quick else 0
     say(f"device {dev}, data {data}, out {out}")
     with timer.step("load data + patient split"):
-        samples = read_manifest(data, labels=("covid", "normal"))
+        if samples is None:
+            samples = load_data(data, labels)
+        samples = [s for s in samples if s.task == "segmentation" or s.label in ("covid", "normal")]
         cls = [s for s in samples if s.task == "classification"]
         seg = [s for s in samples if s.task == "segmentation"]
-        split = patient_split(cls + seg, seed=seed)
+        split = load_split(split_file) if split_file else patient_split(cls + seg, seed=seed)
         save_split(split, out / "split.json")
         centre = 256 if not quick else 64
         cls_sets = {side: build_image_set(split.select(cls, side), seg_size=seg_size, cls_size=cls_size,
@@ -122,6 +146,11 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                                "seed": seed, "target_sensitivity": target_sensitivity}
     seg_val = seg_sets["val"] if len(seg_sets["val"]) else seg_sets["train"]
     best_seg, best_seg_score, stage1 = None, -1.0, {}
+    if not seg_archs:
+        assert base is not None
+        best_seg = (base.segmenter_arch, base.segmenter)
+        stage1[base.segmenter_arch] = {"from": str(base.path), "val_dice": None,
+                                       "test": _seg_dice(base.segmenter, seg_sets["test"], dev)}
     for arch in seg_archs:
         with timer.step(f"stage 1 {arch}"):
             model = build_segmenter(arch)
@@ -151,35 +180,45 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     y = {side: cls_sets[side].y for side in SIDES}
     configs: dict[str, dict[str, Any]] = {}
     models: dict[str, torch.nn.Module] = {}
-    for arch in archs:
-        for mode in MODES:
-            name = f"{arch}/{mode}"
-            with timer.step(f"stage 2 {name}"):
-                model = build_classifier(arch)
-                cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=seed,
-                                max_steps=max_steps)
-                r = fit(model, (_inputs(mode, cls_sets["train"], crops["train"]), y["train"]),
-                        (_inputs(mode, cls_sets["val"], crops["val"]), y["val"]), kind="classification",
-                        config=cfg, device=dev, checkpoint=out / "checkpoints" / f"stage2_{arch}_{mode}.pt",
-                        resume=resume, name=name)
-                p = {side: predict(model, _inputs(mode, cls_sets[side], crops[side]),
-                                   kind="classification", device=dev, mean=cfg.mean, std=cfg.std).numpy()
-                     for side in ("val", "test")}
-                p_centre = predict(model, _inputs(mode, test_centre, crops_centre), kind="classification",
-                                   device=dev, mean=cfg.mean, std=cfg.std).numpy()
-                thr = _threshold(y["val"].numpy(), p["val"], target_sensitivity)
-                configs[name] = {
-                    "arch": arch, "mode": mode, "best_epoch": r.best_epoch, "seconds": round(r.seconds, 1),
-                    "epochs_run": len(r.history), "threshold": thr,
-                    "val": binary_metrics(y["val"].numpy(), p["val"], thr),
-                    "test": binary_metrics(y["test"].numpy(), p["test"], thr),
-                    "test_shape_normalised": binary_metrics(y["test"].numpy(), p_centre, thr),
-                    "prob_test": p["test"].tolist(),
-                }
-                models[name] = model.cpu()
-                c = configs[name]
-                say(f"stage 2 {name}: val AUC {c['val']['roc_auc']:.3f}, test AUC "
-                    f"{c['test']['roc_auc']:.3f}, test acc {c['test']['accuracy']:.3f}")
+    plan = [(a, m, True) for a in archs for m in modes]
+    if not archs:  # stage 1 only: the base model's classifier, re-thresholded on the new crops
+        assert base is not None
+        plan = [(base.classifier_arch, base.crop_mode, False)]
+    for arch, mode, train in plan:
+        name = f"{arch}/{mode}"
+        with timer.step(f"stage 2 {name}"):
+            model = build_classifier(arch)
+            if fine_tune or not train:
+                assert base is not None
+                if arch != base.classifier_arch:
+                    raise ValueError(f"fine-tuning needs the base model's architecture "
+                                     f"{base.classifier_arch}, not {arch}")
+                model.load_state_dict(base.classifier.state_dict())
+                model.float()
+            cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=seed,
+                            max_steps=max_steps)
+            r = fit(model, (_inputs(mode, cls_sets["train"], crops["train"]), y["train"]),
+                    (_inputs(mode, cls_sets["val"], crops["val"]), y["val"]), kind="classification",
+                    config=cfg, device=dev, checkpoint=out / "checkpoints" / f"stage2_{arch}_{mode}.pt",
+                    resume=resume, name=name) if train else FitResult({}, math.nan, -1)
+            p = {side: predict(model, _inputs(mode, cls_sets[side], crops[side]),
+                               kind="classification", device=dev, mean=cfg.mean, std=cfg.std).numpy()
+                 for side in ("val", "test")}
+            p_centre = predict(model, _inputs(mode, test_centre, crops_centre), kind="classification",
+                               device=dev, mean=cfg.mean, std=cfg.std).numpy()
+            thr = _threshold(y["val"].numpy(), p["val"], target_sensitivity)
+            configs[name] = {
+                "arch": arch, "mode": mode, "best_epoch": r.best_epoch, "seconds": round(r.seconds, 1),
+                "epochs_run": len(r.history), "threshold": thr,
+                "val": binary_metrics(y["val"].numpy(), p["val"], thr),
+                "test": binary_metrics(y["test"].numpy(), p["test"], thr),
+                "test_shape_normalised": binary_metrics(y["test"].numpy(), p_centre, thr),
+                "prob_test": p["test"].tolist(),
+            }
+            models[name] = model.cpu()
+            c = configs[name]
+            say(f"stage 2 {name}: val AUC {c['val']['roc_auc']:.3f}, test AUC "
+                f"{c['test']['roc_auc']:.3f}, test acc {c['test']['accuracy']:.3f}")
     chosen = max(configs, key=lambda k: (_nan0(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"))
     say(f"chosen on validation: {chosen}")
     results["configs"] = {k: {kk: vv for kk, vv in v.items() if kk != "prob_test"}
