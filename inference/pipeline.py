@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from inference import gpu_preprocess as gp
 from inference import imaging
 from inference.bundle import ModelBundle
 from inference.explain import CAM_METHODS, cam_forward, lung_attention
@@ -51,6 +52,8 @@ class _Work:
     lung_fraction: float | None = None
     x2: np.ndarray | None = None  # stage 2 input
     box: tuple[int, int, int, int] | None = None  # stage 2 crop box in source pixels (r0, c0, r1, c1)
+    pixels_dev: torch.Tensor | None = None  # device copies for device-side preprocessing
+    mask_dev: torch.Tensor | None = None
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -68,6 +71,8 @@ class Pipeline:
 
     ``cpu_threads`` > 0 sets torch's intra-op threads for the process (0 keeps torch's default).
     ``prep_workers`` threads do the per-image NumPy work (default: up to 8, one per core).
+    ``device_preprocess`` resizes and crops on the model's device (default: on CUDA only; the
+    CPU path uses :mod:`inference.preprocess`, exactly as training does).
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class Pipeline:
         prep_workers: int | None = None,
         min_lung_fraction: float = DEFAULT_MIN_LUNG_FRACTION,
         max_lung_fraction: float = DEFAULT_MAX_LUNG_FRACTION,
+        device_preprocess: bool | None = None,
     ) -> None:
         if cam not in CAM_METHODS:
             raise ValueError(f'Argument "cam" must be one of {", ".join(CAM_METHODS)}; got {cam!r}.')
@@ -98,6 +104,9 @@ class Pipeline:
         self.max_batch = max_batch
         self.min_lung_fraction = min_lung_fraction
         self.max_lung_fraction = max_lung_fraction
+        self.device_preprocess = (
+            self.device.type == "cuda" if device_preprocess is None else device_preprocess
+        )
         if cpu_threads:
             torch.set_num_threads(cpu_threads)
         workers = prep_workers if prep_workers is not None else min(8, os.cpu_count() or 1)
@@ -164,8 +173,11 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _tensor(self, arrays: list[np.ndarray]) -> torch.Tensor:
-        x = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))[:, None]
+    def _tensor(self, arrays: list[np.ndarray] | list[torch.Tensor]) -> torch.Tensor:
+        if isinstance(arrays[0], torch.Tensor):
+            x = torch.stack(arrays)[:, None].to(self.device)  # type: ignore[arg-type]
+        else:
+            x = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))[:, None]
         x = (x - self.bundle.mean) / self.bundle.std
         if self.device.type == "cuda":
             return (
@@ -176,6 +188,7 @@ class Pipeline:
         return x
 
     def _not_assessable(self, w: _Work, code: str, text: str) -> None:
+        w.pixels_dev = w.mask_dev = None
         w.result = Result(
             finding="not_assessable",
             probability=None,
@@ -203,7 +216,13 @@ class Pipeline:
         if reason is not None:
             self._not_assessable(w, *reason)
             return
-        w.x1 = imaging.square_resize(w.image.pixels, self.bundle.segmenter_size)
+        if self.device_preprocess:
+            w.pixels_dev = torch.from_numpy(np.ascontiguousarray(w.image.pixels, dtype=np.float32)).to(
+                self.device
+            )
+            w.x1 = gp.square_resize(w.pixels_dev, self.bundle.segmenter_size)
+        else:
+            w.x1 = imaging.square_resize(w.image.pixels, self.bundle.segmenter_size)
         w.timings["preprocess"] = time.perf_counter() - t1
 
     def _after_stage1(self, w: _Work, prob: np.ndarray) -> None:
@@ -212,7 +231,11 @@ class Pipeline:
         small = imaging.postprocess_mask(prob, threshold=0.5)
         left, top, right, bottom = imaging.square_region(shape, small.shape[0])
         small_region = small[int(round(top)) : int(round(bottom)), int(round(left)) : int(round(right))]
-        w.mask = imaging.unsquare(small.astype(np.float32), shape) >= 0.5
+        if self.device_preprocess:
+            w.mask_dev = gp.unsquare(torch.from_numpy(small).to(self.device).float(), shape) >= 0.5
+            w.mask = w.mask_dev.cpu().numpy()
+        else:
+            w.mask = imaging.unsquare(small.astype(np.float32), shape) >= 0.5
         w.lung_fraction = float(w.mask.mean())
         t1 = time.perf_counter()
         w.timings["postprocess"] = t1 - t0
@@ -223,7 +246,14 @@ class Pipeline:
             return
         t2 = time.perf_counter()
         size = self.bundle.classifier_size
-        if self.bundle.crop_mode == "lung":
+        if self.device_preprocess:
+            if self.bundle.crop_mode == "lung":
+                w.box = gp.lung_box(w.mask_dev)  # type: ignore[arg-type]
+                w.x2 = gp.lung_crop(w.pixels_dev, w.mask_dev, size, w.box)  # type: ignore[arg-type]
+            else:
+                w.x2 = gp.square_resize(w.pixels_dev, size)  # type: ignore[arg-type]
+            w.pixels_dev = None
+        elif self.bundle.crop_mode == "lung":
             w.box = imaging.lung_box(w.mask)
             w.x2 = imaging.lung_crop(w.image.pixels, w.mask, size)
         else:
@@ -252,9 +282,23 @@ class Pipeline:
         heat = att = None
         if cam is not None and w.mask is not None:
             shape = w.image.pixels.shape
-            heat = imaging.uncrop(cam, w.box, shape) if w.box is not None else imaging.unsquare(cam, shape)
-            np.clip(heat, 0.0, 1.0, out=heat)
-            att = lung_attention(heat, w.mask)
+            if w.mask_dev is not None:
+                cam_dev = torch.from_numpy(cam).to(self.device)
+                heat_dev = (
+                    gp.uncrop(cam_dev, w.box, shape) if w.box is not None else gp.unsquare(cam_dev, shape)
+                )
+                heat_dev.clamp_(0.0, 1.0)
+                total = float(heat_dev.sum(dtype=torch.float64))
+                inside = float(heat_dev[w.mask_dev].sum(dtype=torch.float64))
+                att = min(1.0, max(0.0, inside / total)) if total > 0 else None
+                heat = heat_dev.cpu().numpy()
+            else:
+                heat = (
+                    imaging.uncrop(cam, w.box, shape) if w.box is not None else imaging.unsquare(cam, shape)
+                )
+                np.clip(heat, 0.0, 1.0, out=heat)
+                att = lung_attention(heat, w.mask)
+        w.mask_dev = None
         w.timings["explain_map"] = time.perf_counter() - t0
         finding = "positive" if prob >= self.bundle.threshold else "negative"
         w.result = Result(
