@@ -124,7 +124,7 @@ def _run_node(work: Path, files: list[Path], round_no: int, model: Path | None, 
         seconds = _send(port, "CXRNODE", files, nodelay)
     finally:
         _stop(proc)
-    spooled = len(list((data / "spool").rglob("*.dcm")))
+    spooled = len(list((data / "spool").glob("*/*.dcm")))  # not the results folders beside them
     if spooled != len(files):
         raise RuntimeError(f"the node spooled {spooled} of {len(files)} files; see {data / 'node.log'}")
     return seconds
