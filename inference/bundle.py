@@ -319,6 +319,7 @@ def make_random_bundle(
     crop_mode: str = "lung",
     fit_segmenter_steps: int = 0,
     seed: int = 0,
+    fit_device: str = "cpu",
 ) -> Path:
     """A bundle with random weights, for tests and benchmarks (never for patients).
 
@@ -330,7 +331,7 @@ def make_random_bundle(
     segmenter = build_segmenter(seg_arch)
     classifier = build_classifier(cls_arch)
     if fit_segmenter_steps > 0:
-        fit_segmenter_to_phantoms(segmenter, seg_size, fit_segmenter_steps, seed=seed)
+        fit_segmenter_to_phantoms(segmenter, seg_size, fit_segmenter_steps, seed=seed, device=fit_device)
     card = random_card(seg_arch, cls_arch, seg_size, cls_size, version, crop_mode)
     if fit_segmenter_steps > 0:
         card["training_data"] = {
@@ -341,12 +342,20 @@ def make_random_bundle(
 
 
 def fit_segmenter_to_phantoms(
-    model: nn.Module, size: int, steps: int, *, seed: int = 0, batch: int = 4, lr: float = 3e-3
+    model: nn.Module,
+    size: int,
+    steps: int,
+    *,
+    seed: int = 0,
+    batch: int = 4,
+    lr: float = 3e-3,
+    device: str = "cpu",
 ) -> float:
     """Fit a stage 1 network to synthetic phantoms for ``steps`` Adam steps; returns the last loss.
 
     Uses the same preprocessing as inference (``square_resize`` and mean 0.5 / std 0.25), with
-    phantoms of varied shape so that padding is seen as well.
+    phantoms of varied shape so that padding is seen as well. The model is fitted on ``device``
+    and returned to the CPU.
     """
     import numpy as np
 
@@ -364,6 +373,8 @@ def fit_segmenter_to_phantoms(
         masks.append(square_resize(mask.astype(np.float32), size) > 0.5)
     x = (torch.from_numpy(np.stack(images))[:, None].float() - 0.5) / 0.25
     y = torch.from_numpy(np.stack(masks))[:, None].float()
+    model.to(device)
+    x, y = x.to(device), y.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()
     loss = torch.zeros(())
@@ -374,5 +385,5 @@ def fit_segmenter_to_phantoms(
         loss = segmentation_loss(model(x[idx]), y[idx])
         loss.backward()
         opt.step()
-    model.eval()
+    model.eval().to("cpu")
     return float(loss.detach())

@@ -1,0 +1,292 @@
+"""Inference benchmark (a command, not a test): per-stage times and throughput, CPU or CUDA.
+
+    python -m inference.benchmark --device cpu --batch 1,16 --out results.json
+    python -m inference.benchmark --device cuda --batch 1,16,64 --out results.json
+
+Input: synthetic chest phantoms written as 12-bit CR DICOM files of ``--size`` pixels (default 2000),
+kept as bytes so that ``decode`` is measured from bytes. Without ``--model`` a bundle of the
+default architecture (U-Net 256 px + DenseNet121 224 px, lung crop) is made with random stage 2
+weights and a stage 1 fitted to phantoms for a few steps, so that both stages and the CAM run as
+they would with a trained model.
+
+Reported: per-stage medians at batch 1 (decode, preprocess, stage 1, stage 2, CAM, SR/SC build,
+end-to-end from bytes); for every batch size: pipeline images/s, end-to-end images/s (decode +
+pipeline), model-only images/s (both networks on ready tensors, same device, same run) and
+model+CAM images/s, and the ratio pipeline / model-only. The SR/SC column needs
+``dicom_node.outputs``; without it the column is skipped and the table says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ARCH = {"seg_arch": "unet", "cls_arch": "densenet121", "seg_size": 256, "cls_size": 224}
+STAGES = ("decode", "preprocess", "stage1", "stage2", "cam", "sr_sc", "end_to_end")
+
+
+def _phantom_bytes(size: int, count: int) -> list[bytes]:
+    from inference.phantom import make_dicom
+
+    out = []
+    for seed in range(count):
+        ds = make_dicom(shape=(size, size), bits_stored=12, seed=seed, opacity=0.3 * (seed % 2))
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out.append(buf.getvalue())
+    return out
+
+
+def _outputs_builder() -> Callable[..., Any] | None:
+    try:
+        from dicom_node.config import ExportSettings
+        from dicom_node.outputs import build_outputs
+    except ImportError as exc:
+        log.warning("SR/SC build not measured: %s", exc, extra={"action": "benchmark_no_outputs"})
+        return None
+    settings = ExportSettings()
+    return lambda ds, img, res, card: build_outputs(ds, img, res, card, settings)
+
+
+def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def _model_only(pipeline: Any, n: int, repeats: int, with_cam: bool) -> float:
+    """Images/s of both networks alone on ready device tensors (no decode, no pre/post-processing)."""
+    from inference.explain import cam_forward
+
+    b = pipeline.bundle
+    x1 = pipeline._tensor([np.random.rand(b.segmenter_size, b.segmenter_size).astype(np.float32)] * n)
+    x2 = pipeline._tensor([np.random.rand(b.classifier_size, b.classifier_size).astype(np.float32)] * n)
+
+    def once() -> None:
+        with torch.inference_mode(), pipeline._autocast():
+            torch.sigmoid(pipeline.segmenter(x1).float()).cpu()
+        if with_cam:
+            cam_forward(
+                pipeline.classifier,
+                pipeline.target_layer,
+                x2,
+                pipeline.covid_index,
+                pipeline.cam,
+                pipeline.amp_dtype,
+            )
+        else:
+            with torch.inference_mode(), pipeline._autocast():
+                torch.softmax(pipeline.classifier(x2).float(), 1).cpu()
+
+    once()
+    times = [_timed(once, pipeline._sync) for _ in range(repeats)]
+    return n / statistics.median(times)
+
+
+def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the benchmark described by ``args`` and return the results as a JSON-ready dict."""
+    from pydicom import dcmread
+
+    from inference.bundle import make_random_bundle
+    from inference.imaging import load_dicom
+    from inference.pipeline import Pipeline
+
+    batches = sorted({int(b) for b in args.batch.split(",") if b.strip()})
+    if not batches or min(batches) < 1:
+        raise ValueError('Argument "--batch" must list positive integers, e.g. 1,16,64.')
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+        t0 = time.perf_counter()
+        model = args.model or make_random_bundle(
+            Path(tmp) / "bundle",
+            version="0.0.0-benchmark",
+            fit_segmenter_steps=args.fit_steps,
+            fit_device="cuda" if args.device != "cpu" and torch.cuda.is_available() else "cpu",
+            **DEFAULT_ARCH,
+        )
+        setup_s = time.perf_counter() - t0
+        pipeline = Pipeline.from_bundle(model, device=args.device, cam=args.cam, cpu_threads=args.cpu_threads)
+    sync = pipeline._sync
+    n_distinct = min(8, max(batches))
+    blobs = _phantom_bytes(args.size, n_distinct)
+    build = _outputs_builder()
+    card = pipeline.bundle.card
+
+    def decode(blob: bytes) -> tuple[Any, Any]:
+        ds = dcmread(io.BytesIO(blob))
+        return ds, load_dicom(ds)
+
+    # Warm-up (first calls allocate, autotune, fill caches).
+    for blob in blobs[:2]:
+        ds, img = decode(blob)
+        pipeline.run([img])
+
+    per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+    assessed = 0
+    for i in range(args.repeats):
+        blob = blobs[i % len(blobs)]
+        t_start = time.perf_counter()
+        ds, img = decode(blob)
+        t_dec = time.perf_counter()
+        (res,) = pipeline.run([img])
+        t_pipe = time.perf_counter()
+        if build is not None:
+            build(ds, img, res, card)
+        t_end = time.perf_counter()
+        assessed += res.finding != "not_assessable"
+        tm = res.timings
+        per_stage["decode"].append(t_dec - t_start)
+        per_stage["preprocess"].append(
+            sum(tm.get(k, 0.0) for k in ("header", "preprocess", "postprocess", "plausibility"))
+        )
+        per_stage["stage1"].append(tm.get("stage1", 0.0))
+        per_stage["stage2"].append(tm.get("stage2", 0.0))
+        per_stage["cam"].append(tm.get("cam", 0.0) + tm.get("explain_map", 0.0))
+        per_stage["sr_sc"].append(t_end - t_pipe if build is not None else float("nan"))
+        per_stage["end_to_end"].append(t_end - t_start)
+
+    throughput = []
+    for n in batches:
+        decoded = [decode(blobs[i % len(blobs)]) for i in range(n)]
+        images = [img for _, img in decoded]
+        reps = max(2, args.repeats // n) if n > 1 else args.repeats
+        pipeline.run(images)
+        t_pipe = statistics.median(
+            _timed(lambda images=images: pipeline.run(images), sync) for _ in range(reps)
+        )
+
+        def e2e(n: int = n) -> None:
+            pipeline.run([decode(blobs[i % len(blobs)])[1] for i in range(n)])
+
+        t_e2e = statistics.median(_timed(e2e, sync) for _ in range(max(1, reps // 2)))
+        model_only = _model_only(pipeline, n, reps, with_cam=False)
+        model_cam = _model_only(pipeline, n, reps, with_cam=True)
+        throughput.append(
+            {
+                "batch": n,
+                "pipeline_ips": n / t_pipe,
+                "end_to_end_ips": n / t_e2e,
+                "model_only_ips": model_only,
+                "model_cam_ips": model_cam,
+                "ratio_pipeline_model_only": (n / t_pipe) / model_only,
+                "ratio_pipeline_model_cam": (n / t_pipe) / model_cam,
+            }
+        )
+    pipeline.close()
+    device_name = (
+        torch.cuda.get_device_name(pipeline.device)
+        if pipeline.device.type == "cuda"
+        else platform.processor() or platform.machine()
+    )
+    return {
+        "device": str(pipeline.device),
+        "device_name": device_name,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "load_average": " ".join(f"{v:.2f}" for v in os.getloadavg()),
+        "autocast": str(pipeline.amp_dtype),
+        "cam": args.cam,
+        "image_size": args.size,
+        "model": str(args.model or "random weights, default architecture"),
+        "architectures": card["architectures"],
+        "input_sizes": card["input_sizes"],
+        "bundle_setup_s": setup_s,
+        "repeats": args.repeats,
+        "assessed_share": assessed / args.repeats,
+        "sr_sc_measured": build is not None,
+        "batch1_stage_s": {
+            s: {
+                "median": _nan_stat(v, statistics.median),
+                "p90": _nan_stat(v, lambda x: float(np.percentile(x, 90))),
+            }
+            for s, v in per_stage.items()
+        },
+        "throughput": throughput,
+    }
+
+
+def _nan_stat(values: list[float], fn: Callable[[list[float]], float]) -> float | None:
+    clean = [v for v in values if v == v]
+    return fn(clean) if clean else None
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The results as a plain-text table."""
+    lines = [
+        f"device {res['device']} ({res['device_name']}), torch {res['torch']}, "
+        f"threads {res['torch_threads']}, load average {res['load_average']}, "
+        f"autocast {res['autocast']}, {res['cam']}, {res['image_size']}x{res['image_size']} CR, "
+        f"{res['architectures']['segmenter']} {res['input_sizes']['segmenter']} px + "
+        f"{res['architectures']['classifier']} {res['input_sizes']['classifier']} px",
+        f"assessed (both stages ran): {res['assessed_share']:.0%} of {res['repeats']} batch-1 runs",
+        "",
+        f"{'batch 1, seconds per image':<28}{'median':>10}{'p90':>10}",
+    ]
+    for stage, st in res["batch1_stage_s"].items():
+        if st["median"] is None:
+            lines.append(f"{stage:<28}{'skipped: dicom_node.outputs not importable':>40}")
+        else:
+            lines.append(f"{stage:<28}{st['median']:>10.4f}{st['p90']:>10.4f}")
+    lines += [
+        "",
+        f"{'batch':>6}{'pipeline img/s':>16}{'bytes->result':>15}{'model-only':>12}"
+        f"{'model+CAM':>11}{'pipe/model':>12}{'pipe/(m+CAM)':>14}",
+    ]
+    for t in res["throughput"]:
+        lines.append(
+            f"{t['batch']:>6}{t['pipeline_ips']:>16.2f}{t['end_to_end_ips']:>15.2f}"
+            f"{t['model_only_ips']:>12.2f}{t['model_cam_ips']:>11.2f}"
+            f"{t['ratio_pipeline_model_only']:>12.2f}{t['ratio_pipeline_model_cam']:>14.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m inference.benchmark", description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--model", metavar="DIR", help="model bundle (default: random weights, default architecture)"
+    )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--batch", default="1,16", help="comma-separated batch sizes (default 1,16)")
+    p.add_argument(
+        "--repeats", type=int, default=10, help="batch-1 runs for the per-stage table (default 10)"
+    )
+    p.add_argument("--size", type=int, default=2000, help="phantom side in pixels (default 2000)")
+    p.add_argument("--cam", choices=["gradcam", "gradcam++"], default="gradcam++")
+    p.add_argument("--cpu-threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument(
+        "--fit-steps", type=int, default=60, help="stage 1 phantom-fitting steps for a random bundle"
+    )
+    p.add_argument("--out", metavar="JSON", help="write the results here as JSON")
+    args = p.parse_args(argv)
+    if args.repeats < 1 or args.size < 256:
+        p.error("--repeats must be >= 1 and --size >= 256")
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    res = run_benchmark(args)
+    print(format_table(res))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
