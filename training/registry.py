@@ -1,0 +1,193 @@
+"""The model registry (``ModelVersion`` table) and ``cxr-node models``: list, register, promote, roll back.
+
+At most one version is ``current``; the worker serves it and swaps to a new current one without restart.
+Promoting retires the previous current version; rolling back marks the current version ``rejected`` and
+makes the most recently promoted earlier version current again. Every change is one transaction.
+
+    cxr-node models                      # table of versions
+    cxr-node models --promote 1.0.0-r20261126T1500
+    cxr-node models --rollback
+    cxr-node models --register DIR       # add a bundle as a candidate
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from dicom_node.db import ModelVersion, utcnow
+from dicom_node.errors import NodeError
+
+log = logging.getLogger(__name__)
+
+STATUSES = ("current", "candidate", "retired", "rejected")
+
+
+def as_dict(row: ModelVersion) -> dict[str, Any]:
+    """A registry row as plain data."""
+    return {"version": row.version, "status": row.status, "path": row.path, "device_uid": row.device_uid,
+            "created_at": row.created_at.isoformat() if row.created_at else None,
+            "promoted_at": row.promoted_at.isoformat() if row.promoted_at else None,
+            "metrics": row.metrics or {}}
+
+
+def list_versions(engine: Engine) -> list[dict[str, Any]]:
+    """Every registered version, newest first."""
+    with Session(engine) as s:
+        rows = s.execute(select(ModelVersion).order_by(ModelVersion.created_at.desc(),
+                                                       ModelVersion.id.desc())).scalars()
+        return [as_dict(r) for r in rows]
+
+
+def current(engine: Engine) -> dict[str, Any] | None:
+    """The current version, or None when the registry holds none."""
+    with Session(engine) as s:
+        row = s.execute(select(ModelVersion).where(ModelVersion.status == "current")
+                        .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc()).limit(1)).scalar()
+        return as_dict(row) if row else None
+
+
+def register(engine: Engine, bundle_path: str | Path, *, status: str = "candidate",
+             metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Add the bundle at ``bundle_path`` (validated by loading it) with ``status`` (not ``current``:
+    use :func:`promote`). The version and device UID come from its card. ``ValueError`` when the version is
+    already registered."""
+    from inference.bundle import ModelBundle
+
+    if status not in STATUSES or status == "current":
+        raise ValueError('Argument "status" must be candidate, retired or rejected.')
+    bundle = ModelBundle.load(bundle_path)
+    with Session(engine) as s, s.begin():
+        if s.execute(select(ModelVersion).where(ModelVersion.version == bundle.version)).scalar():
+            raise ValueError(f"model version {bundle.version} is already registered")
+        row = ModelVersion(version=bundle.version, path=str(Path(bundle.path).resolve()), status=status,
+                           metrics=metrics or {}, device_uid=bundle.device_uid)
+        s.add(row)
+        s.flush()
+        out = as_dict(row)
+    log.info("model registered", extra={"action": "model_registered", "version": out["version"],
+                                        "status": status})
+    return out
+
+
+def ensure_current(engine: Engine) -> dict[str, Any]:
+    """The current version; when the registry is empty, the node's default bundle is registered as current."""
+    from inference.bundle import ModelBundle, default_bundle_path
+
+    found = current(engine)
+    if found is not None:
+        return found
+    bundle = ModelBundle.load(default_bundle_path())
+    with Session(engine) as s, s.begin():
+        row = s.execute(select(ModelVersion).where(ModelVersion.version == bundle.version)).scalar()
+        if row is None:
+            row = ModelVersion(version=bundle.version, path=str(default_bundle_path()), status="current",
+                               metrics={"source": "shipped default model"}, device_uid=bundle.device_uid)
+            s.add(row)
+        row.status, row.promoted_at = "current", utcnow()
+    return current(engine) or {}
+
+
+def promote(engine: Engine, version: str) -> dict[str, Any]:
+    """Make ``version`` current and retire the previous current one.
+
+    ``LookupError`` for an unknown version, ``ValueError`` when it is current already or its bundle no longer
+    loads.
+    """
+    from inference.bundle import ModelBundle
+
+    with Session(engine) as s, s.begin():
+        row = s.execute(select(ModelVersion).where(ModelVersion.version == version)).scalar()
+        if row is None:
+            raise LookupError(f"no model version {version!r} in the registry")
+        if row.status == "current":
+            raise ValueError(f"model version {version} is already current")
+        try:
+            ModelBundle.load(row.path)
+        except (NodeError, OSError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"model version {version} cannot be loaded from {row.path}: {exc}") from exc
+        previous = list(s.execute(select(ModelVersion).where(ModelVersion.status == "current")).scalars())
+        for r in previous:
+            r.status = "retired"
+        row.status, row.promoted_at = "current", utcnow()
+        out = {"promoted": version, "retired": [r.version for r in previous]}
+    log.info("model promoted", extra={"action": "model_promoted", "version": version,
+                                      "retired": out["retired"]})
+    return out
+
+
+def rollback(engine: Engine) -> dict[str, Any]:
+    """Mark the current version ``rejected`` and make the most recently promoted earlier version current.
+
+    ``ValueError`` when there is no current version or nothing earlier to go back to.
+    """
+    with Session(engine) as s, s.begin():
+        cur = s.execute(select(ModelVersion).where(ModelVersion.status == "current")
+                        .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc()).limit(1)).scalar()
+        if cur is None:
+            raise ValueError("the registry has no current model to roll back")
+        prev = s.execute(select(ModelVersion).where(ModelVersion.status == "retired",
+                                                    ModelVersion.promoted_at.is_not(None),
+                                                    ModelVersion.id != cur.id)
+                         .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc()).limit(1)).scalar()
+        if prev is None:
+            raise ValueError(f"no earlier promoted version to roll back to from {cur.version}")
+        cur.status = "rejected"
+        prev.status, prev.promoted_at = "current", utcnow()
+        out = {"rolled_back": cur.version, "current": prev.version}
+    log.info("model rolled back", extra={"action": "model_rolled_back", **out})
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of ``cxr-node models`` (besides the node options)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--promote", metavar="VERSION", help="make VERSION the current model")
+    g.add_argument("--rollback", action="store_true", help="go back to the previously promoted version")
+    g.add_argument("--register", metavar="DIR", help="add a bundle directory as a candidate")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def run(args: argparse.Namespace, settings: Any) -> int:
+    """Entry point of ``cxr-node models``; 0 on success, 1 when the registry refuses the change."""
+    from dicom_node.db import init_db, make_engine
+
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    try:
+        if args.promote:
+            outcome: Any = promote(engine, args.promote)
+        elif args.rollback:
+            outcome = rollback(engine)
+        elif args.register:
+            outcome = register(engine, args.register)
+        else:
+            outcome = None
+    except (LookupError, ValueError) as exc:
+        sys.stderr.write(f"cxr-node models: {exc}\n")
+        return 1
+    finally:
+        engine.dispose()
+    engine = make_engine(settings.db_url)
+    versions = list_versions(engine)
+    engine.dispose()
+    if args.json:
+        sys.stdout.write(json.dumps({"outcome": outcome, "versions": versions}, indent=1, default=str) + "\n")
+        return 0
+    if outcome:
+        sys.stdout.write(f"{outcome}\n")
+    if not versions:
+        sys.stdout.write("registry empty: the node serves its default model\n")
+    for v in versions:
+        key = v["metrics"].get("decision", {}) if isinstance(v["metrics"], dict) else {}
+        sys.stdout.write(f"{v['status']:<10} {v['version']:<32} {v['created_at'] or '':<27} "
+                         f"{key.get('metric', '')} {key.get('candidate', '')}  {v['path']}\n")
+    return 0
