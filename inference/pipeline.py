@@ -174,17 +174,16 @@ class Pipeline:
             torch.cuda.synchronize(self.device)
 
     def _tensor(self, arrays: list[np.ndarray] | list[torch.Tensor]) -> torch.Tensor:
+        """Stack stage inputs into a normalised (N, 1, S, S) batch on the model's device."""
         if isinstance(arrays[0], torch.Tensor):
             x = torch.stack(arrays)[:, None].to(self.device)  # type: ignore[arg-type]
         else:
             x = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))[:, None]
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
         x = (x - self.bundle.mean) / self.bundle.std
         if self.device.type == "cuda":
-            return (
-                x.pin_memory()
-                .to(self.device, non_blocking=True)
-                .contiguous(memory_format=torch.channels_last)
-            )
+            return x.contiguous(memory_format=torch.channels_last)
         return x
 
     def _not_assessable(self, w: _Work, code: str, text: str) -> None:
@@ -233,10 +232,11 @@ class Pipeline:
         small_region = small[int(round(top)) : int(round(bottom)), int(round(left)) : int(round(right))]
         if self.device_preprocess:
             w.mask_dev = gp.unsquare(torch.from_numpy(small).to(self.device).float(), shape) >= 0.5
+            w.lung_fraction = float(w.mask_dev.float().mean())
             w.mask = w.mask_dev.cpu().numpy()
         else:
             w.mask = imaging.unsquare(small.astype(np.float32), shape) >= 0.5
-        w.lung_fraction = float(w.mask.mean())
+            w.lung_fraction = float(w.mask.mean())
         t1 = time.perf_counter()
         w.timings["postprocess"] = t1 - t0
         problem = self._implausible(small_region, w.lung_fraction)
