@@ -89,7 +89,11 @@ class Admission:
         return any(aet == calling_ae and (hosts is None or host in hosts) for aet, hosts in self._rules)
 
     def reason(self, assoc: Association) -> str:
-        """Why ``assoc`` was rejected: ``caller``, ``disk`` or ``busy``."""
+        """Why ``assoc`` was rejected: ``called_ae``, ``caller``, ``disk`` or ``busy``."""
+        request = assoc.requestor.primitive
+        called = str(getattr(request, "called_ae_title", "") or "").strip()
+        if called != str(assoc.acceptor.ae_title).strip():
+            return "called_ae"
         if not self.caller_allowed(str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address)):
             return "caller"
         if self.store.disk_low():
@@ -157,7 +161,8 @@ class NodeAE(AE):
 def _handle_rejected(event: Any, admission: Admission, audit: AssociationAudit | None) -> None:
     assoc = event.assoc
     reason = admission.reason(assoc)
-    text = {"caller": "calling AE title (or its host) is not on the allow-list",
+    text = {"called_ae": "the called AE title is not this node's",
+            "caller": "calling AE title (or its host) is not on the allow-list",
             "disk": f"less than {admission.store.min_free_mb} MiB free on the spool volume",
             "busy": "maximum number of associations reached"}[reason]
     calling_ae = str(assoc.requestor.ae_title).strip()

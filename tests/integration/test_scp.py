@@ -134,6 +134,11 @@ def test_unknown_calling_ae_rejected(node_listener: Callable[..., Listener], tmp
     _ok(storescu(node.port, [tmp_path / "a.dcm"], calling_ae="PACS"))
     assert len(node.job_rows()) == 1
 
+    wrong_called = echoscu(node.port, calling_ae="PACS", called_ae="NOTTHENODE")
+    assert "Called AE Title Not Recognized" in wrong_called.stdout + wrong_called.stderr
+    last = [r for r in caplog.records if getattr(r, "action", "") == "association_rejected"][-1]
+    assert last.reason == "called_ae"
+
 
 def stderr_of(proc: subprocess.CompletedProcess[str]) -> str:
     return proc.stderr or ""
