@@ -1,0 +1,123 @@
+"""Retraining on the node's own received instances: labels imported, fine-tune, compare, promote or refuse,
+registry, roll back; the promoted bundle runs in the pipeline."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from training.retrain import decide
+
+pytestmark = pytest.mark.integration
+
+
+def test_decide_promotes_only_when_not_worse() -> None:
+    assert decide(0.90, 0.90, 0.0)[0] and decide(0.90, 0.89, 0.02)[0]
+    ok, why = decide(0.90, 0.85, 0.02)
+    assert not ok and "<" in why
+    assert not decide(math.nan, 0.9, 0.5)[0] and not decide(0.9, math.nan, 0.5)[0]
+
+
+def _received(tmp: Path, engine, n_patients: int = 12) -> list[tuple[str, str, str]]:  # noqa: ANN001
+    """Phantom CRs spooled and enqueued as the listener would; returns (sop uid, accession, label)."""
+    from dicom_node.config import WorkerSettings
+    from dicom_node.queue import JobManager
+    from inference.phantom import make_dicom
+
+    jm = JobManager(engine, WorkerSettings())
+    spool = tmp / "spool"
+    spool.mkdir()
+    out = []
+    for p in range(n_patients):
+        label = "covid" if p % 2 else "normal"
+        for k in range(2):
+            uid = f"1.2.826.0.1.3680043.10.999.{p}.{k}"
+            acc = f"ACC{p:03d}{k}"
+            ds = make_dicom(spool / f"{uid}.dcm", shape=(288, 272), opacity=0.8 if label == "covid" else 0.0,
+                            seed=100 * p + k, sop_instance_uid=uid, PatientID=f"P{p}", AccessionNumber=acc)
+            jm.enqueue(sop_instance_uid=uid, study_instance_uid=str(ds.StudyInstanceUID),
+                       series_instance_uid=str(ds.SeriesInstanceUID), sop_class_uid=str(ds.SOPClassUID),
+                       calling_ae="PACS", calling_host="127.0.0.1", spool_path=str(spool / f"{uid}.dcm"))
+            out.append((uid, acc, label))
+    return out
+
+
+def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phantom_bundle: Path) -> None:
+    import torch
+
+    from dicom_node.config import load_settings
+    from dicom_node.db import init_db, make_engine
+    from inference.phantom import make_phantom
+    from inference.pipeline import Pipeline
+    from inference.types import XrayImage
+    from training import registry
+    from training.retrain import import_labels, local_samples, read_labels, retrain_once
+
+    torch.set_num_threads(1)
+    engine = make_engine(sqlite_url)
+    init_db(engine)
+    rows = _received(tmp_path, engine)
+    csv_path = tmp_path / "labels.csv"
+    # half the labels by SOP Instance UID, half by Accession Number
+    lines = ["sop_instance_uid,accession_number,label"]
+    lines += [f"{u},,{lab}" if i % 2 else f",{a},{lab}" for i, (u, a, lab) in enumerate(rows)]
+    csv_path.write_text("\n".join(lines) + "\n")
+    settings = load_settings(None, {"storage": {"data_dir": str(tmp_path / "node")},
+                                    "database": {"url": sqlite_url},
+                                    "retrain": {"min_labelled": 10, "epochs": 1, "margin": 1.0}}, environ={})
+    assert import_labels(settings, csv_path) == {"imported": len(rows), "total": len(rows)}
+    samples = local_samples(engine, read_labels(settings))
+    assert len(samples) == len(rows) and {s.patient_id for s in samples} == {f"local:P{p}" for p in range(12)}
+
+    registry.register(engine, phantom_bundle, status="retired")
+    first = registry.promote(engine, registry.list_versions(engine)[0]["version"])
+    out = retrain_once(settings, engine=engine, device="cpu", quick=True)
+    assert out["status"] == "promoted", out  # margin 1.0: a candidate is never refused on the metric
+    versions = {v["version"]: v for v in registry.list_versions(engine)}
+    assert versions[out["version"]]["status"] == "current"
+    assert versions[first["promoted"]]["status"] == "retired"
+    assert versions[out["version"]]["device_uid"] != versions[first["promoted"]]["device_uid"]
+    assert versions[out["version"]]["metrics"]["decision"]["held_out"] > 0
+
+    # the promoted bundle serves
+    img, _ = make_phantom((288, 272), opacity=0.5, seed=7)
+    res = Pipeline.from_bundle(out["bundle"], device="cpu").run(
+        [XrayImage(pixels=img, source="x", meta={"modality": "CR", "body_part": "CHEST"})], explain=False)
+    assert res[0].model_version == out["version"]
+
+    # a stricter margin than any candidate can meet on a perfect current score is refused
+    settings_strict = settings.model_copy(update={"retrain": settings.retrain.model_copy(
+        update={"margin": 0.0, "metric": "accuracy"})})
+    out2 = retrain_once(settings_strict, engine=engine, device="cpu", quick=True)
+    assert out2["status"] in ("promoted", "rejected")
+    if out2["status"] == "rejected":
+        assert registry.current(engine)["version"] == out["version"]
+        statuses = {v["version"]: v["status"] for v in registry.list_versions(engine)}
+        assert statuses[out2["version"]] == "rejected"
+    else:
+        assert out2["candidate"] >= out2["current"]
+
+    before = registry.current(engine)["version"]
+    back = registry.rollback(engine)
+    assert back["rolled_back"] == before and back["current"] != before
+    assert registry.current(engine)["version"] == back["current"]
+    assert {v["version"]: v["status"] for v in registry.list_versions(engine)}[before] == "rejected"
+    with pytest.raises(LookupError):
+        registry.promote(engine, "no-such-version")
+    with pytest.raises(ValueError, match="already current"):
+        registry.promote(engine, back["current"])
+
+
+def test_retrain_skips_without_enough_labels(tmp_path: Path, sqlite_url: str) -> None:
+    from dicom_node.config import load_settings
+    from dicom_node.db import init_db, make_engine
+    from training.retrain import retrain_once
+
+    engine = make_engine(sqlite_url)
+    init_db(engine)
+    settings = load_settings(None, {"storage": {"data_dir": str(tmp_path)}, "database": {"url": sqlite_url}},
+                             environ={})
+    out = retrain_once(settings, engine=engine, device="cpu")
+    assert out["status"] == "skipped" and "needed" in out["reason"]
