@@ -1,0 +1,127 @@
+"""Training loops, augmentation and packing on tiny synthetic data (a few steps, CPU)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from training.augment import augment
+from training.loops import FitConfig, fit, predict
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def phantoms() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from inference.phantom import make_phantom
+
+    imgs, masks, ys = [], [], []
+    for i in range(16):
+        img, mask = make_phantom((64, 64), opacity=0.8 if i % 2 else 0.0, seed=i)
+        imgs.append(np.rint(img * 255).astype(np.uint8))
+        masks.append(mask.astype(np.uint8))
+        ys.append(i % 2)
+    return (torch.from_numpy(np.stack(imgs))[:, None], torch.from_numpy(np.stack(masks))[:, None],
+            torch.tensor(ys))
+
+
+def test_augment_is_seeded_keeps_shapes_and_binary_masks() -> None:
+    x = torch.rand(4, 1, 32, 32)
+    m = (torch.rand(4, 1, 32, 32) > 0.5).float()
+    before = x.clone()
+    a1, m1 = augment(x, m, generator=torch.Generator().manual_seed(1))
+    a2, m2 = augment(x, m, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a1, a2) and torch.equal(m1, m2) and torch.equal(x, before)
+    assert a1.shape == x.shape and m1.shape == m.shape
+    assert set(torch.unique(m1).tolist()) <= {0.0, 1.0}
+    assert 0.0 <= float(a1.min()) and float(a1.max()) <= 1.0
+    assert not torch.equal(a1, x)
+    with pytest.raises(ValueError, match="x"):
+        augment(torch.rand(32, 32))
+
+
+def test_fit_classifier_checkpoint_and_resume(tmp_path: Path, phantoms: tuple) -> None:
+    from inference.models.classifiers import build_classifier
+
+    torch.set_num_threads(1)
+    x, _, y = phantoms
+    ck = tmp_path / "ck.pt"
+    cfg = FitConfig(epochs=2, batch_size=8, max_steps=1, seed=0)
+    r = fit(build_classifier("resnet18"), (x[:12], y[:12]), (x[12:], y[12:]), kind="classification",
+            config=cfg, device=torch.device("cpu"), checkpoint=ck)
+    assert len(r.history) == 2 and 0 <= r.best_epoch <= 1
+    state = torch.load(ck, weights_only=True)
+    assert state["finished"] and state["epoch"] == 1
+    # resuming a finished run trains nothing more and returns the same best weights
+    model = build_classifier("resnet18")
+    r2 = fit(model, (x[:12], y[:12]), (x[12:], y[12:]), kind="classification", config=cfg,
+             device=torch.device("cpu"), checkpoint=ck, resume=True)
+    assert len(r2.history) == 2 and r2.best_epoch == r.best_epoch
+    assert all(torch.equal(r.state[k], r2.state[k]) for k in r.state)
+    p = predict(model, x, kind="classification", device=torch.device("cpu"), mean=0.5, std=0.25)
+    assert p.shape == (16,) and float(p.min()) >= 0 and float(p.max()) <= 1
+
+
+def test_densenet_trains_despite_its_inplace_relu(phantoms: tuple) -> None:
+    from inference.models.classifiers import build_classifier
+
+    x, _, y = phantoms
+    model = build_classifier("densenet121")
+    r = fit(model, (x[:8, :, :32, :32], y[:8]), (x[8:, :, :32, :32], y[8:]), kind="classification",
+            config=FitConfig(epochs=1, batch_size=4, max_steps=1), device=torch.device("cpu"))
+    assert np.isfinite(r.history[0]["loss"])
+    assert not model.features.relu5._forward_hooks  # the training hook is removed afterwards
+
+
+@pytest.mark.parametrize("arch", ["unet", "lungvae"])
+def test_fit_segmenter_learns_on_phantoms(arch: str, phantoms: tuple) -> None:
+    from inference.models.segmentation import build_segmenter
+
+    torch.set_num_threads(1)
+    x, m, _ = phantoms
+    cfg = FitConfig(epochs=12 if arch == "unet" else 2, batch_size=8, lr=0.003, seed=0, augment=False)
+    r = fit(build_segmenter(arch), (x[:12], m[:12]), (x[12:], m[12:]), kind="segmentation", config=cfg,
+            device=torch.device("cpu"))
+    assert np.isfinite(r.history[-1]["loss"])
+    if arch == "unet":  # enough steps to beat the empty mask clearly
+        assert r.best_score > 0.6
+
+
+def test_fit_rejects_empty_sets(phantoms: tuple) -> None:
+    from inference.models.classifiers import build_classifier
+
+    x, _, y = phantoms
+    with pytest.raises(ValueError, match="empty"):
+        fit(build_classifier("resnet18"), (x[:0], y[:0]), (x, y), kind="classification", config=FitConfig(),
+            device=torch.device("cpu"))
+    with pytest.raises(ValueError, match="epochs"):
+        FitConfig(epochs=0)
+
+
+def test_pack_keeps_the_manifest_format(tmp_path: Path) -> None:
+    import csv
+
+    from PIL import Image
+
+    from training.pack import pack
+    from training.synthetic import make_phantom_dataset
+
+    src = make_phantom_dataset(tmp_path / "src", patients=4, images_per_patient=1, size=96)
+    counts = pack(src, tmp_path / "out", max_side=48, quality=85)
+    assert counts["images"] == 4 and counts["masks"] == 4 and counts["rows"] == 8
+    with (tmp_path / "out" / "manifest.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    with src.open() as fh:
+        assert list(csv.DictReader(fh).fieldnames or []) == list(rows[0].keys())
+    for r in rows:
+        with Image.open(tmp_path / "out" / r["file"]) as im:
+            assert max(im.size) <= 48 and im.format == "JPEG"
+        if r["mask_file"]:
+            out = tmp_path / "out"
+            with Image.open(out / r["mask_file"]) as mk, Image.open(out / r["file"]) as im:
+                assert mk.size == im.size
+    with pytest.raises(ValueError, match="max_side"):
+        pack(src, tmp_path / "bad", max_side=8)
