@@ -1,0 +1,33 @@
+"""The inference benchmark runs end to end on a tiny bundle and reports every column (smoke test)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from inference.benchmark import STAGES, main
+
+pytestmark = pytest.mark.unit
+
+
+def test_benchmark_smoke(tmp_path: Path, phantom_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "results.json"
+    code = main(["--model", str(phantom_bundle), "--device", "cpu", "--batch", "1,2", "--repeats", "2",
+                 "--size", "300", "--out", str(out)])
+    assert code == 0
+    res = json.loads(out.read_text())
+    assert set(res["batch1_stage_s"]) == set(STAGES)
+    assert res["assessed_share"] == 1.0
+    assert [t["batch"] for t in res["throughput"]] == [1, 2]
+    for t in res["throughput"]:
+        assert t["pipeline_ips"] > 0 and t["model_only_ips"] > 0
+        assert t["ratio_pipeline_model_only"] == pytest.approx(t["pipeline_ips"] / t["model_only_ips"])
+    table = capsys.readouterr().out
+    assert "end_to_end" in table and "pipe/model" in table
+
+
+def test_benchmark_rejects_bad_batches(phantom_bundle: Path) -> None:
+    with pytest.raises(ValueError, match="--batch"):
+        main(["--model", str(phantom_bundle), "--device", "cpu", "--batch", "0", "--size", "300"])
