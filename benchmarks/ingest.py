@@ -17,6 +17,8 @@ storescp is measured twice: as shipped, and with ``TCP_NODELAY=1`` (dcmtk's own 
 disables Nagle's algorithm). As shipped, each C-STORE response of storescp waits ~40 ms for a delayed
 ACK on loopback (it writes the PDU header and body separately), so it manages only ~20 images/s here;
 with the switch it is limited by the disk and the CPU. The ratio is printed against both.
+"pynetdicom no-op" is a pynetdicom listener whose handler only takes the bytes (no spool, no
+database, in this process): the ceiling for any listener built on pynetdicom here.
 """
 
 from __future__ import annotations
@@ -130,6 +132,30 @@ def _run_node(work: Path, files: list[Path], round_no: int, model: Path | None, 
     return seconds
 
 
+def _run_bare_pynetdicom(files: list[Path]) -> float:
+    """pynetdicom with a handler that only takes the bytes: the ceiling for any pynetdicom listener."""
+    from pydicom.uid import ComputedRadiographyImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE, evt
+
+    from dicom_node.scp import MAX_PDU_BYTES
+
+    ae = AE("BARE")
+    ae.maximum_pdu_size = MAX_PDU_BYTES
+    ae.add_supported_context(ComputedRadiographyImageStorage,
+                             [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+
+    def take(event: object) -> int:
+        event.encoded_dataset()  # type: ignore[attr-defined]
+        return 0x0000
+
+    port = _free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, take)])
+    try:
+        return _send(port, "BARE", files, False)
+    finally:
+        server.shutdown()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--files", type=int, default=200)
@@ -154,11 +180,13 @@ def main(argv: list[str] | None = None) -> int:
 
             model = make_random_bundle(work / "model")
         runs: dict[str, list[float]] = {"dcmtk storescp (TCP_NODELAY=1)": [],
-                                        "dcmtk storescp (default)": [], "cxr-node serve": []}
+                                        "dcmtk storescp (default)": [], "cxr-node serve": [],
+                                        "pynetdicom no-op (ceiling)": []}
         for r in range(args.rounds):
             runs["dcmtk storescp (TCP_NODELAY=1)"].append(_run_storescp(work, files, True))
             runs["dcmtk storescp (default)"].append(_run_storescp(work, files, False))
             runs["cxr-node serve"].append(_run_node(work, files, r, model, False))
+            runs["pynetdicom no-op (ceiling)"].append(_run_bare_pynetdicom(files))
         worker = "running" if args.worker else "disabled"
         print(f"{args.files} files, {args.size}x{args.size} 12-bit CR uncompressed, {mb:.1f} MB, "
               f"one storescu association each, best of {args.rounds}; node worker {worker}")
