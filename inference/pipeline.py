@@ -31,7 +31,7 @@ from inference import imaging
 from inference.bundle import ModelBundle
 from inference.explain import CAM_METHODS, cam_forward, lung_attention
 from inference.models.classifiers import cam_layers
-from inference.types import Result, XrayImage
+from inference.types import Finding, Result, XrayImage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,10 +47,10 @@ class _Work:
     image: XrayImage
     timings: dict[str, float] = field(default_factory=dict)
     result: Result | None = None  # set once the image is finished (not assessable, or done)
-    x1: np.ndarray | None = None  # stage 1 input
+    x1: np.ndarray | torch.Tensor | None = None  # stage 1 input
     mask: np.ndarray | None = None  # lung mask at source resolution
     lung_fraction: float | None = None
-    x2: np.ndarray | None = None  # stage 2 input
+    x2: np.ndarray | torch.Tensor | None = None  # stage 2 input
     box: tuple[int, int, int, int] | None = None  # stage 2 crop box in source pixels (r0, c0, r1, c1)
     pixels_dev: torch.Tensor | None = None  # device copies for device-side preprocessing
     mask_dev: torch.Tensor | None = None
@@ -173,12 +173,12 @@ class Pipeline:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _tensor(self, arrays: list[np.ndarray] | list[torch.Tensor]) -> torch.Tensor:
+    def _tensor(self, arrays: Sequence[np.ndarray | torch.Tensor | None]) -> torch.Tensor:
         """Stack stage inputs into a normalised (N, 1, S, S) batch on the model's device."""
         if isinstance(arrays[0], torch.Tensor):
-            x = torch.stack(arrays)[:, None].to(self.device)  # type: ignore[arg-type]
+            x = torch.stack(arrays)[:, None].to(self.device)  # type: ignore[arg-type,misc]
         else:
-            x = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))[:, None]
+            x = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))[:, None]  # type: ignore[arg-type]
             if self.device.type == "cuda":
                 x = x.pin_memory().to(self.device, non_blocking=True)
         x = (x - self.bundle.mean) / self.bundle.std
@@ -300,7 +300,7 @@ class Pipeline:
                 att = lung_attention(heat, w.mask)
         w.mask_dev = None
         w.timings["explain_map"] = time.perf_counter() - t0
-        finding = "positive" if prob >= self.bundle.threshold else "negative"
+        finding: Finding = "positive" if prob >= self.bundle.threshold else "negative"
         w.result = Result(
             finding=finding,
             probability=prob,
@@ -337,7 +337,7 @@ class Pipeline:
         todo = [w for w in work if w.result is None]
         if todo:
             t0 = time.perf_counter()
-            x = self._tensor([w.x1 for w in todo])  # type: ignore[misc]
+            x = self._tensor([w.x1 for w in todo])
             with torch.inference_mode(), self._autocast():
                 probs = torch.sigmoid(self.segmenter(x).float())[:, 0].cpu().numpy()
             dt = (time.perf_counter() - t0) / len(todo)
@@ -350,7 +350,7 @@ class Pipeline:
         todo = [w for w in work if w.result is None]
         if todo:
             t0 = time.perf_counter()
-            x = self._tensor([w.x2 for w in todo])  # type: ignore[misc]
+            x = self._tensor([w.x2 for w in todo])
             cams: np.ndarray | None = None
             if explain:
                 cams, logits, t_fwd = cam_forward(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +25,16 @@ CLASSIFIERS = ("densenet121", "resnet18", "mobilenet_v2")
 
 def _grey_conv(conv: nn.Conv2d) -> nn.Conv2d:
     new = nn.Conv2d(
-        1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=conv.bias is not None
+        1,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]
+        conv.stride,  # type: ignore[arg-type]
+        conv.padding,  # type: ignore[arg-type]
+        bias=conv.bias is not None,
     )
     with torch.no_grad():
         new.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
-        if conv.bias is not None:
+        if conv.bias is not None and new.bias is not None:
             new.bias.copy_(conv.bias)
     return new
 
@@ -151,10 +157,11 @@ def cam_layers(name: str, model: nn.Module) -> tuple[nn.Module, nn.Module]:
     Only the second layer's parameters need ``requires_grad`` for the CAM's backward pass, so the
     pipeline freezes everything else and back-propagates only through the network's head.
     """
+    m: Any = model
     if name == "densenet121":
-        return model.features.relu5, model.features.norm5
+        return m.features.relu5, m.features.norm5
     if name == "resnet18":
-        return model.layer4[-1], model.layer4[-1]
+        return m.layer4[-1], m.layer4[-1]
     if name == "mobilenet_v2":
-        return model.features[-1], model.features[-1]
+        return m.features[-1], m.features[-1]
     raise ValueError(f'Argument "name" must be one of {", ".join(CLASSIFIERS)}; got {name!r}.')
