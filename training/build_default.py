@@ -16,6 +16,13 @@ Steps, each printed with its time:
 7. the chosen bundle (fp16 weights) via ``inference.bundle.create_bundle``.
 
 Outputs in ``--out``: ``results.json``, ``report.md``, ``split.json``, ``bundle/``, ``checkpoints/``.
+``--resume`` continues from the checkpoints after an interruption (finished runs are not trained again).
+
+Needs torch, torchvision, numpy, scipy, scikit-learn, pillow, safetensors, tqdm and pydicom (imported by
+``inference.imaging`` and ``inference.bundle``); the imports are checked before any training. Lung attention
+also needs pytorch-grad-cam (grad-cam, ttach, opencv-python-headless); without it that one step is skipped
+and the results say so. On a GPU, train on a packed copy: ``python -m training.pack --manifest
+../shared/data/manifest.csv --out .gpudata --max-side 384`` (about 20 MiB).
 """
 
 from __future__ import annotations
@@ -145,7 +152,9 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     results: dict[str, Any] = {"data": str(data), "device": str(dev), "split": split.counts,
                                "seed": seed, "target_sensitivity": target_sensitivity}
     seg_val = seg_sets["val"] if len(seg_sets["val"]) else seg_sets["train"]
-    best_seg, best_seg_score, stage1 = None, -1.0, {}
+    best_seg: tuple[str, torch.nn.Module] | None = None
+    best_seg_score = -1.0
+    stage1: dict[str, Any] = {}
     if not seg_archs:
         assert base is not None
         best_seg = (base.segmenter_arch, base.segmenter)
@@ -156,6 +165,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             model = build_segmenter(arch)
             cfg = FitConfig(epochs=epochs_seg, batch_size=min(batch_size, 16), lr=lr, seed=seed,
                             patience=10, max_steps=max_steps)
+            assert seg_sets["train"].masks is not None and seg_val.masks is not None
             r = fit(model, (seg_sets["train"].seg_input, seg_sets["train"].masks),
                     (seg_val.seg_input, seg_val.masks), kind="segmentation", config=cfg, device=dev,
                     checkpoint=out / "checkpoints" / f"stage1_{arch}.pt", resume=resume,
@@ -235,8 +245,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     with timer.step("trivial baselines"):
         from training.baselines import trivial_baselines
 
-        centres = {side: (cls_sets[side].centre.whole if cls_sets[side].centre is not None
-                          else _centre_whole(cls_sets[side], cls_size)) for side in SIDES}
+        centres = {side: _centre_whole(cls_sets[side], cls_size) for side in SIDES}
         results["baselines"] = trivial_baselines({s: cls_sets[s].shapes for s in SIDES}, centres,
                                                  {s: y[s].numpy() for s in SIDES},
                                                  target_sensitivity=target_sensitivity)

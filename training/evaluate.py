@@ -80,7 +80,8 @@ def _load(sample: Sample, centre: bool = False) -> Any:
 def _run(pipeline: Any, samples: Sequence[Sample], *, explain: bool, centre: bool = False,
          batch: int = 16) -> tuple[list[Any], list[Any]]:
     """(images, results) of ``pipeline`` on ``samples`` in batches."""
-    images, results = [], []
+    images: list[Any] = []
+    results: list[Any] = []
     for i in range(0, len(samples), batch):
         chunk = [_load(s, centre) for s in samples[i:i + batch]]
         results += pipeline.run(chunk, explain=explain)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -97,9 +97,10 @@ def _seg_step(model: nn.Module, xb: torch.Tensor, target: torch.Tensor,
     """Forward + loss of one segmentation batch; lungvae-style models train on corrupted inputs."""
     from inference.models.segmentation import corrupt_for_imputation, lungvae_loss, segmentation_loss
 
-    if hasattr(model, "forward_train"):
+    forward_train: Any = getattr(model, "forward_train", None)
+    if forward_train is not None:
         gen = generator if generator is not None and generator.device.type == "cpu" else None
-        out = model.forward_train(corrupt_for_imputation(xb, generator=gen))
+        out = forward_train(corrupt_for_imputation(xb, generator=gen))
         return lungvae_loss(out, target, xb)["total"].float()
     return segmentation_loss(logits_of(model(xb)).float(), target)
 

@@ -116,13 +116,13 @@ def metrics_with_ci(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | 
     """:func:`binary_metrics` plus 95% bootstrap intervals (``<name>_ci``) for AUC, sensitivity, specificity,
     accuracy and F1."""
     out: dict[str, float | list[float]] = dict(binary_metrics(y_true, prob, threshold))
-    for name in ("roc_auc", "sensitivity", "specificity", "accuracy", "f1"):
+    def statistic(name: str) -> Callable[[np.ndarray, np.ndarray], float]:
         if name == "roc_auc":
-            def stat(y: np.ndarray, p: np.ndarray) -> float:
-                return roc_auc(y, p)
-        else:
-            def stat(y: np.ndarray, p: np.ndarray, _n: str = name) -> float:
-                return binary_metrics(y, p, threshold)[_n]
+            return roc_auc
+        return lambda y, p: binary_metrics(y, p, threshold)[name]
+
+    for name in ("roc_auc", "sensitivity", "specificity", "accuracy", "f1"):
+        stat = statistic(name)
         out[f"{name}_ci"] = list(bootstrap_ci(y_true, prob, stat, n_boot=n_boot, seed=seed))
     return out
 

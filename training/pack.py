@@ -103,9 +103,9 @@ def pack(manifest: Path, out: Path, *, max_side: int = 384, quality: int = 90) -
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows(out_rows)
-    size = folder_size(out)
-    log.info("packed data set", extra={"action": "pack_done", "rows": len(out_rows), "bytes": size})
-    return {"rows": len(out_rows), "images": n_img, "masks": n_mask, "bytes": size}
+    total = folder_size(out)
+    log.info("packed data set", extra={"action": "pack_done", "rows": len(out_rows), "bytes": total})
+    return {"rows": len(out_rows), "images": n_img, "masks": n_mask, "bytes": total}
 
 
 def main(argv: list[str] | None = None) -> int:
