@@ -3,7 +3,7 @@
 Data are whole tensors in memory (uint8, N x 1 x S x S) moved to the device once; batches are augmented there
 (:mod:`training.augment`). Adam (lr 0.002 by default), class-balanced cross-entropy for classifiers,
 BCE + soft Dice for segmenters, one-cycle learning-rate schedule, early stopping on the validation score
-(ROC AUC / Dice), bf16 autocast on CUDA, fixed seeds, a checkpoint after every epoch and resume from it.
+(ROC AUC / Dice), bf16 autocast on CUDA, fixed seeds, periodic checkpoints and resume from them.
 """
 
 from __future__ import annotations
@@ -119,6 +119,7 @@ class FitConfig:
     std: float = 0.25
     augment: bool = True
     max_steps: int = 0  # >0: stop each epoch after this many batches (tests)
+    checkpoint_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -198,7 +199,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     """Train ``model`` on ``train`` = (x uint8 (N,1,S,S), y) and keep the weights best on ``val``.
 
     ``y`` is a long tensor of class ids (classification) or a uint8 mask tensor (N,1,S,S) (segmentation).
-    With ``checkpoint`` the full training state is saved after each epoch; ``resume=True`` continues from it.
+    With ``checkpoint`` the full training state is saved every ``checkpoint_every`` epochs and at the end;
+    ``resume=True`` continues from it.
     Returns the best state dict (CPU tensors), its validation score and epoch, and the per-epoch history.
     """
     if kind not in ("segmentation", "classification"):
@@ -272,7 +274,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
         log.info("epoch", extra={"action": "train_epoch", "run": name, **row})
         if on_epoch is not None:
             on_epoch(row)
-        if checkpoint is not None:
+        stopping = epoch - best_epoch >= config.patience or epoch == config.epochs - 1
+        if checkpoint is not None and (stopping or (epoch + 1) % max(1, config.checkpoint_every) == 0):
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
