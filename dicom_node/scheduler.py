@@ -39,12 +39,12 @@ def run_retention(settings: Settings, engine: Engine) -> dict[str, Any]:
     return report.as_dict()
 
 
-def run_retrain(settings: Settings) -> dict[str, Any]:
+def run_retrain(settings: Settings, engine: Engine | None = None) -> dict[str, Any]:
     """One scheduled retraining (``training.retrain.retrain_once``); its outcome is logged, errors too."""
     from training.retrain import retrain_once  # torch and the training stack load only when due
 
     log.info("scheduled retraining started", extra={"action": "retrain_started"})
-    outcome = retrain_once(settings)
+    outcome = retrain_once(settings, engine=engine)
     log.info("scheduled retraining finished", extra={"action": "retrain_finished", "outcome": outcome})
     return outcome
 
@@ -79,7 +79,7 @@ def start_scheduler(settings: Settings, engine: Engine) -> BackgroundScheduler:
                           id=RETENTION_JOB_ID, name="delete delivered instances and outputs", **common)
     if settings.retrain.cron.strip():
         trigger = cron_trigger(settings.retrain.cron, "retrain.cron")
-        scheduler.add_job(_guarded, trigger, args=[RETRAIN_JOB_ID, run_retrain, settings],
+        scheduler.add_job(_guarded, trigger, args=[RETRAIN_JOB_ID, run_retrain, settings, engine],
                           id=RETRAIN_JOB_ID, name="retrain on local labels", **common)
     scheduler.start()
     for job in scheduler.get_jobs():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import threading
@@ -163,3 +164,28 @@ def test_scheduler_retrain_cron_and_bad_expressions(db: NodeDb) -> None:
     s.retrain.cron = "61 * * * *"
     with pytest.raises(ConfigError, match="retrain.cron"):
         start_scheduler(s, db.engine)
+
+
+def test_scheduled_retrain_runs_and_reports_its_outcome(db: NodeDb, caplog: pytest.LogCaptureFixture) -> None:
+    s = make_settings(db.settings.storage.data_dir, retention_days=0)
+    s.retrain.cron = "0 2 * * 0"
+    scheduler = start_scheduler(s, db.engine)
+    ran = threading.Event()
+    errors: list[object] = []
+
+    def listener(event: JobExecutionEvent) -> None:
+        errors.append(event.exception)
+        ran.set()
+
+    scheduler.add_listener(listener, EVENT_JOB_EXECUTED | EVENT_JOB_ERROR)
+    try:
+        with caplog.at_level(logging.INFO, logger="dicom_node.scheduler"):
+            scheduler.modify_job(RETRAIN_JOB_ID, next_run_time=datetime.now(UTC))
+            assert ran.wait(120), "retrain job did not run"
+    finally:
+        scheduler.shutdown(wait=True)
+    assert errors == [None]
+    finished = [r for r in caplog.records if getattr(r, "action", "") == "retrain_finished"]
+    assert len(finished) == 1
+    outcome = finished[0].outcome  # type: ignore[attr-defined]
+    assert outcome["status"] == "skipped" and "needed" in outcome["reason"]  # no local labels yet
