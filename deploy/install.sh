@@ -9,7 +9,7 @@ want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 apt_pkgs=()
-[ $want_test = 1 ] && apt_pkgs+=(dcmtk orthanc dicom3tools postgresql chromium fonts-dejavu-core)
+[ $want_test = 1 ] && apt_pkgs+=(dcmtk orthanc dicom3tools postgresql chromium fonts-dejavu-core docker-compose)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -12,8 +12,6 @@ end delivered or scheduled for retry, never half-done), everything is stopped, e
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import logging
 import signal
 import threading
@@ -43,13 +41,6 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     """``worker`` options beyond the node options."""
     parser.add_argument("--once", action="store_true",
                         help="process the jobs that are due now, then exit (maintenance, tests)")
-
-
-def _optional(module_name: str) -> Any | None:
-    """The module when it is part of this installation, else None."""
-    if importlib.util.find_spec(module_name) is None:
-        return None
-    return importlib.import_module(module_name)
 
 
 def _install_signal_handlers(stop: threading.Event) -> Callable[[], None]:
@@ -117,20 +108,26 @@ class _Node:
             log.info("listening on %s:%s as %s", s.listener.bind_address, s.listener.port,
                      s.listener.ae_title, extra={"action": "listener_started"})
         # Scheduled retention/retraining and the admin API run once per installation: in `serve` only.
-        scheduler_mod = _optional("dicom_node.scheduler") if self.want_listener else None
-        if scheduler_mod is not None:
-            self.scheduler = scheduler_mod.start_scheduler(s, self.engine)
+        if self.want_listener:
+            from dicom_node.scheduler import start_scheduler
+
+            self.scheduler = start_scheduler(s, self.engine)
         if s.admin.port and self.want_listener:
-            admin_mod = _optional("dicom_node.admin")
-            if admin_mod is None:
-                log.warning("admin.port is set but this installation has no admin API",
-                            extra={"action": "admin_missing"})
-            else:
-                self.admin = admin_mod.start_admin(s, self.engine, self.jm)
+            from dicom_node.admin import start_admin
+
+            self.admin = start_admin(s, self.engine, self.jm, model_info=self._model_info)
         if self.worker is not None and not once:
             self.worker_thread = threading.Thread(target=self.worker.run, args=(self.stop_event,),
                                                   name="cxr-worker", daemon=True)
             self.worker_thread.start()
+
+    def _model_info(self) -> dict[str, str] | None:
+        """The model the worker serves now, for the admin API's readiness check (None: not loaded)."""
+        pipeline = getattr(self.worker, "pipeline", None)
+        if pipeline is None:
+            return None
+        b = pipeline.bundle
+        return {"name": b.name, "version": b.version, "device_uid": b.device_uid, "path": str(b.path)}
 
     def stop(self) -> None:
         if self._stopped:
