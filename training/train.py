@@ -6,6 +6,7 @@ to the configuration asked for:
     cxr-node train --data ../shared/data --out runs/r1                       # both stages, lung mode
     cxr-node train --stage 2 --arch resnet18 --mode whole --data DIR --labels labels.csv --out runs/r2
     cxr-node train --stage 1 --seg-arch lungvae --data ../shared/data --out runs/r3
+    cxr-node train --stage 2 --fine-tune --data node --out runs/r4           # the node's labelled instances
     cxr-node train ... --resume                                              # continue from checkpoints
 
 ``--stage 2`` takes stage 1 from ``--base-model`` (default: the node's default model); ``--stage 1`` keeps the
@@ -29,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from inference.models.classifiers import CLASSIFIERS
     from inference.models.segmentation import SEGMENTERS
 
-    p.add_argument("--data", required=True, help="manifest CSV, folder with manifest.csv, or DICOM folder")
+    p.add_argument("--data", required=True, help="manifest CSV, folder with manifest.csv, DICOM folder, or "
+                                                 "'node': the node's received instances with imported labels "
+                                                 "(cxr-node retrain --import-labels)")
     p.add_argument("--labels", help="labels CSV (file or sop_instance_uid, label) for a DICOM folder")
     p.add_argument("--out", required=True, help="run folder (bundle, report, split, checkpoints)")
     p.add_argument("--stage", choices=["1", "2", "both"], default="both")
@@ -64,8 +67,19 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
 
+    samples = None
+    if args.data == "node":
+        from dicom_node.db import make_engine
+        from training.retrain import local_samples, read_labels
+
+        engine = make_engine(settings.db_url)
+        try:
+            samples = local_samples(engine, read_labels(settings))
+        finally:
+            engine.dispose()
+        say(f"{len(samples)} labelled instances received by the node")
     results = build_default(
-        Path(args.data), Path(args.out), labels=Path(args.labels) if args.labels else None,
+        Path(args.data), Path(args.out), samples=samples, labels=Path(args.labels) if args.labels else None,
         device=args.device, epochs_seg=args.epochs_seg, epochs_cls=args.epochs,
         archs=(args.arch,) if args.stage in ("2", "both") else (),
         seg_archs=(args.seg_arch,) if args.stage in ("1", "both") else (),

@@ -44,7 +44,8 @@ def _received(tmp: Path, engine, n_patients: int = 12) -> list[tuple[str, str, s
     return out
 
 
-def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phantom_bundle: Path) -> None:
+def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phantom_bundle: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import torch
 
     from dicom_node.config import load_settings
@@ -70,6 +71,16 @@ def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phanto
     assert import_labels(settings, csv_path) == {"imported": len(rows), "total": len(rows)}
     samples = local_samples(engine, read_labels(settings))
     assert len(samples) == len(rows) and {s.patient_id for s in samples} == {f"local:P{p}" for p in range(12)}
+
+    # the same labelled instances feed `cxr-node train --data node`
+    from dicom_node.cli import main
+
+    monkeypatch.setenv("CXRNODE_STORAGE_DATA_DIR", str(tmp_path / "node"))
+    monkeypatch.setenv("CXRNODE_DATABASE_URL", sqlite_url)
+    assert main(["train", "--data", "node", "--stage", "2", "--fine-tune", "--arch", "mobilenet_v2",
+                 "--base-model", str(phantom_bundle), "--out", str(tmp_path / "run"), "--quick",
+                 "--epochs", "1", "--device", "cpu"]) == 0
+    assert (tmp_path / "run" / "bundle" / "model.json").is_file()
 
     registry.register(engine, phantom_bundle, status="retired")
     first = registry.promote(engine, registry.list_versions(engine)[0]["version"])
