@@ -131,9 +131,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 for i, f in enumerate(files[start : start + batch_size]):
                     try:
                         loaded.append((i, load_any(f)))
-                    except (NodeError, OSError, ValueError) as exc:
+                    except Exception as exc:  # any unreadable file becomes a row, never a crash
                         log.warning(
-                            "input not readable", extra={"action": "predict_unreadable", "path": str(f)}
+                            "input not readable: %s",
+                            exc,
+                            exc_info=not isinstance(exc, NodeError | OSError | ValueError),
+                            extra={"action": "predict_unreadable", "path": str(f)},
                         )
                         rows[i] = _row(
                             f,
