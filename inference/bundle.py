@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from pydicom.uid import UID, generate_uid
+from pydicom.uid import generate_uid
 from torch import nn
 
 from dicom_node.errors import ModelBundleError
@@ -68,6 +68,7 @@ CALLER_KEYS = (
     "training_data",
     "metrics",
 )
+_UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")  # DICOM UI value
 _VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
 
 
@@ -103,7 +104,7 @@ def validate_card(card: Any, path: Path) -> dict[str, Any]:
         )
     if not _VERSION_RE.match(card["version"]):
         raise _fail(path, f"key 'version' is not a valid version string: {card['version']!r}")
-    if not UID(card["device_uid"]).is_valid:
+    if len(card["device_uid"]) > 64 or not _UID_RE.match(card["device_uid"]):
         raise _fail(path, f"key 'device_uid' is not a valid DICOM UID: {card['device_uid']!r}")
     arch, sizes = card["architectures"], card["input_sizes"]
     for stage, known in (("segmenter", SEGMENTERS), ("classifier", CLASSIFIERS)):
