@@ -62,9 +62,13 @@ def cam_forward(
     t0 = time.perf_counter()
     handle = model.register_forward_hook(forward_done)
     try:
-        with torch.enable_grad(), amp, CAM_METHODS[method](
-            model=model, target_layers=[target_layer], reshape_transform=_as_float
-        ) as cam:
+        with (
+            torch.enable_grad(),
+            amp,
+            CAM_METHODS[method](
+                model=model, target_layers=[target_layer], reshape_transform=_as_float
+            ) as cam,
+        ):
             maps = cam(input_tensor=x, targets=targets)
             logits = cam.outputs.detach().float()
     finally:
