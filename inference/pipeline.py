@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -104,6 +105,7 @@ class Pipeline:
         self.max_batch = max_batch
         self.min_lung_fraction = min_lung_fraction
         self.max_lung_fraction = max_lung_fraction
+        self._lock = threading.Lock()  # one batch at a time: the CAM hooks the shared model
         self.device_preprocess = (
             self.device.type == "cuda" if device_preprocess is None else device_preprocess
         )
@@ -320,13 +322,15 @@ class Pipeline:
         """One :class:`Result` per image, in order. ``explain`` adds the heatmap and lung attention.
 
         ``Result.timings`` holds seconds per stage; batched stages (``stage1``, ``stage2``, ``cam``)
-        are the batch's time divided by the number of images that went through them.
+        are the batch's time divided by the number of images that went through them. Calls from
+        several threads are served one after the other.
         """
         if isinstance(images, XrayImage):
             raise TypeError('Argument "images" must be a sequence of XrayImage, not one image.')
         out: list[Result] = []
-        for start in range(0, len(images), self.max_batch):
-            out.extend(self._run_batch(list(images[start : start + self.max_batch]), explain))
+        with self._lock:
+            for start in range(0, len(images), self.max_batch):
+                out.extend(self._run_batch(list(images[start : start + self.max_batch]), explain))
         return out
 
     def _run_batch(self, images: list[XrayImage], explain: bool) -> list[Result]:
