@@ -86,15 +86,19 @@ def _predict_in_process(tmp_path: Path, *argv: str) -> int:
     return run(args, load_settings(config, overrides, environ={}))
 
 
-def test_predict_without_a_default_model_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from inference.bundle import CARD_FILE, default_bundle_path
+def test_predict_without_model_uses_the_shipped_default(tmp_path: Path) -> None:
+    from inference.bundle import ModelBundle, default_bundle_path
+    from inference.phantom import make_dicom
 
-    if (default_bundle_path() / CARD_FILE).is_file():
-        pytest.skip("a default model is installed")
-    _grey_file(tmp_path / "x.png", (300, 300), seed=1)
-    assert _predict_in_process(tmp_path, "--out", str(tmp_path / "p.csv"), str(tmp_path / "x.png")) == 1
-    assert "no default model is installed" in capsys.readouterr().err
-    assert not (tmp_path / "p.csv").exists()
+    shipped = ModelBundle.load(default_bundle_path())
+    make_dicom(tmp_path / "chest.dcm", shape=(512, 512), seed=3)
+    out = tmp_path / "p.csv"
+    code = _predict_in_process(tmp_path, "--device", "cpu", "--out", str(out), str(tmp_path / "chest.dcm"))
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 1
+    assert rows[0]["model_version"] == shipped.version
+    assert rows[0]["finding"] in {"positive", "negative", "not_assessable"}
 
 
 def test_predict_with_no_inputs_is_an_error(tmp_path: Path, tiny_bundle: Path,
