@@ -46,5 +46,5 @@ def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "PIL", "alembic"):
+    for noisy in ("pynetdicom", "apscheduler", "uvicorn.access", "PIL", "alembic", "highdicom", "matplotlib"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
