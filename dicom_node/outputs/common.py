@@ -268,3 +268,14 @@ def element_text(ds: Dataset, keyword: str) -> str:
         return "\\".join(str(v) for v in value)
     return str(value)
 
+
+def pixel_spacing(reference: Dataset) -> tuple[float, float] | None:
+    """The source pixel spacing in mm (PixelSpacing, else ImagerPixelSpacing); None if absent or not > 0."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        value = reference.get(keyword)
+        try:
+            if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
+                return float(value[0]), float(value[1])
+        except (TypeError, ValueError):
+            continue
+    return None

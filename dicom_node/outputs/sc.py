@@ -31,6 +31,7 @@ from dicom_node.outputs.common import (
     derived_uid,
     model_label,
     node_equipment,
+    pixel_spacing,
     software_versions,
 )
 from inference.types import Result, XrayImage
@@ -64,11 +65,10 @@ def _orientation(reference: Dataset) -> tuple[str, str]:
 
 
 def _spacing(reference: Dataset, scale: float) -> tuple[float, float] | None:
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = reference.get(keyword)
-        if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):
-            return (round(float(value[0]) / scale, 6), round(float(value[1]) / scale, 6))
-    return None
+    spacing = pixel_spacing(reference)
+    if spacing is None:
+        return None
+    return (round(spacing[0] / scale, 6), round(spacing[1] / scale, 6))
 
 
 def build_heatmap_sc(

@@ -58,6 +58,7 @@ from dicom_node.outputs.common import (
     derived_uid,
     model_label,
     node_equipment,
+    pixel_spacing,
     software_versions,
 )
 from inference.types import Result
@@ -91,9 +92,9 @@ def _library_view(reference: Dataset) -> Dataset:
     view = Dataset()
     view.update(reference)
     orientation = reference.get("PatientOrientation")
-    spacing = reference.get("ImagerPixelSpacing") or reference.get("PixelSpacing")
-    if orientation is not None and len(orientation) == 2 and spacing is not None and len(spacing) == 2:
-        view.ImagerPixelSpacing = spacing
+    spacing = pixel_spacing(reference)
+    if orientation is not None and len(orientation) == 2 and spacing is not None:
+        view.ImagerPixelSpacing = list(spacing)
     else:
         view.Modality = "OT"  # read only by highdicom to pick the descriptor set; never written out
     return view

@@ -277,3 +277,11 @@ def test_build_time_for_a_2000_px_source(large_case, record_property: pytest.Rec
     print(f"SR+SC build for a 2000x2000 source: median {median:.3f} s over {len(times)} runs")
     assert len(outputs) == 2
     assert median < 1.0, f"SR+SC build took {median:.3f} s (target well under 0.3 s)"
+
+
+def test_zero_pixel_spacing_is_not_reported_as_a_measurement() -> None:
+    source, image, result = output_inputs("positive", PixelSpacing=[0, 0], PatientOrientation=["L", "F"])
+    sc, sr = build_outputs(source, image, result, CARD, ExportSettings())
+    assert "PixelSpacing" not in sc
+    text = str(received(sr))
+    assert "Horizontal Pixel Spacing" not in text and "Vertical Pixel Spacing" not in text
