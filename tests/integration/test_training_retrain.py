@@ -85,7 +85,10 @@ def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phanto
     registry.register(engine, phantom_bundle, status="retired")
     first = registry.promote(engine, registry.list_versions(engine)[0]["version"])
     out = retrain_once(settings, engine=engine, device="cpu", quick=True)
-    assert out["status"] == "promoted", out  # margin 1.0: a candidate is never refused on the metric
+    # promotion: 6 patients per label put one of each on the held-out side, so ROC AUC is defined (in [0, 1]);
+    # with margin 1.0 any candidate reaches current - margin
+    assert out["status"] == "promoted", out
+    assert out["promote"] and out["held_out"] == 4 and out["candidate"] >= out["current"] - 1.0
     versions = {v["version"]: v for v in registry.list_versions(engine)}
     assert versions[out["version"]]["status"] == "current"
     assert versions[first["promoted"]]["status"] == "retired"
@@ -98,22 +101,31 @@ def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phanto
         [XrayImage(pixels=img, source="x", meta={"modality": "CR", "body_part": "CHEST"})], explain=False)
     assert res[0].model_version == out["version"]
 
-    # a stricter margin than any candidate can meet on a perfect current score is refused
-    settings_strict = settings.model_copy(update={"retrain": settings.retrain.model_copy(
-        update={"margin": 0.0, "metric": "accuracy"})})
-    out2 = retrain_once(settings_strict, engine=engine, device="cpu", quick=True)
-    assert out2["status"] in ("promoted", "rejected")
-    if out2["status"] == "rejected":
-        assert registry.current(engine)["version"] == out["version"]
-        statuses = {v["version"]: v["status"] for v in registry.list_versions(engine)}
-        assert statuses[out2["version"]] == "rejected"
-    else:
-        assert out2["candidate"] >= out2["current"]
+    # refusal: 4 of the 6 covid patients relabelled `other` (excluded) leave 2 covid patients, too few for the
+    # stratified split to hold one out (7:2:1 of 2 -> 1, 1, 0); the held-out set is normal only, ROC AUC is
+    # undefined there and the candidate must be refused whatever its weights, even with the widest margin
+    dropped = {f"P{p}" for p in (1, 3, 5, 7)}
+    relabel = tmp_path / "relabel.csv"
+    relabel.write_text("sop_instance_uid,label\n" + "".join(
+        f"{u},other\n" for u, a, lab in rows if lab == "covid" and f"P{int(a[3:6])}" in dropped))
+    assert import_labels(settings, relabel)["imported"] == 8
+    held = local_samples(engine, read_labels(settings))
+    assert {s.patient_id for s in held if s.label == "covid"} == {"local:P9", "local:P11"}
+    assert len(held) == 16 and not {s.patient_id for s in held} & {f"local:{p}" for p in dropped}
+    settings_refuse = settings.model_copy(update={"retrain": settings.retrain.model_copy(
+        update={"margin": 1.0, "metric": "roc_auc"})})
+    out2 = retrain_once(settings_refuse, engine=engine, device="cpu", quick=True)
+    assert out2["status"] == "rejected", out2
+    assert not out2["promote"] and "undefined" in out2["reason"] and out2["held_out"] == 2
+    assert math.isnan(out2["current"]) and math.isnan(out2["candidate"])
+    assert registry.current(engine)["version"] == out["version"]
+    statuses = {v["version"]: v["status"] for v in registry.list_versions(engine)}
+    assert statuses[out2["version"]] == "rejected"
 
     before = registry.current(engine)["version"]
     back = registry.rollback(engine)
-    assert back["rolled_back"] == before and back["current"] != before
-    assert registry.current(engine)["version"] == back["current"]
+    assert back == {"rolled_back": out["version"], "current": first["promoted"]}
+    assert registry.current(engine)["version"] == first["promoted"]
     assert {v["version"]: v["status"] for v in registry.list_versions(engine)}[before] == "rejected"
     with pytest.raises(LookupError):
         registry.promote(engine, "no-such-version")
