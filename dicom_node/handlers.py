@@ -42,6 +42,9 @@ REFUSED_SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 CANNOT_UNDERSTAND = 0xC000
 
+# A-ASSOCIATE-AC presentation context result (PS3.8 Table 9-18): the SOP class itself was refused.
+CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED = 0x03
+
 # Radiographs the node processes.
 IMAGE_SOP_CLASSES: tuple[UID, ...] = (
     ComputedRadiographyImageStorage,
@@ -272,7 +275,7 @@ def handle_accepted(event: Any, ctx: StoreContext) -> None:
     st = ctx.state(assoc)
     refused: dict[str, set[str]] = {}
     for cx in assoc.rejected_contexts:
-        why = "sop_class" if cx.result == 0x03 else "transfer_syntax"
+        why = "sop_class" if cx.result == CONTEXT_ABSTRACT_SYNTAX_NOT_SUPPORTED else "transfer_syntax"
         refused.setdefault(why, set()).add(UID(str(cx.abstract_syntax)).name)
     accepted = {UID(str(cx.abstract_syntax)).name for cx in assoc.accepted_contexts}
     for why, names in refused.items():
