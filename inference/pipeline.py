@@ -342,8 +342,10 @@ class Pipeline:
         if todo:
             t0 = time.perf_counter()
             x = self._tensor([w.x1 for w in todo])
-            with torch.inference_mode(), self._autocast():
-                probs = torch.sigmoid(self.segmenter(x).float())[:, 0].cpu().numpy()
+            # Stage 1 stays in fp32 on every device: its mask decides "not assessable" and the crop, and the
+            # small U-Net costs little; bf16 moved mask borders on ambiguous images (benchmarks/gpu_check.py).
+            with torch.inference_mode():
+                probs = torch.sigmoid(self.segmenter(x.float()).float())[:, 0].cpu().numpy()
             dt = (time.perf_counter() - t0) / len(todo)
             for w in todo:
                 w.timings["stage1"] = dt
