@@ -211,3 +211,23 @@ def test_stop_lets_the_batch_in_hand_finish(settings: Settings, engine: Engine) 
     job = job_row(engine, first)
     assert job.lease_owner is None and job.result is not None, "the job in hand was abandoned"
     assert job_row(engine, later).state == "queued"
+
+
+def test_patient_names_never_reach_the_logs(settings: Settings, engine: Engine,
+                                            caplog: pytest.LogCaptureFixture) -> None:
+    name = "QUIXOTE^ZEBULON"
+    caplog.set_level(logging.DEBUG)
+    jm = JobManager(engine, settings.worker)
+    path = settings.storage.spool_dir / "1.2.3" / "named.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    uid = "1.2.826.0.1.3680043.8.498.77.424242"
+    make_dicom(path, shape=(256, 256), sop_instance_uid=uid, patient_name=name)
+    jm.enqueue(sop_instance_uid=uid, study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
+               sop_class_uid="1.2.840.10008.5.1.4.1.1.1", calling_ae="MODALITY", calling_host="127.0.0.1",
+               spool_path=str(path))
+    assert Worker(settings, engine, job_manager=jm).run_once() == 1
+    assert any(getattr(r, "action", "") for r in caplog.records if r.name.startswith("dicom_node"))
+    for part in name.split("^"):
+        for record in caplog.records:
+            assert part not in record.getMessage(), record.getMessage()
+            assert part not in repr(vars(record)), record.name
