@@ -98,7 +98,10 @@ def test_predict_without_model_uses_the_shipped_default(tmp_path: Path) -> None:
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 1
     assert rows[0]["model_version"] == shipped.version
-    assert rows[0]["finding"] in {"positive", "negative", "not_assessable"}
+    # the shipped stage 1 finds the frontal phantom's lungs; the finding follows the shipped threshold
+    row = rows[0]
+    assert row["finding"] in {"positive", "negative"} and row["reason_code"] == "", row
+    assert (row["finding"] == "positive") == (float(row["probability"]) >= shipped.threshold), row
 
 
 def test_predict_with_no_inputs_is_an_error(tmp_path: Path, tiny_bundle: Path,
