@@ -35,10 +35,10 @@ def test_node_commands_keep_the_documented_options(tmp_path: Path, command: str)
     out = cxr_node(command, "--help", cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     for option in ("--config", "--ae-title", "--port", "--data-dir", "--db-url", "--model", "--destination",
-                   "--device"):
+                   "--device", "--admin-port"):
         assert option in out.stdout
-    if command == "status":
-        assert "--json" in out.stdout
+    assert ("--json" in out.stdout) == (command == "status")
+    assert ("--once" in out.stdout) == (command == "worker")
 
 
 def test_bad_config_exits_2_naming_the_key(tmp_path: Path) -> None:
