@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,6 @@ from dicom_node.db import Delivery, Job, init_db, make_engine
 from dicom_node.queue import JobManager
 from dicom_node.worker import Worker
 from inference.phantom import make_dicom
-from tests.fixtures.common import free_port
 from tests.fixtures.peers import StoreSCP, to_toml
 
 pytestmark = pytest.mark.integration
@@ -95,37 +92,16 @@ def test_destination_down_then_up_is_delivered_without_rerunning_the_model(
     engine.dispose()
 
 
-class BlackHole:
-    """A TCP port that accepts connections and never answers: a hung PACS."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.sock = socket.create_server(("127.0.0.1", self.port))
-        self.accepted = threading.Event()
-        self.conns: list[socket.socket] = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.conns.append(conn)
-            self.accepted.set()
-
-    def close(self) -> None:
-        for c in self.conns:
-            c.close()
-        self.sock.close()
-
-
-@pytest.fixture
-def black_hole() -> Iterator[BlackHole]:
-    hole = BlackHole()
-    yield hole
-    hole.close()
+def connections_to(port: int) -> int:
+    """Established TCP connections whose local port is ``port`` (Linux ``/proc/net/tcp*``)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as fh:
+            next(fh)
+            for line in fh:
+                local, state = line.split()[1], line.split()[3]
+                count += int(local.rsplit(":", 1)[1], 16) == port and state == "01"
+    return count
 
 
 def start_worker(config: dict[str, Any], path: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -138,14 +114,18 @@ def start_worker(config: dict[str, Any], path: Path) -> tuple[subprocess.Popen[b
     return proc, log_path
 
 
-def test_sigkilled_worker_job_finishes_after_restart(tmp_path: Path, tiny_bundle: Path, black_hole: BlackHole,
+def test_sigkilled_worker_job_finishes_after_restart(tmp_path: Path, tiny_bundle: Path,
                                                     storescp: Callable[..., StoreSCP]) -> None:
+    # A hung PACS: a real storescp, stopped (SIGSTOP) so that connections are accepted and never answered.
+    hung = storescp("HUNG")
+    assert hung.proc is not None
+    hung.proc.send_signal(signal.SIGSTOP)
     data_dir = tmp_path / "data"
     base: dict[str, Any] = {
         "storage": {"data_dir": str(data_dir)},
         "model": {"path": str(tiny_bundle), "device": "cpu", "cpu_threads": 1},
         "worker": {"lease_s": 3.0, "poll_interval_s": 0.2},
-        "export": {"destinations": [f"HUNG@127.0.0.1:{black_hole.port}"], "network_timeout_s": 120},
+        "export": {"destinations": [hung.address], "network_timeout_s": 120},
     }
     settings = Settings.model_validate(base)
     engine = make_engine(settings.db_url)
@@ -155,7 +135,11 @@ def test_sigkilled_worker_job_finishes_after_restart(tmp_path: Path, tiny_bundle
 
     first, first_log = start_worker(base, tmp_path / "worker1.toml")
     try:
-        assert black_hole.accepted.wait(120), first_log.read_text()[-3000:]
+        deadline = time.monotonic() + 120
+        while connections_to(hung.port) == 0 and time.monotonic() < deadline:
+            assert first.poll() is None, first_log.read_text()[-3000:]
+            time.sleep(0.1)
+        assert connections_to(hung.port) > 0, first_log.read_text()[-3000:]
         victim = job_row(engine, job_id)
         assert victim.state == "exporting" and victim.lease_owner, "the worker is not mid-job"
         first.send_signal(signal.SIGKILL)
@@ -164,6 +148,7 @@ def test_sigkilled_worker_job_finishes_after_restart(tmp_path: Path, tiny_bundle
         if first.poll() is None:
             first.kill()
             first.wait(10)
+        hung.proc.send_signal(signal.SIGCONT)  # let the fixture stop it
     assert first.returncode == -signal.SIGKILL
     assert job_row(engine, job_id).lease_owner == victim.lease_owner  # nobody released it: the worker died
 
