@@ -119,7 +119,7 @@ class DatabaseSettings(_Section):
 
 
 class ModelSettings(_Section):
-    path: Path | None = None  # model bundle directory; None = the bundle shipped with the package
+    path: Path | None = None  # bundle dir (pinned); None = the registry current model, else the shipped one
     device: Literal["auto", "cpu", "cuda"] = "auto"
     cpu_threads: int = Field(default=0, ge=0)  # 0 = torch default
     cam: Literal["gradcam", "gradcam++"] = "gradcam++"
