@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -19,6 +20,16 @@ def _pyplot():  # type: ignore[no-untyped-def]
     return plt
 
 
+def _save(fig: Any, out_dir: Path, name: str, files: dict[str, str]) -> None:
+    """Write ``fig`` as ``<name>.png`` in ``out_dir``, close it and record it in ``files``."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out_dir / f"{name}.png", dpi=100)
+    plt.close(fig)
+    files[name] = f"{name}.png"
+
+
 def roc_pr_confusion_calibration(y: np.ndarray, p: np.ndarray, threshold: float, out_dir: Path,
                                  title: str = "") -> dict[str, str]:
     """Write roc.png, pr.png, confusion.png and calibration.png; returns name -> file name."""
@@ -27,7 +38,7 @@ def roc_pr_confusion_calibration(y: np.ndarray, p: np.ndarray, threshold: float,
 
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {}
+    files: dict[str, str] = {}
     y = np.asarray(y, dtype=int)
     p = np.asarray(p, dtype=float)
     both = len(np.unique(y)) == 2
@@ -42,19 +53,13 @@ def roc_pr_confusion_calibration(y: np.ndarray, p: np.ndarray, threshold: float,
         ax.legend(loc="lower right")
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.set(xlabel="1 - specificity", ylabel="sensitivity", title=f"ROC {title}".strip())
-    fig.tight_layout()
-    fig.savefig(out_dir / "roc.png", dpi=100)
-    plt.close(fig)
-    files["roc"] = "roc.png"
+    _save(fig, out_dir, "roc", files)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     if both:
         prec, rec, _ = precision_recall_curve(y, p)
         ax.plot(rec, prec, lw=2)
     ax.set(xlabel="recall", ylabel="precision", ylim=(0, 1.02), title=f"Precision-recall {title}".strip())
-    fig.tight_layout()
-    fig.savefig(out_dir / "pr.png", dpi=100)
-    plt.close(fig)
-    files["pr"] = "pr.png"
+    _save(fig, out_dir, "pr", files)
     cm = np.array([[((y == 0) & (p < threshold)).sum(), ((y == 0) & (p >= threshold)).sum()],
                    [((y == 1) & (p < threshold)).sum(), ((y == 1) & (p >= threshold)).sum()]])
     fig, ax = plt.subplots(figsize=(4, 3.6))
@@ -63,20 +68,14 @@ def roc_pr_confusion_calibration(y: np.ndarray, p: np.ndarray, threshold: float,
         ax.text(j, i, str(v), ha="center", va="center", color="black", fontsize=14)
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["normal", "covid"], yticklabels=["normal", "covid"],
            xlabel="predicted", ylabel="true", title=f"Confusion at {threshold:.3f}")
-    fig.tight_layout()
-    fig.savefig(out_dir / "confusion.png", dpi=100)
-    plt.close(fig)
-    files["confusion"] = "confusion.png"
+    _save(fig, out_dir, "confusion", files)
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     if both:
         frac, mean = calibration_curve(y, p, n_bins=10, strategy="quantile")
         ax.plot(mean, frac, "o-", lw=2)
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
     ax.set(xlabel="mean predicted probability", ylabel="fraction covid", title=f"Calibration {title}".strip())
-    fig.tight_layout()
-    fig.savefig(out_dir / "calibration.png", dpi=100)
-    plt.close(fig)
-    files["calibration"] = "calibration.png"
+    _save(fig, out_dir, "calibration", files)
     return files
 
 

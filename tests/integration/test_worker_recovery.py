@@ -16,14 +16,15 @@ from typing import Any
 
 import pydicom
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node.config import Settings
-from dicom_node.db import Delivery, Job, init_db, make_engine
+from dicom_node.db import Delivery, init_db, make_engine
 from dicom_node.queue import JobManager
 from dicom_node.worker import Worker
 from inference.phantom import make_dicom
+from tests.fixtures.database import job_row
 from tests.fixtures.peers import StoreSCP, to_toml
 
 pytestmark = pytest.mark.integration
@@ -40,14 +41,6 @@ def queue_instance(settings: Settings, jm: JobManager, name: str = "chest") -> i
                            series_instance_uid=str(ds.SeriesInstanceUID), sop_class_uid=str(ds.SOPClassUID),
                            calling_ae="MODALITY", calling_host="127.0.0.1", spool_path=str(path))
     return job_id
-
-
-def job_row(engine: Engine, job_id: int) -> Job:
-    with Session(engine) as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        s.expunge(job)
-        return job
 
 
 def inference_runs(jm: JobManager, job_id: int) -> int:

@@ -16,11 +16,12 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from dicom_node.config import Settings
-from dicom_node.db import Job, ModelVersion, init_db, make_engine, utcnow
+from dicom_node.db import ModelVersion, init_db, make_engine, utcnow
 from dicom_node.queue import JobManager
 from dicom_node.worker import Worker, default_pipeline_factory, output_dir_for
 from inference.bundle import make_random_bundle
 from inference.phantom import make_dicom
+from tests.fixtures.database import job_row
 
 pytestmark = pytest.mark.unit
 
@@ -57,14 +58,6 @@ def spool(settings: Settings, jm: JobManager, name: str, *, garbage: bool = Fals
                                  calling_ae=calling_ae, calling_host="127.0.0.1", spool_path=str(path))
     assert created
     return job_id
-
-
-def job_row(engine: Engine, job_id: int) -> Job:
-    with Session(engine) as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        s.expunge(job)
-        return job
 
 
 def test_undecodable_fails_permanently_and_good_images_get_stored_outputs(settings: Settings,
