@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
 
 Finding = Literal["positive", "negative", "not_assessable"]
+MapFactory = Callable[[], np.ndarray]
 
 
 @dataclass
@@ -25,7 +27,13 @@ class XrayImage:
 
 @dataclass
 class Result:
-    """What the pipeline says about one image."""
+    """What the pipeline says about one image.
+
+    ``heatmap`` and ``lung_mask`` are at source resolution. Either may be deferred (:meth:`defer`): a
+    function without arguments makes the array on first access, and the array is kept. The CUDA
+    pipeline defers them so that a batch does not copy full-resolution maps off the GPU for callers
+    that never look at them (the lung attention is computed on the GPU either way).
+    """
 
     finding: Finding
     probability: float | None  # P(COVID-19 pneumonia); None when not assessable
@@ -34,8 +42,39 @@ class Result:
     reason_code: str = ""  # not_xray | not_chest | lateral | too_small | no_lungs | undecodable
     lung_attention: float | None = None  # share of the heatmap's mass inside the lung mask
     lung_fraction: float | None = None  # lung mask area / image area
-    heatmap: np.ndarray | None = None  # float32 (rows, columns) in [0, 1] at source resolution
-    lung_mask: np.ndarray | None = None  # bool (rows, columns) at source resolution
+    heatmap: np.ndarray | None = field(default=None, repr=False)  # float32 (rows, columns) in [0, 1]
+    lung_mask: np.ndarray | None = field(default=None, repr=False)  # bool (rows, columns)
     model_name: str = ""
     model_version: str = ""
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+
+    def defer(self, name: Literal["heatmap", "lung_mask"], factory: MapFactory) -> None:
+        """Make ``name`` from ``factory`` on its first read instead of now."""
+        if name not in ("heatmap", "lung_mask") or not callable(factory):
+            raise ValueError('Result.defer takes "heatmap" or "lung_mask" and a function without arguments.')
+        self.__dict__[f"_{name}"] = factory
+
+
+def _deferred_array(name: str) -> property:
+    """A property that stores an array or a :data:`MapFactory`, and runs the factory once on first read."""
+    slot = f"_{name}"
+
+    def get(self: Result) -> np.ndarray | None:
+        value = self.__dict__.get(slot)
+        if callable(value):
+            value = value()
+            self.__dict__[slot] = value
+        return value
+
+    def put(self: Result, value: np.ndarray | MapFactory | None) -> None:
+        if value is not None and not callable(value) and not isinstance(value, np.ndarray):
+            raise TypeError(f'Result.{name} must be a numpy array, a function returning one, or None.')
+        self.__dict__[slot] = value
+
+    return property(get, put, doc=f"``{name}`` at source resolution (made on first read when deferred).")
+
+
+# The dataclass has taken the fields' defaults for __init__; from here on reads and writes go through
+# the properties, so ``Result(heatmap=factory)`` stores the factory and ``result.heatmap`` an array.
+Result.heatmap = _deferred_array("heatmap")  # type: ignore[assignment]
+Result.lung_mask = _deferred_array("lung_mask")  # type: ignore[assignment]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import statistics
 import time
 
@@ -257,7 +258,7 @@ def test_bad_arguments_are_named(change: dict, match: str) -> None:
             "export_settings": ExportSettings()}
     for key, value in change.items():
         if key == "result":
-            args["result"] = Result(**{**vars(result), **value})
+            args["result"] = dataclasses.replace(result, **value)
         else:
             args[key] = value
     with pytest.raises((TypeError, ValueError), match=match):
