@@ -12,6 +12,7 @@ Everything here is also importable from ``inference.imaging``.
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 from PIL import Image
 from scipy import ndimage
@@ -20,6 +21,9 @@ __all__ = [
     "PAD_VALUE",
     "lung_box",
     "lung_crop",
+    "components",
+    "fill_holes",
+    "largest",
     "postprocess_mask",
     "resize_mask",
     "square_region",
@@ -180,19 +184,57 @@ def uncrop(square: np.ndarray, box: tuple[int, int, int, int], shape: tuple[int,
     return out
 
 
+def components(binary: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Connected components of a 2-D boolean image (OpenCV, which releases the GIL while it works).
+
+    Returns ``labels`` (int32, 0 = background, components numbered in raster order of their first pixel),
+    ``areas`` (pixels per label, index 0 = background) and ``centroids`` ((x, y) per label). ``connectivity``
+    is 4 or 8.
+    """
+    if connectivity not in (4, 8):
+        raise ValueError('Argument "connectivity" must be 4 or 8.')
+    image = np.ascontiguousarray(binary, dtype=np.uint8)
+    _, labels, stats, centroids = cv2.connectedComponentsWithStats(
+        image, connectivity=connectivity, ltype=cv2.CV_32S
+    )
+    return labels, stats[:, cv2.CC_STAT_AREA], centroids
+
+
+def largest(areas: np.ndarray, k: int) -> np.ndarray:
+    """Labels of the ``k`` largest components (areas from :func:`components`); ties go to the lower label."""
+    return np.argsort(-areas[1:], kind="stable")[:k] + 1
+
+
 def postprocess_mask(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     """Binary lung mask from a probability map: ``prob > threshold``, the two largest connected components
-    (8-connectivity) kept, holes filled. Returns bool of the same shape (empty when nothing passes)."""
+    (8-connectivity; on equal areas the one met first in raster order) kept, holes filled. Returns bool of
+    the same shape (empty when nothing passes)."""
     _check_image(prob, "prob")
     if not 0.0 <= float(threshold) < 1.0:
         raise ValueError('Argument "threshold" must be in [0, 1).')
     binary = np.asarray(prob, dtype=np.float32) > threshold
-    labels, count = ndimage.label(binary, structure=np.ones((3, 3), dtype=bool))
-    if count == 0:
+    labels, areas, _ = components(binary, 8)
+    if len(areas) == 1:
         return binary
-    if count > 2:
-        sizes = np.bincount(labels.ravel())
-        sizes[0] = 0
-        keep = np.argsort(sizes)[-2:]
-        binary = np.isin(labels, keep)
-    return ndimage.binary_fill_holes(binary)
+    if len(areas) > 3:
+        keep = np.zeros(len(areas), dtype=bool)
+        keep[largest(areas, 2)] = True
+        binary = keep[labels]
+    return fill_holes(binary)
+
+
+def fill_holes(binary: np.ndarray) -> np.ndarray:
+    """``scipy.ndimage.binary_fill_holes`` with its default (4-connected background), in one labelling pass.
+
+    A background region is a hole unless it touches the image border; labelling the background once is
+    several times faster than scipy's iterative dilation and gives the same result.
+    """
+    background = ~np.asarray(binary, dtype=bool)
+    labels, areas, _ = components(background, 4)
+    if len(areas) == 1:
+        return ~background
+    outside = np.zeros(len(areas), dtype=bool)
+    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
+        outside[edge] = True
+    outside[0] = False
+    return ~outside[labels]

@@ -200,3 +200,72 @@ def test_decode_and_square_resize_2000px_is_fast(dicom_factory) -> None:
         square_resize(load_dicom(path).pixels, 512)
         times.append(time.perf_counter() - start)
     assert statistics.median(times) < 0.2
+
+
+def test_fill_holes_equals_scipy_binary_fill_holes() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        binary = rng.random(shape) < rng.random()
+        assert np.array_equal(preprocess.fill_holes(binary), ndimage.binary_fill_holes(binary))
+    ring = np.zeros((9, 9), dtype=bool)
+    ring[2:7, 2:7] = True
+    ring[4, 4] = False  # a hole: filled
+    ring[0, 0] = False
+    assert preprocess.fill_holes(ring)[4, 4] and not preprocess.fill_holes(ring)[0, 0]
+    assert preprocess.fill_holes(np.ones((3, 3), dtype=bool)).all()
+
+
+def _postprocess_reference(prob: np.ndarray, threshold: float) -> np.ndarray | None:
+    """postprocess_mask written with scipy.ndimage only; None when the second and third largest
+    components have equal areas (which of them is kept depends on the labelling order)."""
+    from scipy import ndimage
+
+    binary = prob > threshold
+    labels, count = ndimage.label(binary, structure=np.ones((3, 3), dtype=bool))
+    if count == 0:
+        return binary
+    if count > 2:
+        sizes = np.bincount(labels.ravel())[1:]
+        if np.sort(sizes)[-2] == np.sort(sizes)[-3]:
+            return None
+        binary = np.isin(labels, np.argsort(sizes)[-2:] + 1)
+    return ndimage.binary_fill_holes(binary)
+
+
+def test_postprocess_mask_equals_the_scipy_reference_on_random_maps() -> None:
+    rng = np.random.default_rng(12)
+    compared = 0
+    for _ in range(400):
+        shape = (int(rng.integers(2, 48)), int(rng.integers(2, 48)))
+        prob = rng.random(shape).astype(np.float32) * rng.random()  # from empty to crowded
+        expected = _postprocess_reference(prob, 0.3)
+        if expected is not None:
+            assert np.array_equal(postprocess_mask(prob, 0.3), expected)
+            compared += 1
+    assert compared > 200
+
+
+def _as_set(labels: np.ndarray, count: int) -> set[tuple[int, ...]]:
+    """Each component as the sorted tuple of its flat pixel indices (independent of the numbering)."""
+    return {tuple(np.flatnonzero(labels == k)) for k in range(1, count + 1)}
+
+
+def test_components_areas_and_centroids_match_scipy() -> None:
+    from scipy import ndimage
+
+    rng = np.random.default_rng(13)
+    binary = rng.random((40, 60)) < 0.45
+    for connectivity, structure in ((4, None), (8, np.ones((3, 3), dtype=bool))):
+        labels, areas, centroids = preprocess.components(binary, connectivity)
+        ref, count = ndimage.label(binary, structure=structure)
+        assert len(areas) == count + 1 and areas[0] == (~binary).sum()
+        assert _as_set(labels, count) == _as_set(ref, count)
+        for k in range(1, count + 1):
+            assert areas[k] == (labels == k).sum()
+            assert np.allclose(centroids[k][::-1], ndimage.center_of_mass(labels == k))
+    assert list(preprocess.largest(np.array([99, 5, 7, 7, 2]), 2)) == [2, 3]  # ties: lower label first
+    with pytest.raises(ValueError, match="connectivity"):
+        preprocess.components(binary, 6)
