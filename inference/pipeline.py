@@ -9,10 +9,18 @@ Images that fail a check get ``finding="not_assessable"`` with a reason code and
 a guess. Models are loaded once, in :meth:`Pipeline.from_bundle`; ``run`` is called per batch.
 Per-image work between the two networks runs in a small thread pool (NumPy and Pillow release
 the GIL), so a GPU is not left waiting on one CPU core.
+
+With ``device_preprocess`` (the default on CUDA) a batch is uploaded once as float16, resized, cropped
+and scored on the device; only stage 1's small probability maps (for the connected-component
+post-processing and the plausibility checks), the CAMs and a few numbers per image cross the bus. On
+the whole image, stage 2 runs while the thread pool post-processes stage 1's masks.
+The full-resolution lung mask and heatmap of each result are then made on first access, from those
+small maps, by the same functions the CPU path uses.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -23,16 +31,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+import cv2
 import numpy as np
 import torch
-from scipy import ndimage
 
 from inference import gpu_preprocess as gp
-from inference import imaging
+from inference import imaging, preprocess
 from inference.bundle import ModelBundle
 from inference.explain import CAM_METHODS, cam_forward, lung_attention
 from inference.models.classifiers import cam_layers
-from inference.types import Finding, Result, XrayImage
+from inference.types import Finding, MapFactory, Result, XrayImage
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -48,13 +56,15 @@ class _Work:
     image: XrayImage
     timings: dict[str, float] = field(default_factory=dict)
     result: Result | None = None  # set once the image is finished (not assessable, or done)
-    x1: np.ndarray | torch.Tensor | None = None  # stage 1 input
-    mask: np.ndarray | None = None  # lung mask at source resolution
+    x1: np.ndarray | None = None  # stage 1 input, then its output
+    mask: np.ndarray | MapFactory | None = None  # lung mask at source resolution (or its factory)
     lung_fraction: float | None = None
-    x2: np.ndarray | torch.Tensor | None = None  # stage 2 input
+    x2: np.ndarray | None = None  # stage 2 input (host path)
     box: tuple[int, int, int, int] | None = None  # stage 2 crop box in source pixels (r0, c0, r1, c1)
-    pixels_dev: torch.Tensor | None = None  # device copies for device-side preprocessing
-    mask_dev: torch.Tensor | None = None
+    small: np.ndarray | None = None  # post-processed stage 1 mask on the square grid
+    shape_problem: tuple[str, str] | None = None  # why ``small`` is not two lungs side by side
+    prob: float | None = None  # P(covid19) from stage 2
+    cam: np.ndarray | None = None  # stage 2 CAM on its input grid
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -71,7 +81,8 @@ class Pipeline:
     """Both stages of one model bundle on one device, ready for batches.
 
     ``cpu_threads`` > 0 sets torch's intra-op threads for the process (0 keeps torch's default).
-    ``prep_workers`` threads do the per-image NumPy work (default: up to 8, one per core).
+    ``prep_workers`` threads do the per-image NumPy work (default: up to 8, one per core); with more
+    than one, OpenCV is set to one thread for the process (the images are the parallel unit).
     ``device_preprocess`` resizes and crops on the model's device (default: on CUDA only; the
     CPU path uses :mod:`inference.preprocess`, exactly as training does).
     """
@@ -115,6 +126,10 @@ class Pipeline:
         self._pool = (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-prep") if workers > 1 else None
         )
+        if self._pool is not None:
+            # The pool already works on several images at once; OpenCV's own threads (connected components)
+            # would only compete with it: on a 16-core host, 64 masks took 52 ms with them, 34 ms without.
+            cv2.setNumThreads(1)
         self.amp_dtype: torch.dtype | None = None
         if self.device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -171,26 +186,36 @@ class Pipeline:
             return [fn(w) for w in items]
         return list(self._pool.map(fn, items))
 
+    def _start(self, fn: Callable[[_Work], None], items: list[_Work]) -> Callable[[], None]:
+        """Start ``fn`` on every item in the pool; returns a function that waits for all (and re-raises).
+
+        Without a pool (or with one item) the work is done now and the function returned does nothing.
+        """
+        if self._pool is None or len(items) < 2:
+            for w in items:
+                fn(w)
+            return lambda: None
+        futures = [self._pool.submit(fn, w) for w in items]
+
+        def wait() -> None:
+            for f in futures:
+                f.result()
+
+        return wait
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _tensor(self, arrays: Sequence[np.ndarray | torch.Tensor | None]) -> torch.Tensor:
+    def _tensor(self, arrays: Sequence[np.ndarray | None]) -> torch.Tensor:
         """Stack stage inputs into a normalised (N, 1, S, S) batch on the model's device."""
-        if isinstance(arrays[0], torch.Tensor):
-            x = torch.stack(arrays)[:, None].to(self.device)  # type: ignore[arg-type,misc]
-        else:
-            x = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))[:, None]  # type: ignore[arg-type]
-            if self.device.type == "cuda":
-                x = x.pin_memory().to(self.device, non_blocking=True)
-        x = (x - self.bundle.mean) / self.bundle.std
+        x = torch.from_numpy(np.stack(arrays).astype(np.float32, copy=False))[:, None]  # type: ignore[arg-type]
         if self.device.type == "cuda":
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        return self._normalise(x)
 
     def _not_assessable(self, w: _Work, code: str, text: str) -> None:
-        w.pixels_dev = w.mask_dev = None
-        w.result = Result(
+        w.result = _result(
             finding="not_assessable",
             probability=None,
             threshold=self.bundle.threshold,
@@ -207,103 +232,96 @@ class Pipeline:
             extra={"action": "not_assessable", "reason_code": code, "source": w.image.source},
         )
 
-    # -- per-image steps ----------------------------------------------------------------------
+    # -- per-image steps (host) ---------------------------------------------------------------
 
-    def _prepare(self, w: _Work) -> None:
+    def _check_header(self, w: _Work) -> None:
         t0 = time.perf_counter()
         reason = imaging.header_reason(w.image)
-        t1 = time.perf_counter()
-        w.timings["header"] = t1 - t0
+        w.timings["header"] = time.perf_counter() - t0
         if reason is not None:
             self._not_assessable(w, *reason)
-            return
-        if self.device_preprocess:
-            w.pixels_dev = torch.from_numpy(np.ascontiguousarray(w.image.pixels, dtype=np.float32)).to(
-                self.device
-            )
-            w.x1 = gp.square_resize(w.pixels_dev, self.bundle.segmenter_size)
-        else:
-            w.x1 = imaging.square_resize(w.image.pixels, self.bundle.segmenter_size)
-        w.timings["preprocess"] = time.perf_counter() - t1
 
-    def _after_stage1(self, w: _Work, prob: np.ndarray) -> None:
+    def _prepare(self, w: _Work) -> None:
+        self._check_header(w)
+        if w.result is None:
+            t0 = time.perf_counter()
+            w.x1 = imaging.square_resize(w.image.pixels, self.bundle.segmenter_size)
+            w.timings["preprocess"] = time.perf_counter() - t0
+
+    def _small_mask(self, w: _Work) -> None:
+        """Stage 1's probability map (in ``w.x1``) -> the post-processed mask on the square grid, and
+        whether its part over the image looks like two lungs side by side (``w.shape_problem``)."""
         t0 = time.perf_counter()
-        shape = w.image.pixels.shape
-        small = imaging.postprocess_mask(prob, threshold=0.5)
-        left, top, right, bottom = imaging.square_region(shape, small.shape[0])
-        small_region = small[int(round(top)) : int(round(bottom)), int(round(left)) : int(round(right))]
-        if self.device_preprocess:
-            w.mask_dev = gp.unsquare(torch.from_numpy(small).to(self.device).float(), shape) >= 0.5
-            w.lung_fraction = float(w.mask_dev.float().mean())
-            w.mask = w.mask_dev.cpu().numpy()
-        else:
-            w.mask = imaging.unsquare(small.astype(np.float32), shape) >= 0.5
-            w.lung_fraction = float(w.mask.mean())
+        small = w.small = imaging.postprocess_mask(w.x1, threshold=0.5)  # type: ignore[arg-type]
+        w.x1 = None
         t1 = time.perf_counter()
+        left, top, right, bottom = imaging.square_region(w.image.pixels.shape, small.shape[0])
+        region = small[int(round(top)) : int(round(bottom)), int(round(left)) : int(round(right))]
+        w.shape_problem = self._shape_problem(region)
         w.timings["postprocess"] = t1 - t0
-        problem = self._implausible(small_region, w.lung_fraction)
         w.timings["plausibility"] = time.perf_counter() - t1
+
+    def _check_plausible(self, w: _Work) -> None:
+        """Not assessable when the lung area is out of range, else when the mask is not two lungs."""
+        assert w.lung_fraction is not None
+        problem = self._fraction_problem(w.lung_fraction) or w.shape_problem
         if problem is not None:
             self._not_assessable(w, *problem)
+
+    def _after_stage1(self, w: _Work) -> None:
+        self._small_mask(w)
+        t0 = time.perf_counter()
+        w.mask = _mask_at_source(w.small, w.image.pixels.shape)  # type: ignore[arg-type]
+        w.lung_fraction = float(w.mask.mean())
+        w.timings["postprocess"] += time.perf_counter() - t0
+        self._check_plausible(w)
+        if w.result is not None:
             return
-        t2 = time.perf_counter()
+        t1 = time.perf_counter()
         size = self.bundle.classifier_size
-        if self.device_preprocess:
-            if self.bundle.crop_mode == "lung":
-                w.box = gp.lung_box(w.mask_dev)  # type: ignore[arg-type]
-                w.x2 = gp.lung_crop(w.pixels_dev, w.mask_dev, size, w.box)  # type: ignore[arg-type]
-            else:
-                w.x2 = gp.square_resize(w.pixels_dev, size)  # type: ignore[arg-type]
-            w.pixels_dev = None
-        elif self.bundle.crop_mode == "lung":
+        if self.bundle.crop_mode == "lung":
             w.box = imaging.lung_box(w.mask)
             w.x2 = imaging.lung_crop(w.image.pixels, w.mask, size)
         else:
             w.x2 = imaging.square_resize(w.image.pixels, size)
-        w.timings["preprocess"] = w.timings.get("preprocess", 0.0) + time.perf_counter() - t2
+        w.timings["preprocess"] = w.timings.get("preprocess", 0.0) + time.perf_counter() - t1
 
-    def _implausible(self, mask: np.ndarray, fraction: float) -> tuple[str, str] | None:
-        """(reason code, text) when the mask is not a plausible pair of lungs; None when it is."""
+    def _fraction_problem(self, fraction: float) -> tuple[str, str] | None:
+        """(reason code, text) when the lung area is out of the plausible range; None when it is in."""
         if fraction < self.min_lung_fraction:
             return "no_lungs", f"no lung fields found (lung area {fraction:.1%} of the image)"
         if fraction > self.max_lung_fraction:
             return "no_lungs", f"implausible lung segmentation (lung area {fraction:.1%} of the image)"
-        labels, n = ndimage.label(mask)
-        sizes = np.bincount(labels.ravel())[1:]
-        order = np.argsort(sizes)[::-1]
-        if n < 2 or sizes[order[1]] < 0.2 * sizes[order[0]]:
+        return None
+
+    @staticmethod
+    def _shape_problem(mask: np.ndarray) -> tuple[str, str] | None:
+        """(reason code, text) when the mask is not two lungs side by side; None when it is."""
+        _, areas, centroids = preprocess.components(mask, 4)
+        if len(areas) < 3:
+            return "lateral", "one lung field only: a lateral view or not a frontal chest radiograph"
+        first, second = preprocess.largest(areas, 2)
+        if areas[second] < 0.2 * areas[first]:
             return "lateral", "one lung field only: a lateral view or not a frontal chest radiograph"
         rows, cols = mask.shape
-        (ya, xa), (yb, xb) = ndimage.center_of_mass(mask, labels, [int(order[0]) + 1, int(order[1]) + 1])
+        (xa, ya), (xb, yb) = centroids[first], centroids[second]
         if abs(xa - xb) < 0.15 * cols or abs(ya - yb) > 0.25 * rows:
             return "no_lungs", "the segmented regions are not two lungs side by side"
         return None
 
-    def _finish(self, w: _Work, prob: float, cam: np.ndarray | None) -> None:
+    def _finish(self, w: _Work) -> None:
         t0 = time.perf_counter()
         heat = att = None
-        if cam is not None and w.mask is not None:
-            shape = w.image.pixels.shape
-            if w.mask_dev is not None:
-                cam_dev = torch.from_numpy(cam).to(self.device)
-                heat_dev = (
-                    gp.uncrop(cam_dev, w.box, shape) if w.box is not None else gp.unsquare(cam_dev, shape)
-                )
-                heat_dev.clamp_(0.0, 1.0)
-                total = float(heat_dev.sum(dtype=torch.float64))
-                inside = float(heat_dev[w.mask_dev].sum(dtype=torch.float64))
-                att = min(1.0, max(0.0, inside / total)) if total > 0 else None
-                heat = heat_dev.cpu().numpy()
-            else:
-                heat = (
-                    imaging.uncrop(cam, w.box, shape) if w.box is not None else imaging.unsquare(cam, shape)
-                )
-                np.clip(heat, 0.0, 1.0, out=heat)
-                att = lung_attention(heat, w.mask)
-        w.mask_dev = None
+        if w.cam is not None and isinstance(w.mask, np.ndarray):
+            heat = _heatmap_at_source(w.cam, w.box, w.image.pixels.shape)
+            att = lung_attention(heat, w.mask)
+        w.cam = None
         w.timings["explain_map"] = time.perf_counter() - t0
+        self._done(w, w.prob, att, heat)  # type: ignore[arg-type]
+
+    def _done(self, w: _Work, prob: float, att: float | None, heat: np.ndarray | MapFactory | None) -> None:
         finding: Finding = "positive" if prob >= self.bundle.threshold else "negative"
-        w.result = Result(
+        w.result = _result(
             finding=finding,
             probability=prob,
             threshold=self.bundle.threshold,
@@ -321,78 +339,238 @@ class Pipeline:
     def run(self, images: Sequence[XrayImage], explain: bool = True) -> list[Result]:
         """One :class:`Result` per image, in order. ``explain`` adds the heatmap and lung attention.
 
-        ``Result.timings`` holds seconds per stage; batched stages (``stage1``, ``stage2``, ``cam``)
-        are the batch's time divided by the number of images that went through them. Calls from
-        several threads are served one after the other.
+        ``Result.timings`` holds seconds per stage; batched stages (``stage1``, ``stage2``, ``cam``,
+        and on the device path also ``preprocess`` and ``explain_map``) are the batch's time divided
+        by the number of images that went through them. Calls from several threads are served one
+        after the other.
         """
         if isinstance(images, XrayImage):
             raise TypeError('Argument "images" must be a sequence of XrayImage, not one image.')
         out: list[Result] = []
         with self._lock:
             for start in range(0, len(images), self.max_batch):
-                out.extend(self._run_batch(list(images[start : start + self.max_batch]), explain))
+                batch = list(images[start : start + self.max_batch])
+                t0 = time.perf_counter()
+                work = [_Work(img) for img in batch]
+                if self.device_preprocess:
+                    self._run_device(work, explain)
+                else:
+                    self._run_host(work, explain)
+                total = time.perf_counter() - t0
+                for w in work:
+                    w.timings["total"] = total / len(work)
+                out.extend(w.result for w in work)  # type: ignore[misc]
         return out
 
-    def _run_batch(self, images: list[XrayImage], explain: bool) -> list[Result]:
-        t_start = time.perf_counter()
-        work = [_Work(img) for img in images]
-        self._map(self._prepare, work)
+    @staticmethod
+    def _share(items: list[_Work], key: str, seconds: float) -> None:
+        for w in items:
+            w.timings[key] = w.timings.get(key, 0.0) + seconds / len(items)
 
-        todo = [w for w in work if w.result is None]
-        if todo:
-            t0 = time.perf_counter()
-            x = self._tensor([w.x1 for w in todo])
-            # Stage 1 stays in fp32 on every device: its mask decides "not assessable" and the crop, and the
-            # small U-Net costs little; bf16 moved mask borders on ambiguous images (benchmarks/gpu_check.py).
-            with torch.inference_mode():
-                probs = torch.sigmoid(self.segmenter(x.float()).float())[:, 0].cpu().numpy()
-            dt = (time.perf_counter() - t0) / len(todo)
-            for w in todo:
-                w.timings["stage1"] = dt
-                w.x1 = None
-            index = {id(w): i for i, w in enumerate(todo)}
-            self._map(lambda w: self._after_stage1(w, probs[index[id(w)]]), todo)
+    def _stage1(self, x: torch.Tensor) -> np.ndarray:
+        # Stage 1 stays in fp32 on every device: its mask decides "not assessable" and the crop, and the
+        # small U-Net costs little; bf16 moved mask borders on ambiguous images (benchmarks/gpu_check.py).
+        with torch.inference_mode():
+            return torch.sigmoid(self.segmenter(x.float()).float())[:, 0].cpu().numpy()
 
-        todo = [w for w in work if w.result is None]
-        if todo:
-            t0 = time.perf_counter()
-            x = self._tensor([w.x2 for w in todo])
-            cams: np.ndarray | None = None
-            if explain:
-                cams, logits, t_fwd = cam_forward(
-                    self.classifier,
-                    self.target_layer,
-                    x,
-                    self.covid_index,
-                    self.cam,
-                    self.amp_dtype,
-                    sync=self._sync,
-                )
-            else:
-                with torch.inference_mode(), self._autocast():
-                    logits = self.classifier(x).float()
-                self._sync()
-                t_fwd = time.perf_counter() - t0
-            p = torch.softmax(logits, dim=1)[:, self.covid_index].cpu().numpy()
-            total = time.perf_counter() - t0
-            for w in todo:
-                w.timings["stage2"] = t_fwd / len(todo)
-                if explain:
-                    w.timings["cam"] = (total - t_fwd) / len(todo)
-                w.x2 = None
-            index = {id(w): i for i, w in enumerate(todo)}
-            self._map(
-                lambda w: self._finish(
-                    w, float(p[index[id(w)]]), None if cams is None else cams[index[id(w)]]
-                ),
-                todo,
+    def _stage2(
+        self, todo: list[_Work], x: torch.Tensor, explain: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """P(covid19) per image, and the CAMs on the stage 2 grid when ``explain``."""
+        t0 = time.perf_counter()
+        cams: np.ndarray | None = None
+        if explain:
+            cams, logits, t_fwd = cam_forward(
+                self.classifier, self.target_layer, x, self.covid_index, self.cam, self.amp_dtype,
+                sync=self._sync,
             )
-        total = time.perf_counter() - t_start
-        for w in work:
-            w.timings["total"] = total / len(work)
-        return [w.result for w in work]  # type: ignore[misc]
+        else:
+            with torch.inference_mode(), self._autocast():
+                logits = self.classifier(x).float()
+            self._sync()
+            t_fwd = time.perf_counter() - t0
+        p = torch.softmax(logits, dim=1)[:, self.covid_index].cpu().numpy()
+        self._share(todo, "stage2", t_fwd)
+        if explain:
+            self._share(todo, "cam", time.perf_counter() - t0 - t_fwd)
+        return p, cams
+
+    def _run_host(self, work: list[_Work], explain: bool) -> None:
+        """NumPy/Pillow preprocessing per image (exactly as training), networks batched."""
+        self._map(self._prepare, work)
+        todo = [w for w in work if w.result is None]
+        if todo:
+            t0 = time.perf_counter()
+            probs = self._stage1(self._tensor([w.x1 for w in todo]))
+            self._share(todo, "stage1", time.perf_counter() - t0)
+            for w, prob in zip(todo, probs, strict=True):
+                w.x1 = prob
+            self._map(self._after_stage1, todo)
+        todo = [w for w in work if w.result is None]
+        if todo:
+            p, cams = self._stage2(todo, self._tensor([w.x2 for w in todo]), explain)
+            for i, w in enumerate(todo):
+                w.x2 = None
+                w.prob = float(p[i])
+                w.cam = None if cams is None else cams[i]
+            self._map(self._finish, todo)
+
+    def _run_device(self, work: list[_Work], explain: bool) -> None:
+        """One upload, then resizing, cropping and lung attention on the device, one call per image shape.
+
+        Images of one shape (the usual case: one modality) are stacked and resized, mapped back and
+        scored together, so the cost per batch does not grow with per-image kernel launches.
+        """
+        self._map(self._check_header, work)
+        todo = [w for w in work if w.result is None]
+        if not todo:
+            return
+        seg, size = self.bundle.segmenter_size, self.bundle.classifier_size
+        lung_mode = self.bundle.crop_mode == "lung"
+        groups = _by_shape(todo)
+        t0 = time.perf_counter()
+        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        pixels = gp.upload([w.image.pixels for w in todo], self.device, dtype)
+        x1 = torch.empty((len(todo), seg, seg), device=self.device)
+        whole = None if lung_mode else torch.empty((len(todo), size, size), device=self.device)
+        for _, idx in groups:
+            stack = torch.stack([pixels[i] for i in idx]).float()
+            x1[idx] = gp.square_resize(stack, seg)
+            if whole is not None:
+                whole[idx] = gp.square_resize(stack, size)
+            del stack
+        if whole is not None:
+            pixels = []
+        self._sync()
+        t1 = time.perf_counter()
+        probs = self._stage1(self._normalise(x1[:, None]))
+        self._share(todo, "preprocess", t1 - t0)
+        self._share(todo, "stage1", time.perf_counter() - t1)
+        for w, prob in zip(todo, probs, strict=True):
+            w.x1 = prob
+        masks_ready = self._start(self._small_mask, todo)
+        early: tuple[np.ndarray, np.ndarray | None] | None = None
+        try:
+            if whole is not None:
+                # On the whole image stage 2 does not depend on stage 1: it runs now, for every image, while
+                # the pool post-processes the masks; images found not assessable are dropped below.
+                early = self._stage2(todo, self._normalise(whole[:, None]), explain)
+                whole = None
+        finally:
+            masks_ready()
+
+        t0 = time.perf_counter()
+        small = torch.from_numpy(np.stack([w.small for w in todo])).to(self.device)  # type: ignore[misc]
+        masks: list[torch.Tensor] = [small] * len(todo)  # each image's (rows, columns) bool mask
+        counts = torch.empty(len(todo), dtype=torch.int64, device=self.device)
+        for shape, idx in groups:
+            stacked = gp.unsquare(small[idx].float(), shape) >= 0.5
+            counts[idx] = stacked.sum(dim=(1, 2))
+            for k, i in enumerate(idx):
+                masks[i] = stacked[k]
+        for w, count in zip(todo, counts.cpu().tolist(), strict=True):
+            w.lung_fraction = count / w.image.pixels.size
+            w.mask = functools.partial(_mask_at_source, w.small, w.image.pixels.shape)  # type: ignore[arg-type]
+        for w in todo:
+            self._check_plausible(w)
+        self._share(todo, "postprocess", time.perf_counter() - t0)
+        keep = [i for i, w in enumerate(todo) if w.result is None]
+        if not keep:
+            return
+
+        kept = [todo[i] for i in keep]
+        if early is not None:
+            p, cams = early[0][keep], None if early[1] is None else early[1][keep]
+        else:
+            t0 = time.perf_counter()
+            boxes = gp.lung_boxes([masks[i] for i in keep])
+            for w, box in zip(kept, boxes, strict=True):
+                w.box = box
+            x2 = torch.stack(
+                [gp.lung_crop(pixels[i], masks[i], size, box) for i, box in zip(keep, boxes, strict=True)]
+            )
+            del pixels
+            x = self._normalise(x2[:, None])
+            self._sync()
+            self._share(kept, "preprocess", time.perf_counter() - t0)
+            p, cams = self._stage2(kept, x, explain)
+
+        t0 = time.perf_counter()
+        att: list[float | None] = [None] * len(kept)
+        if cams is not None:
+            cams_dev = torch.from_numpy(cams).to(self.device)
+            sums = torch.empty((len(kept), 2), dtype=torch.float64, device=self.device)
+            if lung_mode:
+                for j, (i, w) in enumerate(zip(keep, kept, strict=True)):
+                    heat = gp.uncrop(cams_dev[j], w.box, w.image.pixels.shape).clamp_(0.0, 1.0)  # type: ignore[arg-type]
+                    sums[j] = gp.attention(heat, masks[i])
+            else:
+                for shape, js in _by_shape(kept):
+                    heat = gp.unsquare(cams_dev[js], shape).clamp_(0.0, 1.0)
+                    sums[js] = gp.attention(heat, torch.stack([masks[keep[j]] for j in js]))
+                    del heat
+            for j, (inside, total) in enumerate(sums.cpu().tolist()):
+                att[j] = min(1.0, max(0.0, inside / total)) if total > 0 else None
+        self._share(kept, "explain_map", time.perf_counter() - t0)
+        for j, w in enumerate(kept):
+            heat_map = (
+                None if cams is None
+                else functools.partial(_heatmap_at_source, cams[j], w.box, w.image.pixels.shape)
+            )
+            self._done(w, float(p[j]), att[j], heat_map)
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.float() - self.bundle.mean) / self.bundle.std
+        if self.device.type == "cuda":
+            return x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def _autocast(self) -> Any:
         if self.amp_dtype is None:
             return torch.autocast(device_type="cpu", enabled=False)
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+DEVICE_GROUP = 16  # images per stacked device call: bounds the full-resolution temporaries' memory
+
+
+def _by_shape(items: list[_Work]) -> list[tuple[tuple[int, int], list[int]]]:
+    """Positions in ``items`` grouped by image shape (at most DEVICE_GROUP per group), in order."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, w in enumerate(items):
+        groups.setdefault(w.image.pixels.shape, []).append(i)  # type: ignore[arg-type]
+    return [
+        (shape, idx[k : k + DEVICE_GROUP])
+        for shape, idx in groups.items()
+        for k in range(0, len(idx), DEVICE_GROUP)
+    ]
+
+
+def _result(
+    *,
+    heatmap: np.ndarray | MapFactory | None = None,
+    lung_mask: np.ndarray | MapFactory | None,
+    **fields: Any,
+) -> Result:
+    """A :class:`Result` whose maps may still be factories (deferred until read)."""
+    result = Result(**fields)
+    for name, value in (("heatmap", heatmap), ("lung_mask", lung_mask)):
+        if isinstance(value, np.ndarray):
+            setattr(result, name, value)
+        elif value is not None:
+            result.defer(name, value)  # type: ignore[arg-type]
+    return result
+
+
+def _mask_at_source(small: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The post-processed square-grid mask mapped back to the source image (bool)."""
+    return imaging.unsquare(small.astype(np.float32), shape) >= 0.5
+
+
+def _heatmap_at_source(
+    cam: np.ndarray, box: tuple[int, int, int, int] | None, shape: tuple[int, int]
+) -> np.ndarray:
+    """A stage 2 CAM mapped back to the source image: float32 in [0, 1], zero outside the lung crop."""
+    heat = imaging.uncrop(cam, box, shape) if box is not None else imaging.unsquare(cam, shape)
+    np.clip(heat, 0.0, 1.0, out=heat)
+    return heat

@@ -148,3 +148,39 @@ def test_arguments_and_default_bundle(phantom_bundle: Path) -> None:
     if not (default_bundle_path() / CARD_FILE).is_file():
         with pytest.raises(ModelBundleError, match="no default model is installed"):
             Pipeline.from_bundle(None)
+
+
+def test_deferred_maps_are_made_once_on_first_read() -> None:
+    from inference.types import Result
+
+    made: list[int] = []
+
+    def factory() -> np.ndarray:
+        made.append(1)
+        return np.full((4, 5), 0.5, dtype=np.float32)
+
+    r = Result(finding="negative", probability=0.2, threshold=0.5)
+    r.defer("heatmap", factory)
+    assert made == []  # nothing computed until somebody reads it
+    assert "heatmap" not in repr(r)  # repr never forces the maps
+    assert r.heatmap is not None and r.heatmap.shape == (4, 5)
+    assert r.heatmap is r.heatmap and made == [1]
+    assert r.lung_mask is None
+    with pytest.raises(ValueError, match="defer"):
+        r.defer("probability", factory)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="numpy array"):
+        Result(finding="negative", probability=0.2, threshold=0.5, lung_mask=[[True]])  # type: ignore[arg-type]
+
+
+def test_device_path_defers_full_resolution_maps(phantom_bundle: Path) -> None:
+    p = Pipeline.from_bundle(phantom_bundle, device="cpu", device_preprocess=True)
+    try:
+        (res,) = p.run([XrayImage(make_phantom((300, 420), seed=8)[0], "p", {})])
+    finally:
+        p.close()
+    assert res.probability is not None and res.lung_attention is not None
+    # deferred: stored as functions until read, then arrays at source resolution
+    assert callable(res.__dict__["_heatmap"]) and callable(res.__dict__["_lung_mask"])
+    assert res.heatmap.shape == res.lung_mask.shape == (300, 420)
+    assert res.lung_mask.dtype == bool and res.heatmap.dtype == np.float32
+    assert not callable(res.__dict__["_heatmap"])

@@ -52,18 +52,24 @@ def test_empty_mask_has_no_box() -> None:
         gp.lung_box(torch.zeros(10, 10, dtype=torch.bool))
 
 
-def test_pipeline_results_agree_with_device_preprocessing(phantom_bundle: Path) -> None:
+@pytest.mark.parametrize("bundle", ["phantom_bundle", "phantom_bundle_whole"])
+def test_pipeline_results_agree_with_device_preprocessing(
+    bundle: str, request: pytest.FixtureRequest
+) -> None:
+    path: Path = request.getfixturevalue(bundle)
     images = [XrayImage(make_phantom(shape, seed=30 + i)[0], f"p{i}", {}) for i, shape in enumerate(SHAPES)]
     images.append(XrayImage(make_phantom((512, 512), seed=3, lateral=True)[0], "lat", {}))
-    cpu = Pipeline.from_bundle(phantom_bundle, device="cpu", device_preprocess=False)
-    dev = Pipeline.from_bundle(phantom_bundle, device="cpu", device_preprocess=True)
+    # a second image of an earlier shape: the device path stacks images of one shape together
+    images.append(XrayImage(make_phantom(SHAPES[1], seed=40)[0], "p1b", {}))
+    cpu = Pipeline.from_bundle(path, device="cpu", device_preprocess=False)
+    dev = Pipeline.from_bundle(path, device="cpu", device_preprocess=True)
     try:
         a, b = cpu.run(images), dev.run(images)
     finally:
         cpu.close()
         dev.close()
     # the frontal phantoms reach stage 2 (stage 1 is fitted to phantoms), so the comparison below is not empty
-    assert [r.probability is not None for r in a] == [True] * len(SHAPES) + [False]
+    assert [r.probability is not None for r in a] == [True] * len(SHAPES) + [False, True]
     for ra, rb in zip(a, b, strict=True):
         assert ra.finding == rb.finding and ra.reason_code == rb.reason_code
         assert (ra.lung_mask == rb.lung_mask).mean() > 0.99
@@ -72,3 +78,39 @@ def test_pipeline_results_agree_with_device_preprocessing(phantom_bundle: Path) 
             assert rb.heatmap.shape == ra.heatmap.shape
             assert np.abs(rb.heatmap - ra.heatmap).mean() < 0.05
             assert rb.lung_attention == pytest.approx(ra.lung_attention, abs=0.05)
+
+
+def test_upload_returns_one_view_per_array_in_the_requested_dtype() -> None:
+    rng = np.random.default_rng(4)
+    arrays = [rng.random(shape, dtype=np.float32) for shape in SHAPES]
+    out = gp.upload(arrays, torch.device("cpu"), torch.float16)
+    assert [tuple(t.shape) for t in out] == SHAPES
+    assert all(t.dtype == torch.float16 for t in out)
+    for a, t in zip(arrays, out, strict=True):
+        assert np.abs(t.float().numpy() - a).max() <= 2.5e-4  # float16 keeps [0, 1] to within 2^-12
+    with pytest.raises(ValueError, match="2-D"):
+        gp.upload([np.zeros(5, np.float32)], torch.device("cpu"))
+    with pytest.raises(ValueError, match="chunk"):
+        gp.upload(arrays, torch.device("cpu"), chunk=0)
+
+
+def test_lung_boxes_of_a_batch_equal_one_box_at_a_time() -> None:
+    masks = [torch.from_numpy(make_phantom(shape, seed=5 + i)[1]) for i, shape in enumerate(SHAPES)]
+    corner = torch.zeros(40, 50, dtype=torch.bool)
+    corner[0:3, 47:50] = True  # touching the edges: the margin is clipped to the image
+    masks.append(corner)
+    assert gp.lung_boxes(masks) == [gp.lung_box(m) for m in masks]
+    assert gp.lung_boxes([]) == []
+    with pytest.raises(ValueError, match="empty"):
+        gp.lung_boxes([masks[0], torch.zeros(10, 10, dtype=torch.bool)])
+
+
+def test_attention_sums_match_the_host_lung_attention() -> None:
+    from inference.explain import lung_attention
+
+    heat = np.random.default_rng(6).random((120, 90), dtype=np.float32)
+    mask = np.zeros((120, 90), dtype=bool)
+    mask[20:100, 10:40] = True
+    inside, total = gp.attention(torch.from_numpy(heat), torch.from_numpy(mask)).tolist()
+    assert inside / total == pytest.approx(lung_attention(heat, mask), rel=1e-9)
+    assert total == pytest.approx(float(heat.sum(dtype=np.float64)), rel=1e-9)
