@@ -8,14 +8,8 @@ set -uo pipefail
 data=${1:?packed data dir}; out=${2:?output dir}
 mkdir -p "$out/bundle"
 log="$out/run.log"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site:$PWD || exit 1
-else
-  export PYTHONPATH=$PWD
-fi
-export PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; python3 -c "import torch; print('torch', torch.__version__)"; } >>"$log" 2>&1
+# shellcheck source=benchmarks/gpu_env.sh
+source benchmarks/gpu_env.sh >>"$log" 2>&1 || exit 1
 work=/tmp/default
 timeout "${BUILD_TIMEOUT:-420}" python3 -m training.build_default --data "$data" --out "$work" --device cuda \
   ${BUILD_ARGS:-} ${RESUME:+--resume} 2>&1 | tee -a "$log"

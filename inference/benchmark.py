@@ -10,9 +10,10 @@ weights and a stage 1 fitted to phantoms for a few steps, so that both stages an
 they would with a trained model.
 
 Reported: per-stage medians at batch 1 (decode, preprocess, stage 1, stage 2, CAM, SR/SC build,
-end-to-end from bytes); for every batch size: pipeline images/s, end-to-end images/s (decode +
-pipeline), model-only images/s (both networks on ready tensors, same device, same run) and
-model+CAM images/s, and the ratio pipeline / model-only. The SR/SC column needs
+end-to-end from bytes); for every batch size: pipeline images/s with the CAM (as the node runs it)
+against model+CAM images/s (both networks and the CAM on ready tensors, same device, same run), the
+same without the CAM (``explain=False`` against the networks alone), and end-to-end images/s
+(decode + pipeline). The two ratios pipeline / model are the GPU target's figures. The SR/SC column needs
 ``dicom_node.outputs``; without it the column is skipped and the table says so.
 """
 
@@ -44,6 +45,15 @@ DEFAULT_ARCH: dict[str, Any] = {
     "cls_size": 224,
 }
 STAGES = ("decode", "preprocess", "stage1", "stage2", "cam", "sr_sc", "end_to_end")
+# Result.timings keys: seconds per image, batched stages as the batch's share; summed over a batch they
+# give the batch's seconds per stage (pool stages summed over threads: CPU time, not wall time).
+BATCH_STAGES = (
+    "header", "preprocess", "stage1", "postprocess", "plausibility", "stage2", "cam", "explain_map", "total"
+)
+
+
+def _batch_stages(results: list[Any]) -> dict[str, float]:
+    return {k: sum(r.timings.get(k, 0.0) for r in results) for k in BATCH_STAGES}
 
 
 def _phantom_bytes(size: int, count: int) -> list[bytes]:
@@ -78,7 +88,11 @@ def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
 
 
 def _model_only(pipeline: Any, n: int, repeats: int, with_cam: bool) -> float:
-    """Images/s of both networks alone on ready device tensors (no decode, no pre/post-processing)."""
+    """Images/s of both networks alone on ready device tensors (no decode, no pre/post-processing).
+
+    The networks run exactly as the pipeline runs them: stage 1 in fp32, stage 2 under the pipeline's
+    autocast, both outputs read back to the host.
+    """
     from inference.explain import cam_forward
 
     b = pipeline.bundle
@@ -86,8 +100,7 @@ def _model_only(pipeline: Any, n: int, repeats: int, with_cam: bool) -> float:
     x2 = pipeline._tensor([np.random.rand(b.classifier_size, b.classifier_size).astype(np.float32)] * n)
 
     def once() -> None:
-        with torch.inference_mode(), pipeline._autocast():
-            torch.sigmoid(pipeline.segmenter(x1).float()).cpu()
+        pipeline._stage1(x1)
         if with_cam:
             cam_forward(
                 pipeline.classifier,
@@ -171,13 +184,21 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for n in batches:
         decoded = [decode(blobs[i % len(blobs)]) for i in range(n)]
         images = [img for _, img in decoded]
-        reps = max(2, args.repeats // n) if n > 1 else args.repeats
+        reps = max(3, args.repeats // n) if n > 1 else args.repeats
         pipeline.run(images)
 
-        def batch_run(images: list[Any] = images) -> None:
-            pipeline.run(images)
+        stage_runs: list[dict[str, float]] = []
+
+        def batch_run(images: list[Any] = images, runs: list[dict[str, float]] = stage_runs) -> None:
+            runs.append(_batch_stages(pipeline.run(images)))
 
         t_pipe = statistics.median(_timed(batch_run, sync) for _ in range(reps))
+
+        def batch_plain(images: list[Any] = images) -> None:
+            pipeline.run(images, explain=False)
+
+        batch_plain()
+        t_plain = statistics.median(_timed(batch_plain, sync) for _ in range(reps))
 
         def e2e(n: int = n) -> None:
             pipeline.run([decode(blobs[i % len(blobs)])[1] for i in range(n)])
@@ -189,13 +210,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             {
                 "batch": n,
                 "pipeline_ips": n / t_pipe,
+                "pipeline_no_cam_ips": n / t_plain,
                 "end_to_end_ips": n / t_e2e,
                 "model_only_ips": model_only,
                 "model_cam_ips": model_cam,
-                "ratio_pipeline_model_only": (n / t_pipe) / model_only,
                 "ratio_pipeline_model_cam": (n / t_pipe) / model_cam,
+                "ratio_pipeline_no_cam_model_only": (n / t_plain) / model_only,
+                "ratio_pipeline_model_only": (n / t_pipe) / model_only,
+                "stage_s": {k: statistics.median(r.get(k, 0.0) for r in stage_runs) for k in BATCH_STAGES},
             }
         )
+    if args.profile:
+        _profile(pipeline, [decode(blobs[i % len(blobs)])[1] for i in range(max(batches))], args.profile)
     pipeline.close()
     device_name = (
         torch.cuda.get_device_name(pipeline.device)
@@ -231,6 +257,22 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _profile(pipeline: Any, images: list[Any], path: str) -> None:
+    """One pipeline run under torch.profiler: operator tables (by device time, by CPU time) in ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if pipeline.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with profile(activities=activities) as prof:
+        pipeline.run(images)
+        pipeline._sync()
+    key = "self_cuda_time_total" if pipeline.device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=40)
+    cpu_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
+    Path(path).write_text(table + "\n\n" + cpu_table + "\n", encoding="utf-8")
+
+
 def _nan_stat(values: list[float], fn: Callable[[list[float]], float]) -> float | None:
     clean = [v for v in values if v == v]
     return fn(clean) if clean else None
@@ -255,15 +297,25 @@ def format_table(res: dict[str, Any]) -> str:
             lines.append(f"{stage:<28}{st['median']:>10.4f}{st['p90']:>10.4f}")
     lines += [
         "",
-        f"{'batch':>6}{'pipeline img/s':>16}{'bytes->result':>15}{'model-only':>12}"
-        f"{'model+CAM':>11}{'pipe/model':>12}{'pipe/(m+CAM)':>14}",
+        "images/s. pipeline: Pipeline.run on decoded images, with the CAM as the node runs it, or with",
+        "explain=False; model: the networks alone on ready device tensors, same run; bytes->result: + decode",
+        f"{'batch':>6}{'pipeline':>10}{'model+CAM':>11}{'pipe/model':>11}{'| no CAM:':>10}{'pipeline':>10}"
+        f"{'model':>9}{'pipe/model':>11}{'| bytes->result':>16}",
     ]
     for t in res["throughput"]:
         lines.append(
-            f"{t['batch']:>6}{t['pipeline_ips']:>16.2f}{t['end_to_end_ips']:>15.2f}"
-            f"{t['model_only_ips']:>12.2f}{t['model_cam_ips']:>11.2f}"
-            f"{t['ratio_pipeline_model_only']:>12.2f}{t['ratio_pipeline_model_cam']:>14.2f}"
+            f"{t['batch']:>6}{t['pipeline_ips']:>10.1f}{t['model_cam_ips']:>11.1f}"
+            f"{t['ratio_pipeline_model_cam']:>11.2f}{'':>10}{t['pipeline_no_cam_ips']:>10.1f}"
+            f"{t['model_only_ips']:>9.1f}{t['ratio_pipeline_no_cam_model_only']:>11.2f}"
+            f"{t['end_to_end_ips']:>16.1f}"
         )
+    lines += [
+        "",
+        "seconds per batch and stage (pipeline with the CAM; thread-pool stages are summed CPU time)",
+        f"{'batch':>6}" + "".join(f"{k:>13}" for k in BATCH_STAGES),
+    ]
+    for t in res["throughput"]:
+        lines.append(f"{t['batch']:>6}" + "".join(f"{t['stage_s'][k]:>13.4f}" for k in BATCH_STAGES))
     return "\n".join(lines)
 
 
@@ -284,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         "--fit-steps", type=int, default=60, help="stage 1 phantom-fitting steps for a random bundle"
     )
     p.add_argument("--out", metavar="JSON", help="write the results here as JSON")
+    p.add_argument("--profile", metavar="TXT", help="profile one run at the largest batch into this file")
     args = p.parse_args(argv)
     if args.repeats < 1 or args.size < 256:
         p.error("--repeats must be >= 1 and --size >= 256")

@@ -22,10 +22,13 @@ def test_benchmark_smoke(tmp_path: Path, phantom_bundle: Path, capsys: pytest.Ca
     assert res["assessed_share"] == 1.0
     assert [t["batch"] for t in res["throughput"]] == [1, 2]
     for t in res["throughput"]:
-        assert t["pipeline_ips"] > 0 and t["model_only_ips"] > 0
-        assert t["ratio_pipeline_model_only"] == pytest.approx(t["pipeline_ips"] / t["model_only_ips"])
+        assert t["pipeline_ips"] > 0 and t["model_only_ips"] > 0 and t["pipeline_no_cam_ips"] > 0
+        assert t["ratio_pipeline_model_cam"] == pytest.approx(t["pipeline_ips"] / t["model_cam_ips"])
+        assert t["ratio_pipeline_no_cam_model_only"] == pytest.approx(
+            t["pipeline_no_cam_ips"] / t["model_only_ips"]
+        )
     table = capsys.readouterr().out
-    assert "end_to_end" in table and "pipe/model" in table
+    assert "end_to_end" in table and "pipe/model" in table and "no CAM" in table
 
 
 def test_benchmark_rejects_bad_batches(phantom_bundle: Path) -> None:
