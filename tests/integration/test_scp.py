@@ -11,14 +11,17 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import (
+    HTJ2K,
     ComprehensiveSRStorage,
     CTImageStorage,
     DigitalXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGLosslessSV1,
@@ -92,6 +95,35 @@ def test_store_transfer_syntaxes_spooled_and_queued(node_listener: Callable[...,
     assert not list(spooled.parent.glob(".tmp-*"))  # no temp file left behind
     audit = node.associations()
     assert audit and audit[-1].instances == 1 and not audit[-1].refused
+
+
+@pytest.mark.parametrize("syntax", [HTJ2KLossless, HTJ2K])
+def test_htj2k_stored_as_received_and_decodable(node_listener: Callable[..., Listener], tmp_path: Path,
+                                                 syntax: str) -> None:
+    # dcmtk 3.6.7 and Orthanc here do not know the HTJ2K transfer syntaxes, so pynetdicom's SCU is the peer.
+    from pynetdicom import AE
+
+    from inference.imaging import load_dicom
+
+    node = node_listener()
+    ds = make_dicom(transfer_syntax=syntax, shape=(256, 256), seed=3)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ds.SOPClassUID, [syntax])
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="CXRNODE")
+    assert assoc.is_established
+    try:
+        assert [str(c.transfer_syntax[0]) for c in assoc.accepted_contexts] == [syntax]
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    assert status.Status == 0x0000
+    (job,) = node.job_rows()
+    assert job.state == "queued" and job.sop_instance_uid == ds.SOPInstanceUID
+    back = dcmread(job.spool_path)
+    assert back.file_meta.TransferSyntaxUID == syntax  # stored as received
+    reference = load_dicom(make_dicom(shape=(256, 256), seed=3)).pixels
+    error = np.abs(load_dicom(back).pixels - reference)
+    assert error.max() <= (0.05 if syntax == HTJ2K else 1e-6)
 
 
 def test_dx_for_processing_accepted(node_listener: Callable[..., Listener], tmp_path: Path) -> None:

@@ -12,11 +12,14 @@ from PIL import Image
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import (
+    HTJ2K,
     JPEG2000,
     DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForProcessing,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
@@ -166,6 +169,9 @@ def test_dx_for_presentation_and_for_processing(dicom_factory) -> None:
         (JPEG2000Lossless, 12, 1e-6),
         (JPEG2000Lossless, 16, 1e-6),
         (JPEG2000, 12, 0.08),
+        (HTJ2KLossless, 12, 1e-6),
+        (HTJ2KLossless, 16, 1e-6),
+        (HTJ2K, 12, 0.08),
         (JPEGBaseline8Bit, 8, 0.08),
     ],
 )
@@ -204,6 +210,8 @@ def test_jpeg_ls_and_missing_encoders_are_explained(dicom_factory) -> None:
         assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == JPEGLSLossless
     with pytest.raises(ValueError, match="dcmcjpeg"):
         make_dicom(shape=SHAPE, transfer_syntax=JPEGLosslessSV1)
+    with pytest.raises(ValueError, match="RPCL"):
+        make_dicom(shape=SHAPE, transfer_syntax=HTJ2KLosslessRPCL)
     with pytest.raises(ValueError, match="bits_stored"):
         make_dicom(shape=SHAPE, transfer_syntax=JPEGBaseline8Bit, bits_stored=12)
 
