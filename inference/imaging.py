@@ -38,6 +38,7 @@ from pydicom.pixels import pixel_array as _pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.errors import InvalidInstance
+from inference import j2k
 from inference.preprocess import (
     PAD_VALUE,
     lung_box,
@@ -280,6 +281,26 @@ def _describe(ds: Dataset) -> str:
     )
 
 
+_FAST_J2K = j2k.register()
+
+
+def _decode_first_frame(ds: Dataset, multiframe: bool) -> np.ndarray:
+    """pydicom's decoding of the first frame; JPEG 2000 through the multi-threaded plugin when installed."""
+    index = 0 if multiframe else None
+    if _FAST_J2K and ds.file_meta.get("TransferSyntaxUID") in j2k.SYNTAXES:
+        try:
+            return _pixel_array(ds, index=index, decoding_plugin=j2k.PLUGIN)
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - any plugin failure: let pydicom's own decoders try
+            logger.warning(
+                "imagecodecs could not decode a JPEG 2000 frame (%s); trying pydicom's decoders",
+                " ".join(str(exc).split())[:200],
+                extra={"action": "j2k_fallback"},
+            )
+    return _pixel_array(ds, index=0) if multiframe else ds.pixel_array
+
+
 def _decode(ds: Dataset, label: str) -> np.ndarray:
     """Stored values of the first frame as an array (grey), or InvalidInstance naming what failed."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -295,10 +316,7 @@ def _decode(ds: Dataset, label: str) -> np.ndarray:
         ds = copy.copy(ds)
         del ds.NumberOfFrames
     try:
-        if frames and frames[0] > 1:
-            arr = _pixel_array(ds, index=0)
-        else:
-            arr = ds.pixel_array
+        arr = _decode_first_frame(ds, multiframe=bool(frames and frames[0] > 1))
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     # Decoder plugins raise many types (RuntimeError, ValueError, struct.error, and Rust panics, which derive

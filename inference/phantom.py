@@ -67,7 +67,7 @@ _NO_ENCODER = {
     HTJ2KLosslessRPCL: "an HTJ2K encoder that writes RPCL with TLM markers (none here)",
 }
 # HTJ2K (lossless, and lossy with quantisation step 0.0005: about 5:1, error under 2% of the range) is
-# written with OpenJPH through the optional imagecodecs package; pydicom decodes it with pylibjpeg-openjpeg.
+# written with OpenJPH through imagecodecs; pydicom decodes it with pylibjpeg-openjpeg.
 _HTJ2K_OPTIONS: dict[str, dict[str, Any]] = {
     HTJ2KLossless: {"reversible": True},
     HTJ2K: {"reversible": False, "level": 0.0005},
@@ -345,7 +345,7 @@ def make_dicom(
         transfer_syntax: Explicit/Implicit VR Little Endian, Deflated, Explicit VR Big Endian (retired, still
             sent by old devices), JPEG Baseline (8-bit only, via Pillow),
             RLE Lossless (pydicom), JPEG-LS (pyjpegls, when installed) or JPEG 2000 (pylibjpeg-openjpeg).
-            HTJ2K and HTJ2K Lossless need the optional imagecodecs package (OpenJPH). JPEG lossless/extended
+            HTJ2K and HTJ2K Lossless are written with imagecodecs (OpenJPH). JPEG lossless/extended
             and HTJ2K RPCL have no Python encoder here: a ValueError names the tool to use.
         lateral: draw a lateral phantom; by default when ``view_position`` is LL, RL or LATERAL.
         extra: further attributes set by keyword (e.g. ``PatientOrientation=["A", "F"]``), after the others.
