@@ -56,12 +56,27 @@ def _batch_stages(results: list[Any]) -> dict[str, float]:
     return {k: sum(r.timings.get(k, 0.0) for r in results) for k in BATCH_STAGES}
 
 
-def _phantom_bytes(size: int, count: int) -> list[bytes]:
+SYNTAXES = {
+    "explicit": "1.2.840.10008.1.2.1",
+    "j2k-lossless": "1.2.840.10008.1.2.4.90",
+    "j2k": "1.2.840.10008.1.2.4.91",
+    "htj2k-lossless": "1.2.840.10008.1.2.4.201",
+    "rle": "1.2.840.10008.1.2.5",
+}
+
+
+def _phantom_bytes(size: int, count: int, syntax: str = "explicit") -> list[bytes]:
     from inference.phantom import make_dicom
 
     out = []
     for seed in range(count):
-        ds = make_dicom(shape=(size, size), bits_stored=12, seed=seed, opacity=0.3 * (seed % 2))
+        ds = make_dicom(
+            shape=(size, size),
+            bits_stored=12,
+            seed=seed,
+            opacity=0.3 * (seed % 2),
+            transfer_syntax=SYNTAXES[syntax],
+        )
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
         out.append(buf.getvalue())
@@ -143,7 +158,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         pipeline = Pipeline.from_bundle(model, device=args.device, cam=args.cam, cpu_threads=args.cpu_threads)
     sync = pipeline._sync
     n_distinct = min(8, max(batches))
-    blobs = _phantom_bytes(args.size, n_distinct)
+    blobs = _phantom_bytes(args.size, n_distinct, args.transfer_syntax)
     build = _outputs_builder()
     card = pipeline.bundle.card
 
@@ -239,6 +254,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "autocast": str(pipeline.amp_dtype),
         "cam": args.cam,
         "image_size": args.size,
+        "transfer_syntax": args.transfer_syntax,
         "model": str(args.model or "random weights, default architecture"),
         "architectures": card["architectures"],
         "input_sizes": card["input_sizes"],
@@ -283,7 +299,8 @@ def format_table(res: dict[str, Any]) -> str:
     lines = [
         f"device {res['device']} ({res['device_name']}), torch {res['torch']}, "
         f"threads {res['torch_threads']}, load average {res['load_average']}, "
-        f"autocast {res['autocast']}, {res['cam']}, {res['image_size']}x{res['image_size']} CR, "
+        f"autocast {res['autocast']}, {res['cam']}, {res['image_size']}x{res['image_size']} CR "
+        f"({res['transfer_syntax']}), "
         f"{res['architectures']['segmenter']} {res['input_sizes']['segmenter']} px + "
         f"{res['architectures']['classifier']} {res['input_sizes']['classifier']} px",
         f"assessed (both stages ran): {res['assessed_share']:.0%} of {res['repeats']} batch-1 runs",
@@ -331,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--size", type=int, default=2000, help="phantom side in pixels (default 2000)")
     p.add_argument("--cam", choices=["gradcam", "gradcam++"], default="gradcam++")
+    p.add_argument(
+        "--transfer-syntax", choices=sorted(SYNTAXES), default="explicit",
+        help="how the phantoms are encoded, i.e. what 'decode' measures (default explicit VR little endian)",
+    )
     p.add_argument("--cpu-threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument(
         "--fit-steps", type=int, default=60, help="stage 1 phantom-fitting steps for a random bundle"
