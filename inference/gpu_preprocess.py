@@ -98,7 +98,7 @@ def lung_crop(
     )
     disk = ((yy * yy + xx * xx) <= radius * radius).float()
     grown = F.conv2d(cut.float()[None, None], disk[None, None], padding=radius)[0, 0] > 0.5
-    out[~grown] = PAD_VALUE
+    out.masked_fill_(~grown, PAD_VALUE)  # not out[~grown] = ...: boolean indexing waits for the device
     return out
 
 
