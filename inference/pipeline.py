@@ -502,8 +502,10 @@ class Pipeline:
             sums = torch.empty((len(kept), 2), dtype=torch.float64, device=self.device)
             if lung_mode:
                 for j, (i, w) in enumerate(zip(keep, kept, strict=True)):
-                    heat = gp.uncrop(cams_dev[j], w.box, w.image.pixels.shape).clamp_(0.0, 1.0)  # type: ignore[arg-type]
-                    sums[j] = gp.attention(heat, masks[i])
+                    # the heatmap is zero outside the crop box: both sums need only the box
+                    r0, c0, r1, c1 = w.box  # type: ignore[misc]
+                    heat = gp.unsquare(cams_dev[j], (r1 - r0, c1 - c0)).clamp_(0.0, 1.0)
+                    sums[j] = gp.attention(heat, masks[i][r0:r1, c0:c1])
             else:
                 for shape, js in _by_shape(kept):
                     heat = gp.unsquare(cams_dev[js], shape).clamp_(0.0, 1.0)
