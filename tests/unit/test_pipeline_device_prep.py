@@ -114,3 +114,28 @@ def test_attention_sums_match_the_host_lung_attention() -> None:
     inside, total = gp.attention(torch.from_numpy(heat), torch.from_numpy(mask)).tolist()
     assert inside / total == pytest.approx(lung_attention(heat, mask), rel=1e-9)
     assert total == pytest.approx(float(heat.sum(dtype=np.float64)), rel=1e-9)
+
+
+def test_outputs_from_deferred_maps_match_the_host_path(phantom_bundle: Path) -> None:
+    """The worker builds SR + SC from device-path results, whose maps are made on first read."""
+    from dicom_node.config import ExportSettings
+    from dicom_node.outputs import build_outputs, read_result
+    from inference.phantom import make_dicom
+
+    ds = make_dicom(shape=(300, 360), seed=21)
+    image = imaging.load_dicom(ds)
+    host = Pipeline.from_bundle(phantom_bundle, device="cpu", device_preprocess=False)
+    dev = Pipeline.from_bundle(phantom_bundle, device="cpu", device_preprocess=True)
+    try:
+        (a,), (b,) = host.run([image]), dev.run([image])
+    finally:
+        host.close()
+        dev.close()
+    assert b.probability is not None and callable(b.__dict__["_heatmap"])  # still deferred here
+    out_a = build_outputs(ds, image, a, host.bundle.card, ExportSettings())
+    out_b = build_outputs(ds, image, b, dev.bundle.card, ExportSettings())
+    assert [o.Modality for o in out_b] == [o.Modality for o in out_a] == ["OT", "SR"]
+    sc_a, sc_b = out_a[0].pixel_array.astype(int), out_b[0].pixel_array.astype(int)
+    assert sc_a.shape == sc_b.shape
+    assert np.abs(sc_a - sc_b).mean() < 2.0  # the same overlay up to interpolation round-off
+    assert read_result(out_b[1])["lung_attention"] == pytest.approx(b.lung_attention, abs=1e-3)
