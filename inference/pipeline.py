@@ -27,7 +27,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -37,6 +36,7 @@ import torch
 
 from inference import gpu_preprocess as gp
 from inference import imaging, preprocess
+from inference.batch import Work, by_shape, heatmap_at_source, make_result, mask_at_source
 from inference.bundle import ModelBundle
 from inference.explain import CAM_METHODS, cam_forward, lung_attention
 from inference.models.classifiers import cam_layers
@@ -47,24 +47,6 @@ T = TypeVar("T")
 
 DEFAULT_MIN_LUNG_FRACTION = 0.05
 DEFAULT_MAX_LUNG_FRACTION = 0.70
-
-
-@dataclass
-class _Work:
-    """Per-image state while a batch moves through the stages."""
-
-    image: XrayImage
-    timings: dict[str, float] = field(default_factory=dict)
-    result: Result | None = None  # set once the image is finished (not assessable, or done)
-    x1: np.ndarray | None = None  # stage 1 input, then its output
-    mask: np.ndarray | MapFactory | None = None  # lung mask at source resolution (or its factory)
-    lung_fraction: float | None = None
-    x2: np.ndarray | None = None  # stage 2 input (host path)
-    box: tuple[int, int, int, int] | None = None  # stage 2 crop box in source pixels (r0, c0, r1, c1)
-    small: np.ndarray | None = None  # post-processed stage 1 mask on the square grid
-    shape_problem: tuple[str, str] | None = None  # why ``small`` is not two lungs side by side
-    prob: float | None = None  # P(covid19) from stage 2
-    cam: np.ndarray | None = None  # stage 2 CAM on its input grid
 
 
 def _resolve_device(device: str) -> torch.device:
@@ -181,12 +163,12 @@ class Pipeline:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _map(self, fn: Callable[[_Work], T], items: list[_Work]) -> list[T]:
+    def _map(self, fn: Callable[[Work], T], items: list[Work]) -> list[T]:
         if self._pool is None or len(items) < 2:
             return [fn(w) for w in items]
         return list(self._pool.map(fn, items))
 
-    def _start(self, fn: Callable[[_Work], None], items: list[_Work]) -> Callable[[], None]:
+    def _start(self, fn: Callable[[Work], None], items: list[Work]) -> Callable[[], None]:
         """Start ``fn`` on every item in the pool; returns a function that waits for all (and re-raises).
 
         Without a pool (or with one item) the work is done now and the function returned does nothing.
@@ -214,8 +196,8 @@ class Pipeline:
             x = x.pin_memory().to(self.device, non_blocking=True)
         return self._normalise(x)
 
-    def _not_assessable(self, w: _Work, code: str, text: str) -> None:
-        w.result = _result(
+    def _not_assessable(self, w: Work, code: str, text: str) -> None:
+        w.result = make_result(
             finding="not_assessable",
             probability=None,
             threshold=self.bundle.threshold,
@@ -234,21 +216,21 @@ class Pipeline:
 
     # -- per-image steps (host) ---------------------------------------------------------------
 
-    def _check_header(self, w: _Work) -> None:
+    def _check_header(self, w: Work) -> None:
         t0 = time.perf_counter()
         reason = imaging.header_reason(w.image)
         w.timings["header"] = time.perf_counter() - t0
         if reason is not None:
             self._not_assessable(w, *reason)
 
-    def _prepare(self, w: _Work) -> None:
+    def _prepare(self, w: Work) -> None:
         self._check_header(w)
         if w.result is None:
             t0 = time.perf_counter()
             w.x1 = imaging.square_resize(w.image.pixels, self.bundle.segmenter_size)
             w.timings["preprocess"] = time.perf_counter() - t0
 
-    def _small_mask(self, w: _Work) -> None:
+    def _small_mask(self, w: Work) -> None:
         """Stage 1's probability map (in ``w.x1``) -> the post-processed mask on the square grid, and
         whether its part over the image looks like two lungs side by side (``w.shape_problem``)."""
         t0 = time.perf_counter()
@@ -261,17 +243,17 @@ class Pipeline:
         w.timings["postprocess"] = t1 - t0
         w.timings["plausibility"] = time.perf_counter() - t1
 
-    def _check_plausible(self, w: _Work) -> None:
+    def _check_plausible(self, w: Work) -> None:
         """Not assessable when the lung area is out of range, else when the mask is not two lungs."""
         assert w.lung_fraction is not None
         problem = self._fraction_problem(w.lung_fraction) or w.shape_problem
         if problem is not None:
             self._not_assessable(w, *problem)
 
-    def _after_stage1(self, w: _Work) -> None:
+    def _after_stage1(self, w: Work) -> None:
         self._small_mask(w)
         t0 = time.perf_counter()
-        w.mask = _mask_at_source(w.small, w.image.pixels.shape)  # type: ignore[arg-type]
+        w.mask = mask_at_source(w.small, w.image.pixels.shape)  # type: ignore[arg-type]
         w.lung_fraction = float(w.mask.mean())
         w.timings["postprocess"] += time.perf_counter() - t0
         self._check_plausible(w)
@@ -309,19 +291,19 @@ class Pipeline:
             return "no_lungs", "the segmented regions are not two lungs side by side"
         return None
 
-    def _finish(self, w: _Work) -> None:
+    def _finish(self, w: Work) -> None:
         t0 = time.perf_counter()
         heat = att = None
         if w.cam is not None and isinstance(w.mask, np.ndarray):
-            heat = _heatmap_at_source(w.cam, w.box, w.image.pixels.shape)
+            heat = heatmap_at_source(w.cam, w.box, w.image.pixels.shape)
             att = lung_attention(heat, w.mask)
         w.cam = None
         w.timings["explain_map"] = time.perf_counter() - t0
         self._done(w, w.prob, att, heat)  # type: ignore[arg-type]
 
-    def _done(self, w: _Work, prob: float, att: float | None, heat: np.ndarray | MapFactory | None) -> None:
+    def _done(self, w: Work, prob: float, att: float | None, heat: np.ndarray | MapFactory | None) -> None:
         finding: Finding = "positive" if prob >= self.bundle.threshold else "negative"
-        w.result = _result(
+        w.result = make_result(
             finding=finding,
             probability=prob,
             threshold=self.bundle.threshold,
@@ -351,7 +333,7 @@ class Pipeline:
             for start in range(0, len(images), self.max_batch):
                 batch = list(images[start : start + self.max_batch])
                 t0 = time.perf_counter()
-                work = [_Work(img) for img in batch]
+                work = [Work(img) for img in batch]
                 if self.device_preprocess:
                     self._run_device(work, explain)
                 else:
@@ -363,7 +345,7 @@ class Pipeline:
         return out
 
     @staticmethod
-    def _share(items: list[_Work], key: str, seconds: float) -> None:
+    def _share(items: list[Work], key: str, seconds: float) -> None:
         for w in items:
             w.timings[key] = w.timings.get(key, 0.0) + seconds / len(items)
 
@@ -374,7 +356,7 @@ class Pipeline:
             return torch.sigmoid(self.segmenter(x.float()).float())[:, 0].cpu().numpy()
 
     def _stage2(
-        self, todo: list[_Work], x: torch.Tensor, explain: bool
+        self, todo: list[Work], x: torch.Tensor, explain: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """P(covid19) per image, and the CAMs on the stage 2 grid when ``explain``."""
         t0 = time.perf_counter()
@@ -395,7 +377,7 @@ class Pipeline:
             self._share(todo, "cam", time.perf_counter() - t0 - t_fwd)
         return p, cams
 
-    def _run_host(self, work: list[_Work], explain: bool) -> None:
+    def _run_host(self, work: list[Work], explain: bool) -> None:
         """NumPy/Pillow preprocessing per image (exactly as training), networks batched."""
         self._map(self._prepare, work)
         todo = [w for w in work if w.result is None]
@@ -415,7 +397,7 @@ class Pipeline:
                 w.cam = None if cams is None else cams[i]
             self._map(self._finish, todo)
 
-    def _run_device(self, work: list[_Work], explain: bool) -> None:
+    def _run_device(self, work: list[Work], explain: bool) -> None:
         """One upload, then resizing, cropping and lung attention on the device, one call per image shape.
 
         Images of one shape (the usual case: one modality) are stacked and resized, mapped back and
@@ -427,7 +409,7 @@ class Pipeline:
             return
         seg, size = self.bundle.segmenter_size, self.bundle.classifier_size
         lung_mode = self.bundle.crop_mode == "lung"
-        groups = _by_shape(todo)
+        groups = by_shape(todo)
         t0 = time.perf_counter()
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
         pixels = gp.upload([w.image.pixels for w in todo], self.device, dtype)
@@ -470,7 +452,7 @@ class Pipeline:
                 masks[i] = stacked[k]
         for w, count in zip(todo, counts.cpu().tolist(), strict=True):
             w.lung_fraction = count / w.image.pixels.size
-            w.mask = functools.partial(_mask_at_source, w.small, w.image.pixels.shape)  # type: ignore[arg-type]
+            w.mask = functools.partial(mask_at_source, w.small, w.image.pixels.shape)  # type: ignore[arg-type]
         for w in todo:
             self._check_plausible(w)
         self._share(todo, "postprocess", time.perf_counter() - t0)
@@ -507,7 +489,7 @@ class Pipeline:
                     heat = gp.unsquare(cams_dev[j], (r1 - r0, c1 - c0)).clamp_(0.0, 1.0)
                     sums[j] = gp.attention(heat, masks[i][r0:r1, c0:c1])
             else:
-                for shape, js in _by_shape(kept):
+                for shape, js in by_shape(kept):
                     heat = gp.unsquare(cams_dev[js], shape).clamp_(0.0, 1.0)
                     sums[js] = gp.attention(heat, torch.stack([masks[keep[j]] for j in js]))
                     del heat
@@ -517,7 +499,7 @@ class Pipeline:
         for j, w in enumerate(kept):
             heat_map = (
                 None if cams is None
-                else functools.partial(_heatmap_at_source, cams[j], w.box, w.image.pixels.shape)
+                else functools.partial(heatmap_at_source, cams[j], w.box, w.image.pixels.shape)
             )
             self._done(w, float(p[j]), att[j], heat_map)
 
@@ -531,48 +513,3 @@ class Pipeline:
         if self.amp_dtype is None:
             return torch.autocast(device_type="cpu", enabled=False)
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
-
-
-DEVICE_GROUP = 16  # images per stacked device call: bounds the full-resolution temporaries' memory
-
-
-def _by_shape(items: list[_Work]) -> list[tuple[tuple[int, int], list[int]]]:
-    """Positions in ``items`` grouped by image shape (at most DEVICE_GROUP per group), in order."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for i, w in enumerate(items):
-        groups.setdefault(w.image.pixels.shape, []).append(i)  # type: ignore[arg-type]
-    return [
-        (shape, idx[k : k + DEVICE_GROUP])
-        for shape, idx in groups.items()
-        for k in range(0, len(idx), DEVICE_GROUP)
-    ]
-
-
-def _result(
-    *,
-    heatmap: np.ndarray | MapFactory | None = None,
-    lung_mask: np.ndarray | MapFactory | None,
-    **fields: Any,
-) -> Result:
-    """A :class:`Result` whose maps may still be factories (deferred until read)."""
-    result = Result(**fields)
-    for name, value in (("heatmap", heatmap), ("lung_mask", lung_mask)):
-        if isinstance(value, np.ndarray):
-            setattr(result, name, value)
-        elif value is not None:
-            result.defer(name, value)  # type: ignore[arg-type]
-    return result
-
-
-def _mask_at_source(small: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The post-processed square-grid mask mapped back to the source image (bool)."""
-    return imaging.unsquare(small.astype(np.float32), shape) >= 0.5
-
-
-def _heatmap_at_source(
-    cam: np.ndarray, box: tuple[int, int, int, int] | None, shape: tuple[int, int]
-) -> np.ndarray:
-    """A stage 2 CAM mapped back to the source image: float32 in [0, 1], zero outside the lung crop."""
-    heat = imaging.uncrop(cam, box, shape) if box is not None else imaging.unsquare(cam, shape)
-    np.clip(heat, 0.0, 1.0, out=heat)
-    return heat
