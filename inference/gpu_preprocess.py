@@ -9,6 +9,8 @@ Inputs are 2-D float tensors (rows, columns); masks are bool tensors.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -70,13 +72,18 @@ def unsquare(square: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
 
 def lung_box(mask: torch.Tensor, margin: float = 0.05) -> tuple[int, int, int, int]:
     """(row0, col0, row1, col1), ends exclusive: the mask's bounding box grown by ``margin`` of its size."""
-    rows = torch.nonzero(mask.any(dim=1)).flatten()
-    cols = torch.nonzero(mask.any(dim=0)).flatten()
-    if rows.numel() == 0:
-        raise ValueError('Argument "mask" is empty: no lung pixels to crop to.')
-    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
-    dr, dc = round((r1 - r0) * margin), round((c1 - c0) * margin)
-    return max(0, r0 - dr), max(0, c0 - dc), min(mask.shape[0], r1 + dr), min(mask.shape[1], c1 + dc)
+    return lung_boxes([mask], margin)[0]
+
+
+@functools.lru_cache(maxsize=8)
+def _disk(radius: int, device: torch.device) -> torch.Tensor:
+    """A (1, 1, 2r+1, 2r+1) float disk kernel, made once per radius and device."""
+    yy, xx = torch.meshgrid(
+        torch.arange(-radius, radius + 1, device=device),
+        torch.arange(-radius, radius + 1, device=device),
+        indexing="ij",
+    )
+    return ((yy * yy + xx * xx) <= radius * radius).float()[None, None]
 
 
 def lung_crop(
@@ -91,13 +98,7 @@ def lung_crop(
     out = square_resize(pixels[r0:r1, c0:c1], size)
     cut = square_resize(mask[r0:r1, c0:c1].float(), size) >= 0.5
     radius = max(1, round(dilation * size))
-    yy, xx = torch.meshgrid(
-        torch.arange(-radius, radius + 1, device=pixels.device),
-        torch.arange(-radius, radius + 1, device=pixels.device),
-        indexing="ij",
-    )
-    disk = ((yy * yy + xx * xx) <= radius * radius).float()
-    grown = F.conv2d(cut.float()[None, None], disk[None, None], padding=radius)[0, 0] > 0.5
+    grown = F.conv2d(cut.float()[None, None], _disk(radius, pixels.device), padding=radius)[0, 0] > 0.5
     out.masked_fill_(~grown, PAD_VALUE)  # not out[~grown] = ...: boolean indexing waits for the device
     return out
 

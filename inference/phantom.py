@@ -291,13 +291,8 @@ def _encode_jpeg_baseline(ds: Dataset, stored: np.ndarray) -> None:
 
 def _encode_htj2k(ds: Dataset, stored: np.ndarray, transfer_syntax: UID) -> None:
     """HTJ2K with OpenJPH (imagecodecs): pydicom has no HTJ2K encoder, dcmtk 3.6 none either."""
-    try:
-        import imagecodecs
-    except ImportError as exc:
-        raise ValueError(
-            f'Argument "transfer_syntax": {transfer_syntax.name} needs the imagecodecs package '
-            "(pip install imagecodecs) to encode here."
-        ) from exc
+    import imagecodecs  # a dependency; imported here so that the phantom module loads without it
+
     frame = imagecodecs.htj2k_encode(stored, **_HTJ2K_OPTIONS[transfer_syntax])
     ds.PixelData = encapsulate([bytes(frame)])
     ds["PixelData"].VR = "OB"

@@ -19,11 +19,11 @@ from scipy import ndimage
 
 __all__ = [
     "PAD_VALUE",
-    "lung_box",
-    "lung_crop",
     "components",
     "fill_holes",
     "largest",
+    "lung_box",
+    "lung_crop",
     "postprocess_mask",
     "resize_mask",
     "square_region",
