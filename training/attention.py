@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.loops import as_input, protect_inplace_relu
@@ -50,3 +51,51 @@ def lung_attention_scores(model: nn.Module, arch: str, x: torch.Tensor, masks: t
         for p in model.parameters():
             p.requires_grad_(True)
     return np.asarray(out, dtype=np.float64)
+
+
+def head_linear(model: nn.Module) -> nn.Linear:
+    """The class head: the last ``nn.Linear`` of a torchvision classifier (global pooling + linear)."""
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    if last is None:
+        raise ValueError("the model has no linear class head")
+    return last
+
+
+def gradcampp_maps(features: torch.Tensor, weight: torch.Tensor, target: int) -> torch.Tensor:
+    """Grad-CAM++ maps (N, h, w) of class ``target``, differentiable, from the CAM layer's activations.
+
+    For a network whose CAM layer is followed only by global average pooling and a linear head (the three
+    classifiers here), the gradient of logit ``target`` with respect to every activation of channel k is
+    ``weight[target, k] / (h * w)``, so pytorch-grad-cam's Grad-CAM++ weights have a closed form; this is that
+    form, before its min-max scaling and resize.
+    """
+    a = features.float()
+    n, k, h, w = a.shape
+    g = (weight[target].float() / (h * w)).view(1, k)
+    g2 = g * g
+    alpha = g2 / (2 * g2 + a.sum(dim=(2, 3)) * g2 * g + 1e-6)
+    alpha = torch.where(g != 0, alpha, torch.zeros_like(alpha))
+    wk = torch.relu(g) * alpha * (h * w)
+    return torch.relu(torch.einsum("nk,nkhw->nhw", wk, a))
+
+
+def outside_share(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Per image, the share of a CAM's mass outside the lung mask, as ``inference.explain.lung_attention``
+    measures it: the map (N, h, w) is shifted to a minimum of 0 and resized bilinearly to the mask's size
+    (N, 1, S, S). An empty map counts as entirely outside."""
+    up = F.interpolate(maps[:, None], size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    up = up - up.amin(dim=(2, 3), keepdim=True)
+    total = up.sum(dim=(1, 2, 3))
+    inside = (up * masks.to(up.dtype)).sum(dim=(1, 2, 3))
+    return 1.0 - inside / total.clamp_min(1e-6)
+
+
+def attention_loss(features: torch.Tensor, head: nn.Linear, masks: torch.Tensor) -> torch.Tensor:
+    """Mean share of both classes' Grad-CAM++ mass outside the lungs: a training penalty that asks the
+    classifier to find its evidence, for either answer, inside the lung fields."""
+    shares = [outside_share(gradcampp_maps(features, head.weight, c), masks)
+              for c in range(head.out_features)]
+    return torch.stack(shares).mean()

@@ -9,8 +9,9 @@ Steps, each printed with its time:
    training patients;
 3. lung masks for every classification image with that stage 1 (the pipeline's post-processing and crop);
 4. stage 2 for every architecture x {whole image, lung-segmented} on covid vs normal;
-5. selection of the configuration with the best validation ROC AUC (a tie goes to lung mode), and the
-   operating threshold on validation for the target sensitivity;
+5. selection on validation: among the configurations whose median lung attention on validation positives
+   reaches ``min_attention`` (all of them when none does), the best validation ROC AUC (a tie goes to lung
+   mode); the operating threshold on validation for the target sensitivity;
 6. every configuration on the one test split, plus per-source metrics, lung attention, shape-normalised
    copies and two trivial baselines;
 7. the chosen bundle (fp16 weights) via ``inference.bundle.create_bundle``.
@@ -101,15 +102,19 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                   version: str = "1.0.0", say: Callable[[str], None] = log.info,
                   modes: tuple[str, ...] = MODES, labels: Path | None = None, split_file: Path | None = None,
                   base_bundle: Path | None = None, fine_tune: bool = False,
-                  samples: list[Sample] | None = None) -> dict[str, Any]:
+                  samples: list[Sample] | None = None, attention_weight: float = 0.0,
+                  min_attention: float = 0.7, reference: Path | None = None) -> dict[str, Any]:
     """Run every step (see the module docstring) and return the results dict (also in ``results.json``).
 
     ``seg_archs=()`` takes stage 1 from ``base_bundle`` instead of training it (its input size wins);
     ``archs=()`` trains no classifier and bundles the new stage 1 with ``base_bundle``'s classifier;
     ``fine_tune=True`` starts stage 2 from ``base_bundle``'s classifier (same architecture and size).
     ``samples`` replaces reading ``data`` (+ ``labels``); ``split_file`` reuses a saved split.
+    ``attention_weight`` > 0 trains stage 2 with the lung-attention penalty (``training.loops.fit``).
+    ``reference`` is the ``results.json`` of an earlier run on the same split: its configurations are listed
+    in the report beside this run's (marked, not candidates); its split counts must equal this run's.
     """
-    from inference.models.classifiers import build_classifier
+    from inference.models.classifiers import build_classifier, cam_layers
     from inference.models.segmentation import build_segmenter
 
     cam_missing = preflight()
@@ -151,6 +156,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
         f"segmentation: { {k: len(v) for k, v in seg_sets.items()} }")
     results: dict[str, Any] = {"data": str(data), "device": str(dev), "split": split.counts,
                                "seed": seed, "target_sensitivity": target_sensitivity}
+    if reference is not None:  # checked before any training: a wrong file stops the run now
+        results["reference_configs"] = _reference_configs(reference, results["split"])
     seg_val = seg_sets["val"] if len(seg_sets["val"]) else seg_sets["train"]
     best_seg: tuple[str, torch.nn.Module] | None = None
     best_seg_score = -1.0
@@ -206,11 +213,12 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                 model.load_state_dict(base.classifier.state_dict())
                 model.float()
             cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=seed,
-                            max_steps=max_steps)
+                            max_steps=max_steps, attention_weight=attention_weight)
             r = fit(model, (_inputs(mode, cls_sets["train"], crops["train"]), y["train"]),
                     (_inputs(mode, cls_sets["val"], crops["val"]), y["val"]), kind="classification",
                     config=cfg, device=dev, checkpoint=out / "checkpoints" / f"stage2_{arch}_{mode}.pt",
-                    resume=resume, name=name) if train else FitResult({}, math.nan, -1)
+                    resume=resume, name=name, train_masks=_masks(mode, crops["train"]),
+                    cam_layer=cam_layers(arch, model)[0]) if train else FitResult({}, math.nan, -1)
             p = {side: predict(model, _inputs(mode, cls_sets[side], crops[side]),
                                kind="classification", device=dev, mean=cfg.mean, std=cfg.std).numpy()
                  for side in ("val", "test")}
@@ -227,13 +235,19 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             }
             models[name] = model.cpu()
             c = configs[name]
-            say(f"stage 2 {name}: val AUC {c['val']['roc_auc']:.3f}, test AUC "
-                f"{c['test']['roc_auc']:.3f}, test acc {c['test']['accuracy']:.3f}")
-    chosen = max(configs, key=lambda k: (_nan0(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"))
+            if not cam_missing:
+                c["val_attention"] = _attention_summary(model, arch, mode, cls_sets["val"], crops["val"], dev)
+            att = c.get("val_attention", {}).get("positives", {}).get("median", math.nan)
+            say(f"stage 2 {name}: val AUC {c['val']['roc_auc']:.3f}, val lung attention (positives, median) "
+                f"{att:.3f}, test AUC {c['test']['roc_auc']:.3f}, test acc {c['test']['accuracy']:.3f}")
+    chosen = _choose(configs, min_attention)
     say(f"chosen on validation: {chosen}")
     results["configs"] = {k: {kk: vv for kk, vv in v.items() if kk != "prob_test"}
                           for k, v in configs.items()}
     results["chosen"] = chosen
+    results["selection"] = {"min_attention": min_attention, "attention_weight": attention_weight}
+    if reference is not None:
+        results["selection"]["reference"] = str(reference)
     with timer.step("test metrics, per source, lung attention"):
         c = configs[chosen]
         yt, pt = y["test"].numpy(), np.asarray(c["prob_test"])
@@ -290,6 +304,47 @@ def _threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
     return float(min(max(thr, 1e-4), 1 - 1e-4))  # the bundle needs 0 < threshold < 1
 
 
+def _reference_configs(path: Path, split: dict[str, Any]) -> dict[str, Any]:
+    """The configurations of an earlier run's ``results.json``, checked to come from a split like this one."""
+    import json
+
+    ref = json.loads(Path(path).read_text())
+    if _plain(ref.get("split")) != _plain(split):
+        raise ValueError(f"reference {path} was made on another split ({ref.get('split')}, here {split}); "
+                         "pass the same --split")
+    configs = {k: v for k, v in ref.get("configs", {}).items() if isinstance(v, dict) and "test" in v}
+    if not configs:
+        raise ValueError(f"reference {path} lists no configurations")
+    return configs
+
+
+def _masks(mode: str, crops: LungCrops) -> torch.Tensor:
+    return crops.crop_masks if mode == "lung" else crops.whole_masks
+
+
+def _choose(configs: dict[str, dict[str, Any]], min_attention: float) -> str:
+    """The configuration to ship, from validation figures only: the best validation ROC AUC among those whose
+    median lung attention on validation positives reaches ``min_attention``, or among all when none does (or
+    when attention was not measured). A tie goes to lung mode."""
+    def attention(k: str) -> float:
+        return _nan0(configs[k].get("val_attention", {}).get("positives", {}).get("median"))
+
+    pool = [k for k in configs if attention(k) >= min_attention] or list(configs)
+    return max(pool, key=lambda k: (_nan0(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"))
+
+
+def _attention_summary(model: torch.nn.Module, arch: str, mode: str, images: ImageSet, crops: LungCrops,
+                       dev: torch.device) -> dict[str, Any]:
+    """Lung attention of one classifier on one side's images: all, positives and negatives."""
+    from training.attention import lung_attention_scores
+
+    a = lung_attention_scores(model, arch, _inputs(mode, images, crops), _masks(mode, crops), device=dev)
+    model.cpu()
+    y = images.y.numpy()
+    return {"all": summary(a.tolist()), "positives": summary(a[y == 1].tolist()),
+            "negatives": summary(a[y == 0].tolist())}
+
+
 def _centre_whole(images: ImageSet, size: int) -> torch.Tensor:
     from inference.preprocess import square_resize
     from training.tensors import centre_square, to_uint8
@@ -303,18 +358,8 @@ def _centre_whole(images: ImageSet, size: int) -> torch.Tensor:
 def _attention(configs: dict[str, dict[str, Any]], models: dict[str, torch.nn.Module], images: ImageSet,
                crops: LungCrops, dev: torch.device) -> dict[str, Any]:
     """Lung attention on the test images for every configuration (all images and positives only)."""
-    from training.attention import lung_attention_scores
-
-    out: dict[str, Any] = {}
-    y = images.y.numpy()
-    for name, c in configs.items():
-        x = _inputs(c["mode"], images, crops)
-        masks = crops.crop_masks if c["mode"] == "lung" else crops.whole_masks
-        a = lung_attention_scores(models[name], c["arch"], x, masks, device=dev)
-        models[name].cpu()
-        out[name] = {"all": summary(a.tolist()), "positives": summary(a[y == 1].tolist()),
-                     "negatives": summary(a[y == 0].tolist())}
-    return out
+    return {name: _attention_summary(models[name], c["arch"], c["mode"], images, crops, dev)
+            for name, c in configs.items()}
 
 
 def _write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifier: torch.nn.Module,
@@ -337,8 +382,11 @@ def _write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classif
                            "patient-level split 7:2:1, stratified by label and source",
             "images_by_source_label": dict(sorted(by_source.items())),
             "split_counts": results["split"], "seed": results["seed"],
-            "selection": "best validation ROC AUC over architecture x {whole, lung}; threshold on validation "
-                         f"for sensitivity >= {results['target_sensitivity']}",
+            "selection": "best validation ROC AUC over architecture x {whole, lung} among configurations "
+                         f"with median lung attention >= {results['selection']['min_attention']} on "
+                         "validation positives (all when none); threshold on validation for sensitivity >= "
+                         f"{results['target_sensitivity']}",
+            "lung_attention_weight": results["selection"]["attention_weight"],
         },
         "metrics": {k: results[k] for k in ("test", "per_source", "test_shape_normalised", "stage1",
                                              "lung_attention") if k in results},
@@ -367,6 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-sensitivity", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--version", default="1.0.0", help="version written into the bundle card")
+    p.add_argument("--modes", default=",".join(MODES), help="comma-separated stage 2 input modes")
+    p.add_argument("--base-bundle", type=Path, default=None,
+                   help="bundle whose stage 1 is reused when --seg-archs is empty")
+    p.add_argument("--split", type=Path, default=None, help="reuse this split.json instead of a new split")
+    p.add_argument("--attention-weight", type=float, default=0.0,
+                   help="weight of the lung-attention penalty in stage 2's loss (0: off)")
+    p.add_argument("--min-attention", type=float, default=0.7,
+                   help="median lung attention on validation positives a configuration needs to be preferred")
+    p.add_argument("--reference", type=Path, default=None,
+                   help="results.json of an earlier run on the same split, listed beside this run's")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 batches per epoch, small sizes")
     args = p.parse_args(argv)
@@ -379,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
                   cls_size=args.cls_size, batch_size=args.batch_size, lr=args.lr,
                   target_sensitivity=args.target_sensitivity, seed=args.seed, quick=args.quick,
                   resume=args.resume, version=args.version,
+                  modes=tuple(m for m in args.modes.split(",") if m), base_bundle=args.base_bundle,
+                  split_file=args.split, attention_weight=args.attention_weight,
+                  min_attention=args.min_attention, reference=args.reference,
                   say=lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush()) and None)
     return 0
 

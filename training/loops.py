@@ -120,6 +120,7 @@ class FitConfig:
     augment: bool = True
     max_steps: int = 0  # >0: stop each epoch after this many batches (tests)
     checkpoint_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
+    attention_weight: float = 0.0  # >0: add this times the CAM mass outside the lungs (needs train masks)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -127,6 +128,8 @@ class FitConfig:
                 raise ValueError(f'Argument "{name}" must be at least 1.')
         if not self.lr > 0:
             raise ValueError('Argument "lr" must be positive.')
+        if not self.attention_weight >= 0:
+            raise ValueError('Argument "attention_weight" must not be negative.')
 
 
 @dataclass
@@ -195,22 +198,41 @@ def _val_score(kind: Kind, prob: torch.Tensor, y: torch.Tensor) -> float:
 def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], *,
         kind: Kind, config: FitConfig, device: torch.device, checkpoint: Path | None = None,
         resume: bool = False, progress: bool | None = None, name: str = "",
-        on_epoch: Callable[[dict[str, float]], None] | None = None) -> FitResult:
+        on_epoch: Callable[[dict[str, float]], None] | None = None,
+        train_masks: torch.Tensor | None = None, cam_layer: nn.Module | None = None) -> FitResult:
     """Train ``model`` on ``train`` = (x uint8 (N,1,S,S), y) and keep the weights best on ``val``.
 
     ``y`` is a long tensor of class ids (classification) or a uint8 mask tensor (N,1,S,S) (segmentation).
     With ``checkpoint`` the full training state is saved every ``checkpoint_every`` epochs and at the end;
     ``resume=True`` continues from it.
+    With ``config.attention_weight > 0`` (classification only) ``train_masks`` are the training images'
+    lung masks in the input frame (N,1,S,S) and ``cam_layer`` the Grad-CAM layer: the loss adds the weighted
+    share of the Grad-CAM++ mass outside the lungs (:func:`training.attention.attention_loss`), so the
+    classifier learns to look at the lungs rather than at borders, labels or markers.
     Returns the best state dict (CPU tensors), its validation score and epoch, and the per-epoch history.
     """
     if kind not in ("segmentation", "classification"):
         raise ValueError('Argument "kind" must be segmentation or classification.')
     if train[0].shape[0] == 0 or val[0].shape[0] == 0:
         raise ValueError(f"{name or kind}: empty training or validation set")
+    guided = kind == "classification" and config.attention_weight > 0
+    if guided and (train_masks is None or cam_layer is None or train_masks.shape[0] != train[0].shape[0]
+                   or train_masks.shape[-2:] != train[0].shape[-2:]):
+        raise ValueError(f"{name or kind}: attention_weight needs cam_layer and one lung mask per "
+                         "training image")
     t0 = time.perf_counter()
     seed_everything(config.seed)
     model.to(device)
     hooks = protect_inplace_relu(model)
+    captured: list[torch.Tensor] = []
+    if guided:
+        from training.attention import attention_loss, head_linear
+
+        head = head_linear(model)
+        assert cam_layer is not None and train_masks is not None
+        hooks.append(cam_layer.register_forward_hook(
+            lambda m, _i, out: captured.append(out) if m.training else None))
+        mt = train_masks.to(device)
     ch = in_channels(model)
     xt, yt = train[0].to(device), train[1].to(device)
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
@@ -248,13 +270,17 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
                 continue  # BatchNorm cannot train on a single sample
             xb = xt[idx].float() / 255.0
             yb = yt[idx]
-            mb = yb.float() if kind == "segmentation" else None
+            mb = yb.float() if kind == "segmentation" else mt[idx].float() if guided else None
             if config.augment:
                 xb, mb = augment(xb, mb, generator=gen)
             xb = as_input(xb, ch, config.mean, config.std)
+            captured.clear()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 if kind == "classification":
                     loss = _cls_loss(logits_of(model(xb)), yb, weights)
+                    if guided:
+                        assert mb is not None
+                        loss = loss + config.attention_weight * attention_loss(captured[-1], head, mb)
                 else:
                     loss = _seg_step(model, xb, mb, cpu_gen)  # type: ignore[arg-type]
             opt.zero_grad(set_to_none=True)

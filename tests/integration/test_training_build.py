@@ -82,3 +82,43 @@ def test_resume_reuses_finished_checkpoints(built: tuple[Path, dict]) -> None:
     out, _ = built
     ck = torch.load(out / "checkpoints" / "stage2_mobilenet_v2_lung.pt", weights_only=True)
     assert ck["finished"] and ck["epoch"] == 0 and len(ck["history"]) == 1
+
+
+def test_attention_penalty_build_with_a_reference_run(built: tuple[Path, dict], tmp_path: Path) -> None:
+    from training.build_default import main
+
+    out, first = built
+    data = out.parent / "data"
+    rc = main(["--data", str(data), "--out", str(tmp_path / "guided"), "--device", "cpu", "--quick",
+               "--epochs-cls", "1", "--archs", "resnet18", "--modes", "whole", "--seg-archs", "",
+               "--base-bundle", str(out / "bundle"), "--split", str(out / "split.json"),
+               "--attention-weight", "1", "--reference", str(out / "results.json")])
+    assert rc == 0
+    results = json.loads((tmp_path / "guided" / "results.json").read_text())
+    assert set(results["configs"]) == {"resnet18/whole"} and results["chosen"] == "resnet18/whole"
+    assert results["selection"] == {"min_attention": 0.7, "attention_weight": 1.0,
+                                    "reference": str(out / "results.json")}
+    assert results["reference_configs"].keys() == first["configs"].keys()
+    assert 0.0 <= results["configs"]["resnet18/whole"]["val_attention"]["positives"]["median"] <= 1.0
+    assert results["stage1"]["by_arch"]["unet"]["from"] == str(out / "bundle")
+    report = (tmp_path / "guided" / "report.md").read_text()
+    assert "mobilenet_v2/lung (reference run)" in report and "lung-attention penalty (weight 1.00)" in report
+    assert "val lung attention (covid, median)" in report
+    from inference.bundle import ModelBundle
+
+    card = ModelBundle.load(tmp_path / "guided" / "bundle").card
+    assert card["training_data"]["lung_attention_weight"] == 1.0
+
+
+def test_a_reference_from_another_split_is_refused_before_training(built: tuple[Path, dict],
+                                                                   tmp_path: Path) -> None:
+    from training.build_default import main
+
+    out, first = built
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**first, "split": {"train": {"covid": 1}}}))
+    with pytest.raises(ValueError, match="another split"):
+        main(["--data", str(out.parent / "data"), "--out", str(tmp_path / "x"), "--device", "cpu", "--quick",
+              "--archs", "resnet18", "--seg-archs", "", "--base-bundle", str(out / "bundle"),
+              "--reference", str(other)])
+    assert not (tmp_path / "x" / "checkpoints").exists()
