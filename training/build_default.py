@@ -102,7 +102,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                   version: str = "1.0.0", say: Callable[[str], None] = log.info,
                   modes: tuple[str, ...] = MODES, labels: Path | None = None, split_file: Path | None = None,
                   base_bundle: Path | None = None, fine_tune: bool = False,
-                  samples: list[Sample] | None = None, attention_weight: float = 0.0,
+                  samples: list[Sample] | None = None, attention_weight: float = 1.0,
                   min_attention: float = 0.7, reference: Path | None = None) -> dict[str, Any]:
     """Run every step (see the module docstring) and return the results dict (also in ``results.json``).
 
@@ -419,7 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-bundle", type=Path, default=None,
                    help="bundle whose stage 1 is reused when --seg-archs is empty")
     p.add_argument("--split", type=Path, default=None, help="reuse this split.json instead of a new split")
-    p.add_argument("--attention-weight", type=float, default=0.0,
+    p.add_argument("--attention-weight", type=float, default=1.0,
                    help="weight of the lung-attention penalty in stage 2's loss (0: off)")
     p.add_argument("--min-attention", type=float, default=0.7,
                    help="median lung attention on validation positives a configuration needs to be preferred")

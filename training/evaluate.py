@@ -143,7 +143,8 @@ def evaluate_bundle(bundle: Path, samples: Sequence[Sample], split: Any, out: Pa
         res["plots"]["montage"] = _montage(images, tres, test, out / "montage.png", montage_n)
     if run_dir is not None and (run_dir / "results.json").is_file():
         built = json.loads((run_dir / "results.json").read_text())
-        res["comparison"] = {"configs": built.get("configs", {}), "chosen": built.get("chosen")}
+        res["comparison"] = {"configs": built.get("configs", {}), "chosen": built.get("chosen"),
+                             "reference_configs": built.get("reference_configs", {})}
     write_json(out / "metrics.json", res)
     write_report(out, res)
     return res
@@ -235,7 +236,8 @@ def write_report(out: Path, res: dict[str, Any]) -> Path:
                                for k, v in res.get("baselines", {}).items()}}, "model / input"), ""]
     if res.get("comparison", {}).get("configs"):
         lines += ["## Comparison (from the training run)", "",
-                  comparison_markdown(res["comparison"]["configs"], res["comparison"]["chosen"]), ""]
+                  comparison_markdown(res["comparison"]["configs"], res["comparison"]["chosen"],
+                                      res["comparison"].get("reference_configs")), ""]
     if res.get("plots", {}).get("montage"):
         lines += ["## Heatmaps", "", "![montage](montage.png)", ""]
     path = out / "report.md"

@@ -46,6 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=30, help="stage 2 epochs")
     p.add_argument("--lr", type=float, default=0.002, help="Adam learning rate")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--attention-weight", type=float, default=1.0,
+                   help="weight of the lung-attention penalty in stage 2's loss (0: off)")
     p.add_argument("--seg-size", type=int, default=256)
     p.add_argument("--size", type=int, default=224, help="stage 2 input size")
     p.add_argument("--split", help="reuse a split.json (patient ids per side)")
@@ -86,6 +88,7 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         modes=(args.mode,), seg_size=seg_size, cls_size=cls_size, batch_size=args.batch_size, lr=args.lr,
         target_sensitivity=args.target_sensitivity, seed=args.seed, quick=args.quick, resume=args.resume,
         version=args.version, base_bundle=Path(args.base_model) if args.base_model else None,
-        fine_tune=args.fine_tune, split_file=Path(args.split) if args.split else None, say=say)
+        fine_tune=args.fine_tune, split_file=Path(args.split) if args.split else None, say=say,
+        attention_weight=args.attention_weight)
     say(f"bundle: {results['bundle']}")
     return 0

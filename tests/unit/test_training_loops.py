@@ -14,18 +14,9 @@ from training.loops import FitConfig, fit, predict
 pytestmark = pytest.mark.unit
 
 
-@pytest.fixture(scope="module")
-def phantoms() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from inference.phantom import make_phantom
-
-    imgs, masks, ys = [], [], []
-    for i in range(16):
-        img, mask = make_phantom((64, 64), opacity=0.8 if i % 2 else 0.0, seed=i)
-        imgs.append(np.rint(img * 255).astype(np.uint8))
-        masks.append(mask.astype(np.uint8))
-        ys.append(i % 2)
-    return (torch.from_numpy(np.stack(imgs))[:, None], torch.from_numpy(np.stack(masks))[:, None],
-            torch.tensor(ys))
+@pytest.fixture()
+def phantoms(phantom_tensors: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return phantom_tensors
 
 
 def test_augment_is_seeded_keeps_shapes_and_binary_masks() -> None:
