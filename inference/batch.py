@@ -56,14 +56,8 @@ def make_result(
     lung_mask: np.ndarray | MapFactory | None,
     **fields: Any,
 ) -> Result:
-    """A :class:`Result` whose maps may still be factories (deferred until read)."""
-    result = Result(**fields)
-    for name, value in (("heatmap", heatmap), ("lung_mask", lung_mask)):
-        if isinstance(value, np.ndarray):
-            setattr(result, name, value)
-        elif value is not None:
-            result.defer(name, value)  # type: ignore[arg-type]
-    return result
+    """A :class:`Result` whose maps may still be factories (deferred until read): its properties take both."""
+    return Result(heatmap=heatmap, lung_mask=lung_mask, **fields)  # type: ignore[arg-type]
 
 
 def mask_at_source(small: np.ndarray, shape: tuple[int, int]) -> np.ndarray:

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydicom import uid
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +58,11 @@ def _batch_stages(results: list[Any]) -> dict[str, float]:
 
 
 SYNTAXES = {
-    "explicit": "1.2.840.10008.1.2.1",
-    "j2k-lossless": "1.2.840.10008.1.2.4.90",
-    "j2k": "1.2.840.10008.1.2.4.91",
-    "htj2k-lossless": "1.2.840.10008.1.2.4.201",
-    "rle": "1.2.840.10008.1.2.5",
+    "explicit": uid.ExplicitVRLittleEndian,
+    "j2k-lossless": uid.JPEG2000Lossless,
+    "j2k": uid.JPEG2000,
+    "htj2k-lossless": uid.HTJ2KLossless,
+    "rle": uid.RLELossless,
 }
 
 

@@ -81,10 +81,14 @@ def lung_attention(heatmap: np.ndarray, lung_mask: np.ndarray) -> float | None:
     """Share of the heatmap's mass inside the lung mask, in [0, 1]; None when the heatmap is empty."""
     if heatmap.shape != lung_mask.shape:
         raise ValueError('Arguments "heatmap" and "lung_mask" must have the same shape.')
-    total = float(heatmap.sum(dtype=np.float64))
+    inside = float(heatmap[lung_mask].sum(dtype=np.float64))
+    return attention_ratio(inside, float(heatmap.sum(dtype=np.float64)))
+
+
+def attention_ratio(inside: float, total: float) -> float | None:
+    """``inside / total`` clipped to [0, 1]; None when the heatmap's total mass is not positive."""
     if total <= 0.0:
         return None
-    inside = float(heatmap[lung_mask].sum(dtype=np.float64))
     return min(1.0, max(0.0, inside / total))
 
 

@@ -38,7 +38,7 @@ from inference import gpu_preprocess as gp
 from inference import imaging, preprocess
 from inference.batch import Work, by_shape, heatmap_at_source, make_result, mask_at_source
 from inference.bundle import ModelBundle
-from inference.explain import CAM_METHODS, cam_forward, lung_attention
+from inference.explain import CAM_METHODS, attention_ratio, cam_forward, lung_attention
 from inference.models.classifiers import cam_layers
 from inference.types import Finding, MapFactory, Result, XrayImage
 
@@ -279,12 +279,13 @@ class Pipeline:
     @staticmethod
     def _shape_problem(mask: np.ndarray) -> tuple[str, str] | None:
         """(reason code, text) when the mask is not two lungs side by side; None when it is."""
+        one_lung = ("lateral", "one lung field only: a lateral view or not a frontal chest radiograph")
         _, areas, centroids = preprocess.components(mask, 4)
         if len(areas) < 3:
-            return "lateral", "one lung field only: a lateral view or not a frontal chest radiograph"
+            return one_lung
         first, second = preprocess.largest(areas, 2)
         if areas[second] < 0.2 * areas[first]:
-            return "lateral", "one lung field only: a lateral view or not a frontal chest radiograph"
+            return one_lung
         rows, cols = mask.shape
         (xa, ya), (xb, yb) = centroids[first], centroids[second]
         if abs(xa - xb) < 0.15 * cols or abs(ya - yb) > 0.25 * rows:
@@ -493,8 +494,7 @@ class Pipeline:
                     heat = gp.unsquare(cams_dev[js], shape).clamp_(0.0, 1.0)
                     sums[js] = gp.attention(heat, torch.stack([masks[keep[j]] for j in js]))
                     del heat
-            for j, (inside, total) in enumerate(sums.cpu().tolist()):
-                att[j] = min(1.0, max(0.0, inside / total)) if total > 0 else None
+            att = [attention_ratio(inside, total) for inside, total in sums.cpu().tolist()]
         self._share(kept, "explain_map", time.perf_counter() - t0)
         for j, w in enumerate(kept):
             heat_map = (

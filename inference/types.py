@@ -52,7 +52,7 @@ class Result:
         """Make ``name`` from ``factory`` on its first read instead of now."""
         if name not in ("heatmap", "lung_mask") or not callable(factory):
             raise ValueError('Result.defer takes "heatmap" or "lung_mask" and a function without arguments.')
-        self.__dict__[f"_{name}"] = factory
+        setattr(self, name, factory)
 
 
 def _deferred_array(name: str) -> property:

@@ -22,11 +22,9 @@ def _pyplot():  # type: ignore[no-untyped-def]
 
 def _save(fig: Any, out_dir: Path, name: str, files: dict[str, str]) -> None:
     """Write ``fig`` as ``<name>.png`` in ``out_dir``, close it and record it in ``files``."""
-    import matplotlib.pyplot as plt
-
     fig.tight_layout()
     fig.savefig(out_dir / f"{name}.png", dpi=100)
-    plt.close(fig)
+    _pyplot().close(fig)
     files[name] = f"{name}.png"
 
 

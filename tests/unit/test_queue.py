@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import Engine, text
 
 from dicom_node.config import WorkerSettings
-from dicom_node.db import Job, init_db, make_engine
+from dicom_node.db import init_db, make_engine
 from dicom_node.queue import (
     TRANSITIONS,
     JobManager,
@@ -20,6 +20,7 @@ from dicom_node.queue import (
     backoff_delay,
     check_transition,
 )
+from tests.fixtures.database import job_row
 
 pytestmark = pytest.mark.unit
 
@@ -64,16 +65,6 @@ def enqueue(jm: JobManager, uid: str = "1.2.826.0.1.3680043.8.498.1") -> tuple[i
     return jm.enqueue(sop_instance_uid=uid, study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
                       sop_class_uid="1.2.840.10008.5.1.4.1.1.1", calling_ae="MODALITY",
                       calling_host="127.0.0.1", spool_path=f"/spool/{uid}.dcm")
-
-
-def state_of(engine: Engine, job_id: int) -> Job:
-    from sqlalchemy.orm import Session
-
-    with Session(engine) as s:
-        job = s.get(Job, job_id)
-        assert job is not None
-        s.expunge(job)
-        return job
 
 
 def test_sqlite_is_durable_and_schema_matches_models(engine: Engine) -> None:
@@ -138,7 +129,7 @@ def test_full_life_of_a_job_is_logged_with_its_id(jm: JobManager, engine: Engine
     jm.finish_inference(job_id, result={"finding": "negative", "probability": 0.1}, output_dir="/out",
                         sr_sop_instance_uid="1.2.3.9", worker_id="w1")
     jm.complete(job_id, worker_id="w1")
-    job = state_of(engine, job_id)
+    job = job_row(engine, job_id)
     assert job.state == "done" and job.lease_owner is None and job.finished_at is not None
     assert job.result == {"finding": "negative", "probability": 0.1}
     assert [h["to_state"] for h in jm.history(job_id)] == ["queued", "processing", "exporting", "done"]
@@ -177,7 +168,7 @@ def test_retryable_failure_backs_off_then_fails_with_the_reason(jm: JobManager, 
         clock.advance(1)
     jm.claim("w1")
     assert jm.fail(job_id, "GPU out of memory", retryable=True, worker_id="w1") is JobState.FAILED
-    job = state_of(engine, job_id)
+    job = job_row(engine, job_id)
     assert job.state == "failed" and job.last_error == "gave up after 3 attempts: GPU out of memory"
     [failure] = jm.recent_failures()
     assert failure["job_id"] == job_id and "GPU out of memory" in failure["reason"]
@@ -187,7 +178,7 @@ def test_permanent_failure_fails_at_once(jm: JobManager, engine: Engine) -> None
     job_id, _ = enqueue(jm)
     jm.claim("w1")
     assert jm.fail(job_id, "pixel data cannot be decoded", retryable=False) is JobState.FAILED
-    assert state_of(engine, job_id).last_error == "pixel data cannot be decoded"
+    assert job_row(engine, job_id).last_error == "pixel data cannot be decoded"
     assert jm.counts()["failed"] == 1
 
 
@@ -232,7 +223,7 @@ def test_a_job_that_kills_every_worker_ends_failed(jm: JobManager, clock: Clock,
         assert len(jm.claim("w")) == 1
         clock.advance(61)
         jm.reclaim_stalled()
-    job = state_of(engine, job_id)
+    job = job_row(engine, job_id)
     assert job.state == "failed" and "stopped responding 3 times" in (job.last_error or "")
 
 
