@@ -109,7 +109,7 @@ def _model_only(pipeline: Any, n: int, repeats: int, with_cam: bool) -> float:
     The networks run exactly as the pipeline runs them: stage 1 in fp32, stage 2 under the pipeline's
     autocast, both outputs read back to the host.
     """
-    from inference.explain import cam_forward
+    from inference.explain import explain_forward
 
     b = pipeline.bundle
     x1 = pipeline._tensor([np.random.rand(b.segmenter_size, b.segmenter_size).astype(np.float32)] * n)
@@ -118,9 +118,9 @@ def _model_only(pipeline: Any, n: int, repeats: int, with_cam: bool) -> float:
     def once() -> None:
         pipeline._stage1(x1)
         if with_cam:
-            cam_forward(
+            explain_forward(
                 pipeline.classifier,
-                pipeline.target_layer,
+                pipeline.target_layers,
                 x2,
                 pipeline.covid_index,
                 pipeline.cam,

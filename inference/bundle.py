@@ -4,7 +4,10 @@ Layout of a bundle directory::
 
     model.json                  # the card (see REQUIRED_KEYS), validated on load
     segmenter.safetensors       # stage 1 state_dict (float32 or float16)
-    classifier.safetensors      # stage 2 state_dict
+    classifier.safetensors      # stage 2 state_dict (float32, float16, or int8 with per-channel scales)
+
+Stage 2 may be an ensemble of several networks of one architecture (``architectures.classifier_members``,
+1 when absent): the mean of their logits answers, their heatmaps are averaged (``inference.explain``).
 
 The card records the SHA-256 of both weight files, so a bundle changed in place fails to load:
 new weights always mean a new bundle with a new version and a new device UID
@@ -28,7 +31,7 @@ from pydicom.uid import generate_uid
 from torch import nn
 
 from dicom_node.errors import ModelBundleError
-from inference.models.classifiers import CLASSIFIERS, build_classifier
+from inference.models.classifiers import CLASSIFIERS, MAX_MEMBERS, build_stage2
 from inference.models.segmentation import SEGMENTERS, SIZE_MULTIPLE, build_segmenter
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,9 @@ CALLER_KEYS = (
     "training_data",
     "metrics",
 )
+# In an int8 weights file every quantised tensor ``k`` has its float32 scales (one per output channel) in
+# ``k + INT8_SCALE``: value = int8 * scale.
+INT8_SCALE = "::int8_scale"
 _UID_RE = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))+$")  # DICOM UI value
 _VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")
 
@@ -113,6 +119,10 @@ def validate_card(card: Any, path: Path) -> dict[str, Any]:
         size = sizes.get(stage)
         if not isinstance(size, int) or isinstance(size, bool) or not 32 <= size <= 1024:
             raise _fail(path, f"key 'input_sizes.{stage}' must be an integer from 32 to 1024; got {size!r}")
+    members = arch.get("classifier_members", 1)
+    if not isinstance(members, int) or isinstance(members, bool) or not 1 <= members <= MAX_MEMBERS:
+        raise _fail(path, "key 'architectures.classifier_members' must be an integer from 1 to "
+                    f"{MAX_MEMBERS}; got {members!r}")
     if sizes["segmenter"] % SIZE_MULTIPLE:
         raise _fail(path, f"key 'input_sizes.segmenter' must be a multiple of {SIZE_MULTIPLE}")
     norm = card["normalisation"]
@@ -150,6 +160,7 @@ def _load_weights(path: Path, stage: str, model: nn.Module, expected_sha: str) -
         state = load_file(str(file), device="cpu")
     except (SafetensorError, OSError) as exc:
         raise _fail(path, f"{WEIGHT_FILES[stage]} cannot be read as safetensors: {exc}") from exc
+    state = _dequantize(state, path, WEIGHT_FILES[stage])
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -167,6 +178,29 @@ def _load_weights(path: Path, stage: str, model: nn.Module, expected_sha: str) -
         if not torch.isfinite(tensor.float()).all():
             raise _fail(path, f"{WEIGHT_FILES[stage]}: '{key}' holds NaN or infinite values")
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+
+
+def _dequantize(state: dict[str, torch.Tensor], path: Path, name: str) -> dict[str, torch.Tensor]:
+    """Replace every int8 tensor and its ``INT8_SCALE`` partner by the float32 tensor they encode."""
+    scales = {k[: -len(INT8_SCALE)]: v for k, v in state.items() if k.endswith(INT8_SCALE)}
+    out = {k: v for k, v in state.items() if not k.endswith(INT8_SCALE)}
+    for key, tensor in out.items():
+        if tensor.dtype == torch.int8 and key not in scales:
+            raise _fail(path, f"{name}: int8 tensor '{key}' has no scales '{key}{INT8_SCALE}'")
+    for key, scale in scales.items():
+        q = out.get(key)
+        if q is None or q.dtype != torch.int8 or q.ndim < 1 or tuple(scale.shape) != (q.shape[0],):
+            raise _fail(path, f"{name}: scales '{key}{INT8_SCALE}' do not fit an int8 tensor '{key}'")
+        out[key] = q.float() * scale.float().view(-1, *([1] * (q.ndim - 1)))
+    return out
+
+
+def quantize_int8(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 with one float32 scale per output channel (dim 0): (values, scales)."""
+    w = tensor.detach().float().reshape(tensor.shape[0], -1)
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(1e-12)
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q.reshape(tensor.shape).contiguous(), scale.contiguous()
 
 
 @dataclass
@@ -206,7 +240,11 @@ class ModelBundle:
             raise _fail(path, f"{CARD_FILE} is not valid JSON: {exc}") from exc
         validate_card(card, path)
         segmenter = build_segmenter(card["architectures"]["segmenter"])
-        classifier = build_classifier(card["architectures"]["classifier"], num_classes=len(TARGETS))
+        classifier = build_stage2(
+            card["architectures"]["classifier"],
+            card["architectures"].get("classifier_members", 1),
+            num_classes=len(TARGETS),
+        )
         _load_weights(path, "segmenter", segmenter, card["files"][WEIGHT_FILES["segmenter"]])
         _load_weights(path, "classifier", classifier, card["files"][WEIGHT_FILES["classifier"]])
         log.info(
@@ -223,20 +261,30 @@ class ModelBundle:
     targets = property(lambda self: list(self.card["targets"]), doc="Class names in logit order.")
     segmenter_arch = property(lambda self: str(self.card["architectures"]["segmenter"]))
     classifier_arch = property(lambda self: str(self.card["architectures"]["classifier"]))
+    classifier_members = property(
+        lambda self: int(self.card["architectures"].get("classifier_members", 1)),
+        doc="Networks in stage 2 (more than 1: an ensemble averaging their logits).",
+    )
     segmenter_size = property(lambda self: int(self.card["input_sizes"]["segmenter"]))
     classifier_size = property(lambda self: int(self.card["input_sizes"]["classifier"]))
     mean = property(lambda self: float(self.card["normalisation"]["mean"]))
     std = property(lambda self: float(self.card["normalisation"]["std"]))
 
 
-def _save_weights(model: nn.Module, file: Path, half: bool, arch: str) -> str:
+def _save_weights(model: nn.Module, file: Path, half: bool, arch: str, int8: bool = False) -> str:
     from safetensors.torch import save_file
 
     state = {}
     for k, v in model.state_dict().items():
         v = v.detach().to("cpu").contiguous()
-        state[k] = v.half() if half and v.is_floating_point() else v
-    save_file(state, str(file), metadata={"format": "pt", "architecture": arch})
+        if int8 and v.is_floating_point() and v.ndim >= 2:
+            state[k], state[k + INT8_SCALE] = quantize_int8(v)
+        else:
+            state[k] = v.half() if (half or int8) and v.is_floating_point() else v
+    meta = {"format": "pt", "architecture": arch}
+    if int8:
+        meta["quantization"] = "int8 per output channel (convolution and linear weights), float16 otherwise"
+    save_file(state, str(file), metadata=meta)
     return _sha256(file)
 
 
@@ -247,12 +295,15 @@ def create_bundle(
     classifier: nn.Module,
     card: dict[str, Any],
     half: bool = False,
+    int8_classifier: bool = False,
 ) -> Path:
     """Write a new bundle and return its path (after loading it back as a check).
 
     ``card`` supplies the keys in ``CALLER_KEYS``; ``format_version``, ``created``, ``files`` and a
     fresh ``device_uid`` are always assigned here (a value given for them is replaced), so every
-    bundle gets its own device UID. ``half`` stores floating weights as float16 (loaded as float32).
+    bundle gets its own device UID. ``half`` stores floating weights as float16 (loaded as float32);
+    ``int8_classifier`` stores stage 2's convolution and linear weights as int8 with one scale per output
+    channel (a quarter of float32; what lets an ensemble of larger networks fit a small bundle).
     ``out_dir`` must not exist or be empty: a bundle never changes in place.
     """
     out = Path(out_dir)
@@ -278,7 +329,11 @@ def create_bundle(
         segmenter, out / WEIGHT_FILES["segmenter"], half, full["architectures"]["segmenter"]
     )
     full["files"][WEIGHT_FILES["classifier"]] = _save_weights(
-        classifier, out / WEIGHT_FILES["classifier"], half, full["architectures"]["classifier"]
+        classifier,
+        out / WEIGHT_FILES["classifier"],
+        half,
+        full["architectures"]["classifier"],
+        int8=int8_classifier,
     )
     tmp = out / (CARD_FILE + ".tmp")
     tmp.write_text(json.dumps(full, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -321,25 +376,32 @@ def make_random_bundle(
     fit_segmenter_steps: int = 0,
     seed: int = 0,
     fit_device: str = "cpu",
+    members: int = 1,
+    int8_classifier: bool = False,
 ) -> Path:
     """A bundle with random weights, for tests and benchmarks (never for patients).
 
     With ``fit_segmenter_steps`` > 0 stage 1 is first fitted for that many Adam steps to synthetic
     phantoms (``inference.phantom``), so that the pipeline finds two lungs on phantoms and runs
-    stage 2 and Grad-CAM as it would with a trained model.
+    stage 2 and Grad-CAM as it would with a trained model. ``members`` > 1 makes stage 2 an ensemble;
+    ``int8_classifier`` stores it as int8 (see :func:`create_bundle`).
     """
     torch.manual_seed(seed)
     segmenter = build_segmenter(seg_arch)
-    classifier = build_classifier(cls_arch)
+    classifier = build_stage2(cls_arch, members)
     if fit_segmenter_steps > 0:
         fit_segmenter_to_phantoms(segmenter, seg_size, fit_segmenter_steps, seed=seed, device=fit_device)
     card = random_card(seg_arch, cls_arch, seg_size, cls_size, version, crop_mode)
+    if members > 1:
+        card["architectures"]["classifier_members"] = members
     if fit_segmenter_steps > 0:
         card["training_data"] = {
             "description": f"stage 1 fitted for {fit_segmenter_steps} steps to "
             "synthetic phantoms; stage 2 random"
         }
-    return create_bundle(out_dir, segmenter=segmenter, classifier=classifier, card=card)
+    return create_bundle(
+        out_dir, segmenter=segmenter, classifier=classifier, card=card, int8_classifier=int8_classifier
+    )
 
 
 def fit_segmenter_to_phantoms(

@@ -8,14 +8,17 @@ stage 2 runs once per batch.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import numpy as np
 import torch
 from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
+from pytorch_grad_cam.utils.image import scale_cam_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
+
+from inference.models.classifiers import members_of
 
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
 
@@ -75,6 +78,38 @@ def cam_forward(
         handle.remove()
         model.zero_grad(set_to_none=True)
     return np.asarray(maps, dtype=np.float32), logits, (marks[0] if marks else t0) - t0
+
+
+def explain_forward(
+    model: nn.Module,
+    target_layers: Sequence[nn.Module],
+    x: torch.Tensor,
+    target_index: int,
+    method: str = "gradcam++",
+    autocast_dtype: torch.dtype | None = None,
+    sync: Callable[[], None] | None = None,
+) -> tuple[np.ndarray, torch.Tensor, float]:
+    """:func:`cam_forward` for one network or a ``ClassifierEnsemble`` (``target_layers``: one per member).
+
+    An ensemble is explained member by member: its logits are the mean of the members' logits (as its
+    forward computes them) and its heatmap the mean of the members' min-max scaled heatmaps, scaled again,
+    which is how pytorch-grad-cam joins the maps of several target layers.
+    """
+    members = members_of(model)
+    if len(target_layers) != len(members):
+        raise ValueError(
+            f'Argument "target_layers" must hold one layer per member ({len(members)}); '
+            f"got {len(target_layers)}."
+        )
+    if len(members) == 1:
+        return cam_forward(model, target_layers[0], x, target_index, method, autocast_dtype, sync)
+    parts = [
+        cam_forward(m, layer, x, target_index, method, autocast_dtype, sync)
+        for m, layer in zip(members, target_layers, strict=True)
+    ]
+    maps = scale_cam_image(np.mean([p[0] for p in parts], axis=0))
+    logits = torch.stack([p[1] for p in parts]).mean(dim=0)
+    return np.asarray(maps, dtype=np.float32), logits, sum(p[2] for p in parts)
 
 
 def lung_attention(heatmap: np.ndarray, lung_mask: np.ndarray) -> float | None:

@@ -38,8 +38,8 @@ from inference import gpu_preprocess as gp
 from inference import imaging, preprocess
 from inference.batch import Work, by_shape, heatmap_at_source, make_result, mask_at_source
 from inference.bundle import ModelBundle
-from inference.explain import CAM_METHODS, attention_ratio, cam_forward, lung_attention
-from inference.models.classifiers import cam_layers
+from inference.explain import CAM_METHODS, attention_ratio, explain_forward, lung_attention
+from inference.models.classifiers import cam_targets
 from inference.types import Finding, MapFactory, Result, XrayImage
 
 log = logging.getLogger(__name__)
@@ -121,15 +121,16 @@ class Pipeline:
         if self.device.type == "cuda":
             self.segmenter.to(memory_format=torch.channels_last)
             self.classifier.to(memory_format=torch.channels_last)
-        self.target_layer, grad_layer = cam_layers(bundle.classifier_arch, self.classifier)
+        self.target_layers, grad_layers = cam_targets(bundle.classifier_arch, self.classifier)
         # Gradients are needed only from the CAM's target layer onwards: freeze everything else so
         # the backward pass covers just the network's head.
         for p in self.segmenter.parameters():
             p.requires_grad_(False)
         for p in self.classifier.parameters():
             p.requires_grad_(False)
-        for p in grad_layer.parameters():
-            p.requires_grad_(True)
+        for layer in grad_layers:
+            for p in layer.parameters():
+                p.requires_grad_(True)
         log.info(
             "pipeline ready",
             extra={
@@ -363,8 +364,8 @@ class Pipeline:
         t0 = time.perf_counter()
         cams: np.ndarray | None = None
         if explain:
-            cams, logits, t_fwd = cam_forward(
-                self.classifier, self.target_layer, x, self.covid_index, self.cam, self.amp_dtype,
+            cams, logits, t_fwd = explain_forward(
+                self.classifier, self.target_layers, x, self.covid_index, self.cam, self.amp_dtype,
                 sync=self._sync,
             )
         else:

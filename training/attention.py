@@ -20,27 +20,30 @@ def lung_attention_scores(model: nn.Module, arch: str, x: torch.Tensor, masks: t
                           method: str = "gradcam++", batch_size: int = 16) -> np.ndarray:
     """Lung attention per image (nan where the CAM is empty) for uint8 inputs ``x`` and bool ``masks``.
 
+    ``model`` is one network or a ``ClassifierEnsemble`` of ``arch`` networks.
     ``masks`` are lung masks in the same frame and size as ``x`` (N, 1, S, S). Needs pytorch-grad-cam
     (imported here, not at module import, so training runs where it is absent until this is asked for).
     """
-    from inference.explain import cam_forward, lung_attention
-    from inference.models.classifiers import cam_layers
+    from inference.explain import explain_forward, lung_attention
+    from inference.models.classifiers import cam_targets, members_of
 
     if x.shape[0] != masks.shape[0] or x.shape[-2:] != masks.shape[-2:]:
         raise ValueError('Arguments "x" and "masks" must have the same number and size of images.')
     model.eval().to(device)
-    layer, grad_layer = cam_layers(arch, model)
+    layers, grad_layers = cam_targets(arch, model)
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in grad_layer.parameters():
-        p.requires_grad_(True)
+    for layer in grad_layers:
+        for p in layer.parameters():
+            p.requires_grad_(True)
     out = []
-    hooks = protect_inplace_relu(model)  # DenseNet's in-place ReLU after ``features`` would break backward
+    # DenseNet's in-place ReLU after ``features`` would break backward
+    hooks = [h for member in members_of(model) for h in protect_inplace_relu(member)]
     try:
         for i in range(0, x.shape[0], batch_size):
             xb = as_input(x[i:i + batch_size].to(device), 1, mean, std).requires_grad_(True)
-            maps = cam_forward(model, layer, xb, 1, method,
-                               torch.bfloat16 if device.type == "cuda" else None)[0]
+            maps = explain_forward(model, layers, xb, 1, method,
+                                   torch.bfloat16 if device.type == "cuda" else None)[0]
             for j, cam in enumerate(maps):
                 m = masks[i + j, 0].cpu().numpy().astype(bool)
                 a = lung_attention(cam, m)

@@ -9,7 +9,7 @@ response to a grey image repeated three times at a third of the first layer's co
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from torchvision import models as tvm
 log = logging.getLogger(__name__)
 
 CLASSIFIERS = ("densenet121", "resnet18", "mobilenet_v2")
+MAX_MEMBERS = 8  # the most networks one stage 2 ensemble may hold
 
 
 def _grey_conv(conv: nn.Conv2d) -> nn.Conv2d:
@@ -149,6 +150,48 @@ def load_torchvision_checkpoint(model: nn.Module, name: str, checkpoint: str | P
         "classifier initialised from checkpoint",
         extra={"action": "classifier_checkpoint", "architecture": name, "path": str(path)},
     )
+
+
+class ClassifierEnsemble(nn.Module):
+    """Several stage 2 networks of one architecture answering as one: the mean of their logits.
+
+    The members are trained apart (different seeds); averaging their logits lowers the variance of the
+    answer that a single network trained on a few hundred images carries. Its state_dict keys are
+    ``members.<i>.<the member's key>``.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not 2 <= len(members) <= MAX_MEMBERS:
+            raise ValueError(f'Argument "members" must hold 2 to {MAX_MEMBERS} networks; got {len(members)}.')
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
+def build_stage2(name: str, members: int = 1, num_classes: int = 2) -> nn.Module:
+    """A stage 2 network (``members`` = 1) or a :class:`ClassifierEnsemble` of ``members`` of them."""
+    if not isinstance(members, int) or isinstance(members, bool) or not 1 <= members <= MAX_MEMBERS:
+        raise ValueError(f'Argument "members" must be an integer from 1 to {MAX_MEMBERS}; got {members!r}.')
+    if members == 1:
+        return build_classifier(name, num_classes)
+    return ClassifierEnsemble([build_classifier(name, num_classes) for _ in range(members)])
+
+
+def members_of(model: nn.Module) -> list[nn.Module]:
+    """The single networks inside ``model``: its members for an ensemble, else ``[model]``."""
+    return list(model.members) if isinstance(model, ClassifierEnsemble) else [model]
+
+
+def cam_targets(name: str, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """:func:`cam_layers` of every member of ``model`` (one network or an ensemble): (targets, grad layers).
+
+    pytorch-grad-cam given several target layers averages their normalised maps, so an ensemble's heatmap
+    is the mean of its members' heatmaps.
+    """
+    pairs = [cam_layers(name, m) for m in members_of(model)]
+    return [t for t, _ in pairs], [g for _, g in pairs]
 
 
 def cam_layers(name: str, model: nn.Module) -> tuple[nn.Module, nn.Module]:

@@ -15,13 +15,15 @@ from safetensors.torch import save_file
 from dicom_node.errors import ModelBundleError
 from inference.bundle import (
     CARD_FILE,
+    INT8_SCALE,
     ModelBundle,
     _sha256,
     create_bundle,
     default_bundle_path,
+    quantize_int8,
     random_card,
 )
-from inference.models.classifiers import build_classifier
+from inference.models.classifiers import ClassifierEnsemble, build_classifier, build_stage2
 from inference.models.segmentation import build_segmenter
 
 pytestmark = pytest.mark.unit
@@ -55,6 +57,36 @@ def test_half_precision_weights_load_as_float32(tmp_path: Path) -> None:
     assert torch.allclose(w, cls.fc.weight, atol=1e-3)
     n_floats = sum(p.numel() for p in cls.parameters())
     assert (path / "classifier.safetensors").stat().st_size < 0.6 * 4 * n_floats
+
+
+def test_int8_ensemble_round_trip_answers_like_the_float_networks(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    seg, cls = build_segmenter("unet"), build_stage2("resnet18", 3).eval()
+    card = random_card("unet", "resnet18", 64, 64, "2.0.0")
+    card["architectures"]["classifier_members"] = 3
+    path = create_bundle(tmp_path / "e", segmenter=seg, classifier=cls, card=card, int8_classifier=True)
+    bundle = ModelBundle.load(path)
+    assert bundle.classifier_members == 3 and isinstance(bundle.classifier, ClassifierEnsemble)
+    x = torch.randn(4, 1, 64, 64)
+    with torch.inference_mode():
+        p_float = torch.softmax(cls(x), 1)
+        p_loaded = torch.softmax(bundle.classifier(x), 1)
+        single = [torch.softmax(m(x), 1) for m in cls.members]
+    assert (p_loaded - p_float).abs().max() < 0.02
+    # the members answer differently, so agreeing with their mean is not agreeing with any one of them
+    assert max(float((s - p_float).abs().max()) for s in single) > 0.02
+    n_weights = sum(p.numel() for p in cls.parameters())
+    assert (path / "classifier.safetensors").stat().st_size < 1.2 * n_weights  # about one byte per weight
+
+
+def test_int8_quantisation_error_is_bounded_per_channel() -> None:
+    w = torch.randn(8, 3, 3, 3) * torch.logspace(-3, 1, 8).view(8, 1, 1, 1)
+    q, scale = quantize_int8(w)
+    assert q.dtype == torch.int8 and scale.shape == (8,)
+    back = q.float() * scale.view(8, 1, 1, 1)
+    # every channel keeps its own range: the error is at most half a step of that channel
+    assert ((back - w).abs().amax(dim=(1, 2, 3)) <= scale / 2 + 1e-9).all()
+    assert q.abs().max() == 127
 
 
 def test_every_bundle_gets_a_new_device_uid(tmp_path: Path, tiny_bundle: Path) -> None:
@@ -149,6 +181,19 @@ def _extra_key() -> dict[str, torch.Tensor]:
     return {**_state("mobilenet_v2"), "extra.weight": torch.zeros(1)}
 
 
+def _int8_without_scale() -> dict[str, torch.Tensor]:
+    state = _state("mobilenet_v2")
+    state["classifier.1.weight"] = quantize_int8(state["classifier.1.weight"])[0]
+    return state
+
+
+def _int8_wrong_scale() -> dict[str, torch.Tensor]:
+    state = _state("mobilenet_v2")
+    state["classifier.1.weight"] = quantize_int8(state["classifier.1.weight"])[0]
+    state["classifier.1.weight" + INT8_SCALE] = torch.ones(3)
+    return state
+
+
 LOADER_ERRORS: list[tuple[str, Callable[[Path], None], str]] = [
     ("no card", lambda p: (p / CARD_FILE).unlink(), "missing model.json"),
     ("bad json", lambda p: (p / CARD_FILE).write_text("{not json"), "not valid JSON"),
@@ -182,6 +227,13 @@ LOADER_ERRORS: list[tuple[str, Callable[[Path], None], str]] = [
     ("missing weight", _replace_weights("classifier", _missing_key()), "missing key(s) classifier.1.bias"),
     ("unexpected weight", _replace_weights("classifier", _extra_key()), "unexpected key(s) extra.weight"),
     ("nan", _replace_weights("classifier", _nan()), "NaN"),
+    ("int8 without scales", _replace_weights("classifier", _int8_without_scale()),
+     "int8 tensor 'classifier.1.weight' has no scales"),
+    ("int8 wrong scales", _replace_weights("classifier", _int8_wrong_scale()), "do not fit an int8 tensor"),
+    ("members", _edit_card(architectures={"segmenter": "unet", "classifier": "mobilenet_v2",
+                                          "classifier_members": 0}), "classifier_members"),
+    ("members of one", _edit_card(architectures={"segmenter": "unet", "classifier": "mobilenet_v2",
+                                                 "classifier_members": 2}), "missing key(s) members.0"),
 ]
 
 

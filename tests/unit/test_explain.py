@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from inference.explain import CAM_METHODS, cam_forward, jet, lung_attention, overlay
-from inference.models.classifiers import CLASSIFIERS, build_classifier, cam_layers
+from inference.explain import CAM_METHODS, cam_forward, explain_forward, jet, lung_attention, overlay
+from inference.models.classifiers import CLASSIFIERS, build_classifier, build_stage2, cam_layers, cam_targets
 
 pytestmark = pytest.mark.unit
 
@@ -44,6 +44,33 @@ def test_cam_shapes_and_same_logits_as_plain_forward(name: str, method: str) -> 
         assert torch.allclose(model(x), logits, atol=1e-5)
     assert _hook_count(model) == 0
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "densenet121"])
+def test_ensemble_heatmap_is_the_mean_of_its_members(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_stage2(name, 3).eval()
+    targets, grad_layers = cam_targets(name, model)
+    assert len(targets) == 3 and len({id(t) for t in targets}) == 3
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in grad_layers:
+        for p in layer.parameters():
+            p.requires_grad_(True)
+    x = torch.randn(2, 1, 64, 64)
+    maps, logits, _ = explain_forward(model, targets, x, 1, "gradcam++")
+    with torch.inference_mode():
+        assert torch.allclose(model(x), logits, atol=1e-5)
+    parts = [cam_forward(m, t, x, 1, "gradcam++")[0] for m, t in zip(model.members, targets, strict=True)]
+    mean = np.mean(parts, axis=0)
+    mean = mean - mean.min(axis=(1, 2), keepdims=True)
+    expected = mean / (mean.max(axis=(1, 2), keepdims=True) + 1e-7)
+    assert maps.shape == (2, 64, 64)
+    assert np.allclose(maps, expected, atol=1e-5)
+    assert not np.allclose(parts[0], parts[1], atol=0.05)  # the members do look at different places
+    assert _hook_count(model) == 0
+    with pytest.raises(ValueError, match="one layer per member"):
+        explain_forward(model, targets[:2], x, 1)
 
 
 def test_cam_rejects_bad_arguments() -> None:

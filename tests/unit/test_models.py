@@ -8,7 +8,14 @@ import pytest
 import torch
 from torchvision import models as tvm
 
-from inference.models.classifiers import CLASSIFIERS, build_classifier, cam_layers
+from inference.models.classifiers import (
+    CLASSIFIERS,
+    ClassifierEnsemble,
+    build_classifier,
+    build_stage2,
+    cam_layers,
+    members_of,
+)
 from inference.models.segmentation import (
     SEGMENTERS,
     LungVAE,
@@ -100,6 +107,24 @@ def test_classifier_forward_and_cam_layers(name: str) -> None:
     target, grad_layer = cam_layers(name, model)
     assert any(m is target for m in model.modules())
     assert list(grad_layer.parameters())
+
+
+def test_ensemble_answers_the_mean_of_its_members_logits() -> None:
+    torch.manual_seed(0)
+    model = build_stage2("mobilenet_v2", 3).eval()
+    assert isinstance(model, ClassifierEnsemble) and len(members_of(model)) == 3
+    x = torch.randn(2, 1, 64, 64)
+    with torch.inference_mode():
+        logits = [m(x) for m in model.members]
+        assert torch.allclose(model(x), (logits[0] + logits[1] + logits[2]) / 3, atol=1e-6)
+    assert all(k.startswith("members.") for k in model.state_dict())
+    single = build_stage2("mobilenet_v2")
+    assert members_of(single) == [single] and not isinstance(single, ClassifierEnsemble)
+    for bad in (0, 9, True, 1.5):
+        with pytest.raises(ValueError, match='"members"'):
+            build_stage2("mobilenet_v2", bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match='"members"'):
+        ClassifierEnsemble([single])
 
 
 def test_classifier_from_local_torchvision_checkpoint(tmp_path: Path) -> None:

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from dicom_node.errors import ModelBundleError
-from inference.bundle import CARD_FILE, default_bundle_path
+from inference.bundle import CARD_FILE, default_bundle_path, make_random_bundle
 from inference.imaging import load_dicom, lung_box
 from inference.phantom import make_dicom, make_phantom
 from inference.pipeline import Pipeline
 from inference.types import XrayImage
+from tests.fixtures.models import PHANTOM_FIT_STEPS
 
 pytestmark = pytest.mark.unit
 
@@ -76,6 +77,25 @@ def test_whole_image_mode(phantom_bundle_whole: Path) -> None:
         assert r.lung_attention is not None and 0.0 <= r.lung_attention <= 1.0
     else:  # no evidence for covid19 anywhere: attention is undefined, not 0
         assert r.lung_attention is None
+
+
+def test_an_int8_ensemble_bundle_runs_with_and_without_explanations(tmp_path: Path) -> None:
+    path = make_random_bundle(tmp_path / "ens", cls_arch="resnet18", seg_size=64, cls_size=64,
+                              crop_mode="whole", fit_segmenter_steps=PHANTOM_FIT_STEPS, members=2,
+                              int8_classifier=True)
+    p = Pipeline.from_bundle(path, device="cpu", cam="gradcam++")
+    try:
+        assert p.bundle.classifier_members == 2 and len(p.target_layers) == 2
+        images = [_phantom(shape, seed=20 + i)[0] for i, shape in enumerate(SHAPES)]
+        explained, plain = p.run(images), p.run(images, explain=False)
+    finally:
+        p.close()
+    assert all(r.probability is not None for r in explained), [r.reason for r in explained]
+    for a, b in zip(explained, plain, strict=True):
+        # the explained path averages the members' logits itself; the plain path runs the ensemble's forward
+        assert a.probability == pytest.approx(b.probability, abs=1e-5)
+        assert a.heatmap is not None and a.heatmap.shape == a.lung_mask.shape and b.heatmap is None
+        assert a.lung_attention is None or 0.0 <= a.lung_attention <= 1.0
 
 
 def test_not_assessable_reasons_come_through_in_order(pipeline: Pipeline) -> None:
