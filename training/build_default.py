@@ -103,7 +103,9 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                   modes: tuple[str, ...] = MODES, labels: Path | None = None, split_file: Path | None = None,
                   base_bundle: Path | None = None, fine_tune: bool = False,
                   samples: list[Sample] | None = None, attention_weight: float = 1.0,
-                  min_attention: float = 0.7, reference: Path | None = None) -> dict[str, Any]:
+                  min_attention: float = 0.7, reference: Path | None = None,
+                  member_bundles: tuple[Path, ...] = (), ensemble: int = 0,
+                  int8_classifier: bool = False) -> dict[str, Any]:
     """Run every step (see the module docstring) and return the results dict (also in ``results.json``).
 
     ``seg_archs=()`` takes stage 1 from ``base_bundle`` instead of training it (its input size wins);
@@ -113,8 +115,20 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     ``attention_weight`` > 0 trains stage 2 with the lung-attention penalty (``training.loops.fit``).
     ``reference`` is the ``results.json`` of an earlier run on the same split: its configurations are listed
     in the report beside this run's (marked, not candidates); its split counts must equal this run's.
+    ``member_bundles`` are bundles trained earlier on the same split (other seeds): their classifiers join
+    this run's configurations as candidates (named with their seed). ``ensemble`` >= 2 adds, per architecture
+    and mode, the ensemble of its ``ensemble`` best candidates by validation ROC AUC as one more candidate.
+    Fine-tuning an ensemble base trains each member from its own weights and re-forms the ensemble.
+    ``int8_classifier`` stores stage 2 as int8 in the bundle (an ensemble of ResNet18s fits 40 MB so).
     """
-    from inference.models.classifiers import build_classifier, cam_layers
+    from inference.models.classifiers import (
+        MAX_MEMBERS,
+        ClassifierEnsemble,
+        build_classifier,
+        build_stage2,
+        cam_layers,
+        members_of,
+    )
     from inference.models.segmentation import build_segmenter
 
     cam_missing = preflight()
@@ -124,6 +138,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     for m in modes:
         if m not in MODES:
             raise ValueError(f'Argument "modes": {m!r} is not one of {MODES}.')
+    if ensemble and not 2 <= ensemble <= MAX_MEMBERS:
+        raise ValueError(f'Argument "ensemble" must be 0 or from 2 to {MAX_MEMBERS}; got {ensemble}.')
     base = None
     if base_bundle is not None or not seg_archs or not archs or fine_tune:
         from inference.bundle import ModelBundle
@@ -158,6 +174,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                                "seed": seed, "target_sensitivity": target_sensitivity}
     if reference is not None:  # checked before any training: a wrong file stops the run now
         results["reference_configs"] = _reference_configs(reference, results["split"])
+    added = _member_bundles(member_bundles, results["split"])  # likewise checked before training
     seg_val = seg_sets["val"] if len(seg_sets["val"]) else seg_sets["train"]
     best_seg: tuple[str, torch.nn.Module] | None = None
     best_seg_score = -1.0
@@ -197,55 +214,80 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     y = {side: cls_sets[side].y for side in SIDES}
     configs: dict[str, dict[str, Any]] = {}
     models: dict[str, torch.nn.Module] = {}
-    plan = [(a, m, True) for a in archs for m in modes]
+    tagged = bool(added)  # several seeds of one configuration: names carry the seed
+    # (arch, mode, train, initial weights, seed, name, checkpoint file)
+    plan: list[tuple[str, str, bool, torch.nn.Module | None, int, str, str]] = []
+    for a in archs:
+        for m in modes:
+            inits = members_of(base.classifier) if fine_tune and base is not None else [None]
+            for i, init in enumerate(inits):
+                many = len(inits) > 1  # fine-tuning an ensemble: each member from its own weights
+                plan.append((a, m, True, init, seed + i,
+                             f"{a}/{m}" + (f" member {i + 1}" if many else "")
+                             + (f" seed {seed + i}" if tagged else ""),
+                             f"stage2_{a}_{m}" + (f"_m{i + 1}" if many else "") + ".pt"))
+            if len(inits) > 1:
+                ensemble = max(ensemble, len(inits))
     if not archs:  # stage 1 only: the base model's classifier, re-thresholded on the new crops
         assert base is not None
-        plan = [(base.classifier_arch, base.crop_mode, False)]
-    for arch, mode, train in plan:
-        name = f"{arch}/{mode}"
+        plan = [(base.classifier_arch, base.crop_mode, False, base.classifier, seed,
+                 f"{base.classifier_arch}/{base.crop_mode}", "")]
+    for arch, mode, train, init, run_seed, name, ckpt in plan:
         with timer.step(f"stage 2 {name}"):
-            model = build_classifier(arch)
-            if fine_tune or not train:
-                assert base is not None
-                if arch != base.classifier_arch:
+            if init is not None:
+                if arch != base.classifier_arch:  # type: ignore[union-attr]
                     raise ValueError(f"fine-tuning needs the base model's architecture "
-                                     f"{base.classifier_arch}, not {arch}")
-                model.load_state_dict(base.classifier.state_dict())
+                                     f"{base.classifier_arch}, not {arch}")  # type: ignore[union-attr]
+                model = build_stage2(arch, len(members_of(init)))
+                model.load_state_dict(init.state_dict())
                 model.float()
-            cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=seed,
+            else:
+                model = build_classifier(arch)
+            cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=run_seed,
                             max_steps=max_steps, attention_weight=attention_weight)
             r = fit(model, (_inputs(mode, cls_sets["train"], crops["train"]), y["train"]),
                     (_inputs(mode, cls_sets["val"], crops["val"]), y["val"]), kind="classification",
-                    config=cfg, device=dev, checkpoint=out / "checkpoints" / f"stage2_{arch}_{mode}.pt",
+                    config=cfg, device=dev, checkpoint=out / "checkpoints" / ckpt,
                     resume=resume, name=name, train_masks=_masks(mode, crops["train"]),
                     cam_layer=cam_layers(arch, model)[0]) if train else FitResult({}, math.nan, -1)
-            p = {side: predict(model, _inputs(mode, cls_sets[side], crops[side]),
-                               kind="classification", device=dev, mean=cfg.mean, std=cfg.std).numpy()
-                 for side in ("val", "test")}
-            p_centre = predict(model, _inputs(mode, test_centre, crops_centre), kind="classification",
-                               device=dev, mean=cfg.mean, std=cfg.std).numpy()
-            thr = _threshold(y["val"].numpy(), p["val"], target_sensitivity)
-            configs[name] = {
-                "arch": arch, "mode": mode, "best_epoch": r.best_epoch, "seconds": round(r.seconds, 1),
-                "epochs_run": len(r.history), "threshold": thr,
-                "val": binary_metrics(y["val"].numpy(), p["val"], thr),
-                "test": binary_metrics(y["test"].numpy(), p["test"], thr),
-                "test_shape_normalised": binary_metrics(y["test"].numpy(), p_centre, thr),
-                "prob_test": p["test"].tolist(),
-            }
+            configs[name] = _candidate(model, arch, mode, cls_sets, crops, test_centre, crops_centre, dev,
+                                       target_sensitivity, cam_missing, cfg.mean, cfg.std)
+            configs[name].update({"best_epoch": r.best_epoch, "seconds": round(r.seconds, 1),
+                                  "epochs_run": len(r.history), "seed": run_seed})
+            if " member " in name:  # a member of a fine-tuned ensemble is shipped only within it
+                configs[name]["ensemble_member"] = True
             models[name] = model.cpu()
-            c = configs[name]
-            if not cam_missing:
-                c["val_attention"] = _attention_summary(model, arch, mode, cls_sets["val"], crops["val"], dev)
-            att = c.get("val_attention", {}).get("positives", {}).get("median", math.nan)
-            say(f"stage 2 {name}: val AUC {c['val']['roc_auc']:.3f}, val lung attention (positives, median) "
-                f"{att:.3f}, test AUC {c['test']['roc_auc']:.3f}, test acc {c['test']['accuracy']:.3f}")
+            _say_candidate(say, name, configs[name])
+    for b in added:
+        name = f"{b.classifier_arch}/{b.crop_mode} seed {b.card['training_data'].get('seed')}"
+        with timer.step(f"stage 2 {name} (from {b.path})"):
+            configs[name] = _candidate(b.classifier, b.classifier_arch, b.crop_mode, cls_sets, crops,
+                                       test_centre, crops_centre, dev, target_sensitivity, cam_missing,
+                                       b.mean, b.std)
+            configs[name].update({"from": str(b.path), "seed": b.card["training_data"].get("seed")})
+            models[name] = b.classifier.cpu()
+            _say_candidate(say, name, configs[name])
+    if ensemble:
+        for (arch, mode), names in _groups(configs).items():
+            if len(names) < ensemble:
+                continue
+            top = sorted(names, key=lambda k: -_nan0(configs[k]["val"]["roc_auc"]))[:ensemble]
+            name = f"{arch}/{mode} ensemble of {ensemble}"
+            with timer.step(f"stage 2 {name}"):
+                model = ClassifierEnsemble([models[k] for k in top])
+                configs[name] = _candidate(model, arch, mode, cls_sets, crops, test_centre, crops_centre, dev,
+                                           target_sensitivity, cam_missing, FitConfig.mean, FitConfig.std)
+                configs[name]["members"] = top
+                models[name] = model.cpu()
+                _say_candidate(say, name, configs[name])
     chosen = _choose(configs, min_attention)
     say(f"chosen on validation: {chosen}")
-    results["configs"] = {k: {kk: vv for kk, vv in v.items() if kk != "prob_test"}
+    results["configs"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("prob_test", "prob_val")}
                           for k, v in configs.items()}
     results["chosen"] = chosen
     results["selection"] = {"min_attention": min_attention, "attention_weight": attention_weight}
+    if ensemble:
+        results["selection"]["ensemble"] = ensemble
     if reference is not None:
         results["selection"]["reference"] = str(reference)
     with timer.step("test metrics, per source, lung attention"):
@@ -266,7 +308,11 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     with timer.step("bundle"):
         results["bundle"] = str(_write_bundle(out / "bundle", segmenter, seg_arch, models[chosen], c, results,
                                               seg_size=seg_size, cls_size=cls_size, version=version,
-                                              cls_samples=cls))
+                                              cls_samples=cls, int8=int8_classifier))
+        results["bundle_check"] = _bundle_check(Path(results["bundle"]), c, cls_sets["val"], crops["val"],
+                                                dev)
+        say(f"bundle: validation probabilities within {results['bundle_check']['max_abs_diff_val']:.4f} of "
+            "the trained network's")
     results["timings_s"] = timer.steps
     write_json(out / "results.json", results)
     write_build_report(out, results)
@@ -325,12 +371,69 @@ def _masks(mode: str, crops: LungCrops) -> torch.Tensor:
 def _choose(configs: dict[str, dict[str, Any]], min_attention: float) -> str:
     """The configuration to ship, from validation figures only: the best validation ROC AUC among those whose
     median lung attention on validation positives reaches ``min_attention``, or among all when none does (or
-    when attention was not measured). A tie goes to lung mode."""
+    when attention was not measured). A tie goes to lung mode. The members of a fine-tuned ensemble are not
+    candidates alone: the ensemble they form is."""
     def attention(k: str) -> float:
         return _nan0(configs[k].get("val_attention", {}).get("positives", {}).get("median"))
 
-    pool = [k for k in configs if attention(k) >= min_attention] or list(configs)
+    eligible = [k for k in configs if not configs[k].get("ensemble_member")] or list(configs)
+    pool = [k for k in eligible if attention(k) >= min_attention] or eligible
     return max(pool, key=lambda k: (_nan0(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"))
+
+
+def _groups(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    """Single-network configurations by (architecture, mode)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for name, c in configs.items():
+        if "members" not in c:
+            out.setdefault((c["arch"], c["mode"]), []).append(name)
+    return out
+
+
+def _member_bundles(paths: tuple[Path, ...], split: dict[str, Any]) -> list[Any]:
+    """Load bundles whose classifiers join the candidates; each must be one network trained on this split."""
+    from inference.bundle import ModelBundle
+
+    out = []
+    for path in paths:
+        b = ModelBundle.load(path)
+        if _plain(b.card.get("training_data", {}).get("split_counts")) != _plain(split):
+            raise ValueError(f"bundle {path} was trained on another split "
+                             f"({b.card.get('training_data', {}).get('split_counts')}, here {split}); "
+                             "pass the split it was trained on with --split")
+        if b.classifier_members != 1:
+            raise ValueError(f"bundle {path} holds an ensemble; give the bundles of its members instead")
+        out.append(b)
+    return out
+
+
+def _candidate(model: torch.nn.Module, arch: str, mode: str, cls_sets: dict[str, ImageSet],
+               crops: dict[str, LungCrops], test_centre: ImageSet, crops_centre: LungCrops, dev: torch.device,
+               target_sensitivity: float, cam_missing: str, mean: float, std: float) -> dict[str, Any]:
+    """One candidate stage 2 on validation and test: threshold (validation), metrics, lung attention."""
+    y = {side: cls_sets[side].y.numpy() for side in SIDES}
+    p = {side: predict(model, _inputs(mode, cls_sets[side], crops[side]), kind="classification",
+                       device=dev, mean=mean, std=std).numpy() for side in ("val", "test")}
+    p_centre = predict(model, _inputs(mode, test_centre, crops_centre), kind="classification", device=dev,
+                       mean=mean, std=std).numpy()
+    thr = _threshold(y["val"], p["val"], target_sensitivity)
+    c: dict[str, Any] = {
+        "arch": arch, "mode": mode, "threshold": thr,
+        "val": binary_metrics(y["val"], p["val"], thr),
+        "test": binary_metrics(y["test"], p["test"], thr),
+        "test_shape_normalised": binary_metrics(y["test"], p_centre, thr),
+        "prob_test": p["test"].tolist(),
+        "prob_val": p["val"].tolist(),
+    }
+    if not cam_missing:
+        c["val_attention"] = _attention_summary(model, arch, mode, cls_sets["val"], crops["val"], dev)
+    return c
+
+
+def _say_candidate(say: Callable[[str], None], name: str, c: dict[str, Any]) -> None:
+    att = c.get("val_attention", {}).get("positives", {}).get("median", math.nan)
+    say(f"stage 2 {name}: val AUC {c['val']['roc_auc']:.3f}, val lung attention (positives, median) "
+        f"{att:.3f}, test AUC {c['test']['roc_auc']:.3f}, test acc {c['test']['accuracy']:.3f}")
 
 
 def _attention_summary(model: torch.nn.Module, arch: str, mode: str, images: ImageSet, crops: LungCrops,
@@ -364,14 +467,17 @@ def _attention(configs: dict[str, dict[str, Any]], models: dict[str, torch.nn.Mo
 
 def _write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifier: torch.nn.Module,
                   chosen: dict[str, Any], results: dict[str, Any], *, seg_size: int, cls_size: int,
-                  version: str, cls_samples: list[Sample]) -> Path:
+                  version: str, cls_samples: list[Sample], int8: bool = False) -> Path:
     from inference.bundle import TARGETS, create_bundle
+    from inference.models.classifiers import members_of
 
     by_source = Counter(f"{s.source}/{s.label}" for s in cls_samples)
     card = {
         "name": "cxr-node-covid19",
         "version": version,
-        "architectures": {"segmenter": seg_arch, "classifier": chosen["arch"]},
+        "architectures": {"segmenter": seg_arch, "classifier": chosen["arch"],
+                          **({"classifier_members": len(members_of(classifier))}
+                             if len(members_of(classifier)) > 1 else {})},
         "input_sizes": {"segmenter": seg_size, "classifier": cls_size},
         "normalisation": {"mean": 0.5, "std": 0.25},
         "targets": list(TARGETS),
@@ -382,11 +488,17 @@ def _write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classif
                            "patient-level split 7:2:1, stratified by label and source",
             "images_by_source_label": dict(sorted(by_source.items())),
             "split_counts": results["split"], "seed": results["seed"],
-            "selection": "best validation ROC AUC over architecture x {whole, lung} among configurations "
+            "selection": "best validation ROC AUC over architecture x {whole, lung}"
+                         + (f" and ensembles of the {results['selection']['ensemble']} best networks of one "
+                            "architecture and mode" if results["selection"].get("ensemble") else "")
+                         + " among configurations "
                          f"with median lung attention >= {results['selection']['min_attention']} on "
                          "validation positives (all when none); threshold on validation for sensitivity >= "
                          f"{results['target_sensitivity']}",
             "lung_attention_weight": results["selection"]["attention_weight"],
+            **({"ensemble_members": {k: {"seed": results["configs"][k].get("seed"),
+                                         "val_roc_auc": results["configs"][k]["val"]["roc_auc"]}
+                                     for k in chosen["members"]}} if "members" in chosen else {}),
         },
         "metrics": {k: results[k] for k in ("test", "per_source", "test_shape_normalised", "stage1",
                                              "lung_attention") if k in results},
@@ -395,7 +507,22 @@ def _write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classif
     card["metrics"]["lung_attention"] = attention.get(results["chosen"], attention)
     card["metrics"]["baselines"] = {k: v["test_at_0.5"] for k, v in results.get("baselines", {}).items()}
     return create_bundle(path, segmenter=segmenter.cpu().float(), classifier=classifier.cpu().float(),
-                         card=_plain(card), half=True)
+                         card=_plain(card), half=True, int8_classifier=int8)
+
+
+def _bundle_check(path: Path, chosen: dict[str, Any], images: ImageSet, crops: LungCrops,
+                  dev: torch.device) -> dict[str, Any]:
+    """The written bundle's stage 2 (fp16 or int8 weights) against the trained network, on validation."""
+    from inference.bundle import ModelBundle
+
+    b = ModelBundle.load(path)
+    p = predict(b.classifier, _inputs(chosen["mode"], images, crops), kind="classification", device=dev,
+                mean=b.mean, std=b.std).numpy()
+    ref = np.asarray(chosen["prob_val"])
+    diff = np.abs(p - ref) if len(ref) else np.zeros(0)
+    return {"max_abs_diff_val": float(diff.max()) if len(diff) else 0.0,
+            "same_decisions_val": float(((p >= chosen["threshold"]) == (ref >= chosen["threshold"])).mean())
+            if len(ref) else 1.0}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -425,6 +552,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="median lung attention on validation positives a configuration needs to be preferred")
     p.add_argument("--reference", type=Path, default=None,
                    help="results.json of an earlier run on the same split, listed beside this run's")
+    p.add_argument("--add-bundles", default="",
+                   help="comma-separated bundles trained earlier on the same split (other seeds) whose "
+                        "classifiers join the candidates")
+    p.add_argument("--ensemble", type=int, default=0,
+                   help="also consider, per architecture and mode, the ensemble of its N best candidates")
+    p.add_argument("--int8", action="store_true", help="store stage 2 in the bundle as int8 (per channel)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 batches per epoch, small sizes")
     args = p.parse_args(argv)
@@ -440,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
                   modes=tuple(m for m in args.modes.split(",") if m), base_bundle=args.base_bundle,
                   split_file=args.split, attention_weight=args.attention_weight,
                   min_attention=args.min_attention, reference=args.reference,
+                  member_bundles=tuple(Path(b) for b in args.add_bundles.split(",") if b),
+                  ensemble=args.ensemble, int8_classifier=args.int8,
                   say=lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush()) and None)
     return 0
 

@@ -128,6 +128,10 @@ def _selection_text(results: Mapping[str, Any]) -> str:
         text += (" Stage 2 was trained with a lung-attention penalty (weight "
                  f"{fmt(sel['attention_weight'], 2)}): the share of Grad-CAM++ mass outside the lung mask is "
                  "added to the loss.")
+    if sel.get("ensemble"):
+        text += (" Candidates include, per architecture and mode, the ensemble of its "
+                 f"{sel['ensemble']} best networks by validation ROC AUC (seeds of one configuration; the "
+                 "mean of their logits answers, their Grad-CAM++ maps are averaged).")
     if sel.get("reference"):
         text += (f" Rows marked (reference run) come from `{sel['reference']}`, trained on the same split "
                  "without the penalty; they are shown for comparison and were not candidates.")

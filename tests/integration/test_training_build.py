@@ -122,3 +122,69 @@ def test_a_reference_from_another_split_is_refused_before_training(built: tuple[
               "--archs", "resnet18", "--seg-archs", "", "--base-bundle", str(out / "bundle"),
               "--reference", str(other)])
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, dict],
+                                                             tmp_path: Path) -> None:
+    from inference.bundle import ModelBundle
+    from training.build_default import main
+
+    out, first = built
+    mode = first["configs"][first["chosen"]]["mode"]
+    rc = main(["--data", str(out.parent / "data"), "--out", str(tmp_path / "ens"), "--device", "cpu",
+               "--quick", "--epochs-cls", "1", "--archs", "mobilenet_v2", "--modes", mode, "--seg-archs", "",
+               "--base-bundle", str(out / "bundle"), "--split", str(out / "split.json"), "--seed", "1",
+               "--attention-weight", "0", "--add-bundles", str(out / "bundle"), "--ensemble", "2", "--int8"])
+    assert rc == 0
+    results = json.loads((tmp_path / "ens" / "results.json").read_text())
+    one, zero, ens = (f"mobilenet_v2/{mode} seed 1", f"mobilenet_v2/{mode} seed 0",
+                      f"mobilenet_v2/{mode} ensemble of 2")
+    assert set(results["configs"]) == {one, zero, ens}
+    assert sorted(results["configs"][ens]["members"]) == sorted([one, zero])
+    assert results["configs"][zero]["from"] == str(out / "bundle")
+    assert results["configs"][zero]["seed"] == 0 and results["configs"][one]["seed"] == 1
+    assert results["selection"]["ensemble"] == 2
+    bundle = ModelBundle.load(tmp_path / "ens" / "bundle")
+    assert bundle.classifier_members == (2 if results["chosen"] == ens else 1)
+    assert results["bundle_check"]["max_abs_diff_val"] < 0.05  # int8 weights answer like the trained ones
+    # (decisions may flip here: after two steps every probability sits at the threshold)
+    assert 0.0 <= results["bundle_check"]["same_decisions_val"] <= 1.0
+    assert "ensemble of its 2 best networks" in (tmp_path / "ens" / "report.md").read_text()
+
+
+def test_members_from_another_split_are_refused_before_training(built: tuple[Path, dict],
+                                                                tmp_path: Path) -> None:
+    from inference.bundle import make_random_bundle
+    from training.build_default import main
+
+    out, _ = built
+    other = make_random_bundle(tmp_path / "other", seg_size=64, cls_size=64)
+    with pytest.raises(ValueError, match="another split"):
+        main(["--data", str(out.parent / "data"), "--out", str(tmp_path / "x"), "--device", "cpu", "--quick",
+              "--archs", "mobilenet_v2", "--seg-archs", "", "--base-bundle", str(out / "bundle"),
+              "--split", str(out / "split.json"), "--add-bundles", str(other), "--ensemble", "2"])
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_fine_tuning_an_ensemble_trains_each_member_and_ships_the_ensemble(built: tuple[Path, dict],
+                                                                          tmp_path: Path) -> None:
+    from inference.bundle import ModelBundle, make_random_bundle
+    from training.build_default import build_default
+
+    out, _ = built
+    base = make_random_bundle(tmp_path / "base", seg_size=64, cls_size=64, crop_mode="whole", members=2,
+                              int8_classifier=True)
+    results = build_default(out.parent / "data", tmp_path / "ft", device="cpu", quick=True, epochs_cls=1,
+                            archs=("mobilenet_v2",), modes=("whole",), seg_archs=(), base_bundle=base,
+                            fine_tune=True, split_file=out / "split.json", attention_weight=0.0,
+                            int8_classifier=True)
+    names = {"mobilenet_v2/whole member 1", "mobilenet_v2/whole member 2", "mobilenet_v2/whole ensemble of 2"}
+    assert set(results["configs"]) == names
+    assert results["chosen"] == "mobilenet_v2/whole ensemble of 2"
+    assert [results["configs"][f"mobilenet_v2/whole member {i}"]["seed"] for i in (1, 2)] == [0, 1]
+    assert sorted((tmp_path / "ft" / "checkpoints").iterdir()) == [
+        tmp_path / "ft" / "checkpoints" / f"stage2_mobilenet_v2_whole_m{i}.pt" for i in (1, 2)]
+    bundle = ModelBundle.load(tmp_path / "ft" / "bundle")
+    assert bundle.classifier_members == 2
+    members = bundle.card["training_data"]["ensemble_members"]
+    assert set(members) == names - {"mobilenet_v2/whole ensemble of 2"}
