@@ -35,7 +35,9 @@ def test_readme_results_are_the_generated_ones() -> None:
 def test_card_metrics_match_the_training_results() -> None:
     card = ModelBundle.load(default_bundle_path()).card
     results = json.loads((default_bundle_path() / "results.json").read_text())
-    chosen = results["chosen"]
-    assert card["architectures"]["classifier"] == chosen.split("/")[0]
-    assert card["crop_mode"] == chosen.split("/")[1]
-    assert card["threshold"] == pytest.approx(results["configs"][chosen]["threshold"])
+    chosen = results["configs"][results["chosen"]]
+    assert card["architectures"]["classifier"] == chosen.get("arch", results["chosen"].split("/")[0])
+    assert card["crop_mode"] == chosen.get("mode", results["chosen"].split("/")[1])
+    assert card["architectures"].get("classifier_members", 1) == len(chosen.get("members", [None]))
+    assert card["threshold"] == pytest.approx(chosen["threshold"])
+    assert card["metrics"]["test"]["roc_auc"] == pytest.approx(results["test"]["roc_auc"])
