@@ -103,7 +103,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                   modes: tuple[str, ...] = MODES, labels: Path | None = None, split_file: Path | None = None,
                   base_bundle: Path | None = None, fine_tune: bool = False,
                   samples: list[Sample] | None = None, attention_weight: float = 1.0,
-                  min_attention: float = 0.7, reference: Path | None = None,
+                  min_attention: float = 0.7, reference: Path | tuple[Path, ...] | None = None,
                   member_bundles: tuple[Path, ...] = (), ensemble: int = 0,
                   int8_classifier: bool = False) -> dict[str, Any]:
     """Run every step (see the module docstring) and return the results dict (also in ``results.json``).
@@ -113,8 +113,9 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     ``fine_tune=True`` starts stage 2 from ``base_bundle``'s classifier (same architecture and size).
     ``samples`` replaces reading ``data`` (+ ``labels``); ``split_file`` reuses a saved split.
     ``attention_weight`` > 0 trains stage 2 with the lung-attention penalty (``training.loops.fit``).
-    ``reference`` is the ``results.json`` of an earlier run on the same split: its configurations are listed
-    in the report beside this run's (marked, not candidates); its split counts must equal this run's.
+    ``reference`` is the ``results.json`` of an earlier run on the same split, or several: their
+    configurations are listed in the report beside this run's (marked with the run, not candidates); their
+    split counts must equal this run's.
     ``member_bundles`` are bundles trained earlier on the same split (other seeds): their classifiers join
     this run's configurations as candidates (named with their seed). ``ensemble`` >= 2 adds, per architecture
     and mode, the ensemble of its ``ensemble`` best candidates by validation ROC AUC as one more candidate.
@@ -172,8 +173,9 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
         f"segmentation: { {k: len(v) for k, v in seg_sets.items()} }")
     results: dict[str, Any] = {"data": str(data), "device": str(dev), "split": split.counts,
                                "seed": seed, "target_sensitivity": target_sensitivity}
-    if reference is not None:  # checked before any training: a wrong file stops the run now
-        results["reference_configs"] = _reference_configs(reference, results["split"])
+    references = (reference,) if isinstance(reference, str | Path) else tuple(reference or ())
+    if references:  # checked before any training: a wrong file stops the run now
+        results["reference_configs"], runs = _reference_configs(references, results["split"])
     added = _member_bundles(member_bundles, results["split"])  # likewise checked before training
     seg_val = seg_sets["val"] if len(seg_sets["val"]) else seg_sets["train"]
     best_seg: tuple[str, torch.nn.Module] | None = None
@@ -288,8 +290,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     results["selection"] = {"min_attention": min_attention, "attention_weight": attention_weight}
     if ensemble:
         results["selection"]["ensemble"] = ensemble
-    if reference is not None:
-        results["selection"]["reference"] = str(reference)
+    if references:
+        results["selection"]["references"] = runs
     with timer.step("test metrics, per source, lung attention"):
         c = configs[chosen]
         yt, pt = y["test"].numpy(), np.asarray(c["prob_test"])
@@ -350,18 +352,29 @@ def _threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
     return float(min(max(thr, 1e-4), 1 - 1e-4))  # the bundle needs 0 < threshold < 1
 
 
-def _reference_configs(path: Path, split: dict[str, Any]) -> dict[str, Any]:
-    """The configurations of an earlier run's ``results.json``, checked to come from a split like this one."""
+def _reference_configs(paths: tuple[Path, ...], split: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
+    """The configurations of earlier runs' ``results.json``, checked to come from a split like this one.
+
+    Returns them keyed ``"<name> (<label> run)"`` with their ``run`` label (the file name without ``build-``
+    and ``-results.json``), and one line per run: path, label and the lung-attention penalty weight it used.
+    """
     import json
 
-    ref = json.loads(Path(path).read_text())
-    if _plain(ref.get("split")) != _plain(split):
-        raise ValueError(f"reference {path} was made on another split ({ref.get('split')}, here {split}); "
-                         "pass the same --split")
-    configs = {k: v for k, v in ref.get("configs", {}).items() if isinstance(v, dict) and "test" in v}
-    if not configs:
-        raise ValueError(f"reference {path} lists no configurations")
-    return configs
+    configs: dict[str, Any] = {}
+    runs = []
+    for path in paths:
+        ref = json.loads(Path(path).read_text())
+        if _plain(ref.get("split")) != _plain(split):
+            raise ValueError(f"reference {path} was made on another split ({ref.get('split')}, "
+                             f"here {split}); pass the same --split")
+        label = Path(path).name.removesuffix(".json").removesuffix("-results").removeprefix("build-")
+        found = {k: v for k, v in ref.get("configs", {}).items() if isinstance(v, dict) and "test" in v}
+        if not found:
+            raise ValueError(f"reference {path} lists no configurations")
+        configs.update({f"{k} ({label} run)": {**v, "run": label} for k, v in found.items()})
+        runs.append({"path": str(path), "label": label,
+                     "attention_weight": ref.get("selection", {}).get("attention_weight", 0.0)})
+    return configs, runs
 
 
 def _masks(mode: str, crops: LungCrops) -> torch.Tensor:
@@ -550,8 +563,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="weight of the lung-attention penalty in stage 2's loss (0: off)")
     p.add_argument("--min-attention", type=float, default=0.7,
                    help="median lung attention on validation positives a configuration needs to be preferred")
-    p.add_argument("--reference", type=Path, default=None,
-                   help="results.json of an earlier run on the same split, listed beside this run's")
+    p.add_argument("--reference", type=Path, action="append", default=None,
+                   help="results.json of an earlier run on the same split, listed beside this run's "
+                        "(repeatable)")
     p.add_argument("--add-bundles", default="",
                    help="comma-separated bundles trained earlier on the same split (other seeds) whose "
                         "classifiers join the candidates")
@@ -572,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                   resume=args.resume, version=args.version,
                   modes=tuple(m for m in args.modes.split(",") if m), base_bundle=args.base_bundle,
                   split_file=args.split, attention_weight=args.attention_weight,
-                  min_attention=args.min_attention, reference=args.reference,
+                  min_attention=args.min_attention, reference=tuple(args.reference or ()),
                   member_bundles=tuple(Path(b) for b in args.add_bundles.split(",") if b),
                   ensemble=args.ensemble, int8_classifier=args.int8,
                   say=lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush()) and None)

@@ -98,8 +98,9 @@ def comparison_markdown(configs: Mapping[str, Mapping[str, Any]], chosen: str,
     for r in rows:
         if r["configuration"] == chosen:
             r["configuration"] = f"**{chosen}** (chosen)"
-    for r in _comparison_rows(reference or {}, "test"):
-        rows.append({**r, "configuration": f"{r['configuration']} (reference run)"})
+    reference = reference or {}
+    for (name, c), r in zip(reference.items(), _comparison_rows(reference, "test"), strict=True):
+        rows.append({**r, "configuration": name if "run" in c else f"{name} (reference run)"})
     if any(r["val_attention"] is not None for r in rows):
         cols.insert(2, ("val_attention", "val lung attention (covid, median)"))
     return table(rows, cols)
@@ -135,6 +136,12 @@ def _selection_text(results: Mapping[str, Any]) -> str:
     if sel.get("reference"):
         text += (f" Rows marked (reference run) come from `{sel['reference']}`, trained on the same split "
                  "without the penalty; they are shown for comparison and were not candidates.")
+    if sel.get("references"):
+        runs = "; ".join(f"({r['label']} run): `{r['path']}`, "
+                         + (f"penalty weight {fmt(r['attention_weight'], 2)}" if r.get("attention_weight")
+                            else "without the penalty") for r in sel["references"])
+        text += (" Rows marked with an earlier run come from that run on the same split; they are shown for "
+                 f"comparison and were not candidates here. {runs}.")
     return text
 
 

@@ -96,13 +96,14 @@ def test_attention_penalty_build_with_a_reference_run(built: tuple[Path, dict], 
     assert rc == 0
     results = json.loads((tmp_path / "guided" / "results.json").read_text())
     assert set(results["configs"]) == {"resnet18/whole"} and results["chosen"] == "resnet18/whole"
-    assert results["selection"] == {"min_attention": 0.7, "attention_weight": 1.0,
-                                    "reference": str(out / "results.json")}
-    assert results["reference_configs"].keys() == first["configs"].keys()
+    assert results["selection"] == {"min_attention": 0.7, "attention_weight": 1.0, "references": [
+        {"path": str(out / "results.json"), "label": "results", "attention_weight": 1.0}]}
+    assert results["reference_configs"].keys() == {f"{k} (results run)" for k in first["configs"]}
     assert 0.0 <= results["configs"]["resnet18/whole"]["val_attention"]["positives"]["median"] <= 1.0
     assert results["stage1"]["by_arch"]["unet"]["from"] == str(out / "bundle")
     report = (tmp_path / "guided" / "report.md").read_text()
-    assert "mobilenet_v2/lung (reference run)" in report and "lung-attention penalty (weight 1.00)" in report
+    assert "mobilenet_v2/lung (results run)" in report and "lung-attention penalty (weight 1.00)" in report
+    assert f"(results run): `{out / 'results.json'}`, penalty weight 1.00" in report
     assert "val lung attention (covid, median)" in report
     from inference.bundle import ModelBundle
 
