@@ -120,7 +120,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     this run's configurations as candidates (named with their seed). ``ensemble`` >= 2 adds, per architecture
     and mode, the ensemble of its ``ensemble`` best candidates by validation ROC AUC as one more candidate.
     Fine-tuning an ensemble base trains each member from its own weights and re-forms the ensemble.
-    ``int8_classifier`` stores stage 2 as int8 in the bundle (an ensemble of ResNet18s fits 40 MB so).
+    ``int8_classifier`` stores a chosen ensemble as int8 in the bundle (three ResNet18s fit 40 MB so); a
+    single network stays float16.
     """
     from inference.models.classifiers import (
         MAX_MEMBERS,
@@ -310,7 +311,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     with timer.step("bundle"):
         results["bundle"] = str(_write_bundle(out / "bundle", segmenter, seg_arch, models[chosen], c, results,
                                               seg_size=seg_size, cls_size=cls_size, version=version,
-                                              cls_samples=cls, int8=int8_classifier))
+                                              cls_samples=cls,
+                                              int8=int8_classifier and len(members_of(models[chosen])) > 1))
         results["bundle_check"] = _bundle_check(Path(results["bundle"]), c, cls_sets["val"], crops["val"],
                                                 dev)
         say(f"bundle: validation probabilities within {results['bundle_check']['max_abs_diff_val']:.4f} of "
@@ -571,7 +573,8 @@ def main(argv: list[str] | None = None) -> int:
                         "classifiers join the candidates")
     p.add_argument("--ensemble", type=int, default=0,
                    help="also consider, per architecture and mode, the ensemble of its N best candidates")
-    p.add_argument("--int8", action="store_true", help="store stage 2 in the bundle as int8 (per channel)")
+    p.add_argument("--int8-ensembles", action="store_true",
+                   help="store a chosen ensemble as int8 (per channel); a single network stays float16")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")
     p.add_argument("--quick", action="store_true", help="smoke run: 2 batches per epoch, small sizes")
     args = p.parse_args(argv)
@@ -588,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
                   split_file=args.split, attention_weight=args.attention_weight,
                   min_attention=args.min_attention, reference=tuple(args.reference or ()),
                   member_bundles=tuple(Path(b) for b in args.add_bundles.split(",") if b),
-                  ensemble=args.ensemble, int8_classifier=args.int8,
+                  ensemble=args.ensemble, int8_classifier=args.int8_ensembles,
                   say=lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush()) and None)
     return 0
 

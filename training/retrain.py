@@ -170,7 +170,7 @@ def retrain_once(settings: Any, *, engine: Any = None, device: str | None = None
             Path(settings.storage.data_dir), run_dir, samples=samples, device=device, seg_archs=(),
             archs=(base.classifier_arch,), modes=(base.crop_mode,), base_bundle=Path(cur["path"]),
             fine_tune=True, epochs_cls=settings.retrain.epochs, lr=lr, seed=seed, quick=quick,
-            version=version, cls_size=base.classifier_size, int8_classifier=base.classifier_members > 1)
+            version=version, cls_size=base.classifier_size, int8_classifier=True)
         models_dir = Path(settings.storage.data_dir) / "models"
         models_dir.mkdir(parents=True, exist_ok=True)
         bundle = Path(built["bundle"]).replace(models_dir / version)

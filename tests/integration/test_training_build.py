@@ -135,7 +135,8 @@ def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, 
     rc = main(["--data", str(out.parent / "data"), "--out", str(tmp_path / "ens"), "--device", "cpu",
                "--quick", "--epochs-cls", "1", "--archs", "mobilenet_v2", "--modes", mode, "--seg-archs", "",
                "--base-bundle", str(out / "bundle"), "--split", str(out / "split.json"), "--seed", "1",
-               "--attention-weight", "0", "--add-bundles", str(out / "bundle"), "--ensemble", "2", "--int8"])
+               "--attention-weight", "0", "--add-bundles", str(out / "bundle"), "--ensemble", "2",
+               "--int8-ensembles"])
     assert rc == 0
     results = json.loads((tmp_path / "ens" / "results.json").read_text())
     one, zero, ens = (f"mobilenet_v2/{mode} seed 1", f"mobilenet_v2/{mode} seed 0",
@@ -147,7 +148,12 @@ def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, 
     assert results["selection"]["ensemble"] == 2
     bundle = ModelBundle.load(tmp_path / "ens" / "bundle")
     assert bundle.classifier_members == (2 if results["chosen"] == ens else 1)
-    assert results["bundle_check"]["max_abs_diff_val"] < 0.05  # int8 weights answer like the trained ones
+    # int8 (an ensemble) or float16 (one network) weights answer like the trained ones
+    assert results["bundle_check"]["max_abs_diff_val"] < 0.05
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "ens" / "bundle" / "classifier.safetensors"), "pt") as f:
+        assert ("quantization" in (f.metadata() or {})) == (results["chosen"] == ens)
     # (decisions may flip here: after two steps every probability sits at the threshold)
     assert 0.0 <= results["bundle_check"]["same_decisions_val"] <= 1.0
     assert "ensemble of its 2 best networks" in (tmp_path / "ens" / "report.md").read_text()
