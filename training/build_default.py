@@ -8,7 +8,9 @@ Steps, each printed with its time:
 2. stage 1 (``unet`` and ``lungvae``; the better on validation Dice is kept) on the segmentation rows of the
    training patients;
 3. lung masks for every classification image with that stage 1 (the pipeline's post-processing and crop);
-4. stage 2 for every architecture x {whole image, lung-segmented} on covid vs normal;
+4. stage 2 for every architecture x {whole image, lung-segmented} on covid vs normal; with ``--add-bundles``
+   the networks of earlier runs on the same split (other seeds) join them, and with ``--ensemble N`` so does
+   the ensemble of the N best networks of each architecture and mode;
 5. selection on validation: among the configurations whose median lung attention on validation positives
    reaches ``min_attention`` (all of them when none does), the best validation ROC AUC (a tie goes to lung
    mode); the operating threshold on validation for the target sensitivity;
