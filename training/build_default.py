@@ -44,15 +44,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.candidates import (
+    attention_summary,
+    choose,
+    load_member_bundles,
+    measure_candidate,
+    say_candidate,
+    single_groups,
+    sortable,
+    stage2_inputs,
+    stage2_masks,
+)
 from training.datasets import SIDES, Sample, load_data, load_split, patient_split, save_split
 from training.loops import FitConfig, FitResult, fit, pick_device, predict, seed_everything
 from training.metrics import (
-    binary_metrics,
     dice_iou,
     metrics_with_ci,
     per_group,
     summary,
-    threshold_for_sensitivity,
 )
 from training.report import _plain, write_build_report, write_json
 from training.tensors import ImageSet, LungCrops, build_image_set, lung_crops
@@ -91,10 +100,6 @@ def _seg_dice(segmenter: torch.nn.Module, images: ImageSet, device: torch.device
                  for i in range(len(images))), strict=True)
     return {"n": len(d), "dice_mean": float(np.mean(d)), "dice_median": float(np.median(d)),
             "iou_mean": float(np.mean(j)), "dice_p10": float(np.percentile(d, 10))}
-
-
-def _inputs(mode: str, images: ImageSet, crops: LungCrops) -> torch.Tensor:
-    return crops.crops if mode == "lung" else images.whole
 
 
 def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: int = 40, epochs_cls: int = 30,
@@ -179,7 +184,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     references = (reference,) if isinstance(reference, str | Path) else tuple(reference or ())
     if references:  # checked before any training: a wrong file stops the run now
         results["reference_configs"], runs = _reference_configs(references, results["split"])
-    added = _member_bundles(member_bundles, results["split"])  # likewise checked before training
+    added = load_member_bundles(member_bundles, results["split"])  # likewise checked before training
     seg_val = seg_sets["val"] if len(seg_sets["val"]) else seg_sets["train"]
     best_seg: tuple[str, torch.nn.Module] | None = None
     best_seg_score = -1.0
@@ -250,42 +255,43 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                 model = build_classifier(arch)
             cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=run_seed,
                             max_steps=max_steps, attention_weight=attention_weight)
-            r = fit(model, (_inputs(mode, cls_sets["train"], crops["train"]), y["train"]),
-                    (_inputs(mode, cls_sets["val"], crops["val"]), y["val"]), kind="classification",
+            r = fit(model, (stage2_inputs(mode, cls_sets["train"], crops["train"]), y["train"]),
+                    (stage2_inputs(mode, cls_sets["val"], crops["val"]), y["val"]), kind="classification",
                     config=cfg, device=dev, checkpoint=out / "checkpoints" / ckpt,
-                    resume=resume, name=name, train_masks=_masks(mode, crops["train"]),
+                    resume=resume, name=name, train_masks=stage2_masks(mode, crops["train"]),
                     cam_layer=cam_layers(arch, model)[0]) if train else FitResult({}, math.nan, -1)
-            configs[name] = _candidate(model, arch, mode, cls_sets, crops, test_centre, crops_centre, dev,
-                                       target_sensitivity, cam_missing, cfg.mean, cfg.std)
+            configs[name] = measure_candidate(model, arch, mode, cls_sets, crops, test_centre, crops_centre,
+                                              dev, target_sensitivity, cam_missing, cfg.mean, cfg.std)
             configs[name].update({"best_epoch": r.best_epoch, "seconds": round(r.seconds, 1),
                                   "epochs_run": len(r.history), "seed": run_seed})
             if " member " in name:  # a member of a fine-tuned ensemble is shipped only within it
                 configs[name]["ensemble_member"] = True
             models[name] = model.cpu()
-            _say_candidate(say, name, configs[name])
+            say_candidate(say, name, configs[name])
     for b in added:
         name = f"{b.classifier_arch}/{b.crop_mode} seed {b.card['training_data'].get('seed')}"
         with timer.step(f"stage 2 {name} (from {b.path})"):
-            configs[name] = _candidate(b.classifier, b.classifier_arch, b.crop_mode, cls_sets, crops,
-                                       test_centre, crops_centre, dev, target_sensitivity, cam_missing,
-                                       b.mean, b.std)
+            configs[name] = measure_candidate(b.classifier, b.classifier_arch, b.crop_mode, cls_sets, crops,
+                                              test_centre, crops_centre, dev, target_sensitivity, cam_missing,
+                                              b.mean, b.std)
             configs[name].update({"from": str(b.path), "seed": b.card["training_data"].get("seed")})
             models[name] = b.classifier.cpu()
-            _say_candidate(say, name, configs[name])
+            say_candidate(say, name, configs[name])
     if ensemble:
-        for (arch, mode), names in _groups(configs).items():
+        for (arch, mode), names in single_groups(configs).items():
             if len(names) < ensemble:
                 continue
-            top = sorted(names, key=lambda k: -_nan0(configs[k]["val"]["roc_auc"]))[:ensemble]
+            top = sorted(names, key=lambda k: -sortable(configs[k]["val"]["roc_auc"]))[:ensemble]
             name = f"{arch}/{mode} ensemble of {ensemble}"
             with timer.step(f"stage 2 {name}"):
                 model = ClassifierEnsemble([models[k] for k in top])
-                configs[name] = _candidate(model, arch, mode, cls_sets, crops, test_centre, crops_centre, dev,
-                                           target_sensitivity, cam_missing, FitConfig.mean, FitConfig.std)
+                configs[name] = measure_candidate(model, arch, mode, cls_sets, crops, test_centre,
+                                                  crops_centre, dev, target_sensitivity, cam_missing,
+                                                  FitConfig.mean, FitConfig.std)
                 configs[name]["members"] = top
                 models[name] = model.cpu()
-                _say_candidate(say, name, configs[name])
-    chosen = _choose(configs, min_attention)
+                say_candidate(say, name, configs[name])
+    chosen = choose(configs, min_attention)
     say(f"chosen on validation: {chosen}")
     results["configs"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("prob_test", "prob_val")}
                           for k, v in configs.items()}
@@ -347,15 +353,6 @@ def preflight() -> str:
     return ""
 
 
-def _nan0(v: float) -> float:
-    return -1.0 if v is None or not np.isfinite(v) else float(v)
-
-
-def _threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
-    thr = threshold_for_sensitivity(y, p, target) if (y == 1).any() else 0.5
-    return float(min(max(thr, 1e-4), 1 - 1e-4))  # the bundle needs 0 < threshold < 1
-
-
 def _reference_configs(paths: tuple[Path, ...], split: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
     """The configurations of earlier runs' ``results.json``, checked to come from a split like this one.
 
@@ -381,90 +378,6 @@ def _reference_configs(paths: tuple[Path, ...], split: dict[str, Any]) -> tuple[
     return configs, runs
 
 
-def _masks(mode: str, crops: LungCrops) -> torch.Tensor:
-    return crops.crop_masks if mode == "lung" else crops.whole_masks
-
-
-def _choose(configs: dict[str, dict[str, Any]], min_attention: float) -> str:
-    """The configuration to ship, from validation figures only: the best validation ROC AUC among those whose
-    median lung attention on validation positives reaches ``min_attention``, or among all when none does (or
-    when attention was not measured). A tie goes to lung mode. The members of a fine-tuned ensemble are not
-    candidates alone: the ensemble they form is."""
-    def attention(k: str) -> float:
-        return _nan0(configs[k].get("val_attention", {}).get("positives", {}).get("median"))
-
-    eligible = [k for k in configs if not configs[k].get("ensemble_member")] or list(configs)
-    pool = [k for k in eligible if attention(k) >= min_attention] or eligible
-    return max(pool, key=lambda k: (_nan0(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"))
-
-
-def _groups(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
-    """Single-network configurations by (architecture, mode)."""
-    out: dict[tuple[str, str], list[str]] = {}
-    for name, c in configs.items():
-        if "members" not in c:
-            out.setdefault((c["arch"], c["mode"]), []).append(name)
-    return out
-
-
-def _member_bundles(paths: tuple[Path, ...], split: dict[str, Any]) -> list[Any]:
-    """Load bundles whose classifiers join the candidates; each must be one network trained on this split."""
-    from inference.bundle import ModelBundle
-
-    out = []
-    for path in paths:
-        b = ModelBundle.load(path)
-        if _plain(b.card.get("training_data", {}).get("split_counts")) != _plain(split):
-            raise ValueError(f"bundle {path} was trained on another split "
-                             f"({b.card.get('training_data', {}).get('split_counts')}, here {split}); "
-                             "pass the split it was trained on with --split")
-        if b.classifier_members != 1:
-            raise ValueError(f"bundle {path} holds an ensemble; give the bundles of its members instead")
-        out.append(b)
-    return out
-
-
-def _candidate(model: torch.nn.Module, arch: str, mode: str, cls_sets: dict[str, ImageSet],
-               crops: dict[str, LungCrops], test_centre: ImageSet, crops_centre: LungCrops, dev: torch.device,
-               target_sensitivity: float, cam_missing: str, mean: float, std: float) -> dict[str, Any]:
-    """One candidate stage 2 on validation and test: threshold (validation), metrics, lung attention."""
-    y = {side: cls_sets[side].y.numpy() for side in SIDES}
-    p = {side: predict(model, _inputs(mode, cls_sets[side], crops[side]), kind="classification",
-                       device=dev, mean=mean, std=std).numpy() for side in ("val", "test")}
-    p_centre = predict(model, _inputs(mode, test_centre, crops_centre), kind="classification", device=dev,
-                       mean=mean, std=std).numpy()
-    thr = _threshold(y["val"], p["val"], target_sensitivity)
-    c: dict[str, Any] = {
-        "arch": arch, "mode": mode, "threshold": thr,
-        "val": binary_metrics(y["val"], p["val"], thr),
-        "test": binary_metrics(y["test"], p["test"], thr),
-        "test_shape_normalised": binary_metrics(y["test"], p_centre, thr),
-        "prob_test": p["test"].tolist(),
-        "prob_val": p["val"].tolist(),
-    }
-    if not cam_missing:
-        c["val_attention"] = _attention_summary(model, arch, mode, cls_sets["val"], crops["val"], dev)
-    return c
-
-
-def _say_candidate(say: Callable[[str], None], name: str, c: dict[str, Any]) -> None:
-    att = c.get("val_attention", {}).get("positives", {}).get("median", math.nan)
-    say(f"stage 2 {name}: val AUC {c['val']['roc_auc']:.3f}, val lung attention (positives, median) "
-        f"{att:.3f}, test AUC {c['test']['roc_auc']:.3f}, test acc {c['test']['accuracy']:.3f}")
-
-
-def _attention_summary(model: torch.nn.Module, arch: str, mode: str, images: ImageSet, crops: LungCrops,
-                       dev: torch.device) -> dict[str, Any]:
-    """Lung attention of one classifier on one side's images: all, positives and negatives."""
-    from training.attention import lung_attention_scores
-
-    a = lung_attention_scores(model, arch, _inputs(mode, images, crops), _masks(mode, crops), device=dev)
-    model.cpu()
-    y = images.y.numpy()
-    return {"all": summary(a.tolist()), "positives": summary(a[y == 1].tolist()),
-            "negatives": summary(a[y == 0].tolist())}
-
-
 def _centre_whole(images: ImageSet, size: int) -> torch.Tensor:
     from inference.preprocess import square_resize
     from training.tensors import centre_square, to_uint8
@@ -478,7 +391,7 @@ def _centre_whole(images: ImageSet, size: int) -> torch.Tensor:
 def _attention(configs: dict[str, dict[str, Any]], models: dict[str, torch.nn.Module], images: ImageSet,
                crops: LungCrops, dev: torch.device) -> dict[str, Any]:
     """Lung attention on the test images for every configuration (all images and positives only)."""
-    return {name: _attention_summary(models[name], c["arch"], c["mode"], images, crops, dev)
+    return {name: attention_summary(models[name], c["arch"], c["mode"], images, crops, dev)
             for name, c in configs.items()}
 
 
@@ -533,7 +446,7 @@ def _bundle_check(path: Path, chosen: dict[str, Any], images: ImageSet, crops: L
     from inference.bundle import ModelBundle
 
     b = ModelBundle.load(path)
-    p = predict(b.classifier, _inputs(chosen["mode"], images, crops), kind="classification", device=dev,
+    p = predict(b.classifier, stage2_inputs(chosen["mode"], images, crops), kind="classification", device=dev,
                 mean=b.mean, std=b.std).numpy()
     ref = np.asarray(chosen["prob_val"])
     diff = np.abs(p - ref) if len(ref) else np.zeros(0)

@@ -79,7 +79,7 @@ def test_attention_penalty_needs_masks_and_a_layer(phantoms: tuple) -> None:
 
 
 def test_selection_prefers_configurations_that_look_at_the_lungs() -> None:
-    from training.build_default import _choose
+    from training.candidates import choose as _choose
 
     def config(mode: str, auc: float, attention: float | None) -> dict:
         c: dict = {"mode": mode, "val": {"roc_auc": auc}}

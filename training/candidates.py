@@ -1,0 +1,124 @@
+"""Stage 2 candidates of a build: each measured on validation and test; the one to ship chosen on validation.
+
+A candidate is one trained network, a network of an earlier run on the same split (another seed), or an
+ensemble of the best of them; :func:`measure_candidate` measures each the same way, :func:`choose` picks from
+validation figures only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.datasets import SIDES
+from training.loops import predict
+from training.metrics import binary_metrics, summary, threshold_for_sensitivity
+from training.report import _plain
+from training.tensors import ImageSet, LungCrops
+
+
+def sortable(v: float | None) -> float:
+    """A score for sorting: -1 for None or NaN, so an unmeasured candidate is never preferred."""
+    return -1.0 if v is None or not np.isfinite(v) else float(v)
+
+
+def val_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
+    """The operating threshold for sensitivity ``target`` on labels ``y`` and probabilities ``p``."""
+    thr = threshold_for_sensitivity(y, p, target) if (y == 1).any() else 0.5
+    return float(min(max(thr, 1e-4), 1 - 1e-4))  # the bundle needs 0 < threshold < 1
+
+
+def stage2_inputs(mode: str, images: ImageSet, crops: LungCrops) -> torch.Tensor:
+    """Stage 2's input tensors for ``mode``: the lung crops, or the whole squared images."""
+    return crops.crops if mode == "lung" else images.whole
+
+
+def stage2_masks(mode: str, crops: LungCrops) -> torch.Tensor:
+    """The lung masks in the frame of :func:`stage2_inputs`."""
+    return crops.crop_masks if mode == "lung" else crops.whole_masks
+
+
+def choose(configs: dict[str, dict[str, Any]], min_attention: float) -> str:
+    """The configuration to ship, from validation figures only: the best validation ROC AUC among those whose
+    median lung attention on validation positives reaches ``min_attention``, or among all when none does (or
+    when attention was not measured). A tie goes to lung mode. The members of a fine-tuned ensemble are not
+    candidates alone: the ensemble they form is."""
+    def attention(k: str) -> float:
+        return sortable(configs[k].get("val_attention", {}).get("positives", {}).get("median"))
+
+    eligible = [k for k in configs if not configs[k].get("ensemble_member")] or list(configs)
+    pool = [k for k in eligible if attention(k) >= min_attention] or eligible
+    return max(pool, key=lambda k: (sortable(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"))
+
+
+def single_groups(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    """Single-network configurations by (architecture, mode)."""
+    out: dict[tuple[str, str], list[str]] = {}
+    for name, c in configs.items():
+        if "members" not in c:
+            out.setdefault((c["arch"], c["mode"]), []).append(name)
+    return out
+
+
+def load_member_bundles(paths: tuple[Path, ...], split: dict[str, Any]) -> list[Any]:
+    """Load bundles whose classifiers join the candidates; each must be one network trained on this split."""
+    from inference.bundle import ModelBundle
+
+    out = []
+    for path in paths:
+        b = ModelBundle.load(path)
+        if _plain(b.card.get("training_data", {}).get("split_counts")) != _plain(split):
+            raise ValueError(f"bundle {path} was trained on another split "
+                             f"({b.card.get('training_data', {}).get('split_counts')}, here {split}); "
+                             "pass the split it was trained on with --split")
+        if b.classifier_members != 1:
+            raise ValueError(f"bundle {path} holds an ensemble; give the bundles of its members instead")
+        out.append(b)
+    return out
+
+
+def measure_candidate(model: torch.nn.Module, arch: str, mode: str, cls_sets: dict[str, ImageSet],
+               crops: dict[str, LungCrops], test_centre: ImageSet, crops_centre: LungCrops, dev: torch.device,
+               target_sensitivity: float, cam_missing: str, mean: float, std: float) -> dict[str, Any]:
+    """One candidate stage 2 on validation and test: threshold (validation), metrics, lung attention."""
+    y = {side: cls_sets[side].y.numpy() for side in SIDES}
+    p = {side: predict(model, stage2_inputs(mode, cls_sets[side], crops[side]), kind="classification",
+                       device=dev, mean=mean, std=std).numpy() for side in ("val", "test")}
+    p_centre = predict(model, stage2_inputs(mode, test_centre, crops_centre), kind="classification",
+                       device=dev, mean=mean, std=std).numpy()
+    thr = val_threshold(y["val"], p["val"], target_sensitivity)
+    c: dict[str, Any] = {
+        "arch": arch, "mode": mode, "threshold": thr,
+        "val": binary_metrics(y["val"], p["val"], thr),
+        "test": binary_metrics(y["test"], p["test"], thr),
+        "test_shape_normalised": binary_metrics(y["test"], p_centre, thr),
+        "prob_test": p["test"].tolist(),
+        "prob_val": p["val"].tolist(),
+    }
+    if not cam_missing:
+        c["val_attention"] = attention_summary(model, arch, mode, cls_sets["val"], crops["val"], dev)
+    return c
+
+
+def say_candidate(say: Callable[[str], None], name: str, c: dict[str, Any]) -> None:
+    att = c.get("val_attention", {}).get("positives", {}).get("median", math.nan)
+    say(f"stage 2 {name}: val AUC {c['val']['roc_auc']:.3f}, val lung attention (positives, median) "
+        f"{att:.3f}, test AUC {c['test']['roc_auc']:.3f}, test acc {c['test']['accuracy']:.3f}")
+
+
+def attention_summary(model: torch.nn.Module, arch: str, mode: str, images: ImageSet, crops: LungCrops,
+                       dev: torch.device) -> dict[str, Any]:
+    """Lung attention of one classifier on one side's images: all, positives and negatives."""
+    from training.attention import lung_attention_scores
+
+    a = lung_attention_scores(model, arch, stage2_inputs(mode, images, crops), stage2_masks(mode, crops),
+                              device=dev)
+    model.cpu()
+    y = images.y.numpy()
+    return {"all": summary(a.tolist()), "positives": summary(a[y == 1].tolist()),
+            "negatives": summary(a[y == 0].tolist())}
