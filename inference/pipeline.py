@@ -39,7 +39,7 @@ from inference import imaging, preprocess
 from inference.batch import Work, by_shape, heatmap_at_source, make_result, mask_at_source
 from inference.bundle import ModelBundle
 from inference.explain import CAM_METHODS, attention_ratio, explain_forward, lung_attention
-from inference.models.classifiers import cam_targets
+from inference.models.classifiers import prepare_cam
 from inference.types import Finding, MapFactory, Result, XrayImage
 
 log = logging.getLogger(__name__)
@@ -121,16 +121,10 @@ class Pipeline:
         if self.device.type == "cuda":
             self.segmenter.to(memory_format=torch.channels_last)
             self.classifier.to(memory_format=torch.channels_last)
-        self.target_layers, grad_layers = cam_targets(bundle.classifier_arch, self.classifier)
-        # Gradients are needed only from the CAM's target layer onwards: freeze everything else so
-        # the backward pass covers just the network's head.
+        # Gradients are needed only from the CAM's target layers onwards: everything else is frozen.
+        self.target_layers = prepare_cam(bundle.classifier_arch, self.classifier)
         for p in self.segmenter.parameters():
             p.requires_grad_(False)
-        for p in self.classifier.parameters():
-            p.requires_grad_(False)
-        for layer in grad_layers:
-            for p in layer.parameters():
-                p.requires_grad_(True)
         log.info(
             "pipeline ready",
             extra={

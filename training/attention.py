@@ -25,17 +25,12 @@ def lung_attention_scores(model: nn.Module, arch: str, x: torch.Tensor, masks: t
     (imported here, not at module import, so training runs where it is absent until this is asked for).
     """
     from inference.explain import explain_forward, lung_attention
-    from inference.models.classifiers import cam_targets, members_of
+    from inference.models.classifiers import members_of, prepare_cam
 
     if x.shape[0] != masks.shape[0] or x.shape[-2:] != masks.shape[-2:]:
         raise ValueError('Arguments "x" and "masks" must have the same number and size of images.')
     model.eval().to(device)
-    layers, grad_layers = cam_targets(arch, model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in grad_layers:
-        for p in layer.parameters():
-            p.requires_grad_(True)
+    layers = prepare_cam(arch, model)
     out = []
     # DenseNet's in-place ReLU after ``features`` would break backward
     hooks = [h for member in members_of(model) for h in protect_inplace_relu(member)]

@@ -245,9 +245,10 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     for arch, mode, train, init, run_seed, name, ckpt in plan:
         with timer.step(f"stage 2 {name}"):
             if init is not None:
-                if arch != base.classifier_arch:  # type: ignore[union-attr]
+                assert base is not None  # initial weights come from the base bundle
+                if arch != base.classifier_arch:
                     raise ValueError(f"fine-tuning needs the base model's architecture "
-                                     f"{base.classifier_arch}, not {arch}")  # type: ignore[union-attr]
+                                     f"{base.classifier_arch}, not {arch}")
                 model = build_stage2(arch, len(members_of(init)))
                 model.load_state_dict(init.state_dict())
                 model.float()

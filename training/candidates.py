@@ -83,8 +83,9 @@ def load_member_bundles(paths: tuple[Path, ...], split: dict[str, Any]) -> list[
 
 
 def measure_candidate(model: torch.nn.Module, arch: str, mode: str, cls_sets: dict[str, ImageSet],
-               crops: dict[str, LungCrops], test_centre: ImageSet, crops_centre: LungCrops, dev: torch.device,
-               target_sensitivity: float, cam_missing: str, mean: float, std: float) -> dict[str, Any]:
+                      crops: dict[str, LungCrops], test_centre: ImageSet, crops_centre: LungCrops,
+                      dev: torch.device, target_sensitivity: float, cam_missing: str, mean: float,
+                      std: float) -> dict[str, Any]:
     """One candidate stage 2 on validation and test: threshold (validation), metrics, lung attention."""
     y = {side: cls_sets[side].y.numpy() for side in SIDES}
     p = {side: predict(model, stage2_inputs(mode, cls_sets[side], crops[side]), kind="classification",
@@ -106,13 +107,14 @@ def measure_candidate(model: torch.nn.Module, arch: str, mode: str, cls_sets: di
 
 
 def say_candidate(say: Callable[[str], None], name: str, c: dict[str, Any]) -> None:
+    """One progress line for a measured candidate."""
     att = c.get("val_attention", {}).get("positives", {}).get("median", math.nan)
     say(f"stage 2 {name}: val AUC {c['val']['roc_auc']:.3f}, val lung attention (positives, median) "
         f"{att:.3f}, test AUC {c['test']['roc_auc']:.3f}, test acc {c['test']['accuracy']:.3f}")
 
 
 def attention_summary(model: torch.nn.Module, arch: str, mode: str, images: ImageSet, crops: LungCrops,
-                       dev: torch.device) -> dict[str, Any]:
+                      dev: torch.device) -> dict[str, Any]:
     """Lung attention of one classifier on one side's images: all, positives and negatives."""
     from training.attention import lung_attention_scores
 

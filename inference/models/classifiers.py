@@ -184,14 +184,19 @@ def members_of(model: nn.Module) -> list[nn.Module]:
     return list(model.members) if isinstance(model, ClassifierEnsemble) else [model]
 
 
-def cam_targets(name: str, model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
-    """:func:`cam_layers` of every member of ``model`` (one network or an ensemble): (targets, grad layers).
+def prepare_cam(name: str, model: nn.Module) -> list[nn.Module]:
+    """Freeze ``model`` (one network or an ensemble) for Grad-CAM and return each member's target layer.
 
-    pytorch-grad-cam given several target layers averages their normalised maps, so an ensemble's heatmap
-    is the mean of its members' heatmaps.
+    Only the parameters of each member's gradient layer (:func:`cam_layers`) keep ``requires_grad``, so the
+    CAM's backward pass covers just the networks' heads.
     """
     pairs = [cam_layers(name, m) for m in members_of(model)]
-    return [t for t, _ in pairs], [g for _, g in pairs]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, grad_layer in pairs:
+        for p in grad_layer.parameters():
+            p.requires_grad_(True)
+    return [target for target, _ in pairs]
 
 
 def cam_layers(name: str, model: nn.Module) -> tuple[nn.Module, nn.Module]:

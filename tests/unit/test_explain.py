@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inference.explain import CAM_METHODS, cam_forward, explain_forward, jet, lung_attention, overlay
-from inference.models.classifiers import CLASSIFIERS, build_classifier, build_stage2, cam_layers, cam_targets
+from inference.models.classifiers import CLASSIFIERS, build_classifier, build_stage2, prepare_cam
 
 pytestmark = pytest.mark.unit
 
@@ -22,11 +22,7 @@ def _hook_count(model: torch.nn.Module) -> int:
 def _frozen(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     torch.manual_seed(0)
     model = build_classifier(name).eval()
-    target, grad_layer = cam_layers(name, model)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in grad_layer.parameters():
-        p.requires_grad_(True)
+    (target,) = prepare_cam(name, model)
     return model, target
 
 
@@ -50,13 +46,8 @@ def test_cam_shapes_and_same_logits_as_plain_forward(name: str, method: str) -> 
 def test_ensemble_heatmap_is_the_mean_of_its_members(name: str) -> None:
     torch.manual_seed(0)
     model = build_stage2(name, 3).eval()
-    targets, grad_layers = cam_targets(name, model)
+    targets = prepare_cam(name, model)
     assert len(targets) == 3 and len({id(t) for t in targets}) == 3
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in grad_layers:
-        for p in layer.parameters():
-            p.requires_grad_(True)
     x = torch.randn(2, 1, 64, 64)
     maps, logits, _ = explain_forward(model, targets, x, 1, "gradcam++")
     with torch.inference_mode():
