@@ -112,7 +112,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                   samples: list[Sample] | None = None, attention_weight: float = 1.0,
                   min_attention: float = 0.7, reference: Path | tuple[Path, ...] | None = None,
                   member_bundles: tuple[Path, ...] = (), ensemble: int = 0,
-                  int8_classifier: bool = False) -> dict[str, Any]:
+                  int8_classifier: bool = False, source_balance: float = 0.0) -> dict[str, Any]:
     """Run every step (see the module docstring) and return the results dict (also in ``results.json``).
 
     ``seg_archs=()`` takes stage 1 from ``base_bundle`` instead of training it (its input size wins);
@@ -120,6 +120,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     ``fine_tune=True`` starts stage 2 from ``base_bundle``'s classifier (same architecture and size).
     ``samples`` replaces reading ``data`` (+ ``labels``); ``split_file`` reuses a saved split.
     ``attention_weight`` > 0 trains stage 2 with the lung-attention penalty (``training.loops.fit``).
+    ``source_balance`` > 0 also balances the sources within each class in stage 2's loss
+    (``training.loops.sample_weights``); its networks are named "source-balanced".
     ``reference`` is the ``results.json`` of an earlier run on the same split, or several: their
     configurations are listed in the report beside this run's (marked with the run, not candidates); their
     split counts must equal this run's.
@@ -225,6 +227,9 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     configs: dict[str, dict[str, Any]] = {}
     models: dict[str, torch.nn.Module] = {}
     tagged = bool(added)  # several seeds of one configuration: names carry the seed
+    balanced = " source-balanced" if source_balance > 0 else ""
+    base_balance = base.card.get("training_data", {}).get("source_balance", 0.0) if base is not None else 0.0
+    train_groups = torch.as_tensor(np.unique(cls_sets["train"].sources, return_inverse=True)[1].reshape(-1))
     # (arch, mode, train, initial weights, seed, name, checkpoint file)
     plan: list[tuple[str, str, bool, torch.nn.Module | None, int, str, str]] = []
     for a in archs:
@@ -234,7 +239,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                 many = len(inits) > 1  # fine-tuning an ensemble: each member from its own weights
                 plan.append((a, m, True, init, seed + i,
                              f"{a}/{m}" + (f" member {i + 1}" if many else "")
-                             + (f" seed {seed + i}" if tagged else ""),
+                             + (f" seed {seed + i}" if tagged else "") + balanced,
                              f"stage2_{a}_{m}" + (f"_m{i + 1}" if many else "") + ".pt"))
             if len(inits) > 1:
                 ensemble = max(ensemble, len(inits))
@@ -255,27 +260,32 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             else:
                 model = build_classifier(arch)
             cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=run_seed,
-                            max_steps=max_steps, attention_weight=attention_weight)
-            r = fit(model, (stage2_inputs(mode, cls_sets["train"], crops["train"]), y["train"]),
-                    (stage2_inputs(mode, cls_sets["val"], crops["val"]), y["val"]), kind="classification",
-                    config=cfg, device=dev, checkpoint=out / "checkpoints" / ckpt,
-                    resume=resume, name=name, train_masks=stage2_masks(mode, crops["train"]),
-                    cam_layer=cam_layers(arch, model)[0]) if train else FitResult({}, math.nan, -1)
+                            max_steps=max_steps, attention_weight=attention_weight,
+                            source_balance=source_balance)
+            r = (fit(model, (stage2_inputs(mode, cls_sets["train"], crops["train"]), y["train"]),
+                     (stage2_inputs(mode, cls_sets["val"], crops["val"]), y["val"]), kind="classification",
+                     config=cfg, device=dev, checkpoint=out / "checkpoints" / ckpt,
+                     resume=resume, name=name, train_masks=stage2_masks(mode, crops["train"]),
+                     cam_layer=cam_layers(arch, model)[0], groups=train_groups) if train
+                 else FitResult({}, math.nan, -1))
             configs[name] = measure_candidate(model, arch, mode, cls_sets, crops, test_centre, crops_centre,
                                               dev, target_sensitivity, cam_missing, cfg.mean, cfg.std)
             configs[name].update({"best_epoch": r.best_epoch, "seconds": round(r.seconds, 1),
-                                  "epochs_run": len(r.history), "seed": run_seed})
+                                  "epochs_run": len(r.history), "seed": run_seed,
+                                  "source_balance": source_balance if train else base_balance})
             if " member " in name:  # a member of a fine-tuned ensemble is shipped only within it
                 configs[name]["ensemble_member"] = True
             models[name] = model.cpu()
             say_candidate(say, name, configs[name])
     for b in added:
-        name = f"{b.classifier_arch}/{b.crop_mode} seed {b.card['training_data'].get('seed')}"
+        name = (f"{b.classifier_arch}/{b.crop_mode} seed {b.card['training_data'].get('seed')}"
+                + (" source-balanced" if b.card["training_data"].get("source_balance") else ""))
         with timer.step(f"stage 2 {name} (from {b.path})"):
             configs[name] = measure_candidate(b.classifier, b.classifier_arch, b.crop_mode, cls_sets, crops,
                                               test_centre, crops_centre, dev, target_sensitivity, cam_missing,
                                               b.mean, b.std)
-            configs[name].update({"from": str(b.path), "seed": b.card["training_data"].get("seed")})
+            configs[name].update({"from": str(b.path), "seed": b.card["training_data"].get("seed"),
+                                  "source_balance": b.card["training_data"].get("source_balance", 0.0)})
             models[name] = b.classifier.cpu()
             say_candidate(say, name, configs[name])
     if ensemble:
@@ -290,6 +300,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                                                   crops_centre, dev, target_sensitivity, cam_missing,
                                                   FitConfig.mean, FitConfig.std)
                 configs[name]["members"] = top
+                configs[name]["source_balance"] = max(configs[k].get("source_balance", 0.0) for k in top)
                 models[name] = model.cpu()
                 say_candidate(say, name, configs[name])
     chosen = choose(configs, min_attention)
@@ -297,7 +308,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     results["configs"] = {k: {kk: vv for kk, vv in v.items() if kk not in ("prob_test", "prob_val")}
                           for k, v in configs.items()}
     results["chosen"] = chosen
-    results["selection"] = {"min_attention": min_attention, "attention_weight": attention_weight}
+    results["selection"] = {"min_attention": min_attention, "attention_weight": attention_weight,
+                            "source_balance": source_balance}
     if ensemble:
         results["selection"]["ensemble"] = ensemble
     if references:
@@ -427,7 +439,9 @@ def _write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classif
                          "validation positives (all when none); threshold on validation for sensitivity >= "
                          f"{results['target_sensitivity']}",
             "lung_attention_weight": results["selection"]["attention_weight"],
+            "source_balance": chosen.get("source_balance", 0.0),
             **({"ensemble_members": {k: {"seed": results["configs"][k].get("seed"),
+                                         "source_balance": results["configs"][k].get("source_balance", 0.0),
                                          "val_roc_auc": results["configs"][k]["val"]["roc_auc"]}
                                      for k in chosen["members"]}} if "members" in chosen else {}),
         },
@@ -479,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--split", type=Path, default=None, help="reuse this split.json instead of a new split")
     p.add_argument("--attention-weight", type=float, default=1.0,
                    help="weight of the lung-attention penalty in stage 2's loss (0: off)")
+    p.add_argument("--source-balance", type=float, default=0.0,
+                   help="0-1: in stage 2's loss also balance the sources within each class "
+                        "(sample weight = images of its source and class ** -this); 0 = classes only")
     p.add_argument("--min-attention", type=float, default=0.7,
                    help="median lung attention on validation positives a configuration needs to be preferred")
     p.add_argument("--reference", type=Path, action="append", default=None,
@@ -508,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                   min_attention=args.min_attention, reference=tuple(args.reference or ()),
                   member_bundles=tuple(Path(b) for b in args.add_bundles.split(",") if b),
                   ensemble=args.ensemble, int8_classifier=args.int8_ensembles,
+                  source_balance=args.source_balance,
                   say=lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush()) and None)
     return 0
 

@@ -1,7 +1,8 @@
 """Training loops for both stages on preloaded tensors: one :func:`fit` for segmenters and classifiers.
 
 Data are whole tensors in memory (uint8, N x 1 x S x S) moved to the device once; batches are augmented there
-(:mod:`training.augment`). Adam (lr 0.002 by default), class-balanced cross-entropy for classifiers,
+(:mod:`training.augment`). Adam (lr 0.002 by default), class-balanced cross-entropy for classifiers
+(optionally also balanced across the sources within each class, :func:`sample_weights`),
 BCE + soft Dice for segmenters, one-cycle learning-rate schedule, early stopping on the validation score
 (ROC AUC / Dice), bf16 autocast on CUDA, fixed seeds, periodic checkpoints and resume from them.
 """
@@ -84,8 +85,39 @@ def class_probability(logits: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(logits.reshape(-1))
 
 
-def _cls_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def sample_weights(y: torch.Tensor, groups: torch.Tensor, power: float) -> torch.Tensor:
+    """Per-sample loss weights (N,) that balance the classes and, within each class, the groups (sources).
+
+    A sample of a group with ``n`` images of its class weighs ``n ** -power`` before each class is scaled to
+    half of the total weight: ``power=0`` is plain class balancing, ``power=1`` gives every source of a class
+    the same total weight, ``0.5`` lies between (a source 100 times larger weighs 10 times more in all).
+    Used so that a source holding most of one class (here: the normals, mostly from one hospital) does not
+    make the other sources' style a cue for the other class.
+    """
+    if y.shape != groups.shape or y.ndim != 1:
+        raise ValueError("y and groups must be 1-D tensors of the same length")
+    if not 0.0 <= power <= 1.0:
+        raise ValueError('Argument "power" must be from 0 to 1.')
+    w = torch.zeros(y.shape[0], dtype=torch.float64)
+    for cls in y.unique():
+        in_cls = y == cls
+        g = groups[in_cls]
+        _, inverse, counts = g.unique(return_inverse=True, return_counts=True)
+        wc = counts.double().pow(-power)[inverse]
+        w[in_cls] = wc / wc.sum() * (y.shape[0] / 2)
+    return w.float()
+
+
+def _cls_loss(logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor,
+              per_sample: torch.Tensor | None = None) -> torch.Tensor:
+    """Class-weighted cross-entropy, or with ``per_sample`` weights the weighted mean over the batch."""
     logits = logits.float()
+    if per_sample is not None:
+        if logits.ndim == 2 and logits.shape[1] == 2:
+            losses = F.cross_entropy(logits, y, reduction="none")
+        else:
+            losses = F.binary_cross_entropy_with_logits(logits.reshape(-1), y.float(), reduction="none")
+        return (losses * per_sample).sum() / per_sample.sum()
     if logits.ndim == 2 and logits.shape[1] == 2:
         return F.cross_entropy(logits, y, weight=weights)
     pos_weight = weights[1] / weights[0]
@@ -121,6 +153,7 @@ class FitConfig:
     max_steps: int = 0  # >0: stop each epoch after this many batches (tests)
     checkpoint_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
     attention_weight: float = 0.0  # >0: add this times the CAM mass outside the lungs (needs train masks)
+    source_balance: float = 0.0  # >0: also balance sources within each class (sample_weights; needs groups)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -130,6 +163,8 @@ class FitConfig:
             raise ValueError('Argument "lr" must be positive.')
         if not self.attention_weight >= 0:
             raise ValueError('Argument "attention_weight" must not be negative.')
+        if not 0.0 <= self.source_balance <= 1.0:
+            raise ValueError('Argument "source_balance" must be from 0 to 1.')
 
 
 @dataclass
@@ -199,7 +234,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
         kind: Kind, config: FitConfig, device: torch.device, checkpoint: Path | None = None,
         resume: bool = False, progress: bool | None = None, name: str = "",
         on_epoch: Callable[[dict[str, float]], None] | None = None,
-        train_masks: torch.Tensor | None = None, cam_layer: nn.Module | None = None) -> FitResult:
+        train_masks: torch.Tensor | None = None, cam_layer: nn.Module | None = None,
+        groups: torch.Tensor | None = None) -> FitResult:
     """Train ``model`` on ``train`` = (x uint8 (N,1,S,S), y) and keep the weights best on ``val``.
 
     ``y`` is a long tensor of class ids (classification) or a uint8 mask tensor (N,1,S,S) (segmentation).
@@ -209,6 +245,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     lung masks in the input frame (N,1,S,S) and ``cam_layer`` the Grad-CAM layer: the loss adds the weighted
     share of the Grad-CAM++ mass outside the lungs (:func:`training.attention.attention_loss`), so the
     classifier learns to look at the lungs rather than at borders, labels or markers.
+    With ``config.source_balance > 0`` (classification only) ``groups`` holds each training image's source id
+    (N,) and the loss weighs images by :func:`sample_weights` instead of by class alone.
     Returns the best state dict (CPU tensors), its validation score and epoch, and the per-epoch history.
     """
     if kind not in ("segmentation", "classification"):
@@ -220,6 +258,9 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
                    or train_masks.shape[-2:] != train[0].shape[-2:]):
         raise ValueError(f"{name or kind}: attention_weight needs cam_layer and one lung mask per "
                          "training image")
+    balanced = kind == "classification" and config.source_balance > 0
+    if balanced and (groups is None or groups.shape != (train[0].shape[0],)):
+        raise ValueError(f"{name or kind}: source_balance needs one group id per training image")
     t0 = time.perf_counter()
     seed_everything(config.seed)
     model.to(device)
@@ -245,6 +286,10 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     if kind == "classification":
         counts = torch.bincount(yt, minlength=2).float().clamp(min=1)
         weights = counts.sum() / (2 * counts)
+    per_sample = None
+    if balanced:
+        assert groups is not None
+        per_sample = sample_weights(train[1], groups, config.source_balance).to(device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     cpu_gen = torch.Generator().manual_seed(config.seed)
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
@@ -277,7 +322,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
             captured.clear()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 if kind == "classification":
-                    loss = _cls_loss(logits_of(model(xb)), yb, weights)
+                    loss = _cls_loss(logits_of(model(xb)), yb, weights,
+                                     None if per_sample is None else per_sample[idx])
                     if guided:
                         assert mb is not None
                         loss = loss + config.attention_weight * attention_loss(captured[-1], head, mb)

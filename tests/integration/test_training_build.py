@@ -127,6 +127,7 @@ def test_a_reference_from_another_split_is_refused_before_training(built: tuple[
 
 def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, dict],
                                                              tmp_path: Path) -> None:
+    """Also: the new network trains source-balanced, and its name and the card say so."""
     from inference.bundle import ModelBundle
     from training.build_default import main
 
@@ -136,17 +137,21 @@ def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, 
                "--quick", "--epochs-cls", "1", "--archs", "mobilenet_v2", "--modes", mode, "--seg-archs", "",
                "--base-bundle", str(out / "bundle"), "--split", str(out / "split.json"), "--seed", "1",
                "--attention-weight", "0", "--add-bundles", str(out / "bundle"), "--ensemble", "2",
-               "--int8-ensembles"])
+               "--int8-ensembles", "--source-balance", "0.5"])
     assert rc == 0
     results = json.loads((tmp_path / "ens" / "results.json").read_text())
-    one, zero, ens = (f"mobilenet_v2/{mode} seed 1", f"mobilenet_v2/{mode} seed 0",
+    one, zero, ens = (f"mobilenet_v2/{mode} seed 1 source-balanced", f"mobilenet_v2/{mode} seed 0",
                       f"mobilenet_v2/{mode} ensemble of 2")
     assert set(results["configs"]) == {one, zero, ens}
     assert sorted(results["configs"][ens]["members"]) == sorted([one, zero])
     assert results["configs"][zero]["from"] == str(out / "bundle")
     assert results["configs"][zero]["seed"] == 0 and results["configs"][one]["seed"] == 1
     assert results["selection"]["ensemble"] == 2
+    assert results["selection"]["source_balance"] == 0.5
+    assert [results["configs"][k]["source_balance"] for k in (one, zero, ens)] == [0.5, 0.0, 0.5]
     bundle = ModelBundle.load(tmp_path / "ens" / "bundle")
+    chosen = results["configs"][results["chosen"]]
+    assert bundle.card["training_data"]["source_balance"] == chosen["source_balance"]
     assert bundle.classifier_members == (2 if results["chosen"] == ens else 1)
     # int8 (an ensemble) or float16 (one network) weights answer like the trained ones
     assert results["bundle_check"]["max_abs_diff_val"] < 0.05

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training.augment import augment
-from training.loops import FitConfig, fit, predict
+from training.loops import FitConfig, _cls_loss, fit, predict, sample_weights
 
 pytestmark = pytest.mark.unit
 
@@ -54,6 +54,50 @@ def test_fit_classifier_checkpoint_and_resume(tmp_path: Path, phantoms: tuple) -
     assert all(torch.equal(r.state[k], r2.state[k]) for k in r.state)
     p = predict(model, x, kind="classification", device=torch.device("cpu"), mean=0.5, std=0.25)
     assert p.shape == (16,) and float(p.min()) >= 0 and float(p.max()) <= 1
+
+
+def test_sample_weights_balance_classes_and_sources_within_them() -> None:
+    y = torch.tensor([0, 0, 0, 0, 1, 1])
+    groups = torch.tensor([0, 0, 0, 1, 0, 1])  # class 0: three images of source 0, one of source 1
+    # power 0: class balancing alone, N / (2 * images of the class)
+    assert sample_weights(y, groups, 0.0).tolist() == pytest.approx([0.75] * 4 + [1.5] * 2)
+    # power 1: within class 0 each source gets half of the class's weight 3
+    assert sample_weights(y, groups, 1.0).tolist() == pytest.approx([0.5] * 3 + [1.5, 1.5, 1.5])
+    # power 0.5: 1/sqrt(3) against 1, scaled so that class 0 weighs 3 in all
+    k = 3 / (3 / np.sqrt(3) + 1)
+    assert sample_weights(y, groups, 0.5).tolist() == pytest.approx([k / np.sqrt(3)] * 3 + [k, 1.5, 1.5])
+    with pytest.raises(ValueError, match="same length"):
+        sample_weights(y, groups[:3], 0.5)
+    with pytest.raises(ValueError, match="power"):
+        sample_weights(y, groups, 1.5)
+
+
+def test_per_sample_loss_with_class_weights_equals_the_class_weighted_loss() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits, y = torch.randn(6, 2, generator=g), torch.tensor([0, 0, 0, 0, 1, 1])
+    class_w = torch.tensor([0.75, 1.5])
+    per_sample = sample_weights(y, torch.zeros(6, dtype=torch.long), 0.5)  # one source: classes only
+    plain = float(_cls_loss(logits, y, class_w))
+    assert float(_cls_loss(logits, y, class_w, per_sample)) == pytest.approx(plain)
+    up = per_sample.clone()
+    up[0] *= 10
+    assert float(_cls_loss(logits, y, class_w, up)) != pytest.approx(plain)
+
+
+def test_fit_source_balanced_needs_one_group_per_image(phantoms: tuple) -> None:
+    from inference.models.classifiers import build_classifier
+
+    torch.set_num_threads(1)
+    x, _, y = phantoms
+    with pytest.raises(ValueError, match="source_balance"):
+        FitConfig(source_balance=2.0)
+    cfg = FitConfig(epochs=1, batch_size=8, max_steps=1, seed=0, source_balance=0.5)
+    with pytest.raises(ValueError, match="one group id per training image"):
+        fit(build_classifier("resnet18"), (x[:12], y[:12]), (x[12:], y[12:]), kind="classification",
+            config=cfg, device=torch.device("cpu"), groups=torch.zeros(5, dtype=torch.long))
+    r = fit(build_classifier("resnet18"), (x[:12], y[:12]), (x[12:], y[12:]), kind="classification",
+            config=cfg, device=torch.device("cpu"), groups=torch.arange(12) % 3)
+    assert len(r.history) == 1 and np.isfinite(r.history[0]["loss"])
 
 
 def test_densenet_trains_despite_its_inplace_relu(phantoms: tuple) -> None:
