@@ -129,6 +129,11 @@ def _selection_text(results: Mapping[str, Any]) -> str:
         text += (" Stage 2 was trained with a lung-attention penalty (weight "
                  f"{fmt(sel['attention_weight'], 2)}): the share of Grad-CAM++ mass outside the lung mask is "
                  "added to the loss.")
+    if sel.get("source_balance"):
+        text += (" Networks named source-balanced were trained with their loss balanced across sources "
+                 f"within each class (power {fmt(sel['source_balance'], 2)}: an image weighs the number of "
+                 "images of its source and class to minus that power), so that a source holding most of one "
+                 "class does not make the other sources' style a cue.")
     if sel.get("ensemble"):
         text += (" Candidates include, per architecture and mode, the ensemble of its "
                  f"{sel['ensemble']} best networks by validation ROC AUC (seeds of one configuration; the "

@@ -96,8 +96,9 @@ def test_attention_penalty_build_with_a_reference_run(built: tuple[Path, dict], 
     assert rc == 0
     results = json.loads((tmp_path / "guided" / "results.json").read_text())
     assert set(results["configs"]) == {"resnet18/whole"} and results["chosen"] == "resnet18/whole"
-    assert results["selection"] == {"min_attention": 0.7, "attention_weight": 1.0, "references": [
-        {"path": str(out / "results.json"), "label": "results", "attention_weight": 1.0}]}
+    assert results["selection"] == {"min_attention": 0.7, "attention_weight": 1.0, "source_balance": 0.0,
+                                    "references": [{"path": str(out / "results.json"), "label": "results",
+                                                    "attention_weight": 1.0}]}
     assert results["reference_configs"].keys() == {f"{k} (results run)" for k in first["configs"]}
     assert 0.0 <= results["configs"]["resnet18/whole"]["val_attention"]["positives"]["median"] <= 1.0
     assert results["stage1"]["by_arch"]["unet"]["from"] == str(out / "bundle")
@@ -161,7 +162,9 @@ def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, 
         assert ("quantization" in (f.metadata() or {})) == (results["chosen"] == ens)
     # (decisions may flip here: after two steps every probability sits at the threshold)
     assert 0.0 <= results["bundle_check"]["same_decisions_val"] <= 1.0
-    assert "ensemble of its 2 best networks" in (tmp_path / "ens" / "report.md").read_text()
+    report = (tmp_path / "ens" / "report.md").read_text()
+    assert "ensemble of its 2 best networks" in report
+    assert "balanced across sources within each class (power 0.50:" in report
 
 
 def test_members_from_another_split_are_refused_before_training(built: tuple[Path, dict],
