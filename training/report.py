@@ -129,9 +129,11 @@ def _selection_text(results: Mapping[str, Any]) -> str:
         text += (" Stage 2 was trained with a lung-attention penalty (weight "
                  f"{fmt(sel['attention_weight'], 2)}): the share of Grad-CAM++ mass outside the lung mask is "
                  "added to the loss.")
-    if sel.get("source_balance"):
+    power = sel.get("source_balance") or max(
+        (c.get("source_balance") or 0.0 for c in results.get("configs", {}).values()), default=0.0)
+    if power:
         text += (" Networks named source-balanced were trained with their loss balanced across sources "
-                 f"within each class (power {fmt(sel['source_balance'], 2)}: an image weighs the number of "
+                 f"within each class (power {fmt(power, 2)}: an image weighs the number of "
                  "images of its source and class to minus that power), so that a source holding most of one "
                  "class does not make the other sources' style a cue.")
     if sel.get("ensemble"):

@@ -160,3 +160,14 @@ def test_pack_keeps_the_manifest_format(tmp_path: Path) -> None:
                 assert mk.size == im.size
     with pytest.raises(ValueError, match="max_side"):
         pack(src, tmp_path / "bad", max_side=8)
+
+
+def test_report_names_source_balancing_when_a_candidate_used_it() -> None:
+    from training.report import _selection_text
+
+    plain = {"selection": {"min_attention": 0.7, "source_balance": 0.0},
+             "configs": {"resnet18/whole seed 2": {"source_balance": 0.0}}}
+    assert "source-balanced" not in _selection_text(plain)
+    # a run without balancing that compares an earlier balanced network names the power it was trained with
+    plain["configs"]["resnet18/whole seed 2 source-balanced"] = {"source_balance": 0.5}
+    assert "balanced across sources within each class (power 0.50:" in _selection_text(plain)
