@@ -289,7 +289,7 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     per_sample = None
     if balanced:
         assert groups is not None
-        per_sample = sample_weights(train[1], groups, config.source_balance).to(device)
+        per_sample = sample_weights(train[1].cpu(), groups.cpu(), config.source_balance).to(device)
     gen = torch.Generator(device=device).manual_seed(config.seed)
     cpu_gen = torch.Generator().manual_seed(config.seed)
     best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
