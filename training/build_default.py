@@ -227,7 +227,6 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     configs: dict[str, dict[str, Any]] = {}
     models: dict[str, torch.nn.Module] = {}
     tagged = bool(added)  # several seeds of one configuration: names carry the seed
-    balanced = " source-balanced" if source_balance > 0 else ""
     base_balance = base.card.get("training_data", {}).get("source_balance", 0.0) if base is not None else 0.0
     train_groups = torch.as_tensor(np.unique(cls_sets["train"].sources, return_inverse=True)[1].reshape(-1))
     # (arch, mode, train, initial weights, seed, name, checkpoint file)
@@ -239,7 +238,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                 many = len(inits) > 1  # fine-tuning an ensemble: each member from its own weights
                 plan.append((a, m, True, init, seed + i,
                              f"{a}/{m}" + (f" member {i + 1}" if many else "")
-                             + (f" seed {seed + i}" if tagged else "") + balanced,
+                             + (f" seed {seed + i}" if tagged else "") + _balance_tag(source_balance),
                              f"stage2_{a}_{m}" + (f"_m{i + 1}" if many else "") + ".pt"))
             if len(inits) > 1:
                 ensemble = max(ensemble, len(inits))
@@ -278,14 +277,15 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             models[name] = model.cpu()
             say_candidate(say, name, configs[name])
     for b in added:
-        name = (f"{b.classifier_arch}/{b.crop_mode} seed {b.card['training_data'].get('seed')}"
-                + (" source-balanced" if b.card["training_data"].get("source_balance") else ""))
+        trained = b.card["training_data"]
+        name = (f"{b.classifier_arch}/{b.crop_mode} seed {trained.get('seed')}"
+                + _balance_tag(trained.get("source_balance", 0.0)))
         with timer.step(f"stage 2 {name} (from {b.path})"):
             configs[name] = measure_candidate(b.classifier, b.classifier_arch, b.crop_mode, cls_sets, crops,
                                               test_centre, crops_centre, dev, target_sensitivity, cam_missing,
                                               b.mean, b.std)
-            configs[name].update({"from": str(b.path), "seed": b.card["training_data"].get("seed"),
-                                  "source_balance": b.card["training_data"].get("source_balance", 0.0)})
+            configs[name].update({"from": str(b.path), "seed": trained.get("seed"),
+                                  "source_balance": trained.get("source_balance", 0.0)})
             models[name] = b.classifier.cpu()
             say_candidate(say, name, configs[name])
     if ensemble:
@@ -343,6 +343,11 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     write_build_report(out, results)
     say(f"done in {time.perf_counter() - timer.t0:.1f} s: {out / 'report.md'}")
     return results
+
+
+def _balance_tag(source_balance: float) -> str:
+    """The suffix that marks a network trained with source balancing in candidate names."""
+    return " source-balanced" if source_balance > 0 else ""
 
 
 def preflight() -> str:

@@ -129,8 +129,8 @@ def _selection_text(results: Mapping[str, Any]) -> str:
         text += (" Stage 2 was trained with a lung-attention penalty (weight "
                  f"{fmt(sel['attention_weight'], 2)}): the share of Grad-CAM++ mass outside the lung mask is "
                  "added to the loss.")
-    power = sel.get("source_balance") or max(
-        (c.get("source_balance") or 0.0 for c in results.get("configs", {}).values()), default=0.0)
+    # every candidate records the power it was trained with, also those of earlier runs brought in
+    power = max((c.get("source_balance") or 0.0 for c in results.get("configs", {}).values()), default=0.0)
     if power:
         text += (" Networks named source-balanced were trained with their loss balanced across sources "
                  f"within each class (power {fmt(power, 2)}: an image weighs the number of "
