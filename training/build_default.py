@@ -36,7 +36,7 @@ import math
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -112,7 +112,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                   samples: list[Sample] | None = None, attention_weight: float = 1.0,
                   min_attention: float = 0.7, reference: Path | tuple[Path, ...] | None = None,
                   member_bundles: tuple[Path, ...] = (), ensemble: int = 0,
-                  int8_classifier: bool = False, source_balance: float = 0.0) -> dict[str, Any]:
+                  int8_classifier: bool = False, source_balance: float = 0.0,
+                  style_augment: float = 0.0) -> dict[str, Any]:
     """Run every step (see the module docstring) and return the results dict (also in ``results.json``).
 
     ``seg_archs=()`` takes stage 1 from ``base_bundle`` instead of training it (its input size wins);
@@ -122,6 +123,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     ``attention_weight`` > 0 trains stage 2 with the lung-attention penalty (``training.loops.fit``).
     ``source_balance`` > 0 also balances the sources within each class in stage 2's loss
     (``training.loops.sample_weights``); its networks are named "source-balanced".
+    ``style_augment`` > 0 adds texture degradations with that probability to stage 2's augmentation
+    (``training.augment.texture``); its networks are named "style-augmented".
     ``reference`` is the ``results.json`` of an earlier run on the same split, or several: their
     configurations are listed in the report beside this run's (marked with the run, not candidates); their
     split counts must equal this run's.
@@ -227,7 +230,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     configs: dict[str, dict[str, Any]] = {}
     models: dict[str, torch.nn.Module] = {}
     tagged = bool(added)  # several seeds of one configuration: names carry the seed
-    base_balance = base.card.get("training_data", {}).get("source_balance", 0.0) if base is not None else 0.0
+    base_recipe = _recipe(base.card.get("training_data", {}) if base is not None else {})
+    run_recipe = _recipe({"source_balance": source_balance, "style_augment": style_augment})
     train_groups = torch.as_tensor(np.unique(cls_sets["train"].sources, return_inverse=True)[1].reshape(-1))
     # (arch, mode, train, initial weights, seed, name, checkpoint file)
     plan: list[tuple[str, str, bool, torch.nn.Module | None, int, str, str]] = []
@@ -238,7 +242,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                 many = len(inits) > 1  # fine-tuning an ensemble: each member from its own weights
                 plan.append((a, m, True, init, seed + i,
                              f"{a}/{m}" + (f" member {i + 1}" if many else "")
-                             + (f" seed {seed + i}" if tagged else "") + _balance_tag(source_balance),
+                             + (f" seed {seed + i}" if tagged else "") + _recipe_tag(run_recipe),
                              f"stage2_{a}_{m}" + (f"_m{i + 1}" if many else "") + ".pt"))
             if len(inits) > 1:
                 ensemble = max(ensemble, len(inits))
@@ -260,7 +264,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                 model = build_classifier(arch)
             cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=run_seed,
                             max_steps=max_steps, attention_weight=attention_weight,
-                            source_balance=source_balance)
+                            source_balance=source_balance, style_augment=style_augment)
             r = (fit(model, (stage2_inputs(mode, cls_sets["train"], crops["train"]), y["train"]),
                      (stage2_inputs(mode, cls_sets["val"], crops["val"]), y["val"]), kind="classification",
                      config=cfg, device=dev, checkpoint=out / "checkpoints" / ckpt,
@@ -271,7 +275,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                                               dev, target_sensitivity, cam_missing, cfg.mean, cfg.std)
             configs[name].update({"best_epoch": r.best_epoch, "seconds": round(r.seconds, 1),
                                   "epochs_run": len(r.history), "seed": run_seed,
-                                  "source_balance": source_balance if train else base_balance})
+                                  **(run_recipe if train else base_recipe)})
             if " member " in name:  # a member of a fine-tuned ensemble is shipped only within it
                 configs[name]["ensemble_member"] = True
             models[name] = model.cpu()
@@ -279,13 +283,12 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     for b in added:
         trained = b.card["training_data"]
         name = (f"{b.classifier_arch}/{b.crop_mode} seed {trained.get('seed')}"
-                + _balance_tag(trained.get("source_balance", 0.0)))
+                + _recipe_tag(trained))
         with timer.step(f"stage 2 {name} (from {b.path})"):
             configs[name] = measure_candidate(b.classifier, b.classifier_arch, b.crop_mode, cls_sets, crops,
                                               test_centre, crops_centre, dev, target_sensitivity, cam_missing,
                                               b.mean, b.std)
-            configs[name].update({"from": str(b.path), "seed": trained.get("seed"),
-                                  "source_balance": trained.get("source_balance", 0.0)})
+            configs[name].update({"from": str(b.path), "seed": trained.get("seed"), **_recipe(trained)})
             models[name] = b.classifier.cpu()
             say_candidate(say, name, configs[name])
     if ensemble:
@@ -300,7 +303,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                                                   crops_centre, dev, target_sensitivity, cam_missing,
                                                   FitConfig.mean, FitConfig.std)
                 configs[name]["members"] = top
-                configs[name]["source_balance"] = max(configs[k].get("source_balance", 0.0) for k in top)
+                configs[name].update({k: max(configs[m].get(k, 0.0) for m in top) for k in RECIPE_KEYS})
                 models[name] = model.cpu()
                 say_candidate(say, name, configs[name])
     chosen = choose(configs, min_attention)
@@ -309,7 +312,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                           for k, v in configs.items()}
     results["chosen"] = chosen
     results["selection"] = {"min_attention": min_attention, "attention_weight": attention_weight,
-                            "source_balance": source_balance}
+                            **run_recipe}
     if ensemble:
         results["selection"]["ensemble"] = ensemble
     if references:
@@ -345,9 +348,19 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     return results
 
 
-def _balance_tag(source_balance: float) -> str:
-    """The suffix that marks a network trained with source balancing in candidate names."""
-    return " source-balanced" if source_balance > 0 else ""
+RECIPE_KEYS = ("source_balance", "style_augment")  # stage 2 training options recorded with each network
+
+
+def _recipe(values: Mapping[str, Any]) -> dict[str, float]:
+    """The stage 2 training options of ``values`` (a card's ``training_data``, a candidate), 0 when absent."""
+    return {k: float(values.get(k) or 0.0) for k in RECIPE_KEYS}
+
+
+def _recipe_tag(values: Mapping[str, Any]) -> str:
+    """The suffix that marks, in candidate names, a network trained source-balanced or style-augmented."""
+    recipe = _recipe(values)
+    return ((" source-balanced" if recipe["source_balance"] > 0 else "")
+            + (" style-augmented" if recipe["style_augment"] > 0 else ""))
 
 
 def preflight() -> str:
@@ -444,9 +457,9 @@ def _write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classif
                          "validation positives (all when none); threshold on validation for sensitivity >= "
                          f"{results['target_sensitivity']}",
             "lung_attention_weight": results["selection"]["attention_weight"],
-            "source_balance": chosen.get("source_balance", 0.0),
+            **_recipe(chosen),
             **({"ensemble_members": {k: {"seed": results["configs"][k].get("seed"),
-                                         "source_balance": results["configs"][k].get("source_balance", 0.0),
+                                         **_recipe(results["configs"][k]),
                                          "val_roc_auc": results["configs"][k]["val"]["roc_auc"]}
                                      for k in chosen["members"]}} if "members" in chosen else {}),
         },
@@ -501,6 +514,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source-balance", type=float, default=0.0,
                    help="0-1: in stage 2's loss also balance the sources within each class "
                         "(sample weight = images of its source and class ** -this); 0 = classes only")
+    p.add_argument("--style-augment", type=float, default=0.0,
+                   help="0-1: probability of each texture degradation (blur, sharpening, noise) per image in "
+                        "stage 2's augmentation; 0 = off")
     p.add_argument("--min-attention", type=float, default=0.7,
                    help="median lung attention on validation positives a configuration needs to be preferred")
     p.add_argument("--reference", type=Path, action="append", default=None,
@@ -530,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
                   min_attention=args.min_attention, reference=tuple(args.reference or ()),
                   member_bundles=tuple(Path(b) for b in args.add_bundles.split(",") if b),
                   ensemble=args.ensemble, int8_classifier=args.int8_ensembles,
-                  source_balance=args.source_balance,
+                  source_balance=args.source_balance, style_augment=args.style_augment,
                   say=lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush()) and None)
     return 0
 

@@ -154,6 +154,7 @@ class FitConfig:
     checkpoint_every: int = 5  # epochs between checkpoints (the last epoch is always saved)
     attention_weight: float = 0.0  # >0: add this times the CAM mass outside the lungs (needs train masks)
     source_balance: float = 0.0  # >0: also balance sources within each class (sample_weights; needs groups)
+    style_augment: float = 0.0  # >0: probability of each texture degradation per image (training.augment)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -165,6 +166,8 @@ class FitConfig:
             raise ValueError('Argument "attention_weight" must not be negative.')
         if not 0.0 <= self.source_balance <= 1.0:
             raise ValueError('Argument "source_balance" must be from 0 to 1.')
+        if not 0.0 <= self.style_augment <= 1.0:
+            raise ValueError('Argument "style_augment" must be from 0 to 1.')
 
 
 @dataclass
@@ -317,7 +320,7 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
             yb = yt[idx]
             mb = yb.float() if kind == "segmentation" else mt[idx].float() if guided else None
             if config.augment:
-                xb, mb = augment(xb, mb, generator=gen)
+                xb, mb = augment(xb, mb, generator=gen, style=config.style_augment)
             xb = as_input(xb, ch, config.mean, config.std)
             captured.clear()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):

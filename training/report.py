@@ -136,6 +136,12 @@ def _selection_text(results: Mapping[str, Any]) -> str:
                  f"within each class (power {fmt(power, 2)}: an image weighs the number of "
                  "images of its source and class to minus that power), so that a source holding most of one "
                  "class does not make the other sources' style a cue.")
+    style = max((c.get("style_augment") or 0.0 for c in results.get("configs", {}).values()), default=0.0)
+    if style:
+        text += (" Networks named style-augmented were trained with texture degradations added to their "
+                 "augmentation (blur, sharpening and noise, each with probability "
+                 f"{fmt(style, 2)} per image), so that an image's sharpness and noise, which name its source "
+                 "on these data, stop being a cue.")
     if sel.get("ensemble"):
         text += (" Candidates include, per architecture and mode, the ensemble of its "
                  f"{sel['ensemble']} best networks by validation ROC AUC (seeds of one configuration; the "

@@ -171,3 +171,15 @@ def test_report_names_source_balancing_when_a_candidate_used_it() -> None:
     # a run without balancing that compares an earlier balanced network names the power it was trained with
     plain["configs"]["resnet18/whole seed 2 source-balanced"] = {"source_balance": 0.5}
     assert "balanced across sources within each class (power 0.50:" in _selection_text(plain)
+    assert "style-augmented" not in _selection_text(plain)
+
+
+def test_report_names_style_augmentation_when_a_candidate_used_it() -> None:
+    from training.report import _selection_text
+
+    results = {"selection": {"min_attention": 0.7, "style_augment": 0.0},
+               "configs": {"resnet18/whole seed 2 style-augmented": {"style_augment": 0.5},
+                           "resnet18/whole seed 0": {}}}
+    text = _selection_text(results)
+    assert "style-augmented were trained with texture degradations" in text
+    assert "each with probability 0.50 per image" in text and "source-balanced" not in text
