@@ -137,7 +137,7 @@ def evaluate_bundle(bundle: Path, samples: Sequence[Sample], split: Any, out: Pa
     yc, pc, _ = _scored(test, cres)
     res["test_shape_normalised"] = metrics_with_ci(yc, pc, threshold, n_boot=max(10, n_boot // 5), seed=seed)
     res["stage1"] = _stage1(pipeline, split.select([s for s in samples if s.task == "segmentation"], "test"))
-    res["baselines"] = _baselines(cls, split, target_sensitivity)
+    res["baselines"] = _baselines(cls, split, target_sensitivity, pipeline.bundle.classifier_size)
     res["plots"] = plots.roc_pr_confusion_calibration(y, p, threshold, out, title=f"(test, n={len(y)})")
     if montage_n and images:
         res["plots"]["montage"] = _montage(images, tres, test, out / "montage.png", montage_n)
@@ -168,7 +168,8 @@ def _stage1(pipeline: Any, seg: Sequence[Sample]) -> dict[str, Any]:
     return {"n": len(d), "no_mask": missing, "dice": summary(d), "iou": summary(j)}
 
 
-def _baselines(cls: Sequence[Sample], split: Any, target: float) -> dict[str, Any]:
+def _baselines(cls: Sequence[Sample], split: Any, target: float, size: int) -> dict[str, Any]:
+    """The trivial baselines on each image's centre square at ``size`` (the classifier's input size)."""
     import torch
 
     from inference.preprocess import square_resize
@@ -180,7 +181,7 @@ def _baselines(cls: Sequence[Sample], split: Any, target: float) -> dict[str, An
         chosen = split.select(cls, side)
         pix = [load_pixels(s) for s in chosen]
         shapes[side] = np.asarray([q.shape[:2] for q in pix]).reshape(-1, 2)
-        centres[side] = torch.from_numpy(np.stack([np.rint(square_resize(centre_square(q), 64) * 255)
+        centres[side] = torch.from_numpy(np.stack([np.rint(square_resize(centre_square(q), size) * 255)
                                                    .astype(np.uint8) for q in pix]))[:, None]
         ys[side] = np.asarray([s.target for s in chosen])
     if any(len(np.unique(ys[s])) < 2 for s in ys):

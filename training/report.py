@@ -186,7 +186,7 @@ def write_build_report(out: str | Path, results: Mapping[str, Any]) -> Path:
         "### Per source (test)", "", metrics_table(results.get("per_source", {}), "source"), "",
         "## Shortcut checks", "",
         "Shape-normalised copies of the test images (centre square, fixed size, then the same pipeline), and "
-        "two trivial baselines that never look at the lungs.", "",
+        "trivial baselines that never look at the lungs.", "",
         metrics_table({**{f"{k} (shape-normalised)": v["test_shape_normalised"]
                           for k, v in results["configs"].items()},
                        **{f"baseline {k} (threshold 0.5)": v["test_at_0.5"]
@@ -224,7 +224,7 @@ def readme_results(results: Mapping[str, Any], command: str = "") -> str:
              f"sensitivity {with_ci(t, 'sensitivity')}, specificity {with_ci(t, 'specificity')}, "
              f"accuracy {with_ci(t, 'accuracy')} (95% bootstrap intervals).", "",
              *([_attention_line(results), ""] if _attention_line(results) else []),
-             "What shape or source alone achieves on the same test split (the data's shortcut):", "",
+             "What shape, texture or source alone achieves on the same test split (the data's shortcut):", "",
              metrics_table({**{f"{k} on shape-normalised test images": v["test_shape_normalised"]
                                for k, v in results["configs"].items() if k == results["chosen"]},
                             **{f"logistic regression, {k} (threshold 0.5)": v["test_at_0.5"]

@@ -38,7 +38,7 @@ def test_outputs_and_split(built: tuple[Path, dict]) -> None:
     for name, c in results["configs"].items():  # each threshold reaches the target sensitivity on validation
         assert c["val"]["sensitivity"] >= 0.95, name
         assert 0 < c["threshold"] < 1
-    assert set(results["baselines"]) == {"shape", "pixels64"}
+    assert set(results["baselines"]) == {"shape", "pixels64", "texture"}
     assert results["stage1"]["by_arch"]["unet"]["test"]["n"] > 0
     assert set(results["lung_attention"]) == set(results["configs"])
     assert "roc_auc_ci" in results["test"] and results["per_source"]
