@@ -22,8 +22,15 @@ from typing import Any
 import numpy as np
 
 from training.datasets import Sample, load_data, load_split, patient_split
-from training.metrics import dice_iou, metrics_with_ci, per_group, summary, threshold_for_sensitivity
-from training.report import comparison_markdown, fmt, metrics_table, table, write_json
+from training.metrics import (
+    dice_iou,
+    metrics_with_ci,
+    per_group,
+    summary,
+    threshold_for_sensitivity,
+    within_group_auc,
+)
+from training.report import comparison_markdown, fmt, metrics_table, table, within_source_line, write_json
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +136,7 @@ def evaluate_bundle(bundle: Path, samples: Sequence[Sample], split: Any, out: Pa
     res["not_assessable"] = dict(Counter(r.reason_code for r in tres if r.probability is None))
     res["test"] = metrics_with_ci(y, p, threshold, n_boot=n_boot, seed=seed)
     res["per_source"] = per_group(y, p, sources, threshold)
+    res["within_source"] = within_group_auc(res["per_source"])
     att = np.asarray([np.nan if r.lung_attention is None else r.lung_attention for r in tres], dtype=float)
     yt = np.asarray([s.target for s in test])
     res["lung_attention"] = {"all": summary(att.tolist()), "positives": summary(att[yt == 1].tolist()),
@@ -222,6 +230,7 @@ def write_report(out: Path, res: dict[str, Any]) -> Path:
              f"TP {t['tp']}, FP {t['fp']}, TN {t['tn']}, FN {t['fn']} (n {t['n']}).", "",
              "![ROC](roc.png) ![PR](pr.png) ![confusion](confusion.png) ![calibration](calibration.png)", "",
              "## Per source", "", metrics_table(res["per_source"], "source"), "",
+             within_source_line(res["per_source"]), "",
              "## Stage 1", "",
              f"Dice on {s1.get('n', 0)} test images with a reference mask: median "
              f"{fmt(s1.get('dice', {}).get('median'))}, mean {fmt(s1.get('dice', {}).get('mean'))}; "

@@ -8,7 +8,8 @@ the validation set only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -147,6 +148,28 @@ def per_group(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.nda
     if g.shape != y.shape:
         raise ValueError('Argument "groups" must have one entry per case.')
     return {str(k): binary_metrics(y[g == k], p[g == k], threshold) for k in sorted(set(g.tolist()))}
+
+
+def within_group_auc(groups: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """ROC AUC over the (positive, negative) pairs that share a group, from :func:`per_group`'s output.
+
+    Each group's AUC is the share of its own pairs ranked right, so pooling them weighted by their pair counts
+    (positives x negatives) counts every same-group pair once. With groups = sources it measures what a model
+    tells apart when the source cannot help. ``roc_auc`` is nan when no group holds both classes;
+    ``positives`` and ``negatives`` count the cases of the groups that hold both.
+    """
+    total, right, used, npos, nneg = 0, 0.0, [], 0, 0
+    for name, m in sorted(groups.items()):
+        pos = int(m.get("positives", 0))
+        pairs = pos * (int(m.get("n", 0)) - pos)
+        auc = m.get("roc_auc")
+        if pairs and auc is not None and math.isfinite(float(auc)):
+            total += pairs
+            right += pairs * float(auc)
+            used.append(str(name))
+            npos, nneg = npos + pos, nneg + int(m["n"]) - pos
+    return {"roc_auc": right / total if total else math.nan, "pairs": total, "groups": used,
+            "positives": npos, "negatives": nneg}
 
 
 def summary(values: Sequence[float]) -> dict[str, float]:

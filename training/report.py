@@ -117,6 +117,18 @@ def _attention_line(results: Mapping[str, Any]) -> str:
             f"{fmt(neg.get('median'))} on normal images.")
 
 
+def within_source_line(per_source: Mapping[str, Mapping[str, Any]]) -> str:
+    """One sentence: ROC AUC over the COVID-19/normal pairs that come from the same source only."""
+    from training.metrics import within_group_auc
+
+    w = within_group_auc(per_source)
+    if not w["pairs"]:
+        return "Within-source ROC AUC: not measurable, no source holds both COVID-19 and normal test images."
+    return (f"Within-source ROC AUC (only pairs of a COVID-19 and a normal test image from the same source, "
+            f"so the source cannot help): {fmt(w['roc_auc'])} over {w['pairs']} pairs "
+            f"({w['positives']} COVID-19 and {w['negatives']} normal images from {', '.join(w['groups'])}).")
+
+
 def _selection_text(results: Mapping[str, Any]) -> str:
     """How the shipped configuration was chosen, from the run's own settings."""
     sel = results.get("selection")
@@ -184,6 +196,7 @@ def write_build_report(out: str | Path, results: Mapping[str, Any]) -> Path:
         f"Threshold {fmt(t.get('threshold'), 4)}; TP {fmt(t.get('tp'))}, FP {fmt(t.get('fp'))}, "
         f"TN {fmt(t.get('tn'))}, FN {fmt(t.get('fn'))}.", "",
         "### Per source (test)", "", metrics_table(results.get("per_source", {}), "source"), "",
+        within_source_line(results.get("per_source", {})), "",
         "## Shortcut checks", "",
         "Shape-normalised copies of the test images (centre square, fixed size, then the same pipeline), and "
         "trivial baselines that never look at the lungs.", "",
@@ -229,7 +242,8 @@ def readme_results(results: Mapping[str, Any], command: str = "") -> str:
                                for k, v in results["configs"].items() if k == results["chosen"]},
                             **{f"logistic regression, {k} (threshold 0.5)": v["test_at_0.5"]
                                for k, v in base.items()}}, "model / input"), "",
-             "Per source (test):", "", metrics_table(results.get("per_source", {}), "source"), ""]
+             "Per source (test):", "", metrics_table(results.get("per_source", {}), "source"), "",
+             within_source_line(results.get("per_source", {})), ""]
     return "\n".join(lines)
 
 

@@ -44,11 +44,13 @@ def test_outputs_and_split(built: tuple[Path, dict]) -> None:
     assert "roc_auc_ci" in results["test"] and results["per_source"]
     report = (out / "report.md").read_text()
     assert "| configuration | val AUC |" in report and "(chosen)" in report
-    assert "baseline shape" in report and "shape-normalised" in report
+    assert "baseline shape" in report and "shape-normalised" in report and "baseline texture" in report
+    assert "Within-source ROC AUC" in report
     from training.report import readme_results
 
     section = readme_results(results, "python -m training.build_default ...")
     assert section.startswith("## Results") and "(chosen)" in section and "logistic regression" in section
+    assert "Within-source ROC AUC" in section
 
 
 def test_bundle_loads_and_runs_in_the_pipeline(built: tuple[Path, dict]) -> None:

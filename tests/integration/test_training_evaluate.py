@@ -36,6 +36,8 @@ def test_evaluate_writes_the_report_folder(tmp_path: Path, phantom_bundle: Path,
         assert (out / name).stat().st_size > 0, name
     report = (out / "report.md").read_text()
     assert "## Per source" in report and "shape-normalised" in report
+    pairs = sum(g["positives"] * (g["n"] - g["positives"]) for g in m["per_source"].values())
+    assert m["within_source"]["pairs"] == pairs and "Within-source ROC AUC" in report
 
 
 def test_models_command_register_promote_rollback(tmp_path: Path, sqlite_url: str, phantom_bundle: Path,

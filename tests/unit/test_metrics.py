@@ -112,3 +112,31 @@ def test_bad_arguments_are_named() -> None:
         M.binary_metrics([0, 2], [0.1, 0.2])
     with pytest.raises(ValueError, match="differ in length"):
         M.roc_auc([0, 1], [0.1])
+
+
+def test_within_group_auc_counts_only_pairs_of_one_group() -> None:
+    # group a: covid 0.9, 0.4 vs normal 0.5 -> 1 of 2 pairs right; group b: covid 0.3 vs normals 0.2
+    # and 0.1 -> 2 of 2; group c: normals only (no pair). Pairs across groups (a's normal 0.5 above b's
+    # covid 0.3, c's 0.95 above every covid) must not count.
+    y = [1, 1, 0, 1, 0, 0, 0]
+    p = [0.9, 0.4, 0.5, 0.3, 0.2, 0.1, 0.95]
+    g = ["a", "a", "a", "b", "b", "b", "c"]
+    out = M.within_group_auc(M.per_group(y, p, g, 0.5))
+    assert out == {"roc_auc": pytest.approx(3 / 4), "pairs": 4, "groups": ["a", "b"], "positives": 3,
+                   "negatives": 3}
+    assert M.roc_auc(y, p) == pytest.approx(7 / 12)  # the AUC over all pairs is another number
+
+
+def test_within_group_auc_equals_brute_force_pair_counting() -> None:
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 300)
+    g = rng.choice(["x", "y", "z"], 300)
+    p = np.round(rng.random(300) * 0.5 + 0.3 * y, 2)  # rounded: ties occur and count half
+    right = pairs = 0.0
+    for k in "xyz":
+        pos, neg = p[(g == k) & (y == 1)], p[(g == k) & (y == 0)]
+        right += (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+        pairs += pos.size * neg.size
+    out = M.within_group_auc(M.per_group(y, p, g, 0.5))
+    assert out["pairs"] == pairs and out["roc_auc"] == pytest.approx(right / pairs)
+    assert math.isnan(M.within_group_auc({"n": {"n": 3, "positives": 3, "roc_auc": None}})["roc_auc"])
