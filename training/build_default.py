@@ -35,8 +35,7 @@ import logging
 import math
 import sys
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -45,10 +44,13 @@ import numpy as np
 import torch
 
 from training.candidates import (
+    RECIPE_KEYS,
     attention_summary,
     choose,
     load_member_bundles,
     measure_candidate,
+    recipe,
+    recipe_tag,
     say_candidate,
     single_groups,
     sortable,
@@ -64,6 +66,7 @@ from training.metrics import (
     summary,
 )
 from training.report import _plain, write_build_report, write_json
+from training.shipping import bundle_check, write_bundle
 from training.tensors import ImageSet, LungCrops, build_image_set, lung_crops
 
 log = logging.getLogger(__name__)
@@ -230,8 +233,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     configs: dict[str, dict[str, Any]] = {}
     models: dict[str, torch.nn.Module] = {}
     tagged = bool(added)  # several seeds of one configuration: names carry the seed
-    base_recipe = _recipe(base.card.get("training_data", {}) if base is not None else {})
-    run_recipe = _recipe({"source_balance": source_balance, "style_augment": style_augment})
+    base_recipe = recipe(base.card.get("training_data", {}) if base is not None else {})
+    run_recipe = recipe({"source_balance": source_balance, "style_augment": style_augment})
     train_groups = torch.as_tensor(np.unique(cls_sets["train"].sources, return_inverse=True)[1].reshape(-1))
     # (arch, mode, train, initial weights, seed, name, checkpoint file)
     plan: list[tuple[str, str, bool, torch.nn.Module | None, int, str, str]] = []
@@ -242,7 +245,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                 many = len(inits) > 1  # fine-tuning an ensemble: each member from its own weights
                 plan.append((a, m, True, init, seed + i,
                              f"{a}/{m}" + (f" member {i + 1}" if many else "")
-                             + (f" seed {seed + i}" if tagged else "") + _recipe_tag(run_recipe),
+                             + (f" seed {seed + i}" if tagged else "") + recipe_tag(run_recipe),
                              f"stage2_{a}_{m}" + (f"_m{i + 1}" if many else "") + ".pt"))
             if len(inits) > 1:
                 ensemble = max(ensemble, len(inits))
@@ -283,12 +286,12 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     for b in added:
         trained = b.card["training_data"]
         name = (f"{b.classifier_arch}/{b.crop_mode} seed {trained.get('seed')}"
-                + _recipe_tag(trained))
+                + recipe_tag(trained))
         with timer.step(f"stage 2 {name} (from {b.path})"):
             configs[name] = measure_candidate(b.classifier, b.classifier_arch, b.crop_mode, cls_sets, crops,
                                               test_centre, crops_centre, dev, target_sensitivity, cam_missing,
                                               b.mean, b.std)
-            configs[name].update({"from": str(b.path), "seed": trained.get("seed"), **_recipe(trained)})
+            configs[name].update({"from": str(b.path), "seed": trained.get("seed"), **recipe(trained)})
             models[name] = b.classifier.cpu()
             say_candidate(say, name, configs[name])
     if ensemble:
@@ -333,11 +336,11 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                                                  {s: y[s].numpy() for s in SIDES},
                                                  target_sensitivity=target_sensitivity)
     with timer.step("bundle"):
-        results["bundle"] = str(_write_bundle(out / "bundle", segmenter, seg_arch, models[chosen], c, results,
+        results["bundle"] = str(write_bundle(out / "bundle", segmenter, seg_arch, models[chosen], c, results,
                                               seg_size=seg_size, cls_size=cls_size, version=version,
                                               cls_samples=cls,
                                               int8=int8_classifier and len(members_of(models[chosen])) > 1))
-        results["bundle_check"] = _bundle_check(Path(results["bundle"]), c, cls_sets["val"], crops["val"],
+        results["bundle_check"] = bundle_check(Path(results["bundle"]), c, cls_sets["val"], crops["val"],
                                                 dev)
         say(f"bundle: validation probabilities within {results['bundle_check']['max_abs_diff_val']:.4f} of "
             "the trained network's")
@@ -346,21 +349,6 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     write_build_report(out, results)
     say(f"done in {time.perf_counter() - timer.t0:.1f} s: {out / 'report.md'}")
     return results
-
-
-RECIPE_KEYS = ("source_balance", "style_augment")  # stage 2 training options recorded with each network
-
-
-def _recipe(values: Mapping[str, Any]) -> dict[str, float]:
-    """The stage 2 training options of ``values`` (a card's ``training_data``, a candidate), 0 when absent."""
-    return {k: float(values.get(k) or 0.0) for k in RECIPE_KEYS}
-
-
-def _recipe_tag(values: Mapping[str, Any]) -> str:
-    """The suffix that marks, in candidate names, a network trained source-balanced or style-augmented."""
-    recipe = _recipe(values)
-    return ((" source-balanced" if recipe["source_balance"] > 0 else "")
-            + (" style-augmented" if recipe["style_augment"] > 0 else ""))
 
 
 def preflight() -> str:
@@ -424,68 +412,6 @@ def _attention(configs: dict[str, dict[str, Any]], models: dict[str, torch.nn.Mo
     """Lung attention on the test images for every configuration (all images and positives only)."""
     return {name: attention_summary(models[name], c["arch"], c["mode"], images, crops, dev)
             for name, c in configs.items()}
-
-
-def _write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifier: torch.nn.Module,
-                  chosen: dict[str, Any], results: dict[str, Any], *, seg_size: int, cls_size: int,
-                  version: str, cls_samples: list[Sample], int8: bool = False) -> Path:
-    from inference.bundle import TARGETS, create_bundle
-    from inference.models.classifiers import members_of
-
-    by_source = Counter(f"{s.source}/{s.label}" for s in cls_samples)
-    card = {
-        "name": "cxr-node-covid19",
-        "version": version,
-        "architectures": {"segmenter": seg_arch, "classifier": chosen["arch"],
-                          **({"classifier_members": len(members_of(classifier))}
-                             if len(members_of(classifier)) > 1 else {})},
-        "input_sizes": {"segmenter": seg_size, "classifier": cls_size},
-        "normalisation": {"mean": 0.5, "std": 0.25},
-        "targets": list(TARGETS),
-        "threshold": chosen["threshold"],
-        "crop_mode": chosen["mode"],
-        "training_data": {
-            "description": "COVID-19 vs normal chest radiographs (public sources; 'other' excluded), "
-                           "patient-level split 7:2:1, stratified by label and source",
-            "images_by_source_label": dict(sorted(by_source.items())),
-            "split_counts": results["split"], "seed": results["seed"],
-            "selection": "best validation ROC AUC over architecture x {whole, lung}"
-                         + (f" and ensembles of the {results['selection']['ensemble']} best networks of one "
-                            "architecture and mode" if results["selection"].get("ensemble") else "")
-                         + " among configurations "
-                         f"with median lung attention >= {results['selection']['min_attention']} on "
-                         "validation positives (all when none); threshold on validation for sensitivity >= "
-                         f"{results['target_sensitivity']}",
-            "lung_attention_weight": results["selection"]["attention_weight"],
-            **_recipe(chosen),
-            **({"ensemble_members": {k: {"seed": results["configs"][k].get("seed"),
-                                         **_recipe(results["configs"][k]),
-                                         "val_roc_auc": results["configs"][k]["val"]["roc_auc"]}
-                                     for k in chosen["members"]}} if "members" in chosen else {}),
-        },
-        "metrics": {k: results[k] for k in ("test", "per_source", "test_shape_normalised", "stage1",
-                                             "lung_attention") if k in results},
-    }
-    attention = results.get("lung_attention", {})
-    card["metrics"]["lung_attention"] = attention.get(results["chosen"], attention)
-    card["metrics"]["baselines"] = {k: v["test_at_0.5"] for k, v in results.get("baselines", {}).items()}
-    return create_bundle(path, segmenter=segmenter.cpu().float(), classifier=classifier.cpu().float(),
-                         card=_plain(card), half=True, int8_classifier=int8)
-
-
-def _bundle_check(path: Path, chosen: dict[str, Any], images: ImageSet, crops: LungCrops,
-                  dev: torch.device) -> dict[str, Any]:
-    """The written bundle's stage 2 (fp16 or int8 weights) against the trained network, on validation."""
-    from inference.bundle import ModelBundle
-
-    b = ModelBundle.load(path)
-    p = predict(b.classifier, stage2_inputs(chosen["mode"], images, crops), kind="classification", device=dev,
-                mean=b.mean, std=b.std).numpy()
-    ref = np.asarray(chosen["prob_val"])
-    diff = np.abs(p - ref) if len(ref) else np.zeros(0)
-    return {"max_abs_diff_val": float(diff.max()) if len(diff) else 0.0,
-            "same_decisions_val": float(((p >= chosen["threshold"]) == (ref >= chosen["threshold"])).mean())
-            if len(ref) else 1.0}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ validation figures only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,20 @@ from training.loops import predict
 from training.metrics import binary_metrics, summary, threshold_for_sensitivity
 from training.report import _plain
 from training.tensors import ImageSet, LungCrops
+
+RECIPE_KEYS = ("source_balance", "style_augment")  # stage 2 training options recorded with each network
+
+
+def recipe(values: Mapping[str, Any]) -> dict[str, float]:
+    """The stage 2 training options of ``values`` (a card's ``training_data``, a candidate), 0 when absent."""
+    return {k: float(values.get(k) or 0.0) for k in RECIPE_KEYS}
+
+
+def recipe_tag(values: Mapping[str, Any]) -> str:
+    """The suffix that marks, in candidate names, a network trained source-balanced or style-augmented."""
+    r = recipe(values)
+    return ((" source-balanced" if r["source_balance"] > 0 else "")
+            + (" style-augmented" if r["style_augment"] > 0 else ""))
 
 
 def sortable(v: float | None) -> float:

@@ -1,0 +1,79 @@
+"""The chosen stage 2 configuration as the node's bundle: the card that describes it, and the check that the
+stored (float16 or int8) weights answer like the trained network."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.candidates import recipe, stage2_inputs
+from training.datasets import Sample
+from training.loops import predict
+from training.report import _plain
+from training.tensors import ImageSet, LungCrops
+
+
+def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifier: torch.nn.Module,
+                  chosen: dict[str, Any], results: dict[str, Any], *, seg_size: int, cls_size: int,
+                  version: str, cls_samples: list[Sample], int8: bool = False) -> Path:
+    from inference.bundle import TARGETS, create_bundle
+    from inference.models.classifiers import members_of
+
+    by_source = Counter(f"{s.source}/{s.label}" for s in cls_samples)
+    card = {
+        "name": "cxr-node-covid19",
+        "version": version,
+        "architectures": {"segmenter": seg_arch, "classifier": chosen["arch"],
+                          **({"classifier_members": len(members_of(classifier))}
+                             if len(members_of(classifier)) > 1 else {})},
+        "input_sizes": {"segmenter": seg_size, "classifier": cls_size},
+        "normalisation": {"mean": 0.5, "std": 0.25},
+        "targets": list(TARGETS),
+        "threshold": chosen["threshold"],
+        "crop_mode": chosen["mode"],
+        "training_data": {
+            "description": "COVID-19 vs normal chest radiographs (public sources; 'other' excluded), "
+                           "patient-level split 7:2:1, stratified by label and source",
+            "images_by_source_label": dict(sorted(by_source.items())),
+            "split_counts": results["split"], "seed": results["seed"],
+            "selection": "best validation ROC AUC over architecture x {whole, lung}"
+                         + (f" and ensembles of the {results['selection']['ensemble']} best networks of one "
+                            "architecture and mode" if results["selection"].get("ensemble") else "")
+                         + " among configurations "
+                         f"with median lung attention >= {results['selection']['min_attention']} on "
+                         "validation positives (all when none); threshold on validation for sensitivity >= "
+                         f"{results['target_sensitivity']}",
+            "lung_attention_weight": results["selection"]["attention_weight"],
+            **recipe(chosen),
+            **({"ensemble_members": {k: {"seed": results["configs"][k].get("seed"),
+                                         **recipe(results["configs"][k]),
+                                         "val_roc_auc": results["configs"][k]["val"]["roc_auc"]}
+                                     for k in chosen["members"]}} if "members" in chosen else {}),
+        },
+        "metrics": {k: results[k] for k in ("test", "per_source", "test_shape_normalised", "stage1",
+                                             "lung_attention") if k in results},
+    }
+    attention = results.get("lung_attention", {})
+    card["metrics"]["lung_attention"] = attention.get(results["chosen"], attention)
+    card["metrics"]["baselines"] = {k: v["test_at_0.5"] for k, v in results.get("baselines", {}).items()}
+    return create_bundle(path, segmenter=segmenter.cpu().float(), classifier=classifier.cpu().float(),
+                         card=_plain(card), half=True, int8_classifier=int8)
+
+
+def bundle_check(path: Path, chosen: dict[str, Any], images: ImageSet, crops: LungCrops,
+                  dev: torch.device) -> dict[str, Any]:
+    """The written bundle's stage 2 (fp16 or int8 weights) against the trained network, on validation."""
+    from inference.bundle import ModelBundle
+
+    b = ModelBundle.load(path)
+    p = predict(b.classifier, stage2_inputs(chosen["mode"], images, crops), kind="classification", device=dev,
+                mean=b.mean, std=b.std).numpy()
+    ref = np.asarray(chosen["prob_val"])
+    diff = np.abs(p - ref) if len(ref) else np.zeros(0)
+    return {"max_abs_diff_val": float(diff.max()) if len(diff) else 0.0,
+            "same_decisions_val": float(((p >= chosen["threshold"]) == (ref >= chosen["threshold"])).mean())
+            if len(ref) else 1.0}
