@@ -116,7 +116,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                   min_attention: float = 0.7, reference: Path | tuple[Path, ...] | None = None,
                   member_bundles: tuple[Path, ...] = (), ensemble: int = 0,
                   int8_classifier: bool = False, source_balance: float = 0.0,
-                  style_augment: float = 0.0) -> dict[str, Any]:
+                  style_augment: float = 0.0, source_adversary: float = 0.0) -> dict[str, Any]:
     """Run every step (see the module docstring) and return the results dict (also in ``results.json``).
 
     ``seg_archs=()`` takes stage 1 from ``base_bundle`` instead of training it (its input size wins);
@@ -128,6 +128,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     (``training.loops.sample_weights``); its networks are named "source-balanced".
     ``style_augment`` > 0 adds texture degradations with that probability to stage 2's augmentation
     (``training.augment.texture``); its networks are named "style-augmented".
+    ``source_adversary`` > 0 adds a class-conditional source adversary with that weight to stage 2's loss
+    (``training.adversary``); its networks are named "source-adversarial".
     ``reference`` is the ``results.json`` of an earlier run on the same split, or several: their
     configurations are listed in the report beside this run's (marked with the run, not candidates); their
     split counts must equal this run's.
@@ -234,7 +236,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     models: dict[str, torch.nn.Module] = {}
     tagged = bool(added)  # several seeds of one configuration: names carry the seed
     base_recipe = recipe(base.card.get("training_data", {}) if base is not None else {})
-    run_recipe = recipe({"source_balance": source_balance, "style_augment": style_augment})
+    run_recipe = recipe({"source_balance": source_balance, "style_augment": style_augment,
+                         "source_adversary": source_adversary})
     train_groups = torch.as_tensor(np.unique(cls_sets["train"].sources, return_inverse=True)[1].reshape(-1))
     # (arch, mode, train, initial weights, seed, name, checkpoint file)
     plan: list[tuple[str, str, bool, torch.nn.Module | None, int, str, str]] = []
@@ -267,7 +270,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                 model = build_classifier(arch)
             cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=run_seed,
                             max_steps=max_steps, attention_weight=attention_weight,
-                            source_balance=source_balance, style_augment=style_augment)
+                            source_balance=source_balance, style_augment=style_augment,
+                            source_adversary=source_adversary)
             r = (fit(model, (stage2_inputs(mode, cls_sets["train"], crops["train"]), y["train"]),
                      (stage2_inputs(mode, cls_sets["val"], crops["val"]), y["val"]), kind="classification",
                      config=cfg, device=dev, checkpoint=out / "checkpoints" / ckpt,
@@ -443,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--style-augment", type=float, default=0.0,
                    help="0-1: probability of each texture degradation (blur, sharpening, noise) per image in "
                         "stage 2's augmentation; 0 = off")
+    p.add_argument("--source-adversary", type=float, default=0.0,
+                   help="weight of a class-conditional source adversary (gradient reversal) in stage 2's "
+                        "loss; 0 = off")
     p.add_argument("--min-attention", type=float, default=0.7,
                    help="median lung attention on validation positives a configuration needs to be preferred")
     p.add_argument("--reference", type=Path, action="append", default=None,
@@ -473,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
                   member_bundles=tuple(Path(b) for b in args.add_bundles.split(",") if b),
                   ensemble=args.ensemble, int8_classifier=args.int8_ensembles,
                   source_balance=args.source_balance, style_augment=args.style_augment,
+                  source_adversary=args.source_adversary,
                   say=lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush()) and None)
     return 0
 

@@ -21,7 +21,7 @@ from training.metrics import binary_metrics, summary, threshold_for_sensitivity
 from training.report import _plain
 from training.tensors import ImageSet, LungCrops
 
-RECIPE_KEYS = ("source_balance", "style_augment")  # stage 2 training options recorded with each network
+RECIPE_KEYS = ("source_balance", "style_augment", "source_adversary")  # stage 2 options recorded per network
 
 
 def recipe(values: Mapping[str, Any]) -> dict[str, float]:
@@ -30,10 +30,12 @@ def recipe(values: Mapping[str, Any]) -> dict[str, float]:
 
 
 def recipe_tag(values: Mapping[str, Any]) -> str:
-    """The suffix that marks, in candidate names, a network trained source-balanced or style-augmented."""
+    """The suffix that marks, in candidate names, a network trained source-balanced, style-augmented or
+    source-adversarial."""
     r = recipe(values)
     return ((" source-balanced" if r["source_balance"] > 0 else "")
-            + (" style-augmented" if r["style_augment"] > 0 else ""))
+            + (" style-augmented" if r["style_augment"] > 0 else "")
+            + (" source-adversarial" if r["source_adversary"] > 0 else ""))
 
 
 def sortable(v: float | None) -> float:

@@ -155,6 +155,7 @@ class FitConfig:
     attention_weight: float = 0.0  # >0: add this times the CAM mass outside the lungs (needs train masks)
     source_balance: float = 0.0  # >0: also balance sources within each class (sample_weights; needs groups)
     style_augment: float = 0.0  # >0: probability of each texture degradation per image (training.augment)
+    source_adversary: float = 0.0  # >0: weight of a class-conditional source adversary (training.adversary)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -168,6 +169,8 @@ class FitConfig:
             raise ValueError('Argument "source_balance" must be from 0 to 1.')
         if not 0.0 <= self.style_augment <= 1.0:
             raise ValueError('Argument "style_augment" must be from 0 to 1.')
+        if not self.source_adversary >= 0:
+            raise ValueError('Argument "source_adversary" must not be negative.')
 
 
 @dataclass
@@ -250,6 +253,10 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     classifier learns to look at the lungs rather than at borders, labels or markers.
     With ``config.source_balance > 0`` (classification only) ``groups`` holds each training image's source id
     (N,) and the loss weighs images by :func:`sample_weights` instead of by class alone.
+    With ``config.source_adversary > 0`` (classification only, ``groups`` as above, at least two sources) the
+    loss adds that weight (ramped up from 0 over training) times the loss of a source adversary on the pooled
+    features, whose gradient reaches the network reversed (:mod:`training.adversary`): features stop telling
+    sources apart within a class.
     Returns the best state dict (CPU tensors), its validation score and epoch, and the per-epoch history.
     """
     if kind not in ("segmentation", "classification"):
@@ -264,6 +271,11 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     balanced = kind == "classification" and config.source_balance > 0
     if balanced and (groups is None or groups.shape != (train[0].shape[0],)):
         raise ValueError(f"{name or kind}: source_balance needs one group id per training image")
+    adversarial = kind == "classification" and config.source_adversary > 0
+    if adversarial and (groups is None or groups.shape != (train[0].shape[0],)
+                        or groups.unique().numel() < 2):
+        raise ValueError(f"{name or kind}: source_adversary needs one group id per training image and at "
+                         "least two groups")
     t0 = time.perf_counter()
     seed_everything(config.seed)
     model.to(device)
@@ -277,9 +289,22 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
         hooks.append(cam_layer.register_forward_hook(
             lambda m, _i, out: captured.append(out) if m.training else None))
         mt = train_masks.to(device)
+    adversary, pooled = None, []
+    if adversarial:
+        from training.adversary import SourceAdversary, adversary_loss
+        from training.attention import head_linear
+
+        assert groups is not None
+        last = head_linear(model)
+        adversary = SourceAdversary(last.in_features, int(groups.max()) + 1).to(device)
+        hooks.append(last.register_forward_pre_hook(
+            lambda m, inp: pooled.append(inp[0]) if m.training else None))
+        gt = groups.to(device)
+        adv_weights = sample_weights(train[1].cpu(), groups.cpu(), 1.0).to(device)
     ch = in_channels(model)
     xt, yt = train[0].to(device), train[1].to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    params = list(model.parameters()) + ([] if adversary is None else list(adversary.parameters()))
+    opt = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(xt.shape[0] / config.batch_size)
     if config.max_steps:
         steps_per_epoch = min(steps_per_epoch, config.max_steps)
@@ -300,6 +325,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     if resume and checkpoint is not None and checkpoint.is_file():
         ck = torch.load(checkpoint, map_location=device, weights_only=True)
         model.load_state_dict(ck["model"])
+        if adversary is not None:
+            adversary.load_state_dict(ck["adversary"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         best_state, best_score, best_epoch = ck["best_state"], float(ck["best_score"]), int(ck["best_epoch"])
@@ -310,6 +337,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
         log.info("resumed", extra={"action": "train_resume", "run": name, "epoch": start})
     for epoch in _progress(range(start, config.epochs), name or kind, progress):  # type: ignore[attr-defined]
         model.train()
+        if adversary is not None:
+            adversary.train()
         perm = torch.randperm(xt.shape[0], device=device, generator=gen)
         total, seen = 0.0, 0
         for step in range(steps_per_epoch):
@@ -323,6 +352,7 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
                 xb, mb = augment(xb, mb, generator=gen, style=config.style_augment)
             xb = as_input(xb, ch, config.mean, config.std)
             captured.clear()
+            pooled.clear()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 if kind == "classification":
                     loss = _cls_loss(logits_of(model(xb)), yb, weights,
@@ -330,6 +360,11 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
                     if guided:
                         assert mb is not None
                         loss = loss + config.attention_weight * attention_loss(captured[-1], head, mb)
+                    if adversary is not None:  # weight ramped up from 0 as in Ganin & Lempitsky (2015)
+                        done = (epoch * steps_per_epoch + step) / max(1, config.epochs * steps_per_epoch)
+                        ramp = 2.0 / (1.0 + math.exp(-10.0 * done)) - 1.0
+                        loss = loss + config.source_adversary * ramp * adversary_loss(
+                            adversary, pooled[-1], yb, gt[idx], adv_weights[idx])
                 else:
                     loss = _seg_step(model, xb, mb, cpu_gen)  # type: ignore[arg-type]
             opt.zero_grad(set_to_none=True)
@@ -354,6 +389,7 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                        **({} if adversary is None else {"adversary": adversary.state_dict()}),
                         "scheduler": sched.state_dict(), "best_state": best_state, "best_score": best_score,
                         "best_epoch": best_epoch, "epoch": epoch, "history": history}, tmp)
             tmp.replace(checkpoint)

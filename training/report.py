@@ -154,6 +154,12 @@ def _selection_text(results: Mapping[str, Any]) -> str:
                  "augmentation (blur, sharpening and noise, each with probability "
                  f"{fmt(style, 2)} per image), so that an image's sharpness and noise, which name its source "
                  "on these data, stop being a cue.")
+    weight = max((c.get("source_adversary") or 0.0 for c in results.get("configs", {}).values()), default=0.0)
+    if weight:
+        text += (" Networks named source-adversarial were trained with a source adversary (weight "
+                 f"{fmt(weight, 2)}, ramped up from 0): a small head predicts each training image's source "
+                 "from the network's pooled features and the image's class, and its gradient reaches the "
+                 "network reversed, so that within a class the features stop telling sources apart.")
     if sel.get("ensemble"):
         text += (" Candidates include, per architecture and mode, the ensemble of its "
                  f"{sel['ensemble']} best networks by validation ROC AUC (seeds of one configuration; the "

@@ -99,7 +99,7 @@ def test_attention_penalty_build_with_a_reference_run(built: tuple[Path, dict], 
     results = json.loads((tmp_path / "guided" / "results.json").read_text())
     assert set(results["configs"]) == {"resnet18/whole"} and results["chosen"] == "resnet18/whole"
     assert results["selection"] == {"min_attention": 0.7, "attention_weight": 1.0, "source_balance": 0.0,
-                                    "style_augment": 0.0,
+                                    "style_augment": 0.0, "source_adversary": 0.0,
                                     "references": [{"path": str(out / "results.json"), "label": "results",
                                                     "attention_weight": 1.0}]}
     assert results["reference_configs"].keys() == {f"{k} (results run)" for k in first["configs"]}
@@ -131,7 +131,8 @@ def test_a_reference_from_another_split_is_refused_before_training(built: tuple[
 
 def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, dict],
                                                              tmp_path: Path) -> None:
-    """Also: the new network trains source-balanced and style-augmented, and its name and the card say so."""
+    """Also: the new network trains source-balanced, style-augmented and with a source adversary, and its name
+    and the card say so."""
     from inference.bundle import ModelBundle
     from training.build_default import main
 
@@ -141,10 +142,11 @@ def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, 
                "--quick", "--epochs-cls", "1", "--archs", "mobilenet_v2", "--modes", mode, "--seg-archs", "",
                "--base-bundle", str(out / "bundle"), "--split", str(out / "split.json"), "--seed", "1",
                "--attention-weight", "0", "--add-bundles", str(out / "bundle"), "--ensemble", "2",
-               "--int8-ensembles", "--source-balance", "0.5", "--style-augment", "0.3"])
+               "--int8-ensembles", "--source-balance", "0.5", "--style-augment", "0.3",
+               "--source-adversary", "0.2"])
     assert rc == 0
     results = json.loads((tmp_path / "ens" / "results.json").read_text())
-    one = f"mobilenet_v2/{mode} seed 1 source-balanced style-augmented"
+    one = f"mobilenet_v2/{mode} seed 1 source-balanced style-augmented source-adversarial"
     zero, ens = f"mobilenet_v2/{mode} seed 0", f"mobilenet_v2/{mode} ensemble of 2"
     assert set(results["configs"]) == {one, zero, ens}
     assert sorted(results["configs"][ens]["members"]) == sorted([one, zero])
@@ -155,10 +157,12 @@ def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, 
     assert [results["configs"][k]["source_balance"] for k in (one, zero, ens)] == [0.5, 0.0, 0.5]
     assert results["selection"]["style_augment"] == 0.3
     assert [results["configs"][k]["style_augment"] for k in (one, zero, ens)] == [0.3, 0.0, 0.3]
+    assert [results["configs"][k]["source_adversary"] for k in (one, zero, ens)] == [0.2, 0.0, 0.2]
     bundle = ModelBundle.load(tmp_path / "ens" / "bundle")
     chosen = results["configs"][results["chosen"]]
     assert bundle.card["training_data"]["source_balance"] == chosen["source_balance"]
     assert bundle.card["training_data"]["style_augment"] == chosen["style_augment"]
+    assert bundle.card["training_data"]["source_adversary"] == chosen["source_adversary"]
     assert bundle.classifier_members == (2 if results["chosen"] == ens else 1)
     # int8 (an ensemble) or float16 (one network) weights answer like the trained ones
     assert results["bundle_check"]["max_abs_diff_val"] < 0.05
@@ -171,7 +175,7 @@ def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, 
     report = (tmp_path / "ens" / "report.md").read_text()
     assert "ensemble of its 2 best networks" in report
     assert "balanced across sources within each class (power 0.50:" in report
-    assert "each with probability 0.30 per image" in report
+    assert "each with probability 0.30 per image" in report and "source adversary (weight 0.20" in report
 
 
 def test_members_from_another_split_are_refused_before_training(built: tuple[Path, dict],

@@ -183,3 +183,6 @@ def test_report_names_style_augmentation_when_a_candidate_used_it() -> None:
     text = _selection_text(results)
     assert "style-augmented were trained with texture degradations" in text
     assert "each with probability 0.50 per image" in text and "source-balanced" not in text
+    assert "source-adversarial" not in text
+    results["configs"]["resnet18/whole seed 2 source-adversarial"] = {"source_adversary": 0.5}
+    assert "source adversary (weight 0.50, ramped up from 0)" in _selection_text(results)
