@@ -129,6 +129,21 @@ def within_source_line(per_source: Mapping[str, Mapping[str, Any]]) -> str:
             f"({w['positives']} COVID-19 and {w['negatives']} normal images from {', '.join(w['groups'])}).")
 
 
+_RECIPE_TEXT = {  # how networks trained with each stage 2 recipe option were trained ({} = its value)
+    "source_balance": "Networks named source-balanced were trained with their loss balanced across sources "
+                      "within each class (power {}: an image weighs the number of images of its source and "
+                      "class to minus that power), so that a source holding most of one class does not make "
+                      "the other sources' style a cue.",
+    "style_augment": "Networks named style-augmented were trained with texture degradations added to their "
+                     "augmentation (blur, sharpening and noise, each with probability {} per image), so that "
+                     "an image's sharpness and noise, which name its source on these data, stop being a cue.",
+    "source_adversary": "Networks named source-adversarial were trained with a source adversary (weight {}, "
+                        "ramped up from 0): a small head predicts each training image's source from the "
+                        "network's pooled features and the image's class, and its gradient reaches the "
+                        "network reversed, so that within a class the features stop telling sources apart.",
+}
+
+
 def _selection_text(results: Mapping[str, Any]) -> str:
     """How the shipped configuration was chosen, from the run's own settings."""
     sel = results.get("selection")
@@ -141,25 +156,10 @@ def _selection_text(results: Mapping[str, Any]) -> str:
         text += (" Stage 2 was trained with a lung-attention penalty (weight "
                  f"{fmt(sel['attention_weight'], 2)}): the share of Grad-CAM++ mass outside the lung mask is "
                  "added to the loss.")
-    # every candidate records the power it was trained with, also those of earlier runs brought in
-    power = max((c.get("source_balance") or 0.0 for c in results.get("configs", {}).values()), default=0.0)
-    if power:
-        text += (" Networks named source-balanced were trained with their loss balanced across sources "
-                 f"within each class (power {fmt(power, 2)}: an image weighs the number of "
-                 "images of its source and class to minus that power), so that a source holding most of one "
-                 "class does not make the other sources' style a cue.")
-    style = max((c.get("style_augment") or 0.0 for c in results.get("configs", {}).values()), default=0.0)
-    if style:
-        text += (" Networks named style-augmented were trained with texture degradations added to their "
-                 "augmentation (blur, sharpening and noise, each with probability "
-                 f"{fmt(style, 2)} per image), so that an image's sharpness and noise, which name its source "
-                 "on these data, stop being a cue.")
-    weight = max((c.get("source_adversary") or 0.0 for c in results.get("configs", {}).values()), default=0.0)
-    if weight:
-        text += (" Networks named source-adversarial were trained with a source adversary (weight "
-                 f"{fmt(weight, 2)}, ramped up from 0): a small head predicts each training image's source "
-                 "from the network's pooled features and the image's class, and its gradient reaches the "
-                 "network reversed, so that within a class the features stop telling sources apart.")
+    # every candidate records the recipe it was trained with, also those of earlier runs brought in
+    most = {k: max((c.get(k) or 0.0 for c in results.get("configs", {}).values()), default=0.0)
+            for k in _RECIPE_TEXT}
+    text += "".join(" " + _RECIPE_TEXT[k].format(fmt(v, 2)) for k, v in most.items() if v)
     if sel.get("ensemble"):
         text += (" Candidates include, per architecture and mode, the ensemble of its "
                  f"{sel['ensemble']} best networks by validation ROC AUC (seeds of one configuration; the "
