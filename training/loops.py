@@ -276,6 +276,9 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
                         or groups.unique().numel() < 2):
         raise ValueError(f"{name or kind}: source_adversary needs one group id per training image and at "
                          "least two groups")
+    if adversarial and sum(isinstance(m, nn.Linear) for m in model.modules()) > 1:
+        raise ValueError(f"{name or kind}: source_adversary needs a network with one linear class head "
+                         "(not an ensemble)")
     t0 = time.perf_counter()
     seed_everything(config.seed)
     model.to(device)

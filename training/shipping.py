@@ -18,8 +18,10 @@ from training.tensors import ImageSet, LungCrops
 
 
 def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifier: torch.nn.Module,
-                  chosen: dict[str, Any], results: dict[str, Any], *, seg_size: int, cls_size: int,
-                  version: str, cls_samples: list[Sample], int8: bool = False) -> Path:
+                 chosen: dict[str, Any], results: dict[str, Any], *, seg_size: int, cls_size: int,
+                 version: str, cls_samples: list[Sample], int8: bool = False) -> Path:
+    """Write the bundle at ``path``: both stages' weights (float16; an ensemble as int8 with ``int8``) and a
+    card that names the data, the split, how ``chosen`` was selected and trained, and its test metrics."""
     from inference.bundle import TARGETS, create_bundle
     from inference.models.classifiers import members_of
 
@@ -65,7 +67,7 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
 
 
 def bundle_check(path: Path, chosen: dict[str, Any], images: ImageSet, crops: LungCrops,
-                  dev: torch.device) -> dict[str, Any]:
+                 dev: torch.device) -> dict[str, Any]:
     """The written bundle's stage 2 (fp16 or int8 weights) against the trained network, on validation."""
     from inference.bundle import ModelBundle
 

@@ -71,6 +71,12 @@ def test_fit_with_a_source_adversary_checkpoints_and_resumes_it(tmp_path: Path,
     with pytest.raises(ValueError, match="at least two groups"):
         fit(build_classifier("resnet18"), (x[:12], y[:12]), (x[12:], y[12:]), kind="classification",
             config=cfg, device=torch.device("cpu"), groups=torch.zeros(12, dtype=torch.long))
+    from inference.models.classifiers import ClassifierEnsemble
+
+    pair = ClassifierEnsemble([build_classifier("resnet18"), build_classifier("resnet18")])
+    with pytest.raises(ValueError, match="not an ensemble"):
+        fit(pair, (x[:12], y[:12]), (x[12:], y[12:]), kind="classification", config=cfg,
+            device=torch.device("cpu"), groups=torch.arange(12) % 3)
     ck = tmp_path / "adv.pt"
     groups = torch.arange(12) % 3
     model = build_classifier("resnet18")
