@@ -9,8 +9,8 @@ Optional *texture* degradations (``style`` > 0: each applied to an image with th
 noise.
 On the shipped data the texture of an image names its source (the ``texture`` baseline of
 :mod:`training.baselines` scores it): nearly all normals come from one archive of smooth, uniformly processed
-films, the COVID-19 images from publications and other hospitals. Randomising texture in every class makes it
-a useless cue, so the network has to look for something else.
+films, the COVID-19 images from publications and other hospitals. Randomising texture in every class is meant
+to make it a useless cue (on the shipped data it did not give a better model: see the README).
 """
 
 from __future__ import annotations
