@@ -48,6 +48,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--attention-weight", type=float, default=1.0,
                    help="weight of the lung-attention penalty in stage 2's loss (0: off)")
+    p.add_argument("--source-balance", type=float, default=0.0,
+                   help="0-1: in stage 2's loss also balance the sources within each class (0: classes only)")
+    p.add_argument("--style-augment", type=float, default=0.0,
+                   help="0-1: probability of each texture degradation (blur, sharpening, noise) per image in "
+                        "stage 2's augmentation (0: off)")
+    p.add_argument("--source-adversary", type=float, default=0.0,
+                   help="weight of a class-conditional source adversary in stage 2's loss (0: off; needs "
+                        "images from at least two sources)")
     p.add_argument("--seg-size", type=int, default=256)
     p.add_argument("--size", type=int, default=224, help="stage 2 input size")
     p.add_argument("--split", help="reuse a split.json (patient ids per side)")
@@ -89,6 +97,7 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         target_sensitivity=args.target_sensitivity, seed=args.seed, quick=args.quick, resume=args.resume,
         version=args.version, base_bundle=Path(args.base_model) if args.base_model else None,
         fine_tune=args.fine_tune, split_file=Path(args.split) if args.split else None, say=say,
-        attention_weight=args.attention_weight)
+        attention_weight=args.attention_weight, source_balance=args.source_balance,
+        style_augment=args.style_augment, source_adversary=args.source_adversary)
     say(f"bundle: {results['bundle']}")
     return 0

@@ -3,6 +3,7 @@ registry, roll back; the promoted bundle runs in the pipeline."""
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -79,8 +80,10 @@ def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phanto
     monkeypatch.setenv("CXRNODE_DATABASE_URL", sqlite_url)
     assert main(["train", "--data", "node", "--stage", "2", "--fine-tune", "--arch", "mobilenet_v2",
                  "--base-model", str(phantom_bundle), "--out", str(tmp_path / "run"), "--quick",
-                 "--epochs", "1", "--device", "cpu"]) == 0
+                 "--epochs", "1", "--device", "cpu", "--style-augment", "0.25"]) == 0
     assert (tmp_path / "run" / "bundle" / "model.json").is_file()
+    trained = json.loads((tmp_path / "run" / "bundle" / "model.json").read_text())["training_data"]
+    assert trained["style_augment"] == 0.25 and trained["source_adversary"] == 0.0
 
     registry.register(engine, phantom_bundle, status="retired")
     first = registry.promote(engine, registry.list_versions(engine)[0]["version"])
