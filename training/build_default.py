@@ -45,6 +45,7 @@ import torch
 
 from training.candidates import (
     RECIPE_KEYS,
+    add_shortcut_arguments,
     attention_summary,
     choose,
     load_member_bundles,
@@ -439,17 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--base-bundle", type=Path, default=None,
                    help="bundle whose stage 1 is reused when --seg-archs is empty")
     p.add_argument("--split", type=Path, default=None, help="reuse this split.json instead of a new split")
-    p.add_argument("--attention-weight", type=float, default=1.0,
-                   help="weight of the lung-attention penalty in stage 2's loss (0: off)")
-    p.add_argument("--source-balance", type=float, default=0.0,
-                   help="0-1: in stage 2's loss also balance the sources within each class "
-                        "(sample weight = images of its source and class ** -this); 0 = classes only")
-    p.add_argument("--style-augment", type=float, default=0.0,
-                   help="0-1: probability of each texture degradation (blur, sharpening, noise) per image in "
-                        "stage 2's augmentation; 0 = off")
-    p.add_argument("--source-adversary", type=float, default=0.0,
-                   help="weight of a class-conditional source adversary (gradient reversal) in stage 2's "
-                        "loss; 0 = off")
+    add_shortcut_arguments(p)
     p.add_argument("--min-attention", type=float, default=0.7,
                    help="median lung attention on validation positives a configuration needs to be preferred")
     p.add_argument("--reference", type=Path, action="append", default=None,

@@ -7,6 +7,7 @@ validation figures only.
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -36,6 +37,21 @@ def recipe_tag(values: Mapping[str, Any]) -> str:
     return ((" source-balanced" if r["source_balance"] > 0 else "")
             + (" style-augmented" if r["style_augment"] > 0 else "")
             + (" source-adversarial" if r["source_adversary"] > 0 else ""))
+
+
+def add_shortcut_arguments(p: argparse.ArgumentParser) -> None:
+    """The stage 2 options against source shortcuts, for ``build_default`` and ``cxr-node train`` alike."""
+    p.add_argument("--attention-weight", type=float, default=1.0,
+                   help="weight of the lung-attention penalty in stage 2's loss (0: off)")
+    p.add_argument("--source-balance", type=float, default=0.0,
+                   help="0-1: in stage 2's loss also balance the sources within each class "
+                        "(sample weight = images of its source and class ** -this); 0 = classes only")
+    p.add_argument("--style-augment", type=float, default=0.0,
+                   help="0-1: probability of each texture degradation (blur, sharpening, noise) per image in "
+                        "stage 2's augmentation; 0 = off")
+    p.add_argument("--source-adversary", type=float, default=0.0,
+                   help="weight of a class-conditional source adversary (gradient reversal) in stage 2's "
+                        "loss; 0 = off; needs images from at least two sources")
 
 
 def sortable(v: float | None) -> float:

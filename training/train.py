@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from training.build_default import MODES, build_default
+from training.candidates import add_shortcut_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,16 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=30, help="stage 2 epochs")
     p.add_argument("--lr", type=float, default=0.002, help="Adam learning rate")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--attention-weight", type=float, default=1.0,
-                   help="weight of the lung-attention penalty in stage 2's loss (0: off)")
-    p.add_argument("--source-balance", type=float, default=0.0,
-                   help="0-1: in stage 2's loss also balance the sources within each class (0: classes only)")
-    p.add_argument("--style-augment", type=float, default=0.0,
-                   help="0-1: probability of each texture degradation (blur, sharpening, noise) per image in "
-                        "stage 2's augmentation (0: off)")
-    p.add_argument("--source-adversary", type=float, default=0.0,
-                   help="weight of a class-conditional source adversary in stage 2's loss (0: off; needs "
-                        "images from at least two sources)")
+    add_shortcut_arguments(p)
     p.add_argument("--seg-size", type=int, default=256)
     p.add_argument("--size", type=int, default=224, help="stage 2 input size")
     p.add_argument("--split", help="reuse a split.json (patient ids per side)")
