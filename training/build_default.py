@@ -342,11 +342,10 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                                                  target_sensitivity=target_sensitivity)
     with timer.step("bundle"):
         results["bundle"] = str(write_bundle(out / "bundle", segmenter, seg_arch, models[chosen], c, results,
-                                              seg_size=seg_size, cls_size=cls_size, version=version,
-                                              cls_samples=cls,
-                                              int8=int8_classifier and len(members_of(models[chosen])) > 1))
-        results["bundle_check"] = bundle_check(Path(results["bundle"]), c, cls_sets["val"], crops["val"],
-                                                dev)
+                                             seg_size=seg_size, cls_size=cls_size, version=version,
+                                             cls_samples=cls,
+                                             int8=int8_classifier and len(members_of(models[chosen])) > 1))
+        results["bundle_check"] = bundle_check(Path(results["bundle"]), c, cls_sets["val"], crops["val"], dev)
         say(f"bundle: validation probabilities within {results['bundle_check']['max_abs_diff_val']:.4f} of "
             "the trained network's")
     results["timings_s"] = timer.steps

@@ -22,7 +22,12 @@ from training.metrics import binary_metrics, summary, threshold_for_sensitivity
 from training.report import _plain
 from training.tensors import ImageSet, LungCrops
 
-RECIPE_KEYS = ("source_balance", "style_augment", "source_adversary")  # stage 2 options recorded per network
+RECIPE_TAGS = {  # stage 2 options recorded per network -> the word that marks it in candidate names
+    "source_balance": "source-balanced",
+    "style_augment": "style-augmented",
+    "source_adversary": "source-adversarial",
+}
+RECIPE_KEYS = tuple(RECIPE_TAGS)
 
 
 def recipe(values: Mapping[str, Any]) -> dict[str, float]:
@@ -33,10 +38,7 @@ def recipe(values: Mapping[str, Any]) -> dict[str, float]:
 def recipe_tag(values: Mapping[str, Any]) -> str:
     """The suffix that marks, in candidate names, a network trained source-balanced, style-augmented or
     source-adversarial."""
-    r = recipe(values)
-    return ((" source-balanced" if r["source_balance"] > 0 else "")
-            + (" style-augmented" if r["style_augment"] > 0 else "")
-            + (" source-adversarial" if r["source_adversary"] > 0 else ""))
+    return "".join(f" {RECIPE_TAGS[k]}" for k, v in recipe(values).items() if v > 0)
 
 
 def add_shortcut_arguments(p: argparse.ArgumentParser) -> None:

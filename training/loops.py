@@ -269,13 +269,12 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
         raise ValueError(f"{name or kind}: attention_weight needs cam_layer and one lung mask per "
                          "training image")
     balanced = kind == "classification" and config.source_balance > 0
-    if balanced and (groups is None or groups.shape != (train[0].shape[0],)):
-        raise ValueError(f"{name or kind}: source_balance needs one group id per training image")
     adversarial = kind == "classification" and config.source_adversary > 0
-    if adversarial and (groups is None or groups.shape != (train[0].shape[0],)
-                        or groups.unique().numel() < 2):
-        raise ValueError(f"{name or kind}: source_adversary needs one group id per training image and at "
-                         "least two groups")
+    for option, on in (("source_balance", balanced), ("source_adversary", adversarial)):
+        if on and (groups is None or groups.shape != (train[0].shape[0],)):
+            raise ValueError(f"{name or kind}: {option} needs one group id per training image")
+    if adversarial and groups is not None and groups.unique().numel() < 2:
+        raise ValueError(f"{name or kind}: source_adversary needs at least two groups")
     if adversarial and sum(isinstance(m, nn.Linear) for m in model.modules()) > 1:
         raise ValueError(f"{name or kind}: source_adversary needs a network with one linear class head "
                          "(not an ensemble)")
