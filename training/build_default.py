@@ -195,7 +195,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     references = (reference,) if isinstance(reference, str | Path) else tuple(reference or ())
     if references:  # checked before any training: a wrong file stops the run now
         results["reference_configs"], runs = _reference_configs(references, results["split"])
-    added = load_member_bundles(member_bundles, results["split"])  # likewise checked before training
+    added = load_member_bundles(member_bundles, results["split"], cls_size)  # checked before training too
     seg_val = seg_sets["val"] if len(seg_sets["val"]) else seg_sets["train"]
     best_seg: tuple[str, torch.nn.Module] | None = None
     best_seg_score = -1.0

@@ -99,13 +99,17 @@ def single_groups(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], l
     return out
 
 
-def load_member_bundles(paths: tuple[Path, ...], split: dict[str, Any]) -> list[Any]:
-    """Load bundles whose classifiers join the candidates; each must be one network trained on this split."""
+def load_member_bundles(paths: tuple[Path, ...], split: dict[str, Any], cls_size: int) -> list[Any]:
+    """Load bundles whose classifiers join the candidates; each must be one network trained on this split
+    for this run's stage 2 input size (``cls_size``): its candidates are measured on this run's inputs."""
     from inference.bundle import ModelBundle
 
     out = []
     for path in paths:
         b = ModelBundle.load(path)
+        if b.classifier_size != cls_size:
+            raise ValueError(f"bundle {path} has a {b.classifier_size} px classifier and this run's stage 2 "
+                             f"inputs are {cls_size} px; pass --cls-size {b.classifier_size} to compare it")
         if _plain(b.card.get("training_data", {}).get("split_counts")) != _plain(split):
             raise ValueError(f"bundle {path} was trained on another split "
                              f"({b.card.get('training_data', {}).get('split_counts')}, here {split}); "

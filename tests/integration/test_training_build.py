@@ -192,6 +192,20 @@ def test_members_from_another_split_are_refused_before_training(built: tuple[Pat
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
+def test_members_of_another_input_size_are_refused_before_training(built: tuple[Path, dict],
+                                                                    tmp_path: Path) -> None:
+    from inference.bundle import make_random_bundle
+    from training.build_default import main
+
+    out, _ = built
+    other = make_random_bundle(tmp_path / "other", seg_size=64, cls_size=48)
+    with pytest.raises(ValueError, match="48 px classifier and this run's stage 2 inputs are 64 px"):
+        main(["--data", str(out.parent / "data"), "--out", str(tmp_path / "x"), "--device", "cpu", "--quick",
+              "--archs", "mobilenet_v2", "--seg-archs", "", "--base-bundle", str(out / "bundle"),
+              "--split", str(out / "split.json"), "--add-bundles", str(other)])
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
 def test_fine_tuning_an_ensemble_trains_each_member_and_ships_the_ensemble(built: tuple[Path, dict],
                                                                           tmp_path: Path) -> None:
     from inference.bundle import ModelBundle, make_random_bundle
