@@ -45,15 +45,18 @@ import torch
 
 from training.candidates import (
     RECIPE_KEYS,
+    Views,
     add_shortcut_arguments,
     attention_summary,
     choose,
     load_member_bundles,
+    make_views,
     measure_candidate,
     recipe,
     recipe_tag,
     say_candidate,
     single_groups,
+    size_tag,
     sortable,
     stage2_inputs,
     stage2_masks,
@@ -68,7 +71,7 @@ from training.metrics import (
 )
 from training.report import _plain, write_build_report, write_json
 from training.shipping import bundle_check, write_bundle
-from training.tensors import ImageSet, LungCrops, build_image_set, lung_crops
+from training.tensors import ImageSet, build_image_set, lung_crops
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +170,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
         base = ModelBundle.load(base_bundle)
         if not seg_archs:
             seg_size = base.segmenter_size
-        if fine_tune:
+        if fine_tune or not archs:  # its classifier is trained on, or shipped as it is: its input size
             cls_size = base.classifier_size
     if cam_missing:
         say(f"lung attention will be skipped: {cam_missing} (run `cxr-node evaluate` where it is installed)")
@@ -195,7 +198,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     references = (reference,) if isinstance(reference, str | Path) else tuple(reference or ())
     if references:  # checked before any training: a wrong file stops the run now
         results["reference_configs"], runs = _reference_configs(references, results["split"])
-    added = load_member_bundles(member_bundles, results["split"], cls_size)  # checked before training too
+    added = load_member_bundles(member_bundles, results["split"])  # likewise checked before training
     seg_val = seg_sets["val"] if len(seg_sets["val"]) else seg_sets["train"]
     best_seg: tuple[str, torch.nn.Module] | None = None
     best_seg_score = -1.0
@@ -233,6 +236,16 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                               for side in SIDES}
     results["lung_fraction_test"] = summary(crops["test"].lung_fraction.tolist())
     y = {side: cls_sets[side].y for side in SIDES}
+    views = {cls_size: Views(cls_sets, crops, test_centre, crops_centre)}
+
+    def views_at(size: int) -> Views:
+        """Stage 2's inputs at ``size`` px, prepared once, for candidates of an input size not the run's."""
+        if size not in views:
+            with timer.step(f"images and lung crops at {size} px"):
+                views[size] = make_views({side: split.select(cls, side) for side in SIDES}, segmenter,
+                                         seg_size=seg_size, size=size, centre_size=centre, dev=dev)
+        return views[size]
+
     configs: dict[str, dict[str, Any]] = {}
     models: dict[str, torch.nn.Module] = {}
     tagged = bool(added)  # several seeds of one configuration: names carry the seed
@@ -279,8 +292,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                      resume=resume, name=name, train_masks=stage2_masks(mode, crops["train"]),
                      cam_layer=cam_layers(arch, model)[0], groups=train_groups) if train
                  else FitResult({}, math.nan, -1))
-            configs[name] = measure_candidate(model, arch, mode, cls_sets, crops, test_centre, crops_centre,
-                                              dev, target_sensitivity, cam_missing, cfg.mean, cfg.std)
+            configs[name] = measure_candidate(model, arch, mode, views[cls_size], cls_size, dev,
+                                              target_sensitivity, cam_missing, cfg.mean, cfg.std)
             configs[name].update({"best_epoch": r.best_epoch, "seconds": round(r.seconds, 1),
                                   "epochs_run": len(r.history), "seed": run_seed,
                                   **(run_recipe if train else base_recipe)})
@@ -291,25 +304,25 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     for b in added:
         trained = b.card["training_data"]
         name = (f"{b.classifier_arch}/{b.crop_mode} seed {trained.get('seed')}"
-                + recipe_tag(trained))
+                + recipe_tag(trained) + size_tag(b.classifier_size, cls_size))
         with timer.step(f"stage 2 {name} (from {b.path})"):
-            configs[name] = measure_candidate(b.classifier, b.classifier_arch, b.crop_mode, cls_sets, crops,
-                                              test_centre, crops_centre, dev, target_sensitivity, cam_missing,
-                                              b.mean, b.std)
+            configs[name] = measure_candidate(b.classifier, b.classifier_arch, b.crop_mode,
+                                              views_at(b.classifier_size), b.classifier_size, dev,
+                                              target_sensitivity, cam_missing, b.mean, b.std)
             configs[name].update({"from": str(b.path), "seed": trained.get("seed"), **recipe(trained)})
             models[name] = b.classifier.cpu()
             say_candidate(say, name, configs[name])
     if ensemble:
-        for (arch, mode), names in single_groups(configs).items():
+        for (arch, mode, size), names in single_groups(configs).items():
             if len(names) < ensemble:
                 continue
             top = sorted(names, key=lambda k: -sortable(configs[k]["val"]["roc_auc"]))[:ensemble]
-            name = f"{arch}/{mode} ensemble of {ensemble}"
+            name = f"{arch}/{mode} ensemble of {ensemble}" + size_tag(size, cls_size)
             with timer.step(f"stage 2 {name}"):
                 model = ClassifierEnsemble([models[k] for k in top])
-                configs[name] = measure_candidate(model, arch, mode, cls_sets, crops, test_centre,
-                                                  crops_centre, dev, target_sensitivity, cam_missing,
-                                                  FitConfig.mean, FitConfig.std)
+                configs[name] = measure_candidate(model, arch, mode, views_at(size), size, dev,
+                                                  target_sensitivity, cam_missing, FitConfig.mean,
+                                                  FitConfig.std)
                 configs[name]["members"] = top
                 configs[name].update({k: max(configs[m].get(k, 0.0) for m in top) for k in RECIPE_KEYS})
                 models[name] = model.cpu()
@@ -320,19 +333,20 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                           for k, v in configs.items()}
     results["chosen"] = chosen
     results["selection"] = {"min_attention": min_attention, "attention_weight": attention_weight,
-                            **run_recipe}
+                            "input_size": cls_size, **run_recipe}
     if ensemble:
         results["selection"]["ensemble"] = ensemble
     if references:
         results["selection"]["references"] = runs
     with timer.step("test metrics, per source, lung attention"):
         c = configs[chosen]
+        chosen_views = views_at(c["input_size"])
         yt, pt = y["test"].numpy(), np.asarray(c["prob_test"])
         results["test"] = metrics_with_ci(yt, pt, c["threshold"], n_boot=200 if quick else 1000, seed=seed)
         results["per_source"] = per_group(yt, pt, cls_sets["test"].sources, c["threshold"])
         results["test_shape_normalised"] = c["test_shape_normalised"]
         results["lung_attention"] = ({"skipped": cam_missing} if cam_missing else
-                                     _attention(configs, models, cls_sets["test"], crops["test"], dev))
+                                     _attention(configs, models, views_at, dev))
     with timer.step("trivial baselines"):
         from training.baselines import trivial_baselines
 
@@ -342,10 +356,11 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                                                  target_sensitivity=target_sensitivity)
     with timer.step("bundle"):
         results["bundle"] = str(write_bundle(out / "bundle", segmenter, seg_arch, models[chosen], c, results,
-                                             seg_size=seg_size, cls_size=cls_size, version=version,
+                                             seg_size=seg_size, cls_size=c["input_size"], version=version,
                                              cls_samples=cls,
                                              int8=int8_classifier and len(members_of(models[chosen])) > 1))
-        results["bundle_check"] = bundle_check(Path(results["bundle"]), c, cls_sets["val"], crops["val"], dev)
+        results["bundle_check"] = bundle_check(Path(results["bundle"]), c, chosen_views.sets["val"],
+                                               chosen_views.crops["val"], dev)
         say(f"bundle: validation probabilities within {results['bundle_check']['max_abs_diff_val']:.4f} of "
             "the trained network's")
     results["timings_s"] = timer.steps
@@ -411,11 +426,16 @@ def _centre_whole(images: ImageSet, size: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrs))[:, None]
 
 
-def _attention(configs: dict[str, dict[str, Any]], models: dict[str, torch.nn.Module], images: ImageSet,
-               crops: LungCrops, dev: torch.device) -> dict[str, Any]:
-    """Lung attention on the test images for every configuration (all images and positives only)."""
-    return {name: attention_summary(models[name], c["arch"], c["mode"], images, crops, dev)
-            for name, c in configs.items()}
+def _attention(configs: dict[str, dict[str, Any]], models: dict[str, torch.nn.Module],
+               views_at: Callable[[int], Views], dev: torch.device) -> dict[str, Any]:
+    """Lung attention on the test images for every configuration (all images and positives only), each at
+    its own input size."""
+    out = {}
+    for name, c in configs.items():
+        v = views_at(c["input_size"])
+        out[name] = attention_summary(models[name], c["arch"], c["mode"], v.sets["test"], v.crops["test"],
+                                      dev)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,8 +1,8 @@
 """Stage 2 candidates of a build: each measured on validation and test; the one to ship chosen on validation.
 
-A candidate is one trained network, a network of an earlier run on the same split (another seed), or an
-ensemble of the best of them; :func:`measure_candidate` measures each the same way, :func:`choose` picks from
-validation figures only.
+A candidate is one trained network, a network of an earlier run on the same split (another seed, another
+input size), or an ensemble of the best of them; :func:`measure_candidate` measures each the same way on
+:class:`Views` at its own input size, :func:`choose` picks from validation figures only.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from training.datasets import SIDES
 from training.loops import predict
 from training.metrics import binary_metrics, summary, threshold_for_sensitivity
 from training.report import _plain
-from training.tensors import ImageSet, LungCrops
+from training.tensors import ImageSet, LungCrops, Sample, build_image_set, lung_crops
 
 RECIPE_TAGS = {  # stage 2 options recorded per network -> the word that marks it in candidate names
     "source_balance": "source-balanced",
@@ -28,6 +29,34 @@ RECIPE_TAGS = {  # stage 2 options recorded per network -> the word that marks i
     "source_adversary": "source-adversarial",
 }
 RECIPE_KEYS = tuple(RECIPE_TAGS)
+
+
+@dataclass
+class Views:
+    """Stage 2's inputs at one input size: each side's images and lung crops, and the test images'
+    shape-normalised copies (centre squares) with theirs."""
+
+    sets: dict[str, ImageSet]
+    crops: dict[str, LungCrops]
+    centre: ImageSet
+    crops_centre: LungCrops
+
+
+def make_views(samples: Mapping[str, list[Sample]], segmenter: torch.nn.Module, *, seg_size: int, size: int,
+               centre_size: int, dev: torch.device) -> Views:
+    """Each side's ``samples`` prepared for a stage 2 of ``size`` px, cut by ``segmenter`` as the pipeline
+    cuts them; the test side also gets its ``centre_size`` shape-normalised copies."""
+    sets = {side: build_image_set(samples[side], seg_size=seg_size, cls_size=size,
+                                  centre_size=centre_size if side == "test" else 0) for side in SIDES}
+    centre = sets["test"].centre
+    assert centre is not None
+    return Views(sets, {side: lung_crops(segmenter, sets[side], cls_size=size, device=dev) for side in SIDES},
+                 centre, lung_crops(segmenter, centre, cls_size=size, device=dev))
+
+
+def size_tag(size: int, run_size: int) -> str:
+    """The suffix that marks, in candidate names, a network whose input size is not the run's."""
+    return "" if size == run_size else f" {size} px"
 
 
 def recipe(values: Mapping[str, Any]) -> dict[str, float]:
@@ -90,26 +119,23 @@ def choose(configs: dict[str, dict[str, Any]], min_attention: float) -> str:
     return max(pool, key=lambda k: (sortable(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"))
 
 
-def single_groups(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
-    """Single-network configurations by (architecture, mode)."""
-    out: dict[tuple[str, str], list[str]] = {}
+def single_groups(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str, int], list[str]]:
+    """Single-network configurations by (architecture, mode, input size): what one ensemble can hold."""
+    out: dict[tuple[str, str, int], list[str]] = {}
     for name, c in configs.items():
         if "members" not in c:
-            out.setdefault((c["arch"], c["mode"]), []).append(name)
+            out.setdefault((c["arch"], c["mode"], int(c["input_size"])), []).append(name)
     return out
 
 
-def load_member_bundles(paths: tuple[Path, ...], split: dict[str, Any], cls_size: int) -> list[Any]:
+def load_member_bundles(paths: tuple[Path, ...], split: dict[str, Any]) -> list[Any]:
     """Load bundles whose classifiers join the candidates; each must be one network trained on this split
-    for this run's stage 2 input size (``cls_size``): its candidates are measured on this run's inputs."""
+    (at any input size: it is measured on this split's images prepared at its own size)."""
     from inference.bundle import ModelBundle
 
     out = []
     for path in paths:
         b = ModelBundle.load(path)
-        if b.classifier_size != cls_size:
-            raise ValueError(f"bundle {path} has a {b.classifier_size} px classifier and this run's stage 2 "
-                             f"inputs are {cls_size} px; pass --cls-size {b.classifier_size} to compare it")
         if _plain(b.card.get("training_data", {}).get("split_counts")) != _plain(split):
             raise ValueError(f"bundle {path} was trained on another split "
                              f"({b.card.get('training_data', {}).get('split_counts')}, here {split}); "
@@ -120,19 +146,20 @@ def load_member_bundles(paths: tuple[Path, ...], split: dict[str, Any], cls_size
     return out
 
 
-def measure_candidate(model: torch.nn.Module, arch: str, mode: str, cls_sets: dict[str, ImageSet],
-                      crops: dict[str, LungCrops], test_centre: ImageSet, crops_centre: LungCrops,
+def measure_candidate(model: torch.nn.Module, arch: str, mode: str, views: Views, size: int,
                       dev: torch.device, target_sensitivity: float, cam_missing: str, mean: float,
                       std: float) -> dict[str, Any]:
-    """One candidate stage 2 on validation and test: threshold (validation), metrics, lung attention."""
-    y = {side: cls_sets[side].y.numpy() for side in SIDES}
-    p = {side: predict(model, stage2_inputs(mode, cls_sets[side], crops[side]), kind="classification",
+    """One candidate stage 2 on validation and test: threshold (validation), metrics, lung attention.
+
+    ``views`` are the inputs at the candidate's input size ``size`` (recorded as ``input_size``)."""
+    y = {side: views.sets[side].y.numpy() for side in SIDES}
+    p = {side: predict(model, stage2_inputs(mode, views.sets[side], views.crops[side]), kind="classification",
                        device=dev, mean=mean, std=std).numpy() for side in ("val", "test")}
-    p_centre = predict(model, stage2_inputs(mode, test_centre, crops_centre), kind="classification",
+    p_centre = predict(model, stage2_inputs(mode, views.centre, views.crops_centre), kind="classification",
                        device=dev, mean=mean, std=std).numpy()
     thr = val_threshold(y["val"], p["val"], target_sensitivity)
     c: dict[str, Any] = {
-        "arch": arch, "mode": mode, "threshold": thr,
+        "arch": arch, "mode": mode, "input_size": size, "threshold": thr,
         "val": binary_metrics(y["val"], p["val"], thr),
         "test": binary_metrics(y["test"], p["test"], thr),
         "test_shape_normalised": binary_metrics(y["test"], p_centre, thr),
@@ -140,7 +167,7 @@ def measure_candidate(model: torch.nn.Module, arch: str, mode: str, cls_sets: di
         "prob_val": p["val"].tolist(),
     }
     if not cam_missing:
-        c["val_attention"] = attention_summary(model, arch, mode, cls_sets["val"], crops["val"], dev)
+        c["val_attention"] = attention_summary(model, arch, mode, views.sets["val"], views.crops["val"], dev)
     return c
 
 

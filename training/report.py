@@ -160,8 +160,14 @@ def _selection_text(results: Mapping[str, Any]) -> str:
     most = {k: max((c.get(k) or 0.0 for c in results.get("configs", {}).values()), default=0.0)
             for k in _RECIPE_TEXT}
     text += "".join(" " + _RECIPE_TEXT[k].format(fmt(v, 2)) for k, v in most.items() if v)
+    others = sorted({int(c["input_size"]) for c in results.get("configs", {}).values()
+                     if c.get("input_size")} - {sel.get("input_size")})
+    if sel.get("input_size") and others:
+        text += (f" Stage 2 inputs are {sel['input_size']} px; networks named with a size ("
+                 + ", ".join(f"{s} px" for s in others) + ") take images of that size, prepared and cut the "
+                 "same way.")
     if sel.get("ensemble"):
-        text += (" Candidates include, per architecture and mode, the ensemble of its "
+        text += (" Candidates include, per architecture, mode and input size, the ensemble of its "
                  f"{sel['ensemble']} best networks by validation ROC AUC (seeds of one configuration; the "
                  "mean of their logits answers, their Grad-CAM++ maps are averaged).")
     if sel.get("reference"):
