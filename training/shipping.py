@@ -26,6 +26,8 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
     from inference.models.classifiers import members_of
 
     by_source = Counter(f"{s.source}/{s.label}" for s in cls_samples)
+    sizes = sorted({int(c["input_size"]) for c in results["configs"].values() if c.get("input_size")})
+    single = chosen.get("seed") is not None and "members" not in chosen
     card = {
         "name": "cxr-node-covid19",
         "version": version,
@@ -42,9 +44,13 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
                            "patient-level split 7:2:1, stratified by label and source",
             "images_by_source_label": dict(sorted(by_source.items())),
             "split_counts": results["split"], "seed": results["seed"],
+            **({"network_seed": chosen["seed"]} if single else {}),
             "selection": "best validation ROC AUC over architecture x {whole, lung}"
+                         + (" x input size {" + ", ".join(f"{s} px" for s in sizes) + "}" if len(sizes) > 1
+                            else "")
                          + (f" and ensembles of the {results['selection']['ensemble']} best networks of one "
-                            "architecture and mode" if results["selection"].get("ensemble") else "")
+                            "architecture, mode and input size" if results["selection"].get("ensemble")
+                            else "")
                          + " among configurations "
                          f"with median lung attention >= {results['selection']['min_attention']} on "
                          "validation positives (all when none); threshold on validation for sensitivity >= "

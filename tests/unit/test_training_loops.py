@@ -186,3 +186,14 @@ def test_report_names_style_augmentation_when_a_candidate_used_it() -> None:
     assert "source-adversarial" not in text
     results["configs"]["resnet18/whole seed 2 source-adversarial"] = {"source_adversary": 0.5}
     assert "source adversary (weight 0.50, ramped up from 0)" in _selection_text(results)
+
+
+def test_report_names_other_input_sizes_only_when_a_candidate_has_one() -> None:
+    from training.report import _selection_text
+
+    results = {"selection": {"min_attention": 0.7, "input_size": 224},
+               "configs": {"resnet18/whole seed 0": {"input_size": 224}}}
+    assert "px" not in _selection_text(results)
+    results["configs"]["resnet18/whole seed 2 320 px"] = {"input_size": 320}
+    assert ("Stage 2 inputs are 224 px; networks named with a size (320 px) take images of that size"
+            in _selection_text(results))
