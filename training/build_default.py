@@ -49,6 +49,7 @@ from training.candidates import (
     add_shortcut_arguments,
     attention_summary,
     choose,
+    cut_views,
     load_member_bundles,
     make_views,
     measure_candidate,
@@ -71,7 +72,7 @@ from training.metrics import (
 )
 from training.report import _plain, write_build_report, write_json
 from training.shipping import bundle_check, write_bundle
-from training.tensors import ImageSet, build_image_set, lung_crops
+from training.tensors import ImageSet, build_image_set
 
 log = logging.getLogger(__name__)
 
@@ -228,15 +229,12 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     seg_arch, segmenter = best_seg
     results["stage1"] = {"chosen": seg_arch, "size": seg_size, "by_arch": stage1}
     with timer.step("lung masks for all classification images"):
-        crops = {side: lung_crops(segmenter, cls_sets[side], cls_size=cls_size, device=dev) for side in SIDES}
-        test_centre = cls_sets["test"].centre
-        assert test_centre is not None
-        crops_centre = lung_crops(segmenter, test_centre, cls_size=cls_size, device=dev)
+        views = {cls_size: cut_views(cls_sets, segmenter, size=cls_size, dev=dev)}
+    crops = views[cls_size].crops
     results["lungs_found"] = {side: float(crops[side].found.mean()) if len(crops[side].found) else None
                               for side in SIDES}
     results["lung_fraction_test"] = summary(crops["test"].lung_fraction.tolist())
     y = {side: cls_sets[side].y for side in SIDES}
-    views = {cls_size: Views(cls_sets, crops, test_centre, crops_centre)}
 
     def views_at(size: int) -> Views:
         """Stage 2's inputs at ``size`` px, prepared once, for candidates of an input size not the run's."""

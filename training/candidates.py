@@ -42,16 +42,23 @@ class Views:
     crops_centre: LungCrops
 
 
-def make_views(samples: Mapping[str, list[Sample]], segmenter: torch.nn.Module, *, seg_size: int, size: int,
-               centre_size: int, dev: torch.device) -> Views:
-    """Each side's ``samples`` prepared for a stage 2 of ``size`` px, cut by ``segmenter`` as the pipeline
-    cuts them; the test side also gets its ``centre_size`` shape-normalised copies."""
-    sets = {side: build_image_set(samples[side], seg_size=seg_size, cls_size=size,
-                                  centre_size=centre_size if side == "test" else 0) for side in SIDES}
+def cut_views(sets: dict[str, ImageSet], segmenter: torch.nn.Module, *, size: int,
+              dev: torch.device) -> Views:
+    """Each side's images (prepared for a stage 2 of ``size`` px, the test side with its shape-normalised
+    copies) cut by ``segmenter`` as the pipeline cuts them."""
     centre = sets["test"].centre
     assert centre is not None
     return Views(sets, {side: lung_crops(segmenter, sets[side], cls_size=size, device=dev) for side in SIDES},
                  centre, lung_crops(segmenter, centre, cls_size=size, device=dev))
+
+
+def make_views(samples: Mapping[str, list[Sample]], segmenter: torch.nn.Module, *, seg_size: int, size: int,
+               centre_size: int, dev: torch.device) -> Views:
+    """Each side's ``samples`` prepared for a stage 2 of ``size`` px (the test side also with its
+    ``centre_size`` shape-normalised copies), then :func:`cut_views`."""
+    sets = {side: build_image_set(samples[side], seg_size=seg_size, cls_size=size,
+                                  centre_size=centre_size if side == "test" else 0) for side in SIDES}
+    return cut_views(sets, segmenter, size=size, dev=dev)
 
 
 def size_tag(size: int, run_size: int) -> str:

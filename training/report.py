@@ -144,6 +144,11 @@ _RECIPE_TEXT = {  # how networks trained with each stage 2 recipe option were tr
 }
 
 
+def input_sizes(configs: Mapping[str, Mapping[str, Any]]) -> list[int]:
+    """The stage 2 input sizes of the candidates that record one, ascending."""
+    return sorted({int(c["input_size"]) for c in configs.values() if c.get("input_size")})
+
+
 def _selection_text(results: Mapping[str, Any]) -> str:
     """How the shipped configuration was chosen, from the run's own settings."""
     sel = results.get("selection")
@@ -160,8 +165,7 @@ def _selection_text(results: Mapping[str, Any]) -> str:
     most = {k: max((c.get(k) or 0.0 for c in results.get("configs", {}).values()), default=0.0)
             for k in _RECIPE_TEXT}
     text += "".join(" " + _RECIPE_TEXT[k].format(fmt(v, 2)) for k, v in most.items() if v)
-    others = sorted({int(c["input_size"]) for c in results.get("configs", {}).values()
-                     if c.get("input_size")} - {sel.get("input_size")})
+    others = [s for s in input_sizes(results.get("configs", {})) if s != sel.get("input_size")]
     if sel.get("input_size") and others:
         text += (f" Stage 2 inputs are {sel['input_size']} px; networks named with a size ("
                  + ", ".join(f"{s} px" for s in others) + ") take images of that size, prepared and cut the "

@@ -13,7 +13,7 @@ import torch
 from training.candidates import recipe, stage2_inputs
 from training.datasets import Sample
 from training.loops import predict
-from training.report import _plain
+from training.report import _plain, input_sizes
 from training.tensors import ImageSet, LungCrops
 
 
@@ -26,7 +26,7 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
     from inference.models.classifiers import members_of
 
     by_source = Counter(f"{s.source}/{s.label}" for s in cls_samples)
-    sizes = sorted({int(c["input_size"]) for c in results["configs"].values() if c.get("input_size")})
+    sizes = input_sizes(results["configs"])
     single = chosen.get("seed") is not None and "members" not in chosen
     card = {
         "name": "cxr-node-covid19",
