@@ -35,8 +35,6 @@ __all__ = [
 PAD_VALUE = 0.0  # value of the padding added by square_resize and lung_crop
 
 
-
-
 def _check_image(arr: np.ndarray, name: str) -> np.ndarray:
     if not isinstance(arr, np.ndarray):
         raise TypeError(f'Argument "{name}" must be a numpy array.')
@@ -224,17 +222,13 @@ def postprocess_mask(prob: np.ndarray, threshold: float = 0.5) -> np.ndarray:
 
 
 def fill_holes(binary: np.ndarray) -> np.ndarray:
-    """``scipy.ndimage.binary_fill_holes`` with its default (4-connected background), in one labelling pass.
+    """``scipy.ndimage.binary_fill_holes`` with its default (4-connected background), in one flood fill.
 
-    A background region is a hole unless it touches the image border; labelling the background once is
-    several times faster than scipy's iterative dilation and gives the same result.
+    A background region is a hole unless it touches the image border. The image gets a one-pixel frame of
+    background, so every such region joins the frame, and one 4-connected flood fill from a corner marks them
+    all; what it does not reach is foreground or hole. OpenCV releases the GIL while it fills, and this is
+    several times faster than scipy's iterative dilation (or labelling the background), with the same result.
     """
-    background = ~np.asarray(binary, dtype=bool)
-    labels, areas, _ = components(background, 4)
-    if len(areas) == 1:
-        return ~background
-    outside = np.zeros(len(areas), dtype=bool)
-    for edge in (labels[0], labels[-1], labels[:, 0], labels[:, -1]):
-        outside[edge] = True
-    outside[0] = False
-    return ~outside[labels]
+    image = cv2.copyMakeBorder(np.asarray(binary, dtype=np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    cv2.floodFill(image, None, (0, 0), 2, flags=4)
+    return image[1:-1, 1:-1] != 2
