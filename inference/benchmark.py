@@ -49,7 +49,16 @@ STAGES = ("decode", "preprocess", "stage1", "stage2", "cam", "sr_sc", "end_to_en
 # Result.timings keys: seconds per image, batched stages as the batch's share; summed over a batch they
 # give the batch's seconds per stage (pool stages summed over threads: CPU time, not wall time).
 BATCH_STAGES = (
-    "header", "preprocess", "stage1", "postprocess", "plausibility", "stage2", "cam", "explain_map", "total"
+    "header",
+    "preprocess",
+    "stage1",
+    "postprocess",
+    "plausibility",
+    "stage2",
+    "cam",
+    "mask_wait",
+    "explain_map",
+    "total",
 )
 
 
@@ -156,7 +165,13 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             **DEFAULT_ARCH,
         )
         setup_s = time.perf_counter() - t0
-        pipeline = Pipeline.from_bundle(model, device=args.device, cam=args.cam, cpu_threads=args.cpu_threads)
+        pipeline = Pipeline.from_bundle(
+            model,
+            device=args.device,
+            cam=args.cam,
+            cpu_threads=args.cpu_threads,
+            prep_workers=args.prep_workers,
+        )
     sync = pipeline._sync
     n_distinct = min(8, max(batches))
     blobs = _phantom_bytes(args.size, n_distinct, args.transfer_syntax)
@@ -275,19 +290,38 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _profile(pipeline: Any, images: list[Any], path: str) -> None:
-    """One pipeline run under torch.profiler: operator tables (by device time, by CPU time) in ``path``."""
+    """Profile one pipeline run with the CAM and one with ``explain=False`` into ``path``: for each, torch
+    profiler tables (by device time, by CPU time), then the Python functions of the ``explain=False`` run
+    (cProfile, main thread, by cumulative time)."""
+    import cProfile
+    import pstats
+
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
     if pipeline.device.type == "cuda":
         activities.append(ProfilerActivity.CUDA)
-    with profile(activities=activities) as prof:
-        pipeline.run(images)
-        pipeline._sync()
     key = "self_cuda_time_total" if pipeline.device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=40)
-    cpu_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=40)
-    Path(path).write_text(table + "\n\n" + cpu_table + "\n", encoding="utf-8")
+    parts = []
+    for explain in (True, False):
+        with profile(activities=activities) as prof:
+            pipeline.run(images, explain=explain)
+            pipeline._sync()
+        averages = prof.key_averages()
+        parts += [
+            f"== Pipeline.run, batch {len(images)}, explain={explain}",
+            averages.table(sort_by=key, row_limit=30),
+            averages.table(sort_by="cpu_time_total", row_limit=30),
+        ]
+    py = cProfile.Profile()
+    py.enable()
+    pipeline.run(images, explain=False)
+    pipeline._sync()
+    py.disable()
+    text = io.StringIO()
+    pstats.Stats(py, stream=text).sort_stats("cumulative").print_stats(40)
+    parts += [f"== Python functions, batch {len(images)}, explain=False", text.getvalue()]
+    Path(path).write_text("\n\n".join(parts) + "\n", encoding="utf-8")
 
 
 def _nan_stat(values: list[float], fn: Callable[[list[float]], float]) -> float | None:
@@ -329,7 +363,8 @@ def format_table(res: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "seconds per batch and stage (pipeline with the CAM; thread-pool stages are summed CPU time)",
+        "seconds per batch and stage (pipeline with the CAM; thread-pool stages are summed CPU time;",
+        "mask_wait: the device path's wall time waiting for the pool's masks after its own work)",
         f"{'batch':>6}" + "".join(f"{k:>13}" for k in BATCH_STAGES),
     ]
     for t in res["throughput"]:
@@ -350,10 +385,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=2000, help="phantom side in pixels (default 2000)")
     p.add_argument("--cam", choices=["gradcam", "gradcam++"], default="gradcam++")
     p.add_argument(
-        "--transfer-syntax", choices=sorted(SYNTAXES), default="explicit",
+        "--transfer-syntax",
+        choices=sorted(SYNTAXES),
+        default="explicit",
         help="how the phantoms are encoded, i.e. what 'decode' measures (default explicit VR little endian)",
     )
     p.add_argument("--cpu-threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument(
+        "--prep-workers",
+        type=int,
+        default=None,
+        help="the pipeline's threads for per-image host work (default: the pipeline's, up to 8)",
+    )
     p.add_argument(
         "--fit-steps", type=int, default=60, help="stage 1 phantom-fitting steps for a random bundle"
     )

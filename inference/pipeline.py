@@ -12,8 +12,10 @@ the GIL), so a GPU is not left waiting on one CPU core.
 
 With ``device_preprocess`` (the default on CUDA) a batch is uploaded once as float16, resized, cropped
 and scored on the device; only stage 1's small probability maps (for the connected-component
-post-processing and the plausibility checks), the CAMs and a few numbers per image cross the bus. On
-the whole image, stage 2 runs while the thread pool post-processes stage 1's masks.
+post-processing and the plausibility checks), the CAMs and a few numbers per image cross the bus. The
+thread pool converts the images for the upload in parallel; stage 1 runs one group of images at a time,
+and each group's masks are post-processed by the pool while the next group is segmented. On the whole
+image, stage 2 runs while the pool finishes the masks.
 The full-resolution lung mask and heatmap of each result are then made on first access, from those
 small maps, by the same functions the CPU path uses.
 """
@@ -319,8 +321,9 @@ class Pipeline:
 
         ``Result.timings`` holds seconds per stage; batched stages (``stage1``, ``stage2``, ``cam``,
         and on the device path also ``preprocess`` and ``explain_map``) are the batch's time divided
-        by the number of images that went through them. Calls from several threads are served one
-        after the other.
+        by the number of images that went through them; the device path adds ``mask_wait``, its wall time
+        waiting for the thread pool's masks once its own work is done. Calls from several threads are
+        served one after the other.
         """
         if isinstance(images, XrayImage):
             raise TypeError('Argument "images" must be a sequence of XrayImage, not one image.')
@@ -359,7 +362,12 @@ class Pipeline:
         cams: np.ndarray | None = None
         if explain:
             cams, logits, t_fwd = explain_forward(
-                self.classifier, self.target_layers, x, self.covid_index, self.cam, self.amp_dtype,
+                self.classifier,
+                self.target_layers,
+                x,
+                self.covid_index,
+                self.cam,
+                self.amp_dtype,
                 sync=self._sync,
             )
         else:
@@ -397,7 +405,8 @@ class Pipeline:
         """One upload, then resizing, cropping and lung attention on the device, one call per image shape.
 
         Images of one shape (the usual case: one modality) are stacked and resized, mapped back and
-        scored together, so the cost per batch does not grow with per-image kernel launches.
+        scored together, so the cost per batch does not grow with per-image kernel launches. Stage 1 runs
+        per group (``by_shape``) so that mask post-processing on the host starts after the first group.
         """
         self._map(self._check_header, work)
         todo = [w for w in work if w.result is None]
@@ -408,34 +417,42 @@ class Pipeline:
         groups = by_shape(todo)
         t0 = time.perf_counter()
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        pixels = gp.upload([w.image.pixels for w in todo], self.device, dtype)
-        x1 = torch.empty((len(todo), seg, seg), device=self.device)
+        convert = self._pool.map if self._pool is not None else None
+        pixels = gp.upload([w.image.pixels for w in todo], self.device, dtype, map_fn=convert)
+        self._share(todo, "preprocess", time.perf_counter() - t0)
         whole = None if lung_mode else torch.empty((len(todo), size, size), device=self.device)
-        for _, idx in groups:
-            stack = torch.stack([pixels[i] for i in idx]).float()
-            x1[idx] = gp.square_resize(stack, seg)
-            if whole is not None:
-                whole[idx] = gp.square_resize(stack, size)
-            del stack
-        if whole is not None:
-            pixels = []
-        self._sync()
-        t1 = time.perf_counter()
-        probs = self._stage1(self._normalise(x1[:, None]))
-        self._share(todo, "preprocess", t1 - t0)
-        self._share(todo, "stage1", time.perf_counter() - t1)
-        for w, prob in zip(todo, probs, strict=True):
-            w.x1 = prob
-        masks_ready = self._start(self._small_mask, todo)
         early: tuple[np.ndarray, np.ndarray | None] | None = None
+        waits: list[Callable[[], None]] = []
         try:
+            for _, idx in groups:
+                # Stage 1 one group at a time, each group's masks handed to the pool at once: the CPU
+                # post-processes the first masks while the device resizes and segments the next group.
+                items = [todo[i] for i in idx]
+                t0 = time.perf_counter()
+                stack = torch.stack([pixels[i] for i in idx]).float()
+                x1 = gp.square_resize(stack, seg)
+                if whole is not None:
+                    whole[idx] = gp.square_resize(stack, size)
+                del stack
+                self._sync()
+                t1 = time.perf_counter()
+                probs = self._stage1(self._normalise(x1[:, None]))
+                self._share(items, "preprocess", t1 - t0)
+                self._share(items, "stage1", time.perf_counter() - t1)
+                for w, prob in zip(items, probs, strict=True):
+                    w.x1 = prob
+                waits.append(self._start(self._small_mask, items))
             if whole is not None:
                 # On the whole image stage 2 does not depend on stage 1: it runs now, for every image, while
                 # the pool post-processes the masks; images found not assessable are dropped below.
+                pixels = []
                 early = self._stage2(todo, self._normalise(whole[:, None]), explain)
                 whole = None
         finally:
-            masks_ready()
+            t0 = time.perf_counter()
+            for wait in waits:
+                wait()
+            self._share(todo, "mask_wait", time.perf_counter() - t0)
 
         t0 = time.perf_counter()
         small = torch.from_numpy(np.stack([w.small for w in todo])).to(self.device)  # type: ignore[misc]
@@ -493,7 +510,8 @@ class Pipeline:
         self._share(kept, "explain_map", time.perf_counter() - t0)
         for j, w in enumerate(kept):
             heat_map = (
-                None if cams is None
+                None
+                if cams is None
                 else functools.partial(heatmap_at_source, cams[j], w.box, w.image.pixels.shape)
             )
             self._done(w, float(p[j]), att[j], heat_map)

@@ -1,0 +1,70 @@
+"""How fast a batch of radiographs reaches the GPU (a benchmark, not a test):
+``inference.gpu_preprocess.upload`` with the images of a chunk converted one after the other or by a
+thread pool, against the bus alone.
+
+    python3 benchmarks/gpu_upload.py [--batch 64] [--size 2000] [--repeats 5]
+
+Prints milliseconds per batch (median): host conversion to page-locked float16 plus the copies to the
+device, for each way of converting; and the copy of a ready page-locked buffer alone (the floor).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+from inference import gpu_preprocess as gp
+
+
+def _median_ms(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--size", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 1
+    dev = torch.device("cuda")
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((args.size, args.size), dtype=np.float32) for _ in range(args.batch)]
+    megabytes = sum(a.size for a in arrays) * 2 / 1e6
+    print(
+        f"{args.batch} images of {args.size}x{args.size} float32 -> {megabytes:.0f} MB float16 on "
+        f"{torch.cuda.get_device_name(dev)}; torch threads {torch.get_num_threads()}"
+    )
+    rows = [("serial conversion (one thread)", lambda: gp.upload(arrays, dev))]
+    pools = [ThreadPoolExecutor(max_workers=n) for n in (4, 8, 16)]
+    for n, pool in zip((4, 8, 16), pools, strict=True):
+        rows.append((f"pool of {n} threads", lambda pool=pool: gp.upload(arrays, dev, map_fn=pool.map)))
+    ready = torch.empty(sum(a.size for a in arrays), dtype=torch.float16, pin_memory=True)
+    target = torch.empty_like(ready, device=dev)
+    rows.append(("bus alone (ready page-locked buffer)", lambda: target.copy_(ready, non_blocking=True)))
+    for name, fn in rows:
+        print(f"{name:<40}{_median_ms(fn, args.repeats):>9.1f} ms")
+    for pool in pools:
+        pool.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
