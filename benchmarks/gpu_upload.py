@@ -1,11 +1,11 @@
 """How fast a batch of radiographs reaches the GPU (a benchmark, not a test):
-``inference.gpu_preprocess.upload`` with the images of a chunk converted one after the other or by a
-thread pool, against the bus alone.
+``inference.gpu_preprocess.upload`` (one thread converts, chunk by chunk) against a thread pool uploading the
+images side by side, and against the bus alone.
 
     python3 benchmarks/gpu_upload.py [--batch 64] [--size 2000] [--repeats 5]
 
 Prints milliseconds per batch (median): host conversion to page-locked float16 plus the copies to the
-device, for each way of converting; and the copy of a ready page-locked buffer alone (the floor).
+device, for each way; and the copy of a ready page-locked buffer alone (the floor).
 """
 
 from __future__ import annotations
@@ -35,6 +35,10 @@ def _median_ms(fn: Callable[[], object], repeats: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def _one(array: np.ndarray) -> torch.Tensor:
+    return gp.upload([array], torch.device("cuda"))[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=64)
@@ -52,10 +56,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.batch} images of {args.size}x{args.size} float32 -> {megabytes:.0f} MB float16 on "
         f"{torch.cuda.get_device_name(dev)}; torch threads {torch.get_num_threads()}"
     )
-    rows = [("serial conversion (one thread)", lambda: gp.upload(arrays, dev))]
+    rows = [
+        (f"one thread, chunks of {chunk}", lambda chunk=chunk: gp.upload(arrays, dev, chunk=chunk))
+        for chunk in (8, 16)
+    ]
     pools = [ThreadPoolExecutor(max_workers=n) for n in (4, 8, 16)]
     for n, pool in zip((4, 8, 16), pools, strict=True):
-        rows.append((f"pool of {n} threads", lambda pool=pool: gp.upload(arrays, dev, map_fn=pool.map)))
+        rows.append(
+            (f"pool of {n} threads, one image each", lambda pool=pool: list(pool.map(_one, arrays)))
+        )
     ready = torch.empty(sum(a.size for a in arrays), dtype=torch.float16, pin_memory=True)
     target = torch.empty_like(ready, device=dev)
     rows.append(("bus alone (ready page-locked buffer)", lambda: target.copy_(ready, non_blocking=True)))

@@ -10,7 +10,6 @@ Inputs are 2-D float tensors (rows, columns); masks are bool tensors.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -113,20 +112,17 @@ def uncrop(square: torch.Tensor, box: tuple[int, int, int, int], shape: tuple[in
 
 
 def upload(
-    arrays: list[np.ndarray],
-    device: torch.device,
-    dtype: torch.dtype = torch.float16,
-    chunk: int = 8,
-    map_fn: Callable[[Callable[[int], None], range], Iterable[None]] | None = None,
+    arrays: list[np.ndarray], device: torch.device, dtype: torch.dtype = torch.float16, chunk: int = 8
 ) -> list[torch.Tensor]:
     """Copy 2-D arrays to ``device`` as ``dtype``, returning one 2-D tensor (a view) per array.
 
     On CUDA the arrays are converted into one page-locked host buffer ``chunk`` images at a time, and
     each chunk's copy to the GPU runs while the next chunk is converted: one pass over the host memory,
     half the bytes on the bus with float16 (pixel values in [0, 1] keep an error under 2.5e-4, finer
-    than the 8-bit images the models are trained on). ``map_fn`` (e.g. a thread pool's ``map``) converts
-    the images of a chunk in parallel; without it they are converted one after the other. On the CPU the
-    arrays are only wrapped (or cast when ``dtype`` differs from theirs).
+    than the 8-bit images the models are trained on). One thread converts: torch's copy already uses
+    several cores, and on a 16-core H100 host a thread pool converting images side by side was slower
+    (``benchmarks/gpu_upload.py``). On the CPU the arrays are only wrapped (or cast when ``dtype`` differs
+    from theirs).
     """
     if chunk < 1:
         raise ValueError('Argument "chunk" must be at least 1.')
@@ -139,16 +135,12 @@ def upload(
     offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     host = torch.empty(offsets[-1], dtype=dtype, pin_memory=True)
     dev = torch.empty(offsets[-1], dtype=dtype, device=device)
-
-    def convert(i: int) -> None:
-        host[offsets[i] : offsets[i + 1]].view(arrays[i].shape).copy_(
-            torch.from_numpy(np.ascontiguousarray(arrays[i]))
-        )
-
     for start in range(0, len(arrays), chunk):
         stop = min(start + chunk, len(arrays))
-        for _ in (map_fn or map)(convert, range(start, stop)):
-            pass
+        for i in range(start, stop):
+            host[offsets[i] : offsets[i + 1]].view(arrays[i].shape).copy_(
+                torch.from_numpy(np.ascontiguousarray(arrays[i]))
+            )
         dev[offsets[start] : offsets[stop]].copy_(host[offsets[start] : offsets[stop]], non_blocking=True)
     return [dev[offsets[i] : offsets[i + 1]].view(a.shape) for i, a in enumerate(arrays)]
 

@@ -10,12 +10,12 @@ a guess. Models are loaded once, in :meth:`Pipeline.from_bundle`; ``run`` is cal
 Per-image work between the two networks runs in a small thread pool (NumPy and Pillow release
 the GIL), so a GPU is not left waiting on one CPU core.
 
-With ``device_preprocess`` (the default on CUDA) a batch is uploaded once as float16, resized, cropped
+With ``device_preprocess`` (the default on CUDA) a batch is uploaded as float16, resized, cropped
 and scored on the device; only stage 1's small probability maps (for the connected-component
-post-processing and the plausibility checks), the CAMs and a few numbers per image cross the bus. The
-thread pool converts the images for the upload in parallel; stage 1 runs one group of images at a time,
-and each group's masks are post-processed by the pool while the next group is segmented. On the whole
-image, stage 2 runs while the pool finishes the masks.
+post-processing and the plausibility checks), the CAMs and a few numbers per image cross the bus. An
+upload thread converts and copies one group of images while stage 1 runs on the group before, without
+waiting for the device, and each group's masks are post-processed by the pool while the next group is
+segmented. On the whole image, stage 2 runs while the pool finishes the masks.
 The full-resolution lung mask and heatmap of each result are then made on first access, from those
 small maps, by the same functions the CPU path uses.
 """
@@ -110,6 +110,11 @@ class Pipeline:
         self._pool = (
             ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cxr-prep") if workers > 1 else None
         )
+        self._uploader = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="cxr-upload")
+            if self.device_preprocess
+            else None
+        )
         if self._pool is not None:
             # The pool already works on several images at once; OpenCV's own threads (connected components)
             # would only compete with it: on a 16-core host, 64 masks took 52 ms with them, 34 ms without.
@@ -154,9 +159,10 @@ class Pipeline:
 
     def close(self) -> None:
         """Stop the preprocessing threads (the pipeline cannot run afterwards)."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._pool, self._uploader):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._uploader = None
 
     # -- helpers ------------------------------------------------------------------------------
 
@@ -227,9 +233,14 @@ class Pipeline:
             w.x1 = imaging.square_resize(w.image.pixels, self.bundle.segmenter_size)
             w.timings["preprocess"] = time.perf_counter() - t0
 
-    def _small_mask(self, w: Work) -> None:
+    def _small_mask(self, w: Work, ready: Callable[[], None] | None = None) -> None:
         """Stage 1's probability map (in ``w.x1``) -> the post-processed mask on the square grid, and
-        whether its part over the image looks like two lungs side by side (``w.shape_problem``)."""
+        whether its part over the image looks like two lungs side by side (``w.shape_problem``).
+
+        ``ready`` (from :meth:`_stage1_async`) waits until the map in ``w.x1`` has arrived from the device.
+        """
+        if ready is not None:
+            ready()
         t0 = time.perf_counter()
         small = w.small = imaging.postprocess_mask(w.x1, threshold=0.5)  # type: ignore[arg-type]
         w.x1 = None
@@ -354,6 +365,20 @@ class Pipeline:
         with torch.inference_mode():
             return torch.sigmoid(self.segmenter(x.float()).float())[:, 0].cpu().numpy()
 
+    def _stage1_async(self, x: torch.Tensor) -> tuple[np.ndarray, Callable[[], None]]:
+        """:meth:`_stage1` without waiting for the device: the maps, and a function that returns once they
+        have arrived (on CUDA they are copied into page-locked memory behind the network; on the CPU they
+        are there at once)."""
+        with torch.inference_mode():
+            prob = torch.sigmoid(self.segmenter(x.float()).float())[:, 0]
+            if self.device.type != "cuda":
+                return prob.numpy(), lambda: None
+            host = torch.empty(prob.shape, dtype=prob.dtype, pin_memory=True)
+            host.copy_(prob, non_blocking=True)
+        arrived = torch.cuda.Event()
+        arrived.record()
+        return host.numpy(), arrived.synchronize
+
     def _stage2(
         self, todo: list[Work], x: torch.Tensor, explain: bool
     ) -> tuple[np.ndarray, np.ndarray | None]:
@@ -402,11 +427,13 @@ class Pipeline:
             self._map(self._finish, todo)
 
     def _run_device(self, work: list[Work], explain: bool) -> None:
-        """One upload, then resizing, cropping and lung attention on the device, one call per image shape.
+        """Upload, resizing, cropping and lung attention on the device, one call per group of images.
 
-        Images of one shape (the usual case: one modality) are stacked and resized, mapped back and
-        scored together, so the cost per batch does not grow with per-image kernel launches. Stage 1 runs
-        per group (``by_shape``) so that mask post-processing on the host starts after the first group.
+        Images of one shape (the usual case: one modality) are stacked in groups (``by_shape``) and resized,
+        mapped back and scored together, so the cost per batch does not grow with per-image kernel
+        launches. Uploads and stage 1 go group by group, so that the host's conversion of the next group and
+        its mask post-processing of the last overlap the device's work. On CUDA the ``preprocess`` and
+        ``stage1`` timings are the host's time to wait for an upload and to queue the work.
         """
         self._map(self._check_header, work)
         todo = [w for w in work if w.result is None]
@@ -415,40 +442,49 @@ class Pipeline:
         seg, size = self.bundle.segmenter_size, self.bundle.classifier_size
         lung_mode = self.bundle.crop_mode == "lung"
         groups = by_shape(todo)
-        t0 = time.perf_counter()
         dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        convert = self._pool.map if self._pool is not None else None
-        pixels = gp.upload([w.image.pixels for w in todo], self.device, dtype, map_fn=convert)
-        self._share(todo, "preprocess", time.perf_counter() - t0)
+        assert self._uploader is not None
+        # The upload thread converts and copies the groups in order, so that the host conversion of one group
+        # overlaps the kernel launches and the device work of the one before.
+        uploads = [
+            self._uploader.submit(gp.upload, [todo[i].image.pixels for i in idx], self.device, dtype)
+            for _, idx in groups
+        ]
+        pixels: list[torch.Tensor | None] = [None] * len(todo)  # kept for the lung crop
         whole = None if lung_mode else torch.empty((len(todo), size, size), device=self.device)
         early: tuple[np.ndarray, np.ndarray | None] | None = None
         waits: list[Callable[[], None]] = []
         try:
-            for _, idx in groups:
-                # Stage 1 one group at a time, each group's masks handed to the pool at once: the CPU
-                # post-processes the first masks while the device resizes and segments the next group.
+            for (_, idx), upload in zip(groups, uploads, strict=True):
+                # Stage 1 one group at a time, without waiting for the device: each group's masks go to the
+                # pool, whose tasks wait for that group's maps, so the host post-processes the first masks
+                # while the device segments the next group.
                 items = [todo[i] for i in idx]
                 t0 = time.perf_counter()
-                stack = torch.stack([pixels[i] for i in idx]).float()
+                group = upload.result()
+                stack = torch.stack(group).float()
                 x1 = gp.square_resize(stack, seg)
                 if whole is not None:
                     whole[idx] = gp.square_resize(stack, size)
-                del stack
-                self._sync()
+                else:
+                    for i, px in zip(idx, group, strict=True):
+                        pixels[i] = px
+                del stack, group
                 t1 = time.perf_counter()
-                probs = self._stage1(self._normalise(x1[:, None]))
+                probs, ready = self._stage1_async(self._normalise(x1[:, None]))
                 self._share(items, "preprocess", t1 - t0)
                 self._share(items, "stage1", time.perf_counter() - t1)
                 for w, prob in zip(items, probs, strict=True):
                     w.x1 = prob
-                waits.append(self._start(self._small_mask, items))
+                waits.append(self._start(functools.partial(self._small_mask, ready=ready), items))
             if whole is not None:
                 # On the whole image stage 2 does not depend on stage 1: it runs now, for every image, while
                 # the pool post-processes the masks; images found not assessable are dropped below.
-                pixels = []
                 early = self._stage2(todo, self._normalise(whole[:, None]), explain)
                 whole = None
         finally:
+            for upload in uploads:
+                upload.cancel()  # after a failure: the groups not started yet
             t0 = time.perf_counter()
             for wait in waits:
                 wait()
@@ -482,7 +518,10 @@ class Pipeline:
             for w, box in zip(kept, boxes, strict=True):
                 w.box = box
             x2 = torch.stack(
-                [gp.lung_crop(pixels[i], masks[i], size, box) for i, box in zip(keep, boxes, strict=True)]
+                [
+                    gp.lung_crop(pixels[i], masks[i], size, box)  # type: ignore[arg-type]
+                    for i, box in zip(keep, boxes, strict=True)
+                ]
             )
             del pixels
             x = self._normalise(x2[:, None])
