@@ -94,11 +94,29 @@ def lung_crop(
     dilation: float = 0.02,
 ) -> torch.Tensor:
     """The stage 2 input: ``box`` through :func:`square_resize`, zero outside the dilated lung mask."""
-    r0, c0, r1, c1 = box
-    out = square_resize(pixels[r0:r1, c0:c1], size)
-    cut = square_resize(mask[r0:r1, c0:c1].float(), size) >= 0.5
+    return lung_crops([pixels], [mask], size, [box], dilation)[0]
+
+
+def lung_crops(
+    pixels: list[torch.Tensor],
+    masks: list[torch.Tensor],
+    size: int,
+    boxes: list[tuple[int, int, int, int]],
+    dilation: float = 0.02,
+) -> torch.Tensor:
+    """:func:`lung_crop` of every image, (N, size, size): the boxes differ in size, so each is resized on
+    its own, but the mask dilation and the cut run once for the whole stack."""
+    out = torch.stack(
+        [square_resize(p[r0:r1, c0:c1], size) for p, (r0, c0, r1, c1) in zip(pixels, boxes, strict=True)]
+    )
+    cut = torch.stack(
+        [
+            square_resize(m[r0:r1, c0:c1].float(), size)
+            for m, (r0, c0, r1, c1) in zip(masks, boxes, strict=True)
+        ]
+    )
     radius = max(1, round(dilation * size))
-    grown = F.conv2d(cut.float()[None, None], _disk(radius, pixels.device), padding=radius)[0, 0] > 0.5
+    grown = F.conv2d((cut >= 0.5).float()[:, None], _disk(radius, out.device), padding=radius)[:, 0] > 0.5
     out.masked_fill_(~grown, PAD_VALUE)  # not out[~grown] = ...: boolean indexing waits for the device
     return out
 
@@ -174,6 +192,44 @@ def _last(flags: torch.Tensor) -> torch.Tensor:
     """Index of the last True (-1 when none), without reading the device."""
     idx = torch.arange(flags.numel(), device=flags.device)
     return torch.where(flags, idx, -1).max()
+
+
+def box_attention(
+    cams: torch.Tensor, boxes: list[tuple[int, int, int, int]], masks: list[torch.Tensor]
+) -> torch.Tensor:
+    """:func:`attention` of lung-crop CAMs, (N, 2): each (S, S) CAM mapped into its box as :func:`uncrop`
+    maps it and clipped to [0, 1], against its full-resolution mask inside the box (the heatmap is zero
+    outside). All boxes are sampled in one call on a grid of the largest box's size; each image's part
+    outside its own box counts as zero."""
+    n, side = len(boxes), cams.shape[-1]
+    dev = cams.device
+    rows = max(r1 - r0 for r0, _, r1, _ in boxes)
+    cols = max(c1 - c0 for _, c0, _, c1 in boxes)
+    heights = [r1 - r0 for r0, _, r1, _ in boxes]
+    widths = [c1 - c0 for _, c0, _, c1 in boxes]
+    regions = [square_region(shape, side) for shape in zip(heights, widths, strict=True)]
+
+    def column(values: list[float] | list[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=dev)[:, None]
+
+    # _sample_box's coordinates, one row per image: the same float32 operations in the same order
+    left, top = column([r[0] for r in regions]), column([r[1] for r in regions])
+    x_span, y_span = column([r[2] - r[0] for r in regions]), column([r[3] - r[1] for r in regions])
+    col = torch.arange(cols, device=dev, dtype=torch.float32)[None, :]
+    row = torch.arange(rows, device=dev, dtype=torch.float32)[None, :]
+    xs = (left + (col + 0.5) * x_span / column(widths)) / side * 2 - 1
+    ys = (top + (row + 0.5) * y_span / column(heights)) / side * 2 - 1
+    grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
+    heat = F.grid_sample(
+        cams.float()[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False
+    )[:, 0].clamp_(0.0, 1.0)
+    in_rows = row[:, :, None] < column(heights)[:, :, None]
+    in_cols = col[:, None, :] < column(widths)[:, :, None]
+    heat.mul_(in_rows & in_cols)
+    cut = torch.zeros((n, rows, cols), dtype=torch.bool, device=dev)
+    for k, (m, (r0, c0, r1, c1)) in enumerate(zip(masks, boxes, strict=True)):
+        cut[k, : r1 - r0, : c1 - c0] = m[r0:r1, c0:c1]
+    return attention(heat, cut)
 
 
 def attention(heat: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -38,7 +38,7 @@ import torch
 
 from inference import gpu_preprocess as gp
 from inference import imaging, preprocess
-from inference.batch import Work, by_shape, heatmap_at_source, make_result, mask_at_source
+from inference.batch import DEVICE_GROUP, Work, by_shape, heatmap_at_source, make_result, mask_at_source
 from inference.bundle import ModelBundle
 from inference.explain import CAM_METHODS, attention_ratio, explain_forward, lung_attention
 from inference.models.classifiers import prepare_cam
@@ -517,11 +517,11 @@ class Pipeline:
             boxes = gp.lung_boxes([masks[i] for i in keep])
             for w, box in zip(kept, boxes, strict=True):
                 w.box = box
-            x2 = torch.stack(
-                [
-                    gp.lung_crop(pixels[i], masks[i], size, box)  # type: ignore[arg-type]
-                    for i, box in zip(keep, boxes, strict=True)
-                ]
+            x2 = gp.lung_crops(
+                [pixels[i] for i in keep],  # type: ignore[misc]
+                [masks[i] for i in keep],
+                size,
+                boxes,
             )
             del pixels
             x = self._normalise(x2[:, None])
@@ -535,11 +535,14 @@ class Pipeline:
             cams_dev = torch.from_numpy(cams).to(self.device)
             sums = torch.empty((len(kept), 2), dtype=torch.float64, device=self.device)
             if lung_mode:
-                for j, (i, w) in enumerate(zip(keep, kept, strict=True)):
-                    # the heatmap is zero outside the crop box: both sums need only the box
-                    r0, c0, r1, c1 = w.box  # type: ignore[misc]
-                    heat = gp.unsquare(cams_dev[j], (r1 - r0, c1 - c0)).clamp_(0.0, 1.0)
-                    sums[j] = gp.attention(heat, masks[i][r0:r1, c0:c1])
+                # the heatmap is zero outside the crop box: both sums need only the box
+                for start in range(0, len(kept), DEVICE_GROUP):
+                    part = slice(start, start + DEVICE_GROUP)
+                    sums[part] = gp.box_attention(
+                        cams_dev[part],
+                        [w.box for w in kept[part]],  # type: ignore[misc]
+                        [masks[i] for i in keep[part]],
+                    )
             else:
                 for shape, js in by_shape(kept):
                     heat = gp.unsquare(cams_dev[js], shape).clamp_(0.0, 1.0)

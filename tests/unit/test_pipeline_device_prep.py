@@ -139,3 +139,28 @@ def test_outputs_from_deferred_maps_match_the_host_path(phantom_bundle: Path) ->
     assert sc_a.shape == sc_b.shape
     assert np.abs(sc_a - sc_b).mean() < 2.0  # the same overlay up to interpolation round-off
     assert read_result(out_b[1])["lung_attention"] == pytest.approx(b.lung_attention, abs=1e-3)
+
+
+def test_batched_lung_crops_and_box_attention_equal_one_image_at_a_time() -> None:
+    """The lung-crop path handles a batch of boxes of different sizes in one call each."""
+    pixels, masks = [], []
+    for i, shape in enumerate(SHAPES):
+        p, m = make_phantom(shape, seed=7 + i)
+        pixels.append(torch.from_numpy(p))
+        masks.append(torch.from_numpy(m))
+    boxes = gp.lung_boxes(masks)
+    assert len({(r1 - r0, c1 - c0) for r0, c0, r1, c1 in boxes}) == len(SHAPES)  # no two boxes alike
+    crops = gp.lung_crops(pixels, masks, 64, boxes)
+    assert crops.shape == (len(SHAPES), 64, 64)
+    # CAMs partly outside [0, 1], so that the clipping is exercised too
+    noise = np.random.default_rng(1).random((len(SHAPES), 64, 64), dtype=np.float32)
+    cams = torch.from_numpy(noise) * 1.2 - 0.1
+    sums = gp.box_attention(cams, boxes, masks)
+    for k, (r0, c0, r1, c1) in enumerate(boxes):
+        assert torch.equal(crops[k], gp.lung_crop(pixels[k], masks[k], 64, boxes[k]))
+        heat = gp.unsquare(cams[k], (r1 - r0, c1 - c0)).clamp_(0.0, 1.0)
+        alone = gp.attention(heat, masks[k][r0:r1, c0:c1])
+        assert sums[k].tolist() == pytest.approx(alone.tolist(), rel=1e-9)
+        # and the same as the heatmap at source resolution: zero outside the box
+        full = gp.uncrop(cams[k], boxes[k], tuple(masks[k].shape)).clamp_(0.0, 1.0)
+        assert sums[k].tolist() == pytest.approx(gp.attention(full, masks[k]).tolist(), rel=1e-6)
