@@ -13,8 +13,10 @@ Reported: per-stage medians at batch 1 (decode, preprocess, stage 1, stage 2, CA
 end-to-end from bytes); for every batch size: pipeline images/s with the CAM (as the node runs it)
 against model+CAM images/s (both networks and the CAM on ready tensors, same device, same run), the
 same without the CAM (``explain=False`` against the networks alone), and end-to-end images/s
-(decode + pipeline). The two ratios pipeline / model are the GPU target's figures. The SR/SC column needs
-``dicom_node.outputs``; without it the column is skipped and the table says so.
+(decode + pipeline). The two ratios pipeline / model are the GPU target's figures; pipeline and
+networks alone are timed in turns, round after round, and the spread of the per-round ratios is
+printed too. The SR/SC column needs ``dicom_node.outputs``; without it the column is skipped and the
+table says so.
 """
 
 from __future__ import annotations
@@ -112,8 +114,9 @@ def _timed(fn: Callable[[], Any], sync: Callable[[], None]) -> float:
     return time.perf_counter() - t0
 
 
-def _model_only(pipeline: Any, n: int, repeats: int, with_cam: bool) -> float:
-    """Images/s of both networks alone on ready device tensors (no decode, no pre/post-processing).
+def _model_runner(pipeline: Any, n: int, with_cam: bool) -> Callable[[], None]:
+    """A function running one batch of ``n`` through both networks alone on ready device tensors (no decode,
+    no pre- or post-processing).
 
     The networks run exactly as the pipeline runs them: stage 1 in fp32, stage 2 under the pipeline's
     autocast, both outputs read back to the host.
@@ -139,9 +142,12 @@ def _model_only(pipeline: Any, n: int, repeats: int, with_cam: bool) -> float:
             with torch.inference_mode(), pipeline._autocast():
                 torch.softmax(pipeline.classifier(x2).float(), 1).cpu()
 
-    once()
-    times = [_timed(once, pipeline._sync) for _ in range(repeats)]
-    return n / statistics.median(times)
+    return once
+
+
+def _spread(values: list[float]) -> list[float]:
+    """[min, median, max]."""
+    return [min(values), statistics.median(values), max(values)]
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
@@ -215,39 +221,55 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     for n in batches:
         decoded = [decode(blobs[i % len(blobs)]) for i in range(n)]
         images = [img for _, img in decoded]
-        reps = max(3, args.repeats // n) if n > 1 else args.repeats
-        pipeline.run(images)
-
+        reps = max(5, args.repeats // n) if n > 1 else args.repeats
         stage_runs: list[dict[str, float]] = []
 
         def batch_run(images: list[Any] = images, runs: list[dict[str, float]] = stage_runs) -> None:
             runs.append(_batch_stages(pipeline.run(images)))
 
-        t_pipe = statistics.median(_timed(batch_run, sync) for _ in range(reps))
-
         def batch_plain(images: list[Any] = images) -> None:
             pipeline.run(images, explain=False)
 
-        batch_plain()
-        t_plain = statistics.median(_timed(batch_plain, sync) for _ in range(reps))
+        # Pipeline and networks alone take turns, round after round, so that a machine that speeds up or slows
+        # down during the run moves both sides of each ratio alike; every round gives one ratio of each kind.
+        runs = {
+            "pipeline": batch_run,
+            "model_cam": _model_runner(pipeline, n, with_cam=True),
+            "plain": batch_plain,
+            "model": _model_runner(pipeline, n, with_cam=False),
+        }
+        for fn in runs.values():
+            fn()  # warm-up
+        stage_runs.clear()
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(reps):
+            for k, fn in runs.items():
+                times[k].append(_timed(fn, sync))
 
         def e2e(n: int = n) -> None:
             pipeline.run([decode(blobs[i % len(blobs)])[1] for i in range(n)])
 
         t_e2e = statistics.median(_timed(e2e, sync) for _ in range(max(1, reps // 2)))
-        model_only = _model_only(pipeline, n, reps, with_cam=False)
-        model_cam = _model_only(pipeline, n, reps, with_cam=True)
+        ips = {k: n / statistics.median(v) for k, v in times.items()}
         throughput.append(
             {
                 "batch": n,
-                "pipeline_ips": n / t_pipe,
-                "pipeline_no_cam_ips": n / t_plain,
+                "rounds": reps,
+                "pipeline_ips": ips["pipeline"],
+                "pipeline_no_cam_ips": ips["plain"],
                 "end_to_end_ips": n / t_e2e,
-                "model_only_ips": model_only,
-                "model_cam_ips": model_cam,
-                "ratio_pipeline_model_cam": (n / t_pipe) / model_cam,
-                "ratio_pipeline_no_cam_model_only": (n / t_plain) / model_only,
-                "ratio_pipeline_model_only": (n / t_pipe) / model_only,
+                "model_only_ips": ips["model"],
+                "model_cam_ips": ips["model_cam"],
+                "ratio_pipeline_model_cam": ips["pipeline"] / ips["model_cam"],
+                "ratio_pipeline_no_cam_model_only": ips["plain"] / ips["model"],
+                "ratio_pipeline_model_only": ips["pipeline"] / ips["model"],
+                # per round: [min, median, max] of (networks' time / pipeline's time)
+                "ratio_rounds_model_cam": _spread(
+                    [m / p for m, p in zip(times["model_cam"], times["pipeline"], strict=True)]
+                ),
+                "ratio_rounds_no_cam": _spread(
+                    [m / p for m, p in zip(times["model"], times["plain"], strict=True)]
+                ),
                 "stage_s": {k: statistics.median(r.get(k, 0.0) for r in stage_runs) for k in BATCH_STAGES},
             }
         )
@@ -360,6 +382,17 @@ def format_table(res: dict[str, Any]) -> str:
             f"{t['ratio_pipeline_model_cam']:>11.2f}{'':>10}{t['pipeline_no_cam_ips']:>10.1f}"
             f"{t['model_only_ips']:>9.1f}{t['ratio_pipeline_no_cam_model_only']:>11.2f}"
             f"{t['end_to_end_ips']:>16.1f}"
+        )
+    lines += [
+        "",
+        "the same ratios round by round (pipeline and networks alone take turns): min / median / max",
+        f"{'batch':>6}{'rounds':>8}{'with CAM':>24}{'no CAM':>24}",
+    ]
+    for t in res["throughput"]:
+        cam, plain = t["ratio_rounds_model_cam"], t["ratio_rounds_no_cam"]
+        lines.append(
+            f"{t['batch']:>6}{t['rounds']:>8}{' / '.join(f'{v:.2f}' for v in cam):>24}"
+            f"{' / '.join(f'{v:.2f}' for v in plain):>24}"
         )
     lines += [
         "",

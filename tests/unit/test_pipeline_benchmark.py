@@ -27,8 +27,13 @@ def test_benchmark_smoke(tmp_path: Path, phantom_bundle: Path, capsys: pytest.Ca
         assert t["ratio_pipeline_no_cam_model_only"] == pytest.approx(
             t["pipeline_no_cam_ips"] / t["model_only_ips"]
         )
+        # one ratio per round of each kind: the median of the rounds lies within their range
+        assert t["rounds"] == (2 if t["batch"] == 1 else 5)  # --repeats at batch 1, at least 5 above
+        for rounds in (t["ratio_rounds_model_cam"], t["ratio_rounds_no_cam"]):
+            low, mid, high = rounds
+            assert 0 < low <= mid <= high
     table = capsys.readouterr().out
-    assert "end_to_end" in table and "pipe/model" in table and "no CAM" in table
+    assert "end_to_end" in table and "pipe/model" in table and "no CAM" in table and "round by round" in table
 
 
 def test_benchmark_rejects_bad_batches(phantom_bundle: Path) -> None:
