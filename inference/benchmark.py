@@ -51,16 +51,8 @@ STAGES = ("decode", "preprocess", "stage1", "stage2", "cam", "sr_sc", "end_to_en
 # Result.timings keys: seconds per image, batched stages as the batch's share; summed over a batch they
 # give the batch's seconds per stage (pool stages summed over threads: CPU time, not wall time).
 BATCH_STAGES = (
-    "header",
-    "preprocess",
-    "stage1",
-    "postprocess",
-    "plausibility",
-    "stage2",
-    "cam",
-    "mask_wait",
-    "explain_map",
-    "total",
+    "header", "preprocess", "stage1", "postprocess", "plausibility", "stage2", "cam", "mask_wait",
+    "explain_map", "total",
 )
 
 
@@ -171,13 +163,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
             **DEFAULT_ARCH,
         )
         setup_s = time.perf_counter() - t0
-        pipeline = Pipeline.from_bundle(
-            model,
-            device=args.device,
-            cam=args.cam,
-            cpu_threads=args.cpu_threads,
-            prep_workers=args.prep_workers,
-        )
+        pipeline = Pipeline.from_bundle(model, device=args.device, cam=args.cam, cpu_threads=args.cpu_threads,
+                                        prep_workers=args.prep_workers)
     sync = pipeline._sync
     n_distinct = min(8, max(batches))
     blobs = _phantom_bytes(args.size, n_distinct, args.transfer_syntax)
@@ -418,16 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=2000, help="phantom side in pixels (default 2000)")
     p.add_argument("--cam", choices=["gradcam", "gradcam++"], default="gradcam++")
     p.add_argument(
-        "--transfer-syntax",
-        choices=sorted(SYNTAXES),
-        default="explicit",
+        "--transfer-syntax", choices=sorted(SYNTAXES), default="explicit",
         help="how the phantoms are encoded, i.e. what 'decode' measures (default explicit VR little endian)",
     )
     p.add_argument("--cpu-threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument(
-        "--prep-workers",
-        type=int,
-        default=None,
+        "--prep-workers", type=int, default=None,
         help="the pipeline's threads for per-image host work (default: the pipeline's, up to 8)",
     )
     p.add_argument(

@@ -203,10 +203,9 @@ def box_attention(
     outside its own box counts as zero."""
     n, side = len(boxes), cams.shape[-1]
     dev = cams.device
-    rows = max(r1 - r0 for r0, _, r1, _ in boxes)
-    cols = max(c1 - c0 for _, c0, _, c1 in boxes)
     heights = [r1 - r0 for r0, _, r1, _ in boxes]
     widths = [c1 - c0 for _, c0, _, c1 in boxes]
+    rows, cols = max(heights), max(widths)
     regions = [square_region(shape, side) for shape in zip(heights, widths, strict=True)]
 
     def column(values: list[float] | list[int]) -> torch.Tensor:

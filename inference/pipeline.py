@@ -360,15 +360,17 @@ class Pipeline:
             w.timings[key] = w.timings.get(key, 0.0) + seconds / len(items)
 
     def _stage1(self, x: torch.Tensor) -> np.ndarray:
-        # Stage 1 stays in fp32 on every device: its mask decides "not assessable" and the crop, and the
-        # small U-Net costs little; bf16 moved mask borders on ambiguous images (benchmarks/gpu_check.py).
-        with torch.inference_mode():
-            return torch.sigmoid(self.segmenter(x.float()).float())[:, 0].cpu().numpy()
+        """Stage 1's probability maps (N, S, S) on the host."""
+        probs, arrived = self._stage1_async(x)
+        arrived()
+        return probs
 
     def _stage1_async(self, x: torch.Tensor) -> tuple[np.ndarray, Callable[[], None]]:
         """:meth:`_stage1` without waiting for the device: the maps, and a function that returns once they
         have arrived (on CUDA they are copied into page-locked memory behind the network; on the CPU they
         are there at once)."""
+        # Stage 1 stays in fp32 on every device: its mask decides "not assessable" and the crop, and the
+        # small U-Net costs little; bf16 moved mask borders on ambiguous images (benchmarks/gpu_check.py).
         with torch.inference_mode():
             prob = torch.sigmoid(self.segmenter(x.float()).float())[:, 0]
             if self.device.type != "cuda":
@@ -387,12 +389,7 @@ class Pipeline:
         cams: np.ndarray | None = None
         if explain:
             cams, logits, t_fwd = explain_forward(
-                self.classifier,
-                self.target_layers,
-                x,
-                self.covid_index,
-                self.cam,
-                self.amp_dtype,
+                self.classifier, self.target_layers, x, self.covid_index, self.cam, self.amp_dtype,
                 sync=self._sync,
             )
         else:
@@ -552,8 +549,7 @@ class Pipeline:
         self._share(kept, "explain_map", time.perf_counter() - t0)
         for j, w in enumerate(kept):
             heat_map = (
-                None
-                if cams is None
+                None if cams is None
                 else functools.partial(heatmap_at_source, cams[j], w.box, w.image.pixels.shape)
             )
             self._done(w, float(p[j]), att[j], heat_map)
