@@ -140,7 +140,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     split counts must equal this run's.
     ``member_bundles`` are bundles trained earlier on the same split (other seeds): their classifiers join
     this run's configurations as candidates (named with their seed). ``ensemble`` >= 2 adds, per architecture
-    and mode, the ensemble of its ``ensemble`` best candidates by validation ROC AUC as one more candidate.
+    and mode, the ensemble of its ``ensemble`` best candidates by validation ROC AUC (of all of them when it
+    has fewer, from two) as one more candidate.
     Fine-tuning an ensemble base trains each member from its own weights and re-forms the ensemble.
     ``int8_classifier`` stores a chosen ensemble as int8 in the bundle (three ResNet18s fit 40 MB so); a
     single network stays float16.
@@ -312,10 +313,10 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             say_candidate(say, name, configs[name])
     if ensemble:
         for (arch, mode, size), names in single_groups(configs).items():
-            if len(names) < ensemble:
+            if len(names) < 2:
                 continue
             top = sorted(names, key=lambda k: -sortable(configs[k]["val"]["roc_auc"]))[:ensemble]
-            name = f"{arch}/{mode} ensemble of {ensemble}" + size_tag(size, cls_size)
+            name = f"{arch}/{mode} ensemble of {len(top)}" + size_tag(size, cls_size)
             with timer.step(f"stage 2 {name}"):
                 model = ClassifierEnsemble([models[k] for k in top])
                 configs[name] = measure_candidate(model, arch, mode, views_at(size), size, dev,
@@ -467,7 +468,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="comma-separated bundles trained earlier on the same split (other seeds) whose "
                         "classifiers join the candidates")
     p.add_argument("--ensemble", type=int, default=0,
-                   help="also consider, per architecture and mode, the ensemble of its N best candidates")
+                   help="also consider, per architecture and mode, the ensemble of its N best candidates "
+                        "(of all of them when it has fewer, from two)")
     p.add_argument("--int8-ensembles", action="store_true",
                    help="store a chosen ensemble as int8 (per channel); a single network stays float16")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --out")

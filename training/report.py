@@ -172,8 +172,9 @@ def _selection_text(results: Mapping[str, Any]) -> str:
                  "same way.")
     if sel.get("ensemble"):
         text += (" Candidates include, per architecture, mode and input size, the ensemble of its "
-                 f"{sel['ensemble']} best networks by validation ROC AUC (seeds of one configuration; the "
-                 "mean of their logits answers, their Grad-CAM++ maps are averaged).")
+                 f"{sel['ensemble']} best networks by validation ROC AUC, or of all of them when it has "
+                 "fewer (seeds of one configuration; the mean of their logits answers, their Grad-CAM++ maps "
+                 "are averaged).")
     if sel.get("reference"):
         text += (f" Rows marked (reference run) come from `{sel['reference']}`, trained on the same split "
                  "without the penalty; they are shown for comparison and were not candidates.")
