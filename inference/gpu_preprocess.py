@@ -214,17 +214,16 @@ def box_attention(
     # _sample_box's coordinates, one row per image: the same float32 operations in the same order
     left, top = column([r[0] for r in regions]), column([r[1] for r in regions])
     x_span, y_span = column([r[2] - r[0] for r in regions]), column([r[3] - r[1] for r in regions])
+    box_cols, box_rows = column(widths), column(heights)
     col = torch.arange(cols, device=dev, dtype=torch.float32)[None, :]
     row = torch.arange(rows, device=dev, dtype=torch.float32)[None, :]
-    xs = (left + (col + 0.5) * x_span / column(widths)) / side * 2 - 1
-    ys = (top + (row + 0.5) * y_span / column(heights)) / side * 2 - 1
+    xs = (left + (col + 0.5) * x_span / box_cols) / side * 2 - 1
+    ys = (top + (row + 0.5) * y_span / box_rows) / side * 2 - 1
     grid = torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
     heat = F.grid_sample(
         cams.float()[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False
     )[:, 0].clamp_(0.0, 1.0)
-    in_rows = row[:, :, None] < column(heights)[:, :, None]
-    in_cols = col[:, None, :] < column(widths)[:, :, None]
-    heat.mul_(in_rows & in_cols)
+    heat.mul_((row[:, :, None] < box_rows[:, :, None]) & (col[:, None, :] < box_cols[:, :, None]))
     cut = torch.zeros((n, rows, cols), dtype=torch.bool, device=dev)
     for k, (m, (r0, c0, r1, c1)) in enumerate(zip(masks, boxes, strict=True)):
         cut[k, : r1 - r0, : c1 - c0] = m[r0:r1, c0:c1]
