@@ -48,8 +48,8 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
             "selection": "best validation ROC AUC over architecture x {whole, lung}"
                          + (" x input size {" + ", ".join(f"{s} px" for s in sizes) + "}" if len(sizes) > 1
                             else "")
-                         + (f" and ensembles of the {results['selection']['ensemble']} best networks of one "
-                            "architecture, mode and input size" if results["selection"].get("ensemble")
+                         + (f" and ensembles of up to the {results['selection']['ensemble']} best networks "
+                            "of one architecture, mode and input size" if results["selection"].get("ensemble")
                             else "")
                          + " among configurations "
                          f"with median lung attention >= {results['selection']['min_attention']} on "
