@@ -25,6 +25,7 @@ import copy
 import logging
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +71,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+Allocator = Callable[[tuple[int, int]], np.ndarray]
+"""Gives the float32 array of a shape that a decoder writes its image into (e.g. ``Pipeline.host_array``)."""
 
 MIN_SIZE = 256  # shortest side, in pixels, below which header_reason says "too_small"
 PERCENTILES = (0.5, 99.5)  # VOI fallback when the header has neither a VOI LUT nor a window
@@ -201,8 +205,11 @@ def _ensure_transfer_syntax(ds: Dataset) -> None:
         meta.TransferSyntaxUID = ExplicitVRLittleEndian if little else ExplicitVRBigEndian
 
 
-def _window(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
-    """Window Center/Width (first pair) with its VOI LUT Function, to [0, 1]; None when absent or invalid."""
+def _window(arr: np.ndarray, ds: Dataset, dest: np.ndarray | None = None) -> np.ndarray | None:
+    """Window Center/Width (first pair) with its VOI LUT Function, to [0, 1]; None when absent or invalid.
+
+    ``dest`` (float32, the image's shape) receives the result when given; the last pass writes it there.
+    """
     centres, widths = _numbers(ds, "WindowCenter"), _numbers(ds, "WindowWidth")
     if not centres or not widths:
         return None
@@ -220,13 +227,21 @@ def _window(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
         if w < 1:
             return None
         if w == 1:
-            return (arr >= c).astype(np.float32)
+            return _into(dest, (arr >= c).astype(np.float32))
         out = (arr - np.float32(c - 0.5)) * np.float32(1.0 / (w - 1)) + np.float32(0.5)
-    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+    return np.clip(out, 0.0, 1.0, out=out if dest is None else dest).astype(np.float32, copy=False)
 
 
-def _voi_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
-    """The first VOI LUT Sequence item, scaled so the LUT's lowest..highest output is 0..1."""
+def _into(dest: np.ndarray | None, values: np.ndarray) -> np.ndarray:
+    """``values``, copied into ``dest`` when one is given."""
+    if dest is None:
+        return values
+    np.copyto(dest, values)
+    return dest
+
+
+def _voi_lut(arr: np.ndarray, ds: Dataset, dest: np.ndarray | None = None) -> np.ndarray | None:
+    """The first VOI LUT Sequence item, scaled so the LUT's lowest..highest output is 0..1 (into ``dest``)."""
     if "VOILUTSequence" not in ds or not ds.VOILUTSequence:
         return None
     try:
@@ -240,19 +255,22 @@ def _voi_lut(arr: np.ndarray, ds: Dataset) -> np.ndarray | None:
         return None
     if high <= low:
         return None
-    return np.clip((out - low) / (high - low), 0.0, 1.0)
+    out -= np.float32(low)
+    out /= np.float32(high - low)
+    return np.clip(out, 0.0, 1.0, out=out if dest is None else dest)
 
 
-def _percentile_scale(arr: np.ndarray) -> np.ndarray:
-    """Scale the PERCENTILES range to [0, 1]; estimated on a strided subsample (at most ~65k pixels)."""
+def _percentile_scale(arr: np.ndarray, dest: np.ndarray | None = None) -> np.ndarray:
+    """Scale the PERCENTILES range to [0, 1] (into ``dest``); estimated on a strided subsample (at most ~65k
+    pixels)."""
     step = max(1, int(math.sqrt(arr.size / 65536)))
     low, high = np.percentile(arr[::step, ::step], PERCENTILES)
     if high <= low:
         low, high = float(arr.min()), float(arr.max())
     if high <= low:
-        return np.zeros(arr.shape, dtype=np.float32)
+        return _into(dest, np.zeros(arr.shape, dtype=np.float32))
     out = (arr - np.float32(low)) * np.float32(1.0 / (high - low))
-    return np.clip(out, 0.0, 1.0, out=out).astype(np.float32, copy=False)
+    return np.clip(out, 0.0, 1.0, out=out if dest is None else dest).astype(np.float32, copy=False)
 
 
 def _modality_lut(stored: np.ndarray, ds: Dataset) -> np.ndarray:
@@ -331,7 +349,19 @@ def _decode(ds: Dataset, label: str) -> np.ndarray:
     return arr
 
 
-def load_dicom(source: str | Path | Dataset) -> XrayImage:
+def _destination(allocate: Allocator | None, shape: tuple[int, int]) -> np.ndarray | None:
+    if allocate is None:
+        return None
+    dest = allocate(shape)
+    if not (isinstance(dest, np.ndarray) and dest.dtype == np.float32 and dest.shape == shape
+            and dest.flags.c_contiguous and dest.flags.writeable):
+        raise ValueError(
+            f'Argument "allocate" must return a writable C-contiguous float32 array of shape {shape}.'
+        )
+    return dest
+
+
+def load_dicom(source: str | Path | Dataset, *, allocate: Allocator | None = None) -> XrayImage:
     """Decode a CR/DX (or any single-frame greyscale) instance into an ``XrayImage``.
 
     ``source`` may be a file path or a dataset already read. ``XrayImage.source`` is the path, or the SOP
@@ -339,26 +369,32 @@ def load_dicom(source: str | Path | Dataset) -> XrayImage:
     sop_instance_uid, rows, columns, photometric, pixel_spacing, image_laterality, patient_orientation) plus
     sop_class_uid, study/series UIDs, species, view_hints (descriptions that may name the view) and
     transfer_syntax. Raises ``InvalidInstance`` when the file is not DICOM or its pixels cannot be decoded.
+
+    ``allocate`` (optional) gives the array the pixels are written into, e.g. ``Pipeline.host_array``, whose
+    page-locked arrays the CUDA path copies to the device without another pass over the host memory. The
+    last step of the decoding writes there, so the image costs no extra copy.
     """
     ds = _read(source)
     _ensure_transfer_syntax(ds)
     meta = _meta(ds)
     label = str(source) if not isinstance(source, Dataset) else (meta["sop_instance_uid"] or "dataset")
     stored = _decode(ds, label)
+    dest = _destination(allocate, (int(stored.shape[0]), int(stored.shape[1])))
     if meta["photometric"] == "RGB" or meta["photometric"].startswith("YBR"):
         bits = _numbers(ds, "BitsStored")
-        pixels = np.clip(stored / float((1 << int(bits[0] if bits else 8)) - 1), 0, 1).astype(np.float32)
+        pixels = np.clip(stored / float((1 << int(bits[0] if bits else 8)) - 1), 0, 1, out=dest)
     else:
         arr = _modality_lut(stored, ds)
-        voi = _voi_lut(arr, ds)
-        if voi is None:
-            voi = _window(arr, ds)
-        pixels = voi if voi is not None else _percentile_scale(arr)
         inverse = meta["photometric"] == "MONOCHROME1"
         if meta["photometric"] == "MONOCHROME2" and _text(ds, "PresentationLUTShape").upper() == "INVERSE":
             inverse = True
+        last = None if inverse else dest  # with an inversion, the inversion is the pass that writes ``dest``
+        voi = _voi_lut(arr, ds, last)
+        if voi is None:
+            voi = _window(arr, ds, last)
+        pixels = voi if voi is not None else _percentile_scale(arr, last)
         if inverse:
-            pixels = np.subtract(1.0, pixels, dtype=np.float32)
+            pixels = np.subtract(np.float32(1.0), pixels, out=dest, dtype=np.float32)
     meta["rows"], meta["columns"] = int(pixels.shape[0]), int(pixels.shape[1])
     return XrayImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), source=label, meta=meta)
 
@@ -419,11 +455,12 @@ def _grey(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
 
 
-def load_any(path: str | Path) -> XrayImage:
+def load_any(path: str | Path, *, allocate: Allocator | None = None) -> XrayImage:
     """Decode a DICOM, PNG or JPEG file, recognised by its content, not its name.
 
     A DICOM file is recognised by its 'DICM' prefix; files without one are tried as images, then as a
-    DICOM data set without file meta. Raises ``InvalidInstance`` when neither works.
+    DICOM data set without file meta. Raises ``InvalidInstance`` when neither works. ``allocate`` is passed
+    to :func:`load_dicom` (images from PNG/JPEG files keep their own arrays).
     """
     if not isinstance(path, str | Path):
         raise TypeError('Argument "path" must be a str or Path.')
@@ -433,7 +470,7 @@ def load_any(path: str | Path) -> XrayImage:
     except OSError as exc:
         raise InvalidInstance(f"{path}: cannot be read ({exc})") from exc
     if head[128:132] == b"DICM":
-        return load_dicom(path)
+        return load_dicom(path, allocate=allocate)
     try:
         return load_image_file(path)
     except InvalidInstance as image_error:
@@ -443,7 +480,7 @@ def load_any(path: str | Path) -> XrayImage:
             raise InvalidInstance(f"{path}: neither DICOM nor a readable image ({exc})") from image_error
         if "PixelData" not in ds or "Rows" not in ds:
             raise InvalidInstance(f"{path}: neither DICOM nor a readable image") from image_error
-        image = load_dicom(ds)
+        image = load_dicom(ds, allocate=allocate)
         image.source = str(path)
         return image
 

@@ -236,6 +236,59 @@ def test_rgb_is_converted_to_grey(dicom_factory) -> None:
     assert np.abs(image.pixels - grey / 255.0).max() < 1e-3
 
 
+def _rgb(ds: pydicom.Dataset) -> None:
+    grey = ds.pixel_array
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+    ds.PixelData = np.repeat(grey[..., None], 3, axis=2).tobytes()
+
+
+def _constant(ds: pydicom.Dataset) -> None:
+    ds.PixelData = bytes(len(ds.PixelData))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "change"),
+    [
+        ({"window": full_window(12)}, None),
+        ({"window": (1500.0, 1.0)}, None),  # width 1: a threshold
+        ({"window": (2048.0, 4096.0), "VOILUTFunction": "SIGMOID"}, None),
+        ({"window": full_window(12), "photometric": "MONOCHROME1"}, None),
+        ({"voi_lut": True}, None),
+        ({"voi_lut": True, "photometric": "MONOCHROME1"}, None),
+        ({}, None),  # percentiles
+        ({"photometric": "MONOCHROME1"}, None),
+        ({}, _constant),
+        ({"bits_stored": 8}, _rgb),
+    ],
+)
+def test_decoding_into_a_given_array_gives_the_same_pixels_there(dicom_factory, kwargs: dict, change) -> None:
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1, **kwargs))
+    if change is not None:
+        change(ds)
+    plain = load_dicom(ds)
+    given: list[np.ndarray] = []
+
+    def allocate(shape: tuple[int, int]) -> np.ndarray:
+        given.append(np.full(shape, np.nan, dtype=np.float32))
+        return given[-1]
+
+    image = load_dicom(ds, allocate=allocate)
+    assert len(given) == 1 and image.pixels is given[0]
+    np.testing.assert_array_equal(image.pixels, plain.pixels)
+    assert plain.pixels.std() > 0 or change is _constant
+
+
+def test_an_allocator_that_gives_a_wrong_array_is_named(dicom_factory, tmp_path: Path) -> None:
+    path = dicom_factory(shape=SHAPE, seed=1)
+    for wrong in (lambda s: np.empty(s, np.float64), lambda s: np.empty(s[::-1], np.float32),
+                  lambda s: np.empty((s[1], s[0]), np.float32).T, lambda s: [[0.0]]):
+        with pytest.raises(ValueError, match='"allocate" must return a writable C-contiguous float32 array'):
+            load_dicom(path, allocate=wrong)
+    kept: list[np.ndarray] = []
+    image = load_any(path, allocate=lambda s: kept.append(np.empty(s, np.float32)) or kept[-1])
+    assert image.pixels is kept[0]
+
+
 # ---------------------------------------------------------------------------------- failures
 
 
