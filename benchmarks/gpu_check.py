@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from inference import gpu_preprocess as gp
 from inference.imaging import load_any
 from inference.phantom import make_dicom
 from inference.pipeline import Pipeline
@@ -70,20 +71,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.other == "cuda" and not torch.cuda.is_available():
         print("no CUDA device: nothing to compare", file=sys.stderr)
         return 2
+    other = Pipeline.from_bundle(args.model, device=args.other)
+    # DICOM images are decoded as the node decodes them for this device (into page-locked memory on CUDA)
     images: list[XrayImage] = []
     with tempfile.TemporaryDirectory() as tmp:
         cases = [((2000, 2000), 0.0), ((1800, 2200), 0.6), ((1024, 1024), 0.3)]
         for seed, (shape, opacity) in enumerate(cases):
             path = Path(tmp) / f"phantom{seed}.dcm"
             make_dicom(path, shape=shape, opacity=opacity, seed=seed)
-            images.append(load_any(path))
+            images.append(load_any(path, allocate=other.host_array))
     if args.images:
         suffixes = (".png", ".jpg", ".jpeg", ".dcm")
         files = sorted(f for f in args.images.rglob("*") if f.suffix.lower() in suffixes)
         step = max(1, len(files) // max(1, args.limit))
-        images += [load_any(f) for f in files[::step][: args.limit]]
+        images += [load_any(f, allocate=other.host_array) for f in files[::step][: args.limit]]
     cpu = Pipeline.from_bundle(args.model, device="cpu").run(images)
-    other = Pipeline.from_bundle(args.model, device=args.other)
     gpu = other.run(images)
     gpu_b1 = [other.run([im])[0] for im in images[:4]]
     failures = 0
@@ -95,6 +97,17 @@ def main(argv: list[str] | None = None) -> int:
         ok, text = compare(g1, g)
         failures += not ok
         print(f"{'ok ' if ok else 'BAD'} batch 1 vs batched, {Path(im.source).name[:30]:30s} {text}")
+    if args.other == "cuda":
+        # the DICOM images went to the GPU from page-locked memory as they are: check that path copies exactly
+        locked = [im.pixels for im in images if gp.is_page_locked(im.pixels)]
+        copies, copied = gp.upload_page_locked(locked, torch.device("cuda"), torch.cuda.Stream())
+        copied.synchronize()
+        exact = bool(locked) and all(
+            np.array_equal(t.cpu().numpy(), a) for t, a in zip(copies, locked, strict=True)
+        )
+        failures += not exact
+        print(f"{'ok ' if exact else 'BAD'} {len(locked)} images decoded into page-locked memory, "
+              f"copied to the device {'exactly' if exact else 'NOT exactly (or none)'}")
     print(f"{len(images)} images, {failures} disagreements")
     return 1 if failures else 0
 

@@ -264,7 +264,8 @@ class Worker:
 
         try:
             ds = pydicom.dcmread(job.spool_path)
-            return ds, load_dicom(ds)
+            # decoded straight into the pipeline's page-locked memory when it runs on CUDA
+            return ds, load_dicom(ds, allocate=getattr(self.pipeline, "host_array", None))
         except FileNotFoundError:
             spool_dir = self.settings.storage.spool_dir
             if not spool_dir.is_dir():  # the shared volume is not mounted here: not the instance's fault

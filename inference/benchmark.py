@@ -173,7 +173,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     def decode(blob: bytes) -> tuple[Any, Any]:
         ds = dcmread(io.BytesIO(blob))
-        return ds, load_dicom(ds)
+        return ds, load_dicom(ds, allocate=pipeline.host_array)
 
     # Warm-up (first calls allocate, autotune, fill caches).
     for blob in blobs[:2]:

@@ -163,6 +163,40 @@ def upload(
     return [dev[offsets[i] : offsets[i + 1]].view(a.shape) for i, a in enumerate(arrays)]
 
 
+def is_page_locked(array: np.ndarray) -> bool:
+    """Whether ``array`` is float32, C-contiguous and in page-locked host memory (as from
+    ``Pipeline.host_array`` on CUDA), so that :func:`upload_page_locked` can copy it as it is."""
+    if not (isinstance(array, np.ndarray) and array.dtype == np.float32 and array.flags.c_contiguous):
+        return False
+    return torch.cuda.is_available() and torch.from_numpy(array).is_pinned()
+
+
+def upload_page_locked(
+    arrays: list[np.ndarray], device: torch.device, stream: torch.cuda.Stream
+) -> tuple[list[torch.Tensor], torch.cuda.Event]:
+    """Copy page-locked float32 arrays (:func:`is_page_locked`) to ``device`` on ``stream``, untouched by the
+    host: one float32 tensor (a view of one device buffer) per array, and the event recorded after the copies.
+
+    The copies run beside the work of other streams. A consumer on another stream waits for the event
+    (``wait_event``) and marks the tensors as used there (``record_stream``), so that their memory, which
+    belongs to ``stream``, is not handed out again before that work is done. The arrays must stay alive until
+    the event has passed.
+    """
+    if device.type != "cuda":
+        raise ValueError('Argument "device" must be a CUDA device.')
+    for a in arrays:
+        if not isinstance(a, np.ndarray) or a.ndim != 2 or not is_page_locked(a):
+            raise ValueError('Argument "arrays" must hold 2-D float32 arrays in page-locked memory.')
+    offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).tolist()
+    with torch.cuda.stream(stream):
+        dev = torch.empty(offsets[-1], dtype=torch.float32, device=device)
+        for i, a in enumerate(arrays):
+            dev[offsets[i] : offsets[i + 1]].copy_(torch.from_numpy(a).view(-1), non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record(stream)
+    return [dev[offsets[i] : offsets[i + 1]].view(a.shape) for i, a in enumerate(arrays)], copied
+
+
 def lung_boxes(masks: list[torch.Tensor], margin: float = 0.05) -> list[tuple[int, int, int, int]]:
     """:func:`lung_box` of every mask, reading the device once for the whole list."""
     if not masks:

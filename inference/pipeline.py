@@ -10,10 +10,11 @@ a guess. Models are loaded once, in :meth:`Pipeline.from_bundle`; ``run`` is cal
 Per-image work between the two networks runs in a small thread pool (NumPy and Pillow release
 the GIL), so a GPU is not left waiting on one CPU core.
 
-With ``device_preprocess`` (the default on CUDA) a batch is uploaded as float16, resized, cropped
-and scored on the device; only stage 1's small probability maps (for the connected-component
-post-processing and the plausibility checks), the CAMs and a few numbers per image cross the bus. An
-upload thread converts and copies one group of images while stage 1 runs on the group before, without
+With ``device_preprocess`` (the default on CUDA) a batch is uploaded, resized, cropped and scored on
+the device: images decoded into page-locked memory (:meth:`Pipeline.host_array`) as they are, on a copy
+stream, others converted to float16 on the way. Only stage 1's small probability maps (for the
+connected-component post-processing and the plausibility checks), the CAMs and a few numbers per image
+come back. An upload thread copies one group of images while stage 1 runs on the group before, without
 waiting for the device, and each group's masks are post-processed by the pool while the next group is
 segmented. On the whole image, stage 2 runs while the pool finishes the masks.
 The full-resolution lung mask and heatmap of each result are then made on first access, from those
@@ -115,6 +116,10 @@ class Pipeline:
             if self.device_preprocess
             else None
         )
+        # Images decoded into page-locked memory (host_array) go to the device on their own stream.
+        self._copy_stream = (
+            torch.cuda.Stream(self.device) if self.device_preprocess and self.device.type == "cuda" else None
+        )
         if self._pool is not None:
             # The pool already works on several images at once; OpenCV's own threads (connected components)
             # would only compete with it: on a 16-core host, 64 masks took 52 ms with them, 34 ms without.
@@ -164,7 +169,34 @@ class Pipeline:
                 pool.shutdown(wait=True)
         self._pool = self._uploader = None
 
+    def host_array(self, shape: tuple[int, int]) -> np.ndarray:
+        """An empty float32 image of ``shape`` for a decoder to write into:
+        ``imaging.load_dicom(ds, allocate=pipeline.host_array)``.
+
+        On the CUDA device path the array is page-locked, and a batch of such images goes to the GPU as it is,
+        on a copy stream beside the networks, with no pass over the host memory: float32 crosses the bus
+        (twice float16's bytes), but converting 64 decoded 2000 x 2000 images to float16 took the host longer
+        than both networks on an H100 (``benchmarks/gpu_upload.py``). The page-locked memory is kept by
+        torch's host cache for the next images. Elsewhere the array is an ordinary one.
+        """
+        if (
+            not isinstance(shape, tuple) or len(shape) != 2
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
+        ):
+            raise ValueError('Argument "shape" must be a tuple of two positive integers (rows, columns).')
+        if self._copy_stream is not None:
+            return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
+        return np.empty(shape, dtype=np.float32)
+
     # -- helpers ------------------------------------------------------------------------------
+
+    def _upload(
+        self, arrays: list[np.ndarray], dtype: torch.dtype
+    ) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+        """One group's images on the device, and the event to wait for when they came by the copy stream."""
+        if self._copy_stream is not None and all(gp.is_page_locked(a) for a in arrays):
+            return gp.upload_page_locked(arrays, self.device, self._copy_stream)
+        return gp.upload(arrays, self.device, dtype), None
 
     def _map(self, fn: Callable[[Work], T], items: list[Work]) -> list[T]:
         if self._pool is None or len(items) < 2:
@@ -428,8 +460,9 @@ class Pipeline:
 
         Images of one shape (the usual case: one modality) are stacked in groups (``by_shape``) and resized,
         mapped back and scored together, so the cost per batch does not grow with per-image kernel
-        launches. Uploads and stage 1 go group by group, so that the host's conversion of the next group and
-        its mask post-processing of the last overlap the device's work. On CUDA the ``preprocess`` and
+        launches. Uploads and stage 1 go group by group, so that the next group's copy (and the host's
+        conversion, for images not in page-locked memory) and the mask post-processing of the last overlap the
+        device's work. On CUDA the ``preprocess`` and
         ``stage1`` timings are the host's time to wait for an upload and to queue the work.
         """
         self._map(self._check_header, work)
@@ -444,7 +477,7 @@ class Pipeline:
         # The upload thread converts and copies the groups in order, so that the host conversion of one group
         # overlaps the kernel launches and the device work of the one before.
         uploads = [
-            self._uploader.submit(gp.upload, [todo[i].image.pixels for i in idx], self.device, dtype)
+            self._uploader.submit(self._upload, [todo[i].image.pixels for i in idx], dtype)
             for _, idx in groups
         ]
         pixels: list[torch.Tensor | None] = [None] * len(todo)  # kept for the lung crop
@@ -458,7 +491,12 @@ class Pipeline:
                 # while the device segments the next group.
                 items = [todo[i] for i in idx]
                 t0 = time.perf_counter()
-                group = upload.result()
+                group, copied = upload.result()
+                if copied is not None:
+                    stream = torch.cuda.current_stream(self.device)
+                    stream.wait_event(copied)
+                    for px in group:
+                        px.record_stream(stream)
                 stack = torch.stack(group).float()
                 x1 = gp.square_resize(stack, seg)
                 if whole is not None:

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 loaded: list[tuple[int, XrayImage]] = []
                 for i, f in enumerate(files[start : start + batch_size]):
                     try:
-                        loaded.append((i, load_any(f)))
+                        loaded.append((i, load_any(f, allocate=pipeline.host_array)))
                     except Exception as exc:  # any unreadable file becomes a row, never a crash
                         log.warning(
                             "input not readable: %s",

@@ -94,6 +94,23 @@ def test_upload_returns_one_view_per_array_in_the_requested_dtype() -> None:
         gp.upload(arrays, torch.device("cpu"), chunk=0)
 
 
+@pytest.mark.parametrize("device_preprocess", [False, True])
+def test_host_arrays_off_cuda_are_ordinary_and_shapes_are_checked(phantom_bundle: Path,
+                                                                  device_preprocess: bool) -> None:
+    pipeline = Pipeline.from_bundle(phantom_bundle, device="cpu", device_preprocess=device_preprocess)
+    try:
+        a = pipeline.host_array((30, 40))
+        assert a.shape == (30, 40) and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+        assert not gp.is_page_locked(a)
+        for bad in ((30,), (0, 4), (3.0, 4), [3, 4], (True, 4)):
+            with pytest.raises(ValueError, match='"shape" must be a tuple of two positive integers'):
+                pipeline.host_array(bad)  # type: ignore[arg-type]
+    finally:
+        pipeline.close()
+    with pytest.raises(ValueError, match='"device" must be a CUDA device'):
+        gp.upload_page_locked([a], torch.device("cpu"), None)  # type: ignore[arg-type]
+
+
 def test_lung_boxes_of_a_batch_equal_one_box_at_a_time() -> None:
     masks = [torch.from_numpy(make_phantom(shape, seed=5 + i)[1]) for i, shape in enumerate(SHAPES)]
     corner = torch.zeros(40, 50, dtype=torch.bool)

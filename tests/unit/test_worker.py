@@ -152,6 +152,40 @@ class SlowPipeline:
         return self.inner.run(images, explain=explain)
 
 
+class RecordingPipeline:
+    """The real pipeline, keeping the arrays its ``host_array`` gave and the images it ran."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.bundle = inner, inner.bundle
+        self.given: list[Any] = []
+        self.images: list[Any] = []
+
+    def host_array(self, shape: tuple[int, int]) -> Any:
+        self.given.append(self.inner.host_array(shape))
+        return self.given[-1]
+
+    def run(self, images: Any, explain: bool = True) -> Any:
+        self.images += list(images)
+        return self.inner.run(images, explain=explain)
+
+
+def test_the_worker_decodes_into_the_pipelines_host_arrays(settings: Settings, engine: Engine) -> None:
+    real = default_pipeline_factory(settings)
+    made: list[RecordingPipeline] = []
+
+    def factory(path: Path | None) -> RecordingPipeline:
+        made.append(RecordingPipeline(real(path)))
+        return made[-1]
+
+    worker = Worker(settings, engine, pipeline_factory=factory)
+    jobs = [spool(settings, worker.jm, name) for name in ("first", "second")]
+    assert worker.run_once() == 2
+    (pipeline,) = made
+    assert len(pipeline.images) == 2 and len(pipeline.given) == 2
+    assert all(any(image.pixels is a for a in pipeline.given) for image in pipeline.images)
+    assert all(job_row(engine, j).result["finding"] in ("positive", "negative") for j in jobs)
+
+
 def test_heartbeat_keeps_the_lease_during_a_long_batch(settings: Settings, engine: Engine) -> None:
     settings.worker.lease_s = 1.5  # heartbeat every 0.5 s
     real = default_pipeline_factory(settings)
