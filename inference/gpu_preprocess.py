@@ -166,7 +166,8 @@ def upload(
 def is_page_locked(array: np.ndarray) -> bool:
     """Whether ``array`` is float32, C-contiguous and in page-locked host memory (as from
     ``Pipeline.host_array`` on CUDA), so that :func:`upload_page_locked` can copy it as it is."""
-    if not (isinstance(array, np.ndarray) and array.dtype == np.float32 and array.flags.c_contiguous):
+    if not (isinstance(array, np.ndarray) and array.dtype == np.float32 and array.flags.c_contiguous
+            and array.flags.writeable):  # torch.from_numpy warns about read-only arrays
         return False
     return torch.cuda.is_available() and torch.from_numpy(array).is_pinned()
 
