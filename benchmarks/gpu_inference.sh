@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
-# Inference checks on a GPU machine, one command:
+# Inference checks on a GPU machine, one command (about 6-9 minutes on an H100 host):
 #   bash benchmarks/gpu_inference.sh OUTPUT_DIR [IMAGES_DIR]
 # 1. benchmarks/gpu_check.py: the CUDA pipeline against the CPU pipeline (phantoms, plus up to 30 images
-#    from IMAGES_DIR, e.g. a packed data copy from `python -m training.pack`);
-# 2. python -m inference.benchmark on CUDA with the shipped model (whole image), batches 1, 16, 64;
-# 3. the same with a random-weight bundle in lung-crop mode (the other stage 2 path), batches 1, 16, 64;
-# 4. benchmarks/gpu_upload.py: the host-to-device upload of 64 images, ways of converting and the bus alone.
-# Output in OUTPUT_DIR: check.log, bench-default.{txt,json}, bench-lung.{txt,json}, upload.txt.
+#    from IMAGES_DIR, e.g. a packed data copy from `python -m training.pack`), and the page-locked copy exact;
+# 2. python -m inference.benchmark on CUDA with the shipped model (whole image), batches 1, 16, 64, images
+#    decoded into the pipeline's page-locked host arrays as the worker decodes them;
+# 3. the same at batches 16, 64 with images decoded into ordinary arrays (converted to float16 on the host on
+#    their way, the path before page-locked decoding), for comparison on the same machine;
+# 4. benchmarks/gpu_upload.py: the host-to-device upload of 64 images, each way and the bus alone;
+# 5. a random-weight bundle in lung-crop mode (the other stage 2 path), batches 16, 64.
+# Output in OUTPUT_DIR: check.log, bench-default.{txt,json}, bench-ordinary.{txt,json}, upload.txt,
+# bench-lung.{txt,json}.
 set -uo pipefail
 out=${1:?output dir}; images=${2:-}
 mkdir -p "$out"
 # shellcheck source=benchmarks/gpu_env.sh
 source benchmarks/gpu_env.sh > "$out/machine.txt" 2>&1 || { cat "$out/machine.txt"; exit 1; }
 cat "$out/machine.txt"
+limit=${BENCH_TIMEOUT:-150}
 timeout "${CHECK_TIMEOUT:-150}" python3 benchmarks/gpu_check.py --model inference/default_model \
   ${images:+--images "$images"} --limit 30 > "$out/check.log" 2>&1
-echo "gpu_check exit $?"; tail -3 "$out/check.log"
-timeout "${BENCH_TIMEOUT:-180}" python3 -m inference.benchmark --device cuda --batch 1,16,64 \
+echo "gpu_check exit $?"; tail -4 "$out/check.log"
+timeout "$limit" python3 -m inference.benchmark --device cuda --batch 1,16,64 \
   --model inference/default_model --out "$out/bench-default.json" > "$out/bench-default.txt" 2>&1
-echo "benchmark (shipped model) exit $?"; tail -8 "$out/bench-default.txt"
-timeout "${BENCH_TIMEOUT:-180}" python3 -m inference.benchmark --device cuda --batch 1,16,64 \
-  --out "$out/bench-lung.json" > "$out/bench-lung.txt" 2>&1
-echo "benchmark (lung crop) exit $?"; tail -6 "$out/bench-lung.txt"
-timeout "${BENCH_TIMEOUT:-180}" python3 benchmarks/gpu_upload.py > "$out/upload.txt" 2>&1
+echo "benchmark (shipped model) exit $?"; tail -16 "$out/bench-default.txt"
+timeout "$limit" python3 -m inference.benchmark --device cuda --batch 16,64 --repeats 3 --ordinary-arrays \
+  --model inference/default_model --out "$out/bench-ordinary.json" > "$out/bench-ordinary.txt" 2>&1
+echo "benchmark (shipped model, ordinary arrays) exit $?"; tail -15 "$out/bench-ordinary.txt"
+timeout 90 python3 benchmarks/gpu_upload.py > "$out/upload.txt" 2>&1
 echo "upload benchmark exit $?"; cat "$out/upload.txt"
+timeout "$limit" python3 -m inference.benchmark --device cuda --batch 16,64 --repeats 3 \
+  --out "$out/bench-lung.json" > "$out/bench-lung.txt" 2>&1
+echo "benchmark (lung crop) exit $?"; tail -15 "$out/bench-lung.txt"

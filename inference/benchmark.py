@@ -173,7 +173,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
 
     def decode(blob: bytes) -> tuple[Any, Any]:
         ds = dcmread(io.BytesIO(blob))
-        return ds, load_dicom(ds, allocate=pipeline.host_array)
+        return ds, load_dicom(ds, allocate=None if args.ordinary_arrays else pipeline.host_array)
 
     # Warm-up (first calls allocate, autotune, fill caches).
     for blob in blobs[:2]:
@@ -280,6 +280,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "cam": args.cam,
         "image_size": args.size,
         "transfer_syntax": args.transfer_syntax,
+        "decoded_into": "ordinary arrays" if args.ordinary_arrays else "Pipeline.host_array",
         "model": str(args.model or "random weights, default architecture"),
         "architectures": card["architectures"],
         "input_sizes": card["input_sizes"],
@@ -344,7 +345,7 @@ def format_table(res: dict[str, Any]) -> str:
         f"device {res['device']} ({res['device_name']}), torch {res['torch']}, "
         f"threads {res['torch_threads']}, load average {res['load_average']}, "
         f"autocast {res['autocast']}, {res['cam']}, {res['image_size']}x{res['image_size']} CR "
-        f"({res['transfer_syntax']}), "
+        f"({res['transfer_syntax']}, decoded into {res.get('decoded_into', 'ordinary arrays')}), "
         f"{res['architectures']['segmenter']} {res['input_sizes']['segmenter']} px + "
         f"{res['architectures']['classifier']} {res['input_sizes']['classifier']} px",
         f"assessed (both stages ran): {res['assessed_share']:.0%} of {res['repeats']} batch-1 runs",
@@ -415,6 +416,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument(
         "--fit-steps", type=int, default=60, help="stage 1 phantom-fitting steps for a random bundle"
+    )
+    p.add_argument(
+        "--ordinary-arrays", action="store_true",
+        help="decode into ordinary arrays instead of the pipeline's host arrays (page-locked on CUDA), so "
+        "that the CUDA path converts the images to float16 on the host on their way (for comparison)",
     )
     p.add_argument("--out", metavar="JSON", help="write the results here as JSON")
     p.add_argument("--profile", metavar="TXT", help="profile one run at the largest batch into this file")

@@ -20,6 +20,7 @@ def test_benchmark_smoke(tmp_path: Path, phantom_bundle: Path, capsys: pytest.Ca
     res = json.loads(out.read_text())
     assert set(res["batch1_stage_s"]) == set(STAGES)
     assert res["assessed_share"] == 1.0
+    assert res["decoded_into"] == "Pipeline.host_array"  # as the worker decodes
     assert [t["batch"] for t in res["throughput"]] == [1, 2]
     for t in res["throughput"]:
         assert t["pipeline_ips"] > 0 and t["model_only_ips"] > 0 and t["pipeline_no_cam_ips"] > 0
@@ -33,6 +34,7 @@ def test_benchmark_smoke(tmp_path: Path, phantom_bundle: Path, capsys: pytest.Ca
             low, mid, high = rounds
             assert 0 < low <= mid <= high
     table = capsys.readouterr().out
+    assert "decoded into Pipeline.host_array" in table
     assert "end_to_end" in table and "pipe/model" in table and "no CAM" in table and "round by round" in table
 
 
