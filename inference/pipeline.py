@@ -16,7 +16,7 @@ stream, others converted to float16 on the way. Only stage 1's small probability
 connected-component post-processing and the plausibility checks), the CAMs and a few numbers per image
 come back. An upload thread copies one group of images while stage 1 runs on the group before, without
 waiting for the device, and each group's masks are post-processed by the pool while the next group is
-segmented. On the whole image, stage 2 runs while the pool finishes the masks.
+segmented. On the whole image, stage 2 runs group by group too, beside the next group's copy.
 The full-resolution lung mask and heatmap of each result are then made on first access, from those
 small maps, by the same functions the CPU path uses.
 """
@@ -481,8 +481,8 @@ class Pipeline:
             for _, idx in groups
         ]
         pixels: list[torch.Tensor | None] = [None] * len(todo)  # kept for the lung crop
-        whole = None if lung_mode else torch.empty((len(todo), size, size), device=self.device)
-        early: tuple[np.ndarray, np.ndarray | None] | None = None
+        early_p = None if lung_mode else np.empty(len(todo))  # stage 2 on the whole image, group by group
+        early_cams: np.ndarray | None = None
         waits: list[Callable[[], None]] = []
         try:
             for (_, idx), upload in zip(groups, uploads, strict=True):
@@ -499,9 +499,8 @@ class Pipeline:
                         px.record_stream(stream)
                 stack = torch.stack(group).float()
                 x1 = gp.square_resize(stack, seg)
-                if whole is not None:
-                    whole[idx] = gp.square_resize(stack, size)
-                else:
+                x2 = None if lung_mode else gp.square_resize(stack, size)
+                if lung_mode:
                     for i, px in zip(idx, group, strict=True):
                         pixels[i] = px
                 del stack, group
@@ -512,11 +511,17 @@ class Pipeline:
                 for w, prob in zip(items, probs, strict=True):
                     w.x1 = prob
                 waits.append(self._start(functools.partial(self._small_mask, ready=ready), items))
-            if whole is not None:
-                # On the whole image stage 2 does not depend on stage 1: it runs now, for every image, while
-                # the pool post-processes the masks; images found not assessable are dropped below.
-                early = self._stage2(todo, self._normalise(whole[:, None]), explain)
-                whole = None
+                if early_p is not None and x2 is not None:
+                    # On the whole image stage 2 does not depend on stage 1: it runs group by group, while the
+                    # next group is copied and the pool post-processes the masks; images found not assessable
+                    # are dropped below.
+                    p, cams = self._stage2(items, self._normalise(x2[:, None]), explain)
+                    early_p[idx] = p
+                    if cams is not None:
+                        if early_cams is None:
+                            early_cams = np.empty((len(todo), *cams.shape[1:]), dtype=cams.dtype)
+                        early_cams[idx] = cams
+                    del x2
         finally:
             for upload in uploads:
                 upload.cancel()  # after a failure: the groups not started yet
@@ -545,8 +550,8 @@ class Pipeline:
             return
 
         kept = [todo[i] for i in keep]
-        if early is not None:
-            p, cams = early[0][keep], None if early[1] is None else early[1][keep]
+        if early_p is not None:
+            p, cams = early_p[keep], None if early_cams is None else early_cams[keep]
         else:
             t0 = time.perf_counter()
             boxes = gp.lung_boxes([masks[i] for i in keep])

@@ -65,9 +65,12 @@ def test_pipeline_results_agree_with_device_preprocessing(
     dev = Pipeline.from_bundle(path, device="cpu", device_preprocess=True)
     try:
         a, b = cpu.run(images), dev.run(images)
+        plain = dev.run(images, explain=False)
     finally:
         cpu.close()
         dev.close()
+    assert [r.probability for r in plain] == pytest.approx([r.probability for r in b], abs=1e-5)
+    assert all(r.heatmap is None and r.lung_attention is None for r in plain)
     # the frontal phantoms reach stage 2 (stage 1 is fitted to phantoms), so the comparison below is not empty
     assert [r.probability is not None for r in a] == [True] * len(SHAPES) + [False, True]
     for ra, rb in zip(a, b, strict=True):
