@@ -11,19 +11,12 @@ Per-image work between the two networks runs in a small thread pool (NumPy and P
 the GIL), so a GPU is not left waiting on one CPU core.
 
 With ``device_preprocess`` (the default on CUDA) a batch is uploaded, resized, cropped and scored on
-the device: images decoded into page-locked memory (:meth:`Pipeline.host_array`) as they are, on a copy
-stream, others converted to float16 on the way. Only stage 1's small probability maps (for the
-connected-component post-processing and the plausibility checks), the CAMs and a few numbers per image
-come back. An upload thread copies one group of images while stage 1 runs on the group before, without
-waiting for the device, and each group's masks are post-processed by the pool while the next group is
-segmented. On the whole image, stage 2 runs group by group too, beside the next group's copy.
-The full-resolution lung mask and heatmap of each result are then made on first access, from those
-small maps, by the same functions the CPU path uses.
+the device, group by group (:mod:`inference.device_path`); decoders write into :meth:`Pipeline.host_array`
+so that the upload needs no pass over the host memory.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
@@ -37,11 +30,11 @@ import cv2
 import numpy as np
 import torch
 
-from inference import gpu_preprocess as gp
 from inference import imaging, preprocess
-from inference.batch import DEVICE_GROUP, Work, by_shape, heatmap_at_source, make_result, mask_at_source
+from inference.batch import Work, heatmap_at_source, make_result, mask_at_source
 from inference.bundle import ModelBundle
-from inference.explain import CAM_METHODS, attention_ratio, explain_forward, lung_attention
+from inference.device_path import run_device
+from inference.explain import CAM_METHODS, explain_forward, lung_attention
 from inference.models.classifiers import prepare_cam
 from inference.types import Finding, MapFactory, Result, XrayImage
 
@@ -189,14 +182,6 @@ class Pipeline:
         return np.empty(shape, dtype=np.float32)
 
     # -- helpers ------------------------------------------------------------------------------
-
-    def _upload(
-        self, arrays: list[np.ndarray], dtype: torch.dtype
-    ) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
-        """One group's images on the device, and the event to wait for when they came by the copy stream."""
-        if self._copy_stream is not None and all(gp.is_page_locked(a) for a in arrays):
-            return gp.upload_page_locked(arrays, self.device, self._copy_stream)
-        return gp.upload(arrays, self.device, dtype), None
 
     def _map(self, fn: Callable[[Work], T], items: list[Work]) -> list[T]:
         if self._pool is None or len(items) < 2:
@@ -377,7 +362,7 @@ class Pipeline:
                 t0 = time.perf_counter()
                 work = [Work(img) for img in batch]
                 if self.device_preprocess:
-                    self._run_device(work, explain)
+                    run_device(self, work, explain)
                 else:
                     self._run_host(work, explain)
                 total = time.perf_counter() - t0
@@ -454,148 +439,6 @@ class Pipeline:
                 w.prob = float(p[i])
                 w.cam = None if cams is None else cams[i]
             self._map(self._finish, todo)
-
-    def _run_device(self, work: list[Work], explain: bool) -> None:
-        """Upload, resizing, cropping and lung attention on the device, one call per group of images.
-
-        Images of one shape (the usual case: one modality) are stacked in groups (``by_shape``) and resized,
-        mapped back and scored together, so the cost per batch does not grow with per-image kernel
-        launches. Uploads and stage 1 go group by group, so that the next group's copy (and the host's
-        conversion, for images not in page-locked memory) and the mask post-processing of the last overlap the
-        device's work. On CUDA the ``preprocess`` and
-        ``stage1`` timings are the host's time to wait for an upload and to queue the work.
-        """
-        self._map(self._check_header, work)
-        todo = [w for w in work if w.result is None]
-        if not todo:
-            return
-        seg, size = self.bundle.segmenter_size, self.bundle.classifier_size
-        lung_mode = self.bundle.crop_mode == "lung"
-        groups = by_shape(todo)
-        dtype = torch.float16 if self.device.type == "cuda" else torch.float32
-        assert self._uploader is not None
-        # The upload thread converts and copies the groups in order, so that the host conversion of one group
-        # overlaps the kernel launches and the device work of the one before.
-        uploads = [
-            self._uploader.submit(self._upload, [todo[i].image.pixels for i in idx], dtype)
-            for _, idx in groups
-        ]
-        pixels: list[torch.Tensor | None] = [None] * len(todo)  # kept for the lung crop
-        early_p = None if lung_mode else np.empty(len(todo))  # stage 2 on the whole image, group by group
-        early_cams: np.ndarray | None = None
-        waits: list[Callable[[], None]] = []
-        try:
-            for (_, idx), upload in zip(groups, uploads, strict=True):
-                # Stage 1 one group at a time, without waiting for the device: each group's masks go to the
-                # pool, whose tasks wait for that group's maps, so the host post-processes the first masks
-                # while the device segments the next group.
-                items = [todo[i] for i in idx]
-                t0 = time.perf_counter()
-                group, copied = upload.result()
-                if copied is not None:
-                    stream = torch.cuda.current_stream(self.device)
-                    stream.wait_event(copied)
-                    for px in group:
-                        px.record_stream(stream)
-                stack = torch.stack(group).float()
-                x1 = gp.square_resize(stack, seg)
-                x2 = None if lung_mode else gp.square_resize(stack, size)
-                if lung_mode:
-                    for i, px in zip(idx, group, strict=True):
-                        pixels[i] = px
-                del stack, group
-                t1 = time.perf_counter()
-                probs, ready = self._stage1_async(self._normalise(x1[:, None]))
-                self._share(items, "preprocess", t1 - t0)
-                self._share(items, "stage1", time.perf_counter() - t1)
-                for w, prob in zip(items, probs, strict=True):
-                    w.x1 = prob
-                waits.append(self._start(functools.partial(self._small_mask, ready=ready), items))
-                if early_p is not None and x2 is not None:
-                    # On the whole image stage 2 does not depend on stage 1: it runs group by group, while the
-                    # next group is copied and the pool post-processes the masks; images found not assessable
-                    # are dropped below.
-                    p, cams = self._stage2(items, self._normalise(x2[:, None]), explain)
-                    early_p[idx] = p
-                    if cams is not None:
-                        if early_cams is None:
-                            early_cams = np.empty((len(todo), *cams.shape[1:]), dtype=cams.dtype)
-                        early_cams[idx] = cams
-                    del x2
-        finally:
-            for upload in uploads:
-                upload.cancel()  # after a failure: the groups not started yet
-            t0 = time.perf_counter()
-            for wait in waits:
-                wait()
-            self._share(todo, "mask_wait", time.perf_counter() - t0)
-
-        t0 = time.perf_counter()
-        small = torch.from_numpy(np.stack([w.small for w in todo])).to(self.device)  # type: ignore[misc]
-        masks: list[torch.Tensor] = [small] * len(todo)  # each image's (rows, columns) bool mask
-        counts = torch.empty(len(todo), dtype=torch.int64, device=self.device)
-        for shape, idx in groups:
-            stacked = gp.unsquare(small[idx].float(), shape) >= 0.5
-            counts[idx] = stacked.sum(dim=(1, 2))
-            for k, i in enumerate(idx):
-                masks[i] = stacked[k]
-        for w, count in zip(todo, counts.cpu().tolist(), strict=True):
-            w.lung_fraction = count / w.image.pixels.size
-            w.mask = functools.partial(mask_at_source, w.small, w.image.pixels.shape)  # type: ignore[arg-type]
-        for w in todo:
-            self._check_plausible(w)
-        self._share(todo, "postprocess", time.perf_counter() - t0)
-        keep = [i for i, w in enumerate(todo) if w.result is None]
-        if not keep:
-            return
-
-        kept = [todo[i] for i in keep]
-        if early_p is not None:
-            p, cams = early_p[keep], None if early_cams is None else early_cams[keep]
-        else:
-            t0 = time.perf_counter()
-            boxes = gp.lung_boxes([masks[i] for i in keep])
-            for w, box in zip(kept, boxes, strict=True):
-                w.box = box
-            x2 = gp.lung_crops(
-                [pixels[i] for i in keep],  # type: ignore[misc]
-                [masks[i] for i in keep],
-                size,
-                boxes,
-            )
-            del pixels
-            x = self._normalise(x2[:, None])
-            self._sync()
-            self._share(kept, "preprocess", time.perf_counter() - t0)
-            p, cams = self._stage2(kept, x, explain)
-
-        t0 = time.perf_counter()
-        att: list[float | None] = [None] * len(kept)
-        if cams is not None:
-            cams_dev = torch.from_numpy(cams).to(self.device)
-            sums = torch.empty((len(kept), 2), dtype=torch.float64, device=self.device)
-            if lung_mode:
-                # the heatmap is zero outside the crop box: both sums need only the box
-                for start in range(0, len(kept), DEVICE_GROUP):
-                    part = slice(start, start + DEVICE_GROUP)
-                    sums[part] = gp.box_attention(
-                        cams_dev[part],
-                        [w.box for w in kept[part]],  # type: ignore[misc]
-                        [masks[i] for i in keep[part]],
-                    )
-            else:
-                for shape, js in by_shape(kept):
-                    heat = gp.unsquare(cams_dev[js], shape).clamp_(0.0, 1.0)
-                    sums[js] = gp.attention(heat, torch.stack([masks[keep[j]] for j in js]))
-                    del heat
-            att = [attention_ratio(inside, total) for inside, total in sums.cpu().tolist()]
-        self._share(kept, "explain_map", time.perf_counter() - t0)
-        for j, w in enumerate(kept):
-            heat_map = (
-                None if cams is None
-                else functools.partial(heatmap_at_source, cams[j], w.box, w.image.pixels.shape)
-            )
-            self._done(w, float(p[j]), att[j], heat_map)
 
     def _normalise(self, x: torch.Tensor) -> torch.Tensor:
         x = (x.float() - self.bundle.mean) / self.bundle.std
