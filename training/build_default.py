@@ -349,7 +349,9 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     with timer.step("trivial baselines"):
         from training.baselines import trivial_baselines
 
-        centres = {side: _centre_whole(cls_sets[side], cls_size) for side in SIDES}
+        # at the chosen network's input size, as `evaluate` measures them for the shipped bundle
+        results["baselines_input_size"] = c["input_size"]
+        centres = {side: _centre_whole(cls_sets[side], c["input_size"]) for side in SIDES}
         results["baselines"] = trivial_baselines({s: cls_sets[s].shapes for s in SIDES}, centres,
                                                  {s: y[s].numpy() for s in SIDES},
                                                  target_sensitivity=target_sensitivity)

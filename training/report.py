@@ -216,7 +216,9 @@ def write_build_report(out: str | Path, results: Mapping[str, Any]) -> Path:
         within_source_line(results.get("per_source", {})), "",
         "## Shortcut checks", "",
         "Shape-normalised copies of the test images (centre square, fixed size, then the same pipeline), and "
-        "trivial baselines that never look at the lungs.", "",
+        "trivial baselines that never look at the lungs"
+        + (f" (on the centre square at {results['baselines_input_size']} px, the chosen network's input size)"
+           if "baselines_input_size" in results else "") + ".", "",
         metrics_table({**{f"{k} (shape-normalised)": v["test_shape_normalised"]
                           for k, v in results["configs"].items()},
                        **{f"baseline {k} (threshold 0.5)": v["test_at_0.5"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -194,10 +195,20 @@ def test_members_from_another_split_are_refused_before_training(built: tuple[Pat
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
-def test_a_member_of_another_input_size_is_measured_at_its_own_size(built: tuple[Path, dict],
-                                                                     tmp_path: Path) -> None:
+def test_a_member_of_another_input_size_is_measured_at_its_own_size(built: tuple[Path, dict], tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import training.baselines
     from inference.bundle import ModelBundle
     from training.build_default import main
+
+    baseline_sizes: list[set[tuple[int, int]]] = []
+    real_baselines = training.baselines.trivial_baselines
+
+    def baselines(shapes: Any, centres: Any, y: Any, **kwargs: Any) -> Any:
+        baseline_sizes.append({tuple(t.shape[-2:]) for t in centres.values()})
+        return real_baselines(shapes, centres, y, **kwargs)
+
+    monkeypatch.setattr(training.baselines, "trivial_baselines", baselines)
 
     out, _ = built
     common = ["--data", str(out.parent / "data"), "--device", "cpu", "--quick", "--epochs-cls", "1",
@@ -225,6 +236,10 @@ def test_a_member_of_another_input_size_is_measured_at_its_own_size(built: tuple
     assert shipped.card["training_data"]["network_seed"] == results["configs"][chosen]["seed"]
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "networks named with a size (48 px) take images of that size" in report
+    # the trivial baselines are measured on the chosen network's input size, as `evaluate` measures them
+    size = results["configs"][chosen]["input_size"]
+    assert results["baselines_input_size"] == size and baseline_sizes[-1] == {(size, size)}
+    assert f"(on the centre square at {size} px, the chosen network's input size)" in report
 
 
 def test_fine_tuning_an_ensemble_trains_each_member_and_ships_the_ensemble(built: tuple[Path, dict],
