@@ -8,9 +8,10 @@
 # 3. the same at batches 16, 64 with images decoded into ordinary arrays (converted to float16 on the host on
 #    their way, the path before page-locked decoding), for comparison on the same machine;
 # 4. benchmarks/gpu_upload.py: the host-to-device upload of 64 images, each way and the bus alone;
-# 5. a random-weight bundle in lung-crop mode (the other stage 2 path), batches 16, 64.
+# 5. a profile of the shipped model at batch 64 (torch profiler and Python functions, with and without the CAM);
+# 6. a random-weight bundle in lung-crop mode (the other stage 2 path), batches 16, 64.
 # Output in OUTPUT_DIR: check.log, bench-default.{txt,json}, bench-ordinary.{txt,json}, upload.txt,
-# bench-lung.{txt,json}.
+# profile.txt, bench-lung.{txt,json}.
 set -uo pipefail
 out=${1:?output dir}; images=${2:-}
 mkdir -p "$out"
@@ -29,6 +30,9 @@ timeout "$limit" python3 -m inference.benchmark --device cuda --batch 16,64 --re
 echo "benchmark (shipped model, ordinary arrays) exit $?"; tail -15 "$out/bench-ordinary.txt"
 timeout 90 python3 benchmarks/gpu_upload.py > "$out/upload.txt" 2>&1
 echo "upload benchmark exit $?"; cat "$out/upload.txt"
+timeout "$limit" python3 -m inference.benchmark --device cuda --batch 64 --repeats 3 \
+  --model inference/default_model --profile "$out/profile.txt" > "$out/bench-profile.txt" 2>&1
+echo "profile exit $?"
 timeout "$limit" python3 -m inference.benchmark --device cuda --batch 16,64 --repeats 3 \
   --out "$out/bench-lung.json" > "$out/bench-lung.txt" 2>&1
 echo "benchmark (lung crop) exit $?"; tail -15 "$out/bench-lung.txt"
