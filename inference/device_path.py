@@ -5,9 +5,10 @@ A batch is uploaded, resized, cropped and scored on the device: images decoded i
 stage 1's small probability maps (for the connected-component post-processing and the plausibility checks),
 the CAMs and a few numbers per image come back. An upload thread copies one group of images while stage 1
 runs on the group before, without waiting for the device, and each group's masks are post-processed by the
-pipeline's thread pool while the next group is segmented. On the whole image, stage 2 runs group by group
-too, beside the next group's copy. The full-resolution lung mask and heatmap of each result are then made on
-first access, from those small maps, by the same functions the CPU path uses.
+pipeline's thread pool while the next group is segmented. On the whole image, stage 2 runs before the masks
+are in: without the CAM group by group too, beside the next group's copy. The full-resolution lung mask and
+heatmap of each result are then made on first access, from those small maps, by the same functions the CPU
+path uses.
 """
 
 from __future__ import annotations
@@ -63,8 +64,13 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
         for _, idx in groups
     ]
     pixels: list[torch.Tensor | None] = [None] * len(todo)  # kept for the lung crop
-    early_p = None if lung_mode else np.empty(len(todo))  # stage 2 on the whole image, group by group
+    # On the whole image stage 2 does not depend on stage 1, so it runs before the masks are in; images found
+    # not assessable are dropped below. Without the CAM it runs group by group, beside the next group's copy.
+    # With the CAM it runs once for the batch: the CAM's host work per call favours one large call (networks
+    # + CAM on an H100: about 700 images/s in calls of 64, 584 in calls of 16).
+    early_p = None if lung_mode else np.empty(len(todo))
     early_cams: np.ndarray | None = None
+    whole = torch.empty((len(todo), size, size), device=pipe.device) if not lung_mode and explain else None
     waits: list[Callable[[], None]] = []
     try:
         for (_, idx), upload in zip(groups, uploads, strict=True):
@@ -93,17 +99,14 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
             for w, prob in zip(items, probs, strict=True):
                 w.x1 = prob
             waits.append(pipe._start(functools.partial(pipe._small_mask, ready=ready), items))
-            if early_p is not None and x2 is not None:
-                # On the whole image stage 2 does not depend on stage 1: it runs group by group, while the
-                # next group is copied and the pool post-processes the masks; images found not assessable
-                # are dropped below.
-                p, cams = pipe._stage2(items, pipe._normalise(x2[:, None]), explain)
-                early_p[idx] = p
-                if cams is not None:
-                    if early_cams is None:
-                        early_cams = np.empty((len(todo), *cams.shape[1:]), dtype=cams.dtype)
-                    early_cams[idx] = cams
-                del x2
+            if whole is not None and x2 is not None:
+                whole[idx] = x2
+            elif early_p is not None and x2 is not None:
+                early_p[idx] = pipe._stage2(items, pipe._normalise(x2[:, None]), explain)[0]
+            del x2
+        if whole is not None and early_p is not None:
+            early_p[:], early_cams = pipe._stage2(todo, pipe._normalise(whole[:, None]), explain)
+            whole = None
     finally:
         for upload in uploads:
             upload.cancel()  # after a failure: the groups not started yet
