@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -277,8 +277,18 @@ class Worker:
                 self._fail(job, f"spooled file {job.spool_path} is missing", retryable=False)
         except (InvalidDicomError, InvalidInstance) as exc:
             self._fail(job, f"undecodable instance: {exc}", retryable=False)
+        except (ValueError, NotImplementedError, BytesLengthException, EOFError, KeyError, TypeError) as exc:
+            # what pydicom raises for a file damaged after it was received (the listener parsed its header)
+            log.warning("job %s: spooled file cannot be parsed: %s: %s", job.id, type(exc).__name__, exc,
+                        extra={"action": "worker_undecodable", "job_id": job.id})
+            self._fail(job, f"undecodable instance: {job.spool_path} cannot be parsed "
+                            f"({type(exc).__name__}: {exc})", retryable=False)
         except OSError as exc:
             self._fail(job, f"cannot read the spooled file: {exc}", retryable=True)
+        except Exception as exc:  # anything else fails this job with its reason (retried); the worker goes on
+            log.exception("job %s: decoding failed", job.id, extra={"action": "worker_decode_error",
+                                                                    "job_id": job.id})
+            self._fail(job, f"decoding failed: {type(exc).__name__}: {exc}", retryable=True)
         return None
 
     def _run_pipeline(self, images: list[Any]) -> list[Any]:

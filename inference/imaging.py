@@ -33,7 +33,7 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom import Dataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 from pydicom.pixels import pixel_array as _pixel_array
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
@@ -105,7 +105,8 @@ def _text(ds: Dataset, keyword: str) -> str:
     """A header value as stripped text; '' when absent or unreadable (multi-valued: joined with '\\')."""
     try:
         value = ds.get(keyword)
-    except (ValueError, TypeError, KeyError, UnicodeDecodeError, OverflowError) as exc:
+    # NotImplementedError: an element whose value representation pydicom does not know (a damaged header)
+    except (ValueError, TypeError, KeyError, UnicodeDecodeError, OverflowError, NotImplementedError) as exc:
         logger.warning("unreadable %s ignored: %s", keyword, exc, extra={"action": "dicom_header_invalid"})
         return ""
     if value is None:
@@ -142,7 +143,7 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
 def _code_meanings(ds: Dataset, keyword: str) -> list[str]:
     try:
         return [str(item.get("CodeMeaning", "")) for item in ds.get(keyword) or []]
-    except (TypeError, AttributeError, ValueError):
+    except (TypeError, AttributeError, ValueError, KeyError, NotImplementedError):
         return []
 
 
@@ -185,7 +186,8 @@ def _read(source: str | Path | Dataset) -> Dataset:
         raise TypeError('Argument "source" must be a path or a pydicom Dataset.')
     try:
         return pydicom.dcmread(source)
-    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:
+    except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError, NotImplementedError,
+            BytesLengthException) as exc:
         raise InvalidInstance(f"{source}: not a readable DICOM file ({exc})") from exc
 
 

@@ -356,6 +356,16 @@ def test_invalid_optional_header_values_do_not_stop_decoding(dicom_factory, capl
     assert header_reason(image) is None
 
 
+def test_header_elements_of_an_unknown_value_representation_are_ignored(dicom_factory, caplog) -> None:
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1))
+    for tag in (0x0008103E, 0x00185101):  # Series Description, View Position: damaged on the way
+        ds[Tag(tag)] = RawDataElement(Tag(tag), "ZZ", 3, b"ABC", 0, False, True)
+    image = load_dicom(ds)
+    assert image.meta["view_position"] == "" and image.meta["view_hints"] == ""
+    assert np.abs(image.pixels - load_dicom(dicom_factory(shape=SHAPE, seed=1)).pixels).max() == 0
+    assert any(getattr(r, "action", "") == "dicom_header_invalid" for r in caplog.records)
+
+
 @pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
 def test_invalid_window_falls_back_to_percentiles(dicom_factory) -> None:
     ds = pydicom.dcmread(dicom_factory(shape=SHAPE, window=(100, 200), seed=1))

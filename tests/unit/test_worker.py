@@ -91,6 +91,35 @@ def test_undecodable_fails_permanently_and_good_images_get_stored_outputs(settin
     assert jm.retry(good).value == "exporting"
 
 
+def _damage(path: Path, before: bytes, offset: int, value: int) -> None:
+    """Overwrite one byte of the spooled file, ``offset`` bytes after the first ``before``."""
+    data = bytearray(path.read_bytes())
+    data[data.index(before) + offset] = value
+    path.write_bytes(bytes(data))
+
+
+def test_a_spooled_file_damaged_on_disk_fails_its_job_and_the_worker_goes_on(settings: Settings,
+                                                                              engine: Engine) -> None:
+    jm = JobManager(engine, settings.worker)
+    damages = {  # what pydicom raises on reading each: BytesLengthException, NotImplementedError, ValueError
+        "group-length-vr": (b"DICM", 8, 0xAE),  # (0002,0000)'s VR, the first element after the prefix
+        "transfer-syntax-vr": (b"\x02\x00\x10\x00UI", 5, 0xB2),  # an unknown VR in the file meta
+        "character-set-length": (b"\x08\x00\x05\x00CS", 6, 104),  # Specific Character Set runs into NULs
+    }
+    jobs = {}
+    for name, damage in damages.items():
+        jobs[name] = spool(settings, jm, name)
+        _damage(Path(job_row(engine, jobs[name]).spool_path), *damage)
+    good = spool(settings, jm, "intact")
+    worker = Worker(settings, engine, job_manager=jm)
+    assert worker.run_once() == 4  # no exception: the worker is still running
+    for name, job_id in jobs.items():
+        job = job_row(engine, job_id)
+        assert job.state == "failed" and job.attempts == 1, name
+        assert "undecodable instance" in (job.last_error or "") and "cannot be parsed" in job.last_error, name
+    assert job_row(engine, good).result["finding"] in ("positive", "negative")
+
+
 def test_worker_swaps_to_the_promoted_model_between_batches(settings: Settings, engine: Engine,
                                                              tmp_path: Path, tiny_bundle: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
