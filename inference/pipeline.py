@@ -113,6 +113,7 @@ class Pipeline:
         self._copy_stream = (
             torch.cuda.Stream(self.device) if self.device_preprocess and self.device.type == "cuda" else None
         )
+        self._page_lock_failed = False
         if self._pool is not None:
             # The pool already works on several images at once; OpenCV's own threads (connected components)
             # would only compete with it: on a 16-core host, 64 masks took 52 ms with them, 34 ms without.
@@ -170,7 +171,8 @@ class Pipeline:
         on a copy stream beside the networks, with no pass over the host memory: float32 crosses the bus
         (twice float16's bytes), but converting 64 decoded 2000 x 2000 images to float16 took the host longer
         than both networks on an H100 (``benchmarks/gpu_upload.py``). The page-locked memory is kept by
-        torch's host cache for the next images. Elsewhere the array is an ordinary one.
+        torch's host cache for the next images. Elsewhere the array is an ordinary one, and so it is when
+        page-locked memory cannot be had (logged once): the images then take the converting upload.
         """
         if (
             not isinstance(shape, tuple) or len(shape) != 2
@@ -178,7 +180,13 @@ class Pipeline:
         ):
             raise ValueError('Argument "shape" must be a tuple of two positive integers (rows, columns).')
         if self._copy_stream is not None:
-            return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
+            try:
+                return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
+            except RuntimeError as exc:  # exhausted, or refused by the host (a container's limits)
+                if not self._page_lock_failed:
+                    self._page_lock_failed = True
+                    log.warning("page-locked host memory unavailable (%s); decoding into ordinary memory",
+                                " ".join(str(exc).split())[:200], extra={"action": "page_locked_unavailable"})
         return np.empty(shape, dtype=np.float32)
 
     # -- helpers ------------------------------------------------------------------------------

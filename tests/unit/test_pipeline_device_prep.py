@@ -114,6 +114,21 @@ def test_host_arrays_off_cuda_are_ordinary_and_shapes_are_checked(phantom_bundle
         gp.upload_page_locked([a], torch.device("cpu"), None)  # type: ignore[arg-type]
 
 
+def test_host_arrays_fall_back_to_ordinary_memory_when_page_locking_fails(
+    phantom_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline = Pipeline.from_bundle(phantom_bundle, device="cpu", device_preprocess=True)
+    # as on CUDA, but on a host without a GPU: page-locked memory cannot be had
+    pipeline._copy_stream = object()  # type: ignore[assignment]
+    try:
+        arrays = [pipeline.host_array((20, 30)) for _ in range(3)]
+    finally:
+        pipeline.close()
+    assert all(a.shape == (20, 30) and a.dtype == np.float32 and not gp.is_page_locked(a) for a in arrays)
+    warnings = [r for r in caplog.records if getattr(r, "action", "") == "page_locked_unavailable"]
+    assert len(warnings) == 1  # logged once, not per image
+
+
 def test_lung_boxes_of_a_batch_equal_one_box_at_a_time() -> None:
     masks = [torch.from_numpy(make_phantom(shape, seed=5 + i)[1]) for i, shape in enumerate(SHAPES)]
     corner = torch.zeros(40, 50, dtype=torch.bool)
