@@ -14,6 +14,7 @@ import sys
 from typing import Any
 
 from dicom_node.config import ConfigError, Peer, Settings, load_settings
+from dicom_node.errors import NodeError
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("dicom_node.service", "receive images by C-STORE, run the model, send results back"),
@@ -28,6 +29,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # Commands that share the node options (the CLI contract: keep these stable).
 NODE_COMMANDS = {"serve", "worker", "status", "retrain", "models"}
+SERVICE_COMMANDS = {"serve", "worker"}
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +114,16 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings)
     module = importlib.import_module(COMMANDS[args.command][0])
     runner = getattr(module, f"run_{args.command}", None) or module.run
-    return int(runner(args, settings) or 0)
+    if args.command in SERVICE_COMMANDS:  # a service that stops shows why in full, in its log
+        return int(runner(args, settings) or 0)
+    try:
+        return int(runner(args, settings) or 0)
+    except (OSError, ValueError, NodeError) as exc:
+        # what the user gave cannot be used (a path, a CSV, a bundle, a value): say so in one line; the
+        # traceback is logged at DEBUG level (logging.level = "DEBUG" shows it)
+        log.debug("cxr-node %s failed", args.command, exc_info=True)
+        print(f"cxr-node {args.command}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -54,6 +54,25 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
     assert out.returncode == 2 and "does not exist" in out.stderr
 
 
+def test_unusable_inputs_of_the_offline_commands_give_one_line_not_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "labels.csv").write_text("sop_instance_uid,finding\n1.2.3,covid\n")
+    (tmp_path / "binary.csv").write_bytes(b"\xff\xfe\x00 not text")
+    cases = [
+        (["train", "--data", "absent", "--out", "out"], "cxr-node train: absent: neither a manifest CSV"),
+        (["evaluate", "--data", "absent", "--out", "out"],
+         "cxr-node evaluate: absent: neither a manifest CSV"),
+        (["retrain", "--data-dir", "d", "--import-labels", "absent.csv"], "cxr-node retrain: "),
+        (["retrain", "--data-dir", "d", "--import-labels", "labels.csv"],
+         "cxr-node retrain: labels CSV labels.csv has no 'label' column"),
+        (["retrain", "--data-dir", "d", "--import-labels", "binary.csv"], "cxr-node retrain: "),
+    ]
+    for args, message in cases:
+        out = cxr_node(*args, cwd=tmp_path)
+        assert out.returncode == 1, (args, out.stderr)
+        assert out.stderr.strip().splitlines()[-1].startswith(message), (args, out.stderr)
+        assert "Traceback" not in out.stderr, args
+
+
 def test_no_command_prints_help_and_exits_2(tmp_path: Path) -> None:
     out = cxr_node(cwd=tmp_path)
     assert out.returncode == 2 and "COMMAND" in out.stdout
