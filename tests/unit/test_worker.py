@@ -98,6 +98,7 @@ def _damage(path: Path, before: bytes, offset: int, value: int) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.filterwarnings("ignore:Expected explicit VR:UserWarning")  # pydicom, on the damaged meta
 def test_a_spooled_file_damaged_on_disk_fails_its_job_and_the_worker_goes_on(settings: Settings,
                                                                               engine: Engine) -> None:
     jm = JobManager(engine, settings.worker)
