@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Inference checks on a GPU machine, one command (about 6-9 minutes on an H100 host):
+# Inference checks on a GPU machine, one command (each step has a timeout: CHECK_TIMEOUT, BENCH_TIMEOUT, 150 s):
 #   bash benchmarks/gpu_inference.sh OUTPUT_DIR [IMAGES_DIR]
 # 1. benchmarks/gpu_check.py: the CUDA pipeline against the CPU pipeline (phantoms, plus up to 30 images
 #    from IMAGES_DIR, e.g. a packed data copy from `python -m training.pack`), and the page-locked copy exact;

@@ -278,7 +278,8 @@ class Worker:
         except (InvalidDicomError, InvalidInstance) as exc:
             self._fail(job, f"undecodable instance: {exc}", retryable=False)
         except (ValueError, NotImplementedError, BytesLengthException, EOFError, KeyError, TypeError) as exc:
-            # what pydicom raises for a file damaged after it was received (the listener parsed its header)
+            # what pydicom raises for a damaged file: the listener reads only an image's UIDs before it
+            # answers, and a file can be damaged on disk later
             log.warning("job %s: spooled file cannot be parsed: %s: %s", job.id, type(exc).__name__, exc,
                         extra={"action": "worker_undecodable", "job_id": job.id})
             self._fail(job, f"undecodable instance: {job.spool_path} cannot be parsed "
