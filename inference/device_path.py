@@ -6,9 +6,10 @@ stage 1's small probability maps (for the connected-component post-processing an
 the CAMs and a few numbers per image come back. An upload thread copies one group of images while stage 1
 runs on the group before, without waiting for the device, and each group's masks are post-processed by the
 pipeline's thread pool while the next group is segmented. On the whole image, stage 2 runs before the masks
-are in: without the CAM group by group too, beside the next group's copy. The full-resolution lung mask and
-heatmap of each result are then made on first access, from those small maps, by the same functions the CPU
-path uses.
+are in: without the CAM chunk by chunk too, beside the next group's copy. Groups of different image sizes
+are resized apart, then segmented and classified together once about ``DEVICE_GROUP`` images wait. The
+full-resolution lung mask and heatmap of each result are then made on first access, from those small maps,
+by the same functions the CPU path uses.
 """
 
 from __future__ import annotations
@@ -65,19 +66,38 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
     ]
     pixels: list[torch.Tensor | None] = [None] * len(todo)  # kept for the lung crop
     # On the whole image stage 2 does not depend on stage 1, so it runs before the masks are in; images found
-    # not assessable are dropped below. Without the CAM it runs group by group, beside the next group's copy.
+    # not assessable are dropped below. Without the CAM it runs chunk by chunk, beside the next group's copy.
     # With the CAM it runs once for the batch: the CAM's host work per call favours one large call (networks
     # + CAM on an H100: about 700 images/s in calls of 64, 584 in calls of 16).
     early_p = None if lung_mode else np.empty(len(todo))
     early_cams: np.ndarray | None = None
     whole = torch.empty((len(todo), size, size), device=pipe.device) if not lung_mode and explain else None
     waits: list[Callable[[], None]] = []
+    # Resized groups wait here until DEVICE_GROUP images are together: a batch of many image sizes still runs
+    # the networks on chunks of about DEVICE_GROUP, not once per size.
+    chunk: list[tuple[list[int], torch.Tensor, torch.Tensor | None]] = []
+
+    def run_chunk() -> None:
+        """Stage 1 on the waiting groups without waiting for the device: their masks go to the pool, whose
+        tasks wait for these maps, so the host post-processes them while the device goes on."""
+        idx = [i for part, _, _ in chunk for i in part]
+        items = [todo[i] for i in idx]
+        x1 = torch.cat([small for _, small, _ in chunk])
+        x2 = None if lung_mode else torch.cat([c for _, _, c in chunk if c is not None])
+        chunk.clear()
+        t1 = time.perf_counter()
+        probs, ready = pipe._stage1_async(pipe._normalise(x1[:, None]))
+        pipe._share(items, "stage1", time.perf_counter() - t1)
+        for w, prob in zip(items, probs, strict=True):
+            w.x1 = prob
+        waits.append(pipe._start(functools.partial(pipe._small_mask, ready=ready), items))
+        if whole is not None and x2 is not None:
+            whole[idx] = x2
+        elif early_p is not None and x2 is not None:
+            early_p[idx] = pipe._stage2(items, pipe._normalise(x2[:, None]), explain)[0]
+
     try:
         for (_, idx), upload in zip(groups, uploads, strict=True):
-            # Stage 1 one group at a time, without waiting for the device: each group's masks go to the
-            # pool, whose tasks wait for that group's maps, so the host post-processes the first masks
-            # while the device segments the next group.
-            items = [todo[i] for i in idx]
             t0 = time.perf_counter()
             group, copied = upload.result()
             if copied is not None:
@@ -86,24 +106,17 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
                 for px in group:
                     px.record_stream(stream)
             stack = torch.stack(group).float()
-            x1 = gp.square_resize(stack, seg)
             x2 = None if lung_mode else gp.square_resize(stack, size)
+            chunk.append((idx, gp.square_resize(stack, seg), x2))
             if lung_mode:
                 for i, px in zip(idx, group, strict=True):
                     pixels[i] = px
-            del stack, group
-            t1 = time.perf_counter()
-            probs, ready = pipe._stage1_async(pipe._normalise(x1[:, None]))
-            pipe._share(items, "preprocess", t1 - t0)
-            pipe._share(items, "stage1", time.perf_counter() - t1)
-            for w, prob in zip(items, probs, strict=True):
-                w.x1 = prob
-            waits.append(pipe._start(functools.partial(pipe._small_mask, ready=ready), items))
-            if whole is not None and x2 is not None:
-                whole[idx] = x2
-            elif early_p is not None and x2 is not None:
-                early_p[idx] = pipe._stage2(items, pipe._normalise(x2[:, None]), explain)[0]
-            del x2
+            del stack, group, x2
+            pipe._share([todo[i] for i in idx], "preprocess", time.perf_counter() - t0)
+            if sum(len(part) for part, _, _ in chunk) >= DEVICE_GROUP:
+                run_chunk()
+        if chunk:
+            run_chunk()
         if whole is not None and early_p is not None:
             early_p[:], early_cams = pipe._stage2(todo, pipe._normalise(whole[:, None]), explain)
             whole = None

@@ -83,6 +83,31 @@ def test_pipeline_results_agree_with_device_preprocessing(
             assert rb.lung_attention == pytest.approx(ra.lung_attention, abs=0.05)
 
 
+@pytest.mark.parametrize("explain", [True, False])
+def test_a_batch_of_many_image_sizes_runs_the_networks_on_chunks_not_per_size(
+    phantom_bundle_whole: Path, explain: bool
+) -> None:
+    shapes = [(300 + 10 * i, 470 - 10 * i) for i in range(6)] * 3 + [(512, 512)]  # 7 sizes, 19 images
+    images = [XrayImage(make_phantom(shape, seed=50 + i)[0], f"m{i}", {}) for i, shape in enumerate(shapes)]
+    dev = Pipeline.from_bundle(phantom_bundle_whole, device="cpu", device_preprocess=True)
+    host = Pipeline.from_bundle(phantom_bundle_whole, device="cpu", device_preprocess=False)
+    calls: dict[str, list[int]] = {"segmenter": [], "classifier": []}
+    for name in calls:
+        getattr(dev, name).register_forward_hook(
+            lambda module, args, out, name=name: calls[name].append(len(args[0]))
+        )
+    try:
+        a, b = dev.run(images, explain=explain), host.run(images, explain=explain)
+    finally:
+        dev.close()
+        host.close()
+    # one group per size; groups are run together once at least 16 images wait: two calls, not seven
+    assert calls["segmenter"] == [18, 1]
+    assert calls["classifier"] == ([19] if explain else [18, 1])
+    assert [r.probability for r in a] == pytest.approx([r.probability for r in b], abs=0.02)
+    assert all(r.probability is not None for r in a)
+
+
 def test_upload_returns_one_view_per_array_in_the_requested_dtype() -> None:
     rng = np.random.default_rng(4)
     arrays = [rng.random(shape, dtype=np.float32) for shape in SHAPES]
