@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
+from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import (
     UID,
     Comprehensive3DSRStorage,
@@ -202,7 +202,12 @@ def _store(event: Any, ctx: StoreContext) -> int:
     is_image = sop_class in IMAGE_SOP_CLASSES
     try:
         header = _read_header(data, full=not is_image)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError) as exc:
+        # values are converted on first access: a damaged element fails here, not later
+        study_uid = str(header.get("StudyInstanceUID", "") or "")
+        series_uid = str(header.get("SeriesInstanceUID", "") or "")
+        ds_sop_uid = str(header.get("SOPInstanceUID", "") or "")
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, NotImplementedError,
+            BytesLengthException) as exc:
         _refused(st, "unparsable")
         log.warning("C-STORE refused: dataset cannot be parsed (%s)", exc,
                     extra={"action": "store_refused", "reason": "unparsable", **info})
@@ -223,9 +228,6 @@ def _store(event: Any, ctx: StoreContext) -> int:
                     extra={"action": "store_refused", "reason": "sop_class", **info})
         return REFUSED_SOP_CLASS_NOT_SUPPORTED
 
-    study_uid = str(header.get("StudyInstanceUID", "") or "")
-    series_uid = str(header.get("SeriesInstanceUID", "") or "")
-    ds_sop_uid = str(header.get("SOPInstanceUID", "") or "")
     if not study_uid or not series_uid or (ds_sop_uid and ds_sop_uid != sop_uid):
         _refused(st, "bad_header")
         log.warning("C-STORE refused: Study/Series Instance UID missing or SOP Instance UID differs "

@@ -190,6 +190,32 @@ def test_ct_refused_with_log_line(node_listener: Callable[..., Listener], tmp_pa
     assert "CT Image Storage" in lines[0] and "not accepted" in lines[0]
 
 
+def test_a_damaged_header_is_refused_as_not_understood(node_listener: Callable[..., Listener], tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    from pydicom.uid import ComputedRadiographyImageStorage
+    from pynetdicom import AE
+
+    node = node_listener()
+    path = tmp_path / "damaged.dcm"
+    make_dicom(path, shape=(128, 128))
+    data = bytearray(path.read_bytes())
+    data[data.index(b"\x20\x00\x0d\x00UI") + 5] = 0xB2  # Study Instance UID with an unknown VR
+    path.write_bytes(bytes(data))
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    # pynetdicom sends a file's data set as it is (dcmtk's storescu would repair the element first)
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="CXRNODE")
+    assert assoc.is_established
+    status = assoc.send_c_store(str(path))
+    assoc.release()
+    assert int(status.Status) == 0xC000  # cannot understand: resending will not help (not "out of resources")
+    assert node.job_rows() == []
+    refused = [r for r in caplog.records if getattr(r, "action", "") == "store_refused"]
+    assert len(refused) == 1 and refused[0].reason == "unparsable"
+    assert not [r for r in caplog.records if getattr(r, "action", "") == "store_failed"]
+
+
 def test_database_unreachable_gives_failure_status(node_listener: Callable[..., Listener], tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     # A PostgreSQL URL on a port where nothing listens: every enqueue fails.
