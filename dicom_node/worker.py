@@ -47,6 +47,7 @@ PipelineFactory = Callable[[Path | None], Any]
 
 RESULTS_SUFFIX = ".results"
 DB_RETRY_PAUSE_S = 5.0
+PIXEL_DATA = pydicom.tag.Tag(0x7FE0, 0x0010)
 
 
 def default_pipeline_factory(settings: Settings) -> PipelineFactory:
@@ -59,6 +60,23 @@ def default_pipeline_factory(settings: Settings) -> PipelineFactory:
                                     cpu_threads=settings.model.cpu_threads)
 
     return make
+
+
+def unreadable_element(ds: pydicom.Dataset) -> str | None:
+    """The first standard top-level element (pixel data aside) whose value cannot be read, described; None
+    when every one can. Values are converted on first access, so an element of unknown VR or of a wrong length
+    in a damaged file fails only there; the SR and SC copy most of the header. Private and unknown tags are
+    not checked: nothing copies them."""
+    for tag in list(ds.keys()):
+        if tag.is_private or tag == PIXEL_DATA or not pydicom.datadict.dictionary_has_tag(tag):
+            continue
+        try:
+            ds[tag]
+        except (ValueError, NotImplementedError, BytesLengthException, KeyError, TypeError,
+                OverflowError) as exc:
+            name = pydicom.datadict.keyword_for_tag(tag) or "element"
+            return f"header element {tag} {name} cannot be read ({type(exc).__name__}: {exc})"
+    return None
 
 
 def output_dir_for(spool_path: str | Path) -> Path:
@@ -264,6 +282,11 @@ class Worker:
 
         try:
             ds = pydicom.dcmread(job.spool_path)
+            damaged = unreadable_element(ds)
+            if damaged is not None:  # fail now, not after inference: the outputs copy the header
+                self._fail(job, f"undecodable instance: {damaged}; the results could not carry the image's "
+                                "patient and study attributes", retryable=False)
+                return None
             # decoded straight into the pipeline's page-locked memory when it runs on CUDA
             return ds, load_dicom(ds, allocate=getattr(self.pipeline, "host_array", None))
         except FileNotFoundError:

@@ -121,6 +121,31 @@ def test_a_spooled_file_damaged_on_disk_fails_its_job_and_the_worker_goes_on(set
     assert job_row(engine, good).result["finding"] in ("positive", "negative")
 
 
+def test_an_unreadable_patient_attribute_fails_the_job_before_inference(settings: Settings,
+                                                                        engine: Engine) -> None:
+    jm = JobManager(engine, settings.worker)
+    job_id = spool(settings, jm, "damaged-name")
+    _damage(Path(job_row(engine, job_id).spool_path), b"\x10\x00\x10\x00PN", 5, 0xB2)  # an unknown VR
+    calls: list[int] = []
+    real = default_pipeline_factory(settings)
+
+    class Counting:
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.bundle = inner, inner.bundle
+
+        def run(self, images: Any, explain: bool = True) -> Any:
+            calls.append(len(images))
+            return self.inner.run(images, explain=explain)
+
+    worker = Worker(settings, engine, job_manager=jm, pipeline_factory=lambda p: Counting(real(p)))
+    assert worker.run_once() == 1
+    job = job_row(engine, job_id)
+    assert job.state == "failed" and job.attempts == 1 and job.output_dir is None
+    assert "header element (0010,0010) PatientName cannot be read" in (job.last_error or "")
+    assert "patient and study attributes" in job.last_error
+    assert calls == []  # no inference for an image whose results could not be built
+
+
 def test_worker_swaps_to_the_promoted_model_between_batches(settings: Settings, engine: Engine,
                                                              tmp_path: Path, tiny_bundle: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
