@@ -75,7 +75,9 @@ def unreadable_element(ds: pydicom.Dataset) -> str | None:
         except (ValueError, NotImplementedError, BytesLengthException, KeyError, TypeError,
                 OverflowError) as exc:
             name = pydicom.datadict.keyword_for_tag(tag) or "element"
-            return f"header element {tag} {name} cannot be read ({type(exc).__name__}: {exc})"
+            # the patient module's messages could quote a name or an ID: its errors give their type only
+            detail = type(exc).__name__ if tag.group == 0x0010 else f"{type(exc).__name__}: {exc}"
+            return f"header element {tag} {name} cannot be read ({detail})"
     return None
 
 
