@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pydicom import Dataset
+from pydicom.errors import BytesLengthException
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from dicom_node.config import ExportSettings
@@ -78,7 +79,7 @@ def _has_own_equipment(ds: Dataset) -> bool:
     try:
         items = ds.get("ContributingEquipmentSequence") or []
         return any(str(item.get("Manufacturer", "")) == MANUFACTURER for item in items)
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError, NotImplementedError, BytesLengthException):
         return False
 
 
@@ -86,7 +87,7 @@ def _has_own_codes(ds: Dataset) -> bool:
     try:
         items = ds.get("CodingSchemeIdentificationSequence") or []
         return any(str(item.get("CodingSchemeDesignator", "")) == CODING_SCHEME for item in items)
-    except (TypeError, ValueError, AttributeError):
+    except (TypeError, ValueError, AttributeError, NotImplementedError, BytesLengthException):
         return False
 
 

@@ -43,6 +43,7 @@ from typing import Any
 from highdicom import ContributingEquipment
 from pydicom import Dataset, config
 from pydicom.datadict import dictionary_VR
+from pydicom.errors import BytesLengthException
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -260,7 +261,8 @@ def element_text(ds: Dataset, keyword: str) -> str:
     """The value of ``keyword`` in ``ds`` as text, '' when absent or unreadable."""
     try:
         value = ds.get(keyword)
-    except (ValueError, TypeError, KeyError):
+    # NotImplementedError / BytesLengthException: an element of unknown VR or wrong length (a damaged file)
+    except (ValueError, TypeError, KeyError, NotImplementedError, BytesLengthException):
         return ""
     if value is None:
         return ""

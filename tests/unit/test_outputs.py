@@ -10,6 +10,8 @@ import time
 import numpy as np
 import pytest
 from pydicom import Dataset
+from pydicom.dataelem import RawDataElement
+from pydicom.tag import Tag
 from pydicom.uid import (
     Comprehensive3DSRStorage,
     ComprehensiveSRStorage,
@@ -233,6 +235,17 @@ def test_is_own_output_recognises_ours_only() -> None:
     assert not is_own_output(cr)
     with pytest.raises(TypeError, match='"ds"'):
         is_own_output("not a dataset")  # type: ignore[arg-type]
+    # a damaged SC: elements of unknown VR are unreadable, which counts as "not ours", never an error
+    def unknown_vr(ds: Dataset, tag: int) -> None:
+        ds[tag] = RawDataElement(Tag(tag), "ZZ", 4, b"ABCD", 0, False, True)
+
+    damaged = copy.deepcopy(foreign)
+    for tag in (0x00080070, 0x0008103E):  # Manufacturer, Series Description
+        unknown_vr(damaged, tag)
+    assert not is_own_output(damaged)
+    mine = copy.deepcopy(sc)
+    unknown_vr(mine, 0x00080070)
+    assert is_own_output(mine)  # still recognised by its equipment and series description
 
 
 def test_read_result_rejects_other_objects() -> None:
