@@ -13,6 +13,8 @@ import logging
 import sys
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from dicom_node.config import ConfigError, Peer, Settings, load_settings
 from dicom_node.errors import NodeError
 
@@ -123,6 +125,13 @@ def main(argv: list[str] | None = None) -> int:
         # traceback is logged at DEBUG level (logging.level = "DEBUG" shows it)
         log.debug("cxr-node %s failed", args.command, exc_info=True)
         print(f"cxr-node {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except SQLAlchemyError as exc:  # the database is down, unreachable or refuses the credentials
+        from dicom_node.db import safe_url
+
+        log.debug("cxr-node %s failed", args.command, exc_info=True)
+        print(f"cxr-node {args.command}: database {safe_url(settings.db_url)} unavailable: "
+              f"{type(exc).__name__}: {str(exc).splitlines()[0]}", file=sys.stderr)
         return 1
 
 

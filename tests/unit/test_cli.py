@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.fixtures.common import free_port
+
 pytestmark = pytest.mark.unit
 
 CXR_NODE = Path(sys.executable).parent / "cxr-node"
@@ -65,12 +67,14 @@ def test_unusable_inputs_of_the_offline_commands_give_one_line_not_a_traceback(t
         (["retrain", "--data-dir", "d", "--import-labels", "labels.csv"],
          "cxr-node retrain: labels CSV labels.csv has no 'label' column"),
         (["retrain", "--data-dir", "d", "--import-labels", "binary.csv"], "cxr-node retrain: "),
+        (["models", "--db-url", f"postgresql+psycopg://cxr:secret@127.0.0.1:{free_port()}/cxr?connect_timeout=2"],
+         "cxr-node models: database postgresql+psycopg://cxr:***@127.0.0.1"),
     ]
     for args, message in cases:
         out = cxr_node(*args, cwd=tmp_path)
         assert out.returncode == 1, (args, out.stderr)
         assert out.stderr.strip().splitlines()[-1].startswith(message), (args, out.stderr)
-        assert "Traceback" not in out.stderr, args
+        assert "Traceback" not in out.stderr and "secret" not in out.stderr, args
 
 
 def test_no_command_prints_help_and_exits_2(tmp_path: Path) -> None:
