@@ -13,8 +13,6 @@ import logging
 import sys
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
-
 from dicom_node.config import ConfigError, Peer, Settings, load_settings
 from dicom_node.errors import NodeError
 
@@ -126,7 +124,14 @@ def main(argv: list[str] | None = None) -> int:
         log.debug("cxr-node %s failed", args.command, exc_info=True)
         print(f"cxr-node {args.command}: {exc}", file=sys.stderr)
         return 1
-    except SQLAlchemyError as exc:  # the database is down, unreachable or refuses the credentials
+    except Exception as exc:
+        # SQLAlchemy is imported here, not at the top, so that a command that never opens the database does
+        # not pay for it; when one of its errors was raised it is loaded already
+        from sqlalchemy.exc import SQLAlchemyError
+
+        if not isinstance(exc, SQLAlchemyError):
+            raise
+        # the database is down, unreachable or refuses the credentials
         from dicom_node.db import safe_url
 
         log.debug("cxr-node %s failed", args.command, exc_info=True)
