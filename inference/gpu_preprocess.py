@@ -129,6 +129,16 @@ def uncrop(square: torch.Tensor, box: tuple[int, int, int, int], shape: tuple[in
     return out
 
 
+def _offsets(arrays: list[np.ndarray]) -> list[int]:
+    """Where each array starts (and the last one ends) in one flat buffer holding them all."""
+    return np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(int).tolist()
+
+
+def _views(flat: torch.Tensor, arrays: list[np.ndarray], offsets: list[int]) -> list[torch.Tensor]:
+    """Each array's part of ``flat``, in its shape."""
+    return [flat[offsets[i] : offsets[i + 1]].view(a.shape) for i, a in enumerate(arrays)]
+
+
 def upload(
     arrays: list[np.ndarray], device: torch.device, dtype: torch.dtype = torch.float16, chunk: int = 8
 ) -> list[torch.Tensor]:
@@ -149,8 +159,7 @@ def upload(
             raise ValueError('Argument "arrays" must hold 2-D numpy arrays.')
     if device.type != "cuda":
         return [torch.from_numpy(np.ascontiguousarray(a)).to(dtype) for a in arrays]
-    sizes = [a.size for a in arrays]
-    offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    offsets = _offsets(arrays)
     host = torch.empty(offsets[-1], dtype=dtype, pin_memory=True)
     dev = torch.empty(offsets[-1], dtype=dtype, device=device)
     for start in range(0, len(arrays), chunk):
@@ -160,7 +169,7 @@ def upload(
                 torch.from_numpy(np.ascontiguousarray(arrays[i]))
             )
         dev[offsets[start] : offsets[stop]].copy_(host[offsets[start] : offsets[stop]], non_blocking=True)
-    return [dev[offsets[i] : offsets[i + 1]].view(a.shape) for i, a in enumerate(arrays)]
+    return _views(dev, arrays, offsets)
 
 
 def is_page_locked(array: np.ndarray) -> bool:
@@ -188,14 +197,14 @@ def upload_page_locked(
     for a in arrays:
         if not isinstance(a, np.ndarray) or a.ndim != 2 or not is_page_locked(a):
             raise ValueError('Argument "arrays" must hold 2-D float32 arrays in page-locked memory.')
-    offsets = np.concatenate([[0], np.cumsum([a.size for a in arrays])]).tolist()
+    offsets = _offsets(arrays)
     with torch.cuda.stream(stream):
         dev = torch.empty(offsets[-1], dtype=torch.float32, device=device)
         for i, a in enumerate(arrays):
             dev[offsets[i] : offsets[i + 1]].copy_(torch.from_numpy(a).view(-1), non_blocking=True)
         copied = torch.cuda.Event()
         copied.record(stream)
-    return [dev[offsets[i] : offsets[i + 1]].view(a.shape) for i, a in enumerate(arrays)], copied
+    return _views(dev, arrays, offsets), copied
 
 
 def lung_boxes(masks: list[torch.Tensor], margin: float = 0.05) -> list[tuple[int, int, int, int]]:
