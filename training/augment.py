@@ -23,11 +23,14 @@ import torch.nn.functional as F
 
 def augment(x: torch.Tensor, mask: torch.Tensor | None = None, *, generator: torch.Generator | None = None,
             max_rotate_deg: float = 8.0, scale: tuple[float, float] = (0.88, 1.12), max_shift: float = 0.06,
-            photometric: bool = True, style: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+            photometric: bool = True, style: float = 0.0,
+            artefacts: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Randomly transform a batch ``x`` (N, C, H, W, float in [0, 1]) and its ``mask`` (N, 1, H, W) alike.
 
     ``style`` (0 to 1) is the probability of each texture degradation (blur, sharpening, noise) per image;
     0 applies none and draws no random numbers for them, so runs without it repeat earlier runs exactly.
+    ``artefacts`` (0 to 1), likewise, is the probability of each mark of a film's source
+    (:func:`training.artefacts.artefacts`: padding bars, printed markers, equalisation, sharpening).
 
     Returns new tensors (inputs are not modified). Random numbers come from ``generator`` (on ``x``'s device)
     so a seeded run is repeatable. The mask is resampled bilinearly and thresholded at 0.5.
@@ -36,6 +39,8 @@ def augment(x: torch.Tensor, mask: torch.Tensor | None = None, *, generator: tor
         raise ValueError('Argument "x" must have shape (N, C, H, W).')
     if not 0.0 <= style <= 1.0:
         raise ValueError('Argument "style" must be from 0 to 1.')
+    if not 0.0 <= artefacts <= 1.0:
+        raise ValueError('Argument "artefacts" must be from 0 to 1.')
     n = x.shape[0]
     dev = x.device
 
@@ -55,6 +60,10 @@ def augment(x: torch.Tensor, mask: torch.Tensor | None = None, *, generator: tor
         out_mask = (m > 0.5).to(mask.dtype)
     if style > 0:
         out = texture(out, style, generator=generator)
+    if artefacts > 0:
+        from training.artefacts import artefacts as add_artefacts
+
+        out = add_artefacts(out, artefacts, generator=generator)
     if photometric:
         shape = (n, 1, 1, 1)
         gamma = torch.exp(rand(-0.3, 0.3)).view(shape)

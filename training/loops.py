@@ -156,6 +156,7 @@ class FitConfig:
     source_balance: float = 0.0  # >0: also balance sources within each class (sample_weights; needs groups)
     style_augment: float = 0.0  # >0: probability of each texture degradation per image (training.augment)
     source_adversary: float = 0.0  # >0: weight of a class-conditional source adversary (training.adversary)
+    artefact_augment: float = 0.0  # >0: probability of each source mark per image (training.artefacts)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -169,6 +170,8 @@ class FitConfig:
             raise ValueError('Argument "source_balance" must be from 0 to 1.')
         if not 0.0 <= self.style_augment <= 1.0:
             raise ValueError('Argument "style_augment" must be from 0 to 1.')
+        if not 0.0 <= self.artefact_augment <= 1.0:
+            raise ValueError('Argument "artefact_augment" must be from 0 to 1.')
         if not self.source_adversary >= 0:
             raise ValueError('Argument "source_adversary" must not be negative.')
 
@@ -351,7 +354,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
             yb = yt[idx]
             mb = yb.float() if kind == "segmentation" else mt[idx].float() if guided else None
             if config.augment:
-                xb, mb = augment(xb, mb, generator=gen, style=config.style_augment)
+                xb, mb = augment(xb, mb, generator=gen, style=config.style_augment,
+                                 artefacts=config.artefact_augment)
             xb = as_input(xb, ch, config.mean, config.std)
             captured.clear()
             pooled.clear()
