@@ -12,10 +12,11 @@ Steps, each printed with its time:
    the networks of earlier runs on the same split (other seeds) join them, and with ``--ensemble N`` so does
    the ensemble of the N best networks of each architecture and mode;
 5. selection on validation: among the configurations whose median lung attention on validation positives
-   reaches ``min_attention`` (all of them when none does), the best validation ROC AUC (a tie goes to lung
-   mode); the operating threshold on validation for the target sensitivity;
+   reaches ``min_attention`` (all of them when none does), the best validation ROC AUC over the validation
+   images and their counterfactual copies (``training.counterfactual``; a tie goes to lung mode); the
+   operating threshold on validation for the target sensitivity;
 6. every configuration on the one test split, plus per-source metrics, lung attention, shape-normalised
-   copies and two trivial baselines;
+   copies, the counterfactual check and three trivial baselines;
 7. the chosen bundle (fp16 weights) via ``inference.bundle.create_bundle``.
 
 Outputs in ``--out``: ``results.json``, ``report.md``, ``split.json``, ``bundle/``, ``checkpoints/``.
@@ -56,9 +57,9 @@ from training.candidates import (
     recipe,
     recipe_tag,
     say_candidate,
+    selection_auc,
     single_groups,
     size_tag,
-    sortable,
     stage2_inputs,
     stage2_masks,
 )
@@ -121,7 +122,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                   min_attention: float = 0.7, reference: Path | tuple[Path, ...] | None = None,
                   member_bundles: tuple[Path, ...] = (), ensemble: int = 0,
                   int8_classifier: bool = False, source_balance: float = 0.0,
-                  style_augment: float = 0.0, source_adversary: float = 0.0) -> dict[str, Any]:
+                  style_augment: float = 0.0, source_adversary: float = 0.0,
+                  artefact_augment: float = 0.0) -> dict[str, Any]:
     """Run every step (see the module docstring) and return the results dict (also in ``results.json``).
 
     ``seg_archs=()`` takes stage 1 from ``base_bundle`` instead of training it (its input size wins);
@@ -135,6 +137,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     (``training.augment.texture``); its networks are named "style-augmented".
     ``source_adversary`` > 0 adds a class-conditional source adversary with that weight to stage 2's loss
     (``training.adversary``); its networks are named "source-adversarial".
+    ``artefact_augment`` > 0 adds the marks of a film's source with that probability to stage 2's
+    augmentation (``training.artefacts``); its networks are named "artefact-augmented".
     ``reference`` is the ``results.json`` of an earlier run on the same split, or several: their
     configurations are listed in the report beside this run's (marked with the run, not candidates); their
     split counts must equal this run's.
@@ -250,7 +254,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     tagged = bool(added)  # several seeds of one configuration: names carry the seed
     base_recipe = recipe(base.card.get("training_data", {}) if base is not None else {})
     run_recipe = recipe({"source_balance": source_balance, "style_augment": style_augment,
-                         "source_adversary": source_adversary})
+                         "source_adversary": source_adversary, "artefact_augment": artefact_augment})
     train_groups = torch.as_tensor(np.unique(cls_sets["train"].sources, return_inverse=True)[1].reshape(-1))
     # (arch, mode, train, initial weights, seed, name, checkpoint file)
     plan: list[tuple[str, str, bool, torch.nn.Module | None, int, str, str]] = []
@@ -284,7 +288,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=run_seed,
                             max_steps=max_steps, attention_weight=attention_weight,
                             source_balance=source_balance, style_augment=style_augment,
-                            source_adversary=source_adversary)
+                            source_adversary=source_adversary, artefact_augment=artefact_augment)
             r = (fit(model, (stage2_inputs(mode, cls_sets["train"], crops["train"]), y["train"]),
                      (stage2_inputs(mode, cls_sets["val"], crops["val"]), y["val"]), kind="classification",
                      config=cfg, device=dev, checkpoint=out / "checkpoints" / ckpt,
@@ -315,7 +319,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
         for (arch, mode, size), names in single_groups(configs).items():
             if len(names) < 2:
                 continue
-            top = sorted(names, key=lambda k: -sortable(configs[k]["val"]["roc_auc"]))[:ensemble]
+            top = sorted(names, key=lambda k: -selection_auc(configs[k]))[:ensemble]
             name = f"{arch}/{mode} ensemble of {len(top)}" + size_tag(size, cls_size)
             with timer.step(f"stage 2 {name}"):
                 model = ClassifierEnsemble([models[k] for k in top])
@@ -492,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                   member_bundles=tuple(Path(b) for b in args.add_bundles.split(",") if b),
                   ensemble=args.ensemble, int8_classifier=args.int8_ensembles,
                   source_balance=args.source_balance, style_augment=args.style_augment,
-                  source_adversary=args.source_adversary,
+                  source_adversary=args.source_adversary, artefact_augment=args.artefact_augment,
                   say=lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush()) and None)
     return 0
 

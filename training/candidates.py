@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from training.counterfactual import counterfactual_check
 from training.datasets import SIDES
 from training.loops import predict
 from training.metrics import binary_metrics, summary, threshold_for_sensitivity
@@ -27,6 +28,7 @@ RECIPE_TAGS = {  # stage 2 options recorded per network -> the word that marks i
     "source_balance": "source-balanced",
     "style_augment": "style-augmented",
     "source_adversary": "source-adversarial",
+    "artefact_augment": "artefact-augmented",
 }
 RECIPE_KEYS = tuple(RECIPE_TAGS)
 
@@ -90,6 +92,9 @@ def add_shortcut_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--source-adversary", type=float, default=0.0,
                    help="weight of a class-conditional source adversary (gradient reversal) in stage 2's "
                         "loss; 0 = off; needs images from at least two sources")
+    p.add_argument("--artefact-augment", type=float, default=0.0,
+                   help="0-1: probability of each mark of a film's source (padding bars, printed markers, "
+                        "histogram equalisation, sharpening) per image in stage 2's augmentation; 0 = off")
 
 
 def sortable(v: float | None) -> float:
@@ -113,17 +118,25 @@ def stage2_masks(mode: str, crops: LungCrops) -> torch.Tensor:
     return crops.crop_masks if mode == "lung" else crops.whole_masks
 
 
+def selection_auc(c: Mapping[str, Any]) -> float:
+    """The validation figure candidates are ranked by: the ROC AUC over the validation images and their
+    counterfactual copies (:mod:`training.counterfactual`) where measured, else the plain validation ROC AUC.
+    A network that calls normals positive once they carry a publication's marks ranks lower."""
+    with_copies = (c.get("val_counterfactual") or {}).get("roc_auc_with_copies")
+    return sortable(with_copies if with_copies is not None else c["val"]["roc_auc"])
+
+
 def choose(configs: dict[str, dict[str, Any]], min_attention: float) -> str:
-    """The configuration to ship, from validation figures only: the best validation ROC AUC among those whose
-    median lung attention on validation positives reaches ``min_attention``, or among all when none does (or
-    when attention was not measured). A tie goes to lung mode. The members of a fine-tuned ensemble are not
-    candidates alone: the ensemble they form is."""
+    """The configuration to ship, from validation figures only: the best :func:`selection_auc` among those
+    whose median lung attention on validation positives reaches ``min_attention``, or among all when none does
+    (or when attention was not measured). A tie goes to lung mode. The members of a fine-tuned ensemble are
+    not candidates alone: the ensemble they form is."""
     def attention(k: str) -> float:
         return sortable(configs[k].get("val_attention", {}).get("positives", {}).get("median"))
 
     eligible = [k for k in configs if not configs[k].get("ensemble_member")] or list(configs)
     pool = [k for k in eligible if attention(k) >= min_attention] or eligible
-    return max(pool, key=lambda k: (sortable(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"))
+    return max(pool, key=lambda k: (selection_auc(configs[k]), configs[k]["mode"] == "lung"))
 
 
 def single_groups(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str, int], list[str]]:
@@ -156,12 +169,16 @@ def load_member_bundles(paths: tuple[Path, ...], split: dict[str, Any]) -> list[
 def measure_candidate(model: torch.nn.Module, arch: str, mode: str, views: Views, size: int,
                       dev: torch.device, target_sensitivity: float, cam_missing: str, mean: float,
                       std: float) -> dict[str, Any]:
-    """One candidate stage 2 on validation and test: threshold (validation), metrics, lung attention.
+    """One candidate stage 2 on validation and test: threshold (validation), metrics, the counterfactual
+    check of both sides, lung attention.
 
     ``views`` are the inputs at the candidate's input size ``size`` (recorded as ``input_size``)."""
+    def score(x: torch.Tensor) -> np.ndarray:
+        return predict(model, x, kind="classification", device=dev, mean=mean, std=std).numpy()
+
     y = {side: views.sets[side].y.numpy() for side in SIDES}
-    p = {side: predict(model, stage2_inputs(mode, views.sets[side], views.crops[side]), kind="classification",
-                       device=dev, mean=mean, std=std).numpy() for side in ("val", "test")}
+    inputs = {side: stage2_inputs(mode, views.sets[side], views.crops[side]) for side in ("val", "test")}
+    p = {side: score(inputs[side]) for side in inputs}
     p_centre = predict(model, stage2_inputs(mode, views.centre, views.crops_centre), kind="classification",
                        device=dev, mean=mean, std=std).numpy()
     thr = val_threshold(y["val"], p["val"], target_sensitivity)
@@ -172,6 +189,8 @@ def measure_candidate(model: torch.nn.Module, arch: str, mode: str, views: Views
         "test_shape_normalised": binary_metrics(y["test"], p_centre, thr),
         "prob_test": p["test"].tolist(),
         "prob_val": p["val"].tolist(),
+        **{f"{side}_counterfactual": counterfactual_check(score, inputs[side], y[side], thr, plain=p[side])
+           for side in inputs},
     }
     if not cam_missing:
         c["val_attention"] = attention_summary(model, arch, mode, views.sets["val"], views.crops["val"], dev)
@@ -181,8 +200,10 @@ def measure_candidate(model: torch.nn.Module, arch: str, mode: str, views: Views
 def say_candidate(say: Callable[[str], None], name: str, c: dict[str, Any]) -> None:
     """One progress line for a measured candidate."""
     att = c.get("val_attention", {}).get("positives", {}).get("median", math.nan)
-    say(f"stage 2 {name}: val AUC {c['val']['roc_auc']:.3f}, val lung attention (positives, median) "
-        f"{att:.3f}, test AUC {c['test']['roc_auc']:.3f}, test acc {c['test']['accuracy']:.3f}")
+    cf = (c.get("val_counterfactual") or {}).get("roc_auc_with_copies", math.nan)
+    say(f"stage 2 {name}: val AUC {c['val']['roc_auc']:.3f} ({cf:.3f} with counterfactual copies), val lung "
+        f"attention (positives, median) {att:.3f}, test AUC {c['test']['roc_auc']:.3f}, "
+        f"test acc {c['test']['accuracy']:.3f}")
 
 
 def attention_summary(model: torch.nn.Module, arch: str, mode: str, images: ImageSet, crops: LungCrops,

@@ -81,7 +81,8 @@ def metrics_table(named: Mapping[str, Mapping[str, Any]], first: str = "set") ->
 
 def _comparison_rows(configs: Mapping[str, Mapping[str, Any]], key: str) -> list[dict[str, Any]]:
     return [{"configuration": name, "threshold": c["threshold"], "val_auc": c["val"]["roc_auc"],
-             "val_attention": c.get("val_attention", {}).get("positives", {}).get("median"), **c[key]}
+             "val_attention": c.get("val_attention", {}).get("positives", {}).get("median"),
+             "val_auc_copies": (c.get("val_counterfactual") or {}).get("roc_auc_with_copies"), **c[key]}
             for name, c in configs.items()]
 
 
@@ -103,7 +104,29 @@ def comparison_markdown(configs: Mapping[str, Mapping[str, Any]], chosen: str,
         rows.append({**r, "configuration": name if "run" in c else f"{name} (reference run)"})
     if any(r["val_attention"] is not None for r in rows):
         cols.insert(2, ("val_attention", "val lung attention (covid, median)"))
+    if any(r["val_auc_copies"] is not None for r in rows):
+        cols.insert(2, ("val_auc_copies", "val AUC with counterfactual copies"))
     return table(rows, cols)
+
+
+def counterfactual_markdown(configs: Mapping[str, Mapping[str, Any]]) -> str:
+    """Per configuration and side, the share of normals called positive as they are and with each probe of
+    the counterfactual check, and the ROC AUC over the images and their probed copies ('' if none has it)."""
+    rows: list[dict[str, Any]] = []
+    probes: list[str] = []
+    for name, c in configs.items():
+        for side in ("val", "test"):
+            cf = c.get(f"{side}_counterfactual")
+            if not cf:
+                continue
+            probes = probes or list(cf["probes"])
+            rows.append({"configuration": name, "side": side, "plain": cf["plain"]["normals_positive"],
+                         "auc": cf["roc_auc_with_copies"],
+                         **{k: v["normals_positive"] for k, v in cf["probes"].items()}})
+    if not rows:
+        return ""
+    return table(rows, [("configuration", "configuration"), ("side", "side"), ("plain", "as they are"),
+                        *((k, k) for k in probes), ("auc", "ROC AUC with copies")])
 
 
 def _attention_line(results: Mapping[str, Any]) -> str:
@@ -141,6 +164,10 @@ _RECIPE_TEXT = {  # how networks trained with each stage 2 recipe option were tr
                         "ramped up from 0): a small head predicts each training image's source from the "
                         "network's pooled features and the image's class, and its gradient reaches the "
                         "network reversed, so that within a class the features stop telling sources apart.",
+    "artefact_augment": "Networks named artefact-augmented were trained with the marks of a film's source "
+                        "added to their augmentation (padding bars, printed markers, histogram equalisation "
+                        "and sharpening, each with probability {} per image), so that these marks, common on "
+                        "the COVID-19 images of these data and rare on the normals, stop being a cue.",
 }
 
 
@@ -154,9 +181,13 @@ def _selection_text(results: Mapping[str, Any]) -> str:
     sel = results.get("selection")
     if not sel:
         return "selection by validation ROC AUC."
-    text = ("selection by validation ROC AUC among the configurations whose median lung attention on "
-            f"validation covid images is at least {fmt(sel.get('min_attention'), 2)} (among all when none "
-            "is).")
+    copies = any(c.get("val_counterfactual") for c in results.get("configs", {}).values())
+    text = ("selection by validation ROC AUC"
+            + (" over the validation images and their counterfactual copies (each image also with padding "
+               "bars, printed markers, histogram equalisation and sharpening, marks of the COVID-19 images' "
+               "sources that leave the anatomy as it is; see Counterfactual check)" if copies else "")
+            + " among the configurations whose median lung attention on validation covid images is at least "
+            f"{fmt(sel.get('min_attention'), 2)} (among all when none is).")
     if sel.get("attention_weight"):
         text += (" Stage 2 was trained with a lung-attention penalty (weight "
                  f"{fmt(sel['attention_weight'], 2)}): the share of Grad-CAM++ mass outside the lung mask is "
@@ -172,7 +203,8 @@ def _selection_text(results: Mapping[str, Any]) -> str:
                  "same way.")
     if sel.get("ensemble"):
         text += (" Candidates include, per architecture, mode and input size, the ensemble of its "
-                 f"{sel['ensemble']} best networks by validation ROC AUC, or of all of them when it has "
+                 f"{sel['ensemble']} best networks by validation ROC AUC"
+                 + (" with counterfactual copies" if copies else "") + ", or of all of them when it has "
                  "fewer (seeds of one configuration; the mean of their logits answers, their Grad-CAM++ maps "
                  "are averaged).")
     if sel.get("reference"):
@@ -225,6 +257,12 @@ def write_build_report(out: str | Path, results: Mapping[str, Any]) -> Path:
                           for k, v in results.get("baselines", {}).items()},
                        **{f"baseline {k} (val threshold)": v["test_at_val_threshold"]
                           for k, v in results.get("baselines", {}).items()}}, "model / input"), "",
+        *(["### Counterfactual check", "",
+           "Share of normal images called positive at each configuration's threshold, as they are and with "
+           "one mark of the COVID-19 images' sources put on every image (the anatomy unchanged); a network "
+           "that reads the lungs keeps its answers. Last column: ROC AUC over the images and all their "
+           "marked copies.", "", counterfactual_markdown(results["configs"]), ""]
+          if counterfactual_markdown(results["configs"]) else []),
         "### Lung attention on test (share of Grad-CAM++ mass inside the lung mask)", "",
         *([f"Not computed: {results['lung_attention']['skipped']}.", ""]
           if "skipped" in results.get("lung_attention", {}) else []),
@@ -262,8 +300,20 @@ def readme_results(results: Mapping[str, Any], command: str = "") -> str:
                             **{f"logistic regression, {k} (threshold 0.5)": v["test_at_0.5"]
                                for k, v in base.items()}}, "model / input"), "",
              "Per source (test):", "", metrics_table(results.get("per_source", {}), "source"), "",
-             within_source_line(results.get("per_source", {})), ""]
+             within_source_line(results.get("per_source", {})), "",
+             *([_counterfactual_line(results), ""] if _counterfactual_line(results) else [])]
     return "\n".join(lines)
+
+
+def _counterfactual_line(results: Mapping[str, Any]) -> str:
+    """The chosen configuration's counterfactual check on test, in one sentence ('' when not measured)."""
+    cf = results.get("configs", {}).get(results.get("chosen", ""), {}).get("test_counterfactual")
+    if not cf:
+        return ""
+    marks = ", ".join(f"{k} {fmt(v['normals_positive'])}" for k, v in cf["probes"].items())
+    return (f"Counterfactual check on test: `{results['chosen']}` calls "
+            f"{fmt(cf['plain']['normals_positive'])} of the normal images positive as they are; with one "
+            f"mark of the COVID-19 images' sources put on every image: {marks}.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

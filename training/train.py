@@ -90,6 +90,7 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         version=args.version, base_bundle=Path(args.base_model) if args.base_model else None,
         fine_tune=args.fine_tune, split_file=Path(args.split) if args.split else None, say=say,
         attention_weight=args.attention_weight, source_balance=args.source_balance,
-        style_augment=args.style_augment, source_adversary=args.source_adversary)
+        style_augment=args.style_augment, source_adversary=args.source_adversary,
+        artefact_augment=args.artefact_augment)
     say(f"bundle: {results['bundle']}")
     return 0

@@ -39,6 +39,10 @@ def test_outputs_and_split(built: tuple[Path, dict]) -> None:
     for name, c in results["configs"].items():  # each threshold reaches the target sensitivity on validation
         assert c["val"]["sensitivity"] >= 0.95, name
         assert 0 < c["threshold"] < 1
+        for side in ("val", "test"):  # the counterfactual check, at the configuration's own threshold
+            cf = c[f"{side}_counterfactual"]
+            assert cf["threshold"] == c["threshold"] and cf["n"] == c[side]["n"], name
+            assert len(cf["probes"]) == 5 and 0 <= cf["roc_auc_with_copies"] <= 1, name
     assert set(results["baselines"]) == {"shape", "pixels64", "texture"}
     assert results["stage1"]["by_arch"]["unet"]["test"]["n"] > 0
     assert set(results["lung_attention"]) == set(results["configs"])
@@ -47,11 +51,13 @@ def test_outputs_and_split(built: tuple[Path, dict]) -> None:
     assert "| configuration | val AUC |" in report and "(chosen)" in report
     assert "baseline shape" in report and "shape-normalised" in report and "baseline texture" in report
     assert "Within-source ROC AUC" in report
+    assert "### Counterfactual check" in report and "| histogram equalisation |" in report
+    assert "with counterfactual copies" in report
     from training.report import readme_results
 
     section = readme_results(results, "python -m training.build_default ...")
     assert section.startswith("## Results") and "(chosen)" in section and "logistic regression" in section
-    assert "Within-source ROC AUC" in section
+    assert "Within-source ROC AUC" in section and "Counterfactual check on test" in section
 
 
 def test_bundle_loads_and_runs_in_the_pipeline(built: tuple[Path, dict]) -> None:
@@ -101,7 +107,7 @@ def test_attention_penalty_build_with_a_reference_run(built: tuple[Path, dict], 
     assert set(results["configs"]) == {"resnet18/whole"} and results["chosen"] == "resnet18/whole"
     assert results["selection"] == {"min_attention": 0.7, "attention_weight": 1.0, "input_size": 64,
                                     "source_balance": 0.0,
-                                    "style_augment": 0.0, "source_adversary": 0.0,
+                                    "style_augment": 0.0, "source_adversary": 0.0, "artefact_augment": 0.0,
                                     "references": [{"path": str(out / "results.json"), "label": "results",
                                                     "attention_weight": 1.0}]}
     assert results["reference_configs"].keys() == {f"{k} (results run)" for k in first["configs"]}
@@ -145,10 +151,10 @@ def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, 
                "--base-bundle", str(out / "bundle"), "--split", str(out / "split.json"), "--seed", "1",
                "--attention-weight", "0", "--add-bundles", str(out / "bundle"), "--ensemble", "3",
                "--int8-ensembles", "--source-balance", "0.5", "--style-augment", "0.3",
-               "--source-adversary", "0.2"])
+               "--source-adversary", "0.2", "--artefact-augment", "0.4"])
     assert rc == 0
     results = json.loads((tmp_path / "ens" / "results.json").read_text())
-    one = f"mobilenet_v2/{mode} seed 1 source-balanced style-augmented source-adversarial"
+    one = f"mobilenet_v2/{mode} seed 1 source-balanced style-augmented source-adversarial artefact-augmented"
     zero, ens = f"mobilenet_v2/{mode} seed 0", f"mobilenet_v2/{mode} ensemble of 2"
     assert set(results["configs"]) == {one, zero, ens}
     assert sorted(results["configs"][ens]["members"]) == sorted([one, zero])
@@ -160,11 +166,13 @@ def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, 
     assert results["selection"]["style_augment"] == 0.3
     assert [results["configs"][k]["style_augment"] for k in (one, zero, ens)] == [0.3, 0.0, 0.3]
     assert [results["configs"][k]["source_adversary"] for k in (one, zero, ens)] == [0.2, 0.0, 0.2]
+    assert [results["configs"][k]["artefact_augment"] for k in (one, zero, ens)] == [0.4, 0.0, 0.4]
     bundle = ModelBundle.load(tmp_path / "ens" / "bundle")
     chosen = results["configs"][results["chosen"]]
     assert bundle.card["training_data"]["source_balance"] == chosen["source_balance"]
     assert bundle.card["training_data"]["style_augment"] == chosen["style_augment"]
     assert bundle.card["training_data"]["source_adversary"] == chosen["source_adversary"]
+    assert bundle.card["training_data"]["artefact_augment"] == chosen["artefact_augment"]
     assert bundle.classifier_members == (2 if results["chosen"] == ens else 1)
     # int8 (an ensemble) or float16 (one network) weights answer like the trained ones
     assert results["bundle_check"]["max_abs_diff_val"] < 0.05
@@ -175,10 +183,12 @@ def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, 
     # (decisions may flip here: after two steps every probability sits at the threshold)
     assert 0.0 <= results["bundle_check"]["same_decisions_val"] <= 1.0
     report = (tmp_path / "ens" / "report.md").read_text()
-    assert "ensemble of its 3 best networks by validation ROC AUC, or of all of them when it has fewer" in (
-        " ".join(report.split()))
+    assert ("ensemble of its 3 best networks by validation ROC AUC with counterfactual copies, or of all of "
+            "them when it has fewer") in " ".join(report.split())
     assert "balanced across sources within each class (power 0.50:" in report
     assert "each with probability 0.30 per image" in report and "source adversary (weight 0.20" in report
+    assert "printed markers, histogram equalisation and sharpening, each with probability 0.40" in (
+        " ".join(report.split()))
 
 
 def test_members_from_another_split_are_refused_before_training(built: tuple[Path, dict],

@@ -1,0 +1,80 @@
+"""Counterfactual shortcut check: does a classifier change its answer when a film gets another source's mark?
+
+Each probe of :data:`training.artefacts.PROBES` (padding bars, printed markers, histogram equalisation,
+sharpening) is put on every image of a side, and the classifier scored again. None of them changes the
+anatomy (equalisation and sharpening change how it is rendered, as a publisher's processing does), so a
+classifier that reads the lungs keeps its answers; one that learned "marks of a publication = COVID-19"
+calls normals positive. On these data the check measures the source shortcut on every normal, where the
+within-source ROC AUC has only the few normals from sources other than NIH.
+
+:func:`counterfactual_check` gives, per probe, the share of normals called positive and of COVID-19 images
+called negative at the operating threshold, and the ROC AUC over the images and all their probed copies
+(a normal with a mark must still rank below the COVID-19 images): the figure
+:func:`training.candidates.choose` selects on, from validation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from training.artefacts import PROBES
+from training.metrics import binary_metrics
+
+Scorer = Callable[[torch.Tensor], np.ndarray]
+
+
+def probed(x: torch.Tensor, probe: Callable[[torch.Tensor], torch.Tensor],
+           batch_size: int = 64) -> torch.Tensor:
+    """``probe`` applied to uint8 images ``x`` (N, C, H, W), in batches; uint8 again."""
+    if x.dtype != torch.uint8 or x.ndim != 4:
+        raise ValueError('Argument "x" must be a uint8 tensor (N, C, H, W).')
+    out = [(probe(x[i:i + batch_size].float() / 255.0).clamp(0, 1) * 255).round().to(torch.uint8)
+           for i in range(0, x.shape[0], batch_size)]
+    return torch.cat(out) if out else x.clone()
+
+
+def _shares(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float | None]:
+    neg, pos = p[y == 0], p[y == 1]
+    return {"normals_positive": float((neg >= threshold).mean()) if neg.size else None,
+            "covid_negative": float((pos < threshold).mean()) if pos.size else None,
+            "normals_mean_probability": float(neg.mean()) if neg.size else None}
+
+
+def counterfactual_check(score: Scorer, x: torch.Tensor, y: np.ndarray, threshold: float, *,
+                         plain: np.ndarray | None = None,
+                         probes: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+                         ) -> dict[str, Any]:
+    """Score uint8 inputs ``x`` (N, C, H, W; labels ``y``, 1 = COVID-19) as they are and with each probe.
+
+    ``score`` maps a uint8 batch to P(COVID-19) per image; ``plain`` are its scores of ``x`` when already
+    known. Returns ``{"threshold", "n", "plain": shares, "probes": {name: shares}, "roc_auc_with_copies"}``,
+    where shares are the share of normals at or above ``threshold``, of COVID-19 images below it, and the
+    normals' mean probability.
+    """
+    y = np.asarray(y).astype(int).reshape(-1)
+    if x.shape[0] != y.size:
+        raise ValueError(f"x holds {x.shape[0]} images but y {y.size} labels")
+    probes = PROBES if probes is None else probes
+    p0 = np.asarray(score(x) if plain is None else plain, dtype=np.float64).reshape(-1)
+    ys, ps = [y], [p0]
+    out: dict[str, Any] = {"threshold": float(threshold), "n": int(y.size),
+                           "plain": _shares(y, p0, threshold), "probes": {}}
+    for name, fn in probes.items():
+        p = np.asarray(score(probed(x, fn)), dtype=np.float64).reshape(-1)
+        out["probes"][name] = _shares(y, p, threshold)
+        ys.append(y)
+        ps.append(p)
+    out["roc_auc_with_copies"] = binary_metrics(np.concatenate(ys), np.concatenate(ps), threshold)["roc_auc"]
+    return out
+
+
+def worst_normals_positive(check: dict[str, Any] | None) -> float | None:
+    """The largest share of normals called positive under any one probe (None when not measured)."""
+    if not check or not check.get("probes"):
+        return None
+    vals = [v["normals_positive"] for v in check["probes"].values() if v.get("normals_positive") is not None]
+    return max(vals) if vals else None
