@@ -25,6 +25,7 @@ from training.artefacts import PROBES
 from training.metrics import binary_metrics
 
 Scorer = Callable[[torch.Tensor], np.ndarray]
+Probe = Callable[[torch.Tensor], torch.Tensor]
 
 
 def probed(x: torch.Tensor, probe: Callable[[torch.Tensor], torch.Tensor],
@@ -37,11 +38,15 @@ def probed(x: torch.Tensor, probe: Callable[[torch.Tensor], torch.Tensor],
     return torch.cat(out) if out else x.clone()
 
 
-def _shares(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, float | None]:
-    neg, pos = p[y == 0], p[y == 1]
-    return {"normals_positive": float((neg >= threshold).mean()) if neg.size else None,
-            "covid_negative": float((pos < threshold).mean()) if pos.size else None,
-            "normals_mean_probability": float(neg.mean()) if neg.size else None}
+def _shares(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
+    ok = np.isfinite(p)
+    neg, pos = p[ok & (y == 0)], p[ok & (y == 1)]
+    out: dict[str, Any] = {"normals_positive": float((neg >= threshold).mean()) if neg.size else None,
+                           "covid_negative": float((pos < threshold).mean()) if pos.size else None,
+                           "normals_mean_probability": float(neg.mean()) if neg.size else None}
+    if not ok.all():
+        out["not_assessable"] = int((~ok).sum())
+    return out
 
 
 def counterfactual_check(score: Scorer, x: torch.Tensor, y: np.ndarray, threshold: float, *,
@@ -55,20 +60,34 @@ def counterfactual_check(score: Scorer, x: torch.Tensor, y: np.ndarray, threshol
     where shares are the share of normals at or above ``threshold``, of COVID-19 images below it, and the
     normals' mean probability.
     """
+    if x.shape[0] != np.asarray(y).size:
+        raise ValueError(f"x holds {x.shape[0]} images but y {np.asarray(y).size} labels")
+    return counterfactual_from(lambda probe: score(x if probe is None else probed(x, probe)), y, threshold,
+                               plain=plain, probes=probes)
+
+
+def counterfactual_from(score_with: Callable[[Probe | None], np.ndarray], y: np.ndarray, threshold: float, *,
+                        plain: np.ndarray | None = None, probes: dict[str, Probe] | None = None
+                        ) -> dict[str, Any]:
+    """:func:`counterfactual_check` for any way of scoring: ``score_with(probe)`` gives P(COVID-19) of every
+    image with ``probe`` applied (``None``: as it is), NaN where it cannot say. Images without an answer are
+    left out of a probe's shares (counted as ``not_assessable``) and of the ROC AUC."""
     y = np.asarray(y).astype(int).reshape(-1)
-    if x.shape[0] != y.size:
-        raise ValueError(f"x holds {x.shape[0]} images but y {y.size} labels")
     probes = PROBES if probes is None else probes
-    p0 = np.asarray(score(x) if plain is None else plain, dtype=np.float64).reshape(-1)
+    p0 = np.asarray(score_with(None) if plain is None else plain, dtype=np.float64).reshape(-1)
     ys, ps = [y], [p0]
     out: dict[str, Any] = {"threshold": float(threshold), "n": int(y.size),
                            "plain": _shares(y, p0, threshold), "probes": {}}
     for name, fn in probes.items():
-        p = np.asarray(score(probed(x, fn)), dtype=np.float64).reshape(-1)
+        p = np.asarray(score_with(fn), dtype=np.float64).reshape(-1)
+        if p.size != y.size:
+            raise ValueError(f"probe {name!r}: {p.size} scores for {y.size} images")
         out["probes"][name] = _shares(y, p, threshold)
         ys.append(y)
         ps.append(p)
-    out["roc_auc_with_copies"] = binary_metrics(np.concatenate(ys), np.concatenate(ps), threshold)["roc_auc"]
+    ya, pa = np.concatenate(ys), np.concatenate(ps)
+    ok = np.isfinite(pa)
+    out["roc_auc_with_copies"] = binary_metrics(ya[ok], pa[ok], threshold)["roc_auc"]
     return out
 
 

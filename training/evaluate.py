@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from training.counterfactual import Probe, counterfactual_from
 from training.datasets import Sample, load_data, load_split, patient_split
 from training.metrics import (
     dice_iou,
@@ -30,7 +31,15 @@ from training.metrics import (
     threshold_for_sensitivity,
     within_group_auc,
 )
-from training.report import comparison_markdown, fmt, metrics_table, table, within_source_line, write_json
+from training.report import (
+    comparison_markdown,
+    counterfactual_markdown,
+    fmt,
+    metrics_table,
+    table,
+    within_source_line,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
     p.add_argument("--montage", type=int, default=16, help="heatmap overlays in the montage (0: none)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-counterfactual", dest="counterfactual", action="store_false",
+                   help="skip the counterfactual shortcut check (the test images again with each of five "
+                        "marks of the COVID-19 images' sources; five more passes without Grad-CAM)")
 
 
 def run(args: argparse.Namespace, settings: Any) -> int:
@@ -64,7 +76,7 @@ def run(args: argparse.Namespace, settings: Any) -> int:
                           Path(args.out), device=args.device, cam=args.cam, recalibrate=args.recalibrate,
                           target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
                           montage_n=args.montage, seed=args.seed,
-                          run_dir=Path(args.run) if args.run else None)
+                          run_dir=Path(args.run) if args.run else None, counterfactual=args.counterfactual)
     t = res["test"]
     sys.stdout.write(f"test: n={t['n']} AUC {fmt(t['roc_auc'])} {fmt(t.get('roc_auc_ci'), 2)} "
                      f"sensitivity {fmt(t['sensitivity'])} specificity {fmt(t['specificity'])} "
@@ -72,7 +84,10 @@ def run(args: argparse.Namespace, settings: Any) -> int:
     return 0
 
 
-def _load(sample: Sample, centre: bool = False) -> Any:
+def _load(sample: Sample, centre: bool = False, probe: Probe | None = None) -> Any:
+    """``sample`` decoded as the node decodes it; its centre square, or with ``probe``'s mark, if asked."""
+    import torch
+
     from inference.imaging import load_any
     from inference.types import XrayImage
     from training.tensors import centre_square
@@ -81,16 +96,20 @@ def _load(sample: Sample, centre: bool = False) -> Any:
     if centre:
         img = XrayImage(pixels=np.ascontiguousarray(centre_square(img.pixels)), source=img.source,
                         meta=img.meta)
+    if probe is not None:
+        marked = probe(torch.from_numpy(img.pixels)[None, None])[0, 0].numpy()
+        img = XrayImage(pixels=np.ascontiguousarray(marked, dtype=np.float32), source=img.source,
+                        meta=img.meta)
     return img
 
 
 def _run(pipeline: Any, samples: Sequence[Sample], *, explain: bool, centre: bool = False,
-         batch: int = 16) -> tuple[list[Any], list[Any]]:
+         probe: Probe | None = None, batch: int = 16) -> tuple[list[Any], list[Any]]:
     """(images, results) of ``pipeline`` on ``samples`` in batches."""
     images: list[Any] = []
     results: list[Any] = []
     for i in range(0, len(samples), batch):
-        chunk = [_load(s, centre) for s in samples[i:i + batch]]
+        chunk = [_load(s, centre, probe) for s in samples[i:i + batch]]
         results += pipeline.run(chunk, explain=explain)
         images += chunk if explain else [None] * len(chunk)
     return images, results
@@ -105,11 +124,12 @@ def _scored(samples: Sequence[Sample], results: Sequence[Any]) -> tuple[np.ndarr
 def evaluate_bundle(bundle: Path, samples: Sequence[Sample], split: Any, out: Path, *, device: str = "auto",
                     cam: str = "gradcam++", recalibrate: bool = False, target_sensitivity: float = 0.95,
                     n_boot: int = 1000, montage_n: int = 16, seed: int = 0,
-                    run_dir: Path | None = None) -> dict[str, Any]:
+                    run_dir: Path | None = None, counterfactual: bool = True) -> dict[str, Any]:
     """Evaluate ``bundle`` on the test patients of ``split``; write the report folder ``out``; return metrics.
 
     Not-assessable results (the pipeline's refusals, with their reasons) are counted apart and left out of
-    the classification metrics.
+    the classification metrics. ``counterfactual`` runs the test images again with each mark of
+    :data:`training.artefacts.PROBES` put on the decoded image (:mod:`training.counterfactual`).
     """
     import json
 
@@ -144,6 +164,14 @@ def evaluate_bundle(bundle: Path, samples: Sequence[Sample], split: Any, out: Pa
     _, cres = _run(pipeline, test, explain=False, centre=True)
     yc, pc, _ = _scored(test, cres)
     res["test_shape_normalised"] = metrics_with_ci(yc, pc, threshold, n_boot=max(10, n_boot // 5), seed=seed)
+    if counterfactual:
+        assessable = [s for s, r in zip(test, tres, strict=True) if r.probability is not None]
+
+        def score_with(probe: Probe | None) -> np.ndarray:
+            _, r = _run(pipeline, assessable, explain=False, probe=probe)
+            return np.asarray([np.nan if x.probability is None else x.probability for x in r], dtype=float)
+
+        res["test_counterfactual"] = counterfactual_from(score_with, y, threshold, plain=p)
     res["stage1"] = _stage1(pipeline, split.select([s for s in samples if s.task == "segmentation"], "test"))
     res["baselines"] = _baselines(cls, split, target_sensitivity, pipeline.bundle.classifier_size)
     res["plots"] = plots.roc_pr_confusion_calibration(y, p, threshold, out, title=f"(test, n={len(y)})")
@@ -244,6 +272,13 @@ def write_report(out: Path, res: dict[str, Any]) -> Path:
                             "model (shape-normalised test)": res["test_shape_normalised"],
                             **{f"baseline {k} (threshold 0.5)": v["test_at_0.5"]
                                for k, v in res.get("baselines", {}).items()}}, "model / input"), ""]
+    if res.get("test_counterfactual"):
+        lines += ["### Counterfactual check", "",
+                  "Share of normal test images called positive at the threshold, as they are and with one "
+                  "mark of the COVID-19 images' sources put on every image (the anatomy unchanged); a model "
+                  "that reads the lungs keeps its answers. Last column: ROC AUC over the images and all "
+                  "their marked copies.", "",
+                  counterfactual_markdown({f"model {res['version']}": res}), ""]
     if res.get("comparison", {}).get("configs"):
         lines += ["## Comparison (from the training run)", "",
                   comparison_markdown(res["comparison"]["configs"], res["comparison"]["chosen"],

@@ -38,6 +38,9 @@ def test_evaluate_writes_the_report_folder(tmp_path: Path, phantom_bundle: Path,
     assert "## Per source" in report and "shape-normalised" in report
     pairs = sum(g["positives"] * (g["n"] - g["positives"]) for g in m["per_source"].values())
     assert m["within_source"]["pairs"] == pairs and "Within-source ROC AUC" in report
+    cf = m["test_counterfactual"]  # the assessable test images again, with each mark
+    assert cf["n"] == m["test"]["n"] and cf["threshold"] == m["threshold"] and len(cf["probes"]) == 5
+    assert "### Counterfactual check" in report and "| histogram equalisation |" in report
 
 
 def test_models_command_register_promote_rollback(tmp_path: Path, sqlite_url: str, phantom_bundle: Path,

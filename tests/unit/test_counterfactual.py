@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -109,3 +111,19 @@ def test_the_report_shows_the_check_per_configuration_and_side() -> None:
     assert "calls 0.000 of the normal images positive as they are" in _counterfactual_line(results)
     assert "bars 1.000" in _counterfactual_line(results)
     assert counterfactual_markdown({"old": {}}) == "" and _counterfactual_line({"configs": {}}) == ""
+
+
+def test_evaluate_puts_the_mark_on_the_decoded_image_at_its_own_size(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from training.artefacts import PROBES
+    from training.datasets import Sample
+    from training.evaluate import _load
+
+    Image.fromarray(np.full((80, 64), 128, dtype=np.uint8)).save(tmp_path / "a.png")
+    sample = Sample(file=tmp_path / "a.png", label="normal", patient_id="p")
+    plain = _load(sample)
+    marked = _load(sample, probe=PROBES["bars top and bottom (4:3 film)"])
+    assert marked.pixels.shape == (80, 64) and marked.pixels.dtype == np.float32
+    assert (marked.pixels[:10] == 0).all() and (marked.pixels[70:] == 0).all()  # 12.5% of 80 rows
+    assert np.array_equal(marked.pixels[10:70], plain.pixels[10:70]) and marked.meta == plain.meta
