@@ -45,7 +45,10 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
             "images_by_source_label": dict(sorted(by_source.items())),
             "split_counts": results["split"], "seed": results["seed"],
             **({"network_seed": chosen["seed"]} if single else {}),
-            "selection": "best validation ROC AUC over architecture x {whole, lung}"
+            "selection": "best validation ROC AUC"
+                         + (" over the validation images and their counterfactual copies "
+                            "(training.counterfactual)" if chosen.get("val_counterfactual") else "")
+                         + " over architecture x {whole, lung}"
                          + (" x input size {" + ", ".join(f"{s} px" for s in sizes) + "}" if len(sizes) > 1
                             else "")
                          + (f" and ensembles of up to the {results['selection']['ensemble']} best networks "
@@ -68,6 +71,8 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
     attention = results.get("lung_attention", {})
     card["metrics"]["lung_attention"] = attention.get(results["chosen"], attention)
     card["metrics"]["baselines"] = {k: v["test_at_0.5"] for k, v in results.get("baselines", {}).items()}
+    if chosen.get("test_counterfactual"):
+        card["metrics"]["counterfactual"] = chosen["test_counterfactual"]
     return create_bundle(path, segmenter=segmenter.cpu().float(), classifier=classifier.cpu().float(),
                          card=_plain(card), half=True, int8_classifier=int8)
 

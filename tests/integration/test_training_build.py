@@ -243,6 +243,8 @@ def test_a_member_of_another_input_size_is_measured_at_its_own_size(built: tuple
     shipped = ModelBundle.load(tmp_path / "cmp" / "bundle")
     assert shipped.classifier_size == results["configs"][chosen]["input_size"]
     assert "x input size {48 px, 64 px}" in shipped.card["training_data"]["selection"]
+    assert "their counterfactual copies" in shipped.card["training_data"]["selection"]
+    assert shipped.card["metrics"]["counterfactual"] == results["configs"][chosen]["test_counterfactual"]
     assert shipped.card["training_data"]["network_seed"] == results["configs"][chosen]["seed"]
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "networks named with a size (48 px) take images of that size" in report
