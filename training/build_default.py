@@ -12,9 +12,8 @@ Steps, each printed with its time:
    the networks of earlier runs on the same split (other seeds) join them, and with ``--ensemble N`` so does
    the ensemble of the N best networks of each architecture and mode;
 5. selection on validation: among the configurations whose median lung attention on validation positives
-   reaches ``min_attention`` (all of them when none does), the best validation ROC AUC over the validation
-   images and their counterfactual copies (``training.counterfactual``; a tie goes to lung mode); the
-   operating threshold on validation for the target sensitivity;
+   reaches ``min_attention`` (all of them when none does), the best validation ROC AUC (a tie goes to lung
+   mode); the operating threshold on validation for the target sensitivity;
 6. every configuration on the one test split, plus per-source metrics, lung attention, shape-normalised
    copies, the counterfactual check and three trivial baselines;
 7. the chosen bundle (fp16 weights) via ``inference.bundle.create_bundle``.
@@ -57,9 +56,9 @@ from training.candidates import (
     recipe,
     recipe_tag,
     say_candidate,
-    selection_auc,
     single_groups,
     size_tag,
+    sortable,
     stage2_inputs,
     stage2_masks,
 )
@@ -319,7 +318,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
         for (arch, mode, size), names in single_groups(configs).items():
             if len(names) < 2:
                 continue
-            top = sorted(names, key=lambda k: -selection_auc(configs[k]))[:ensemble]
+            top = sorted(names, key=lambda k: -sortable(configs[k]["val"]["roc_auc"]))[:ensemble]
             name = f"{arch}/{mode} ensemble of {len(top)}" + size_tag(size, cls_size)
             with timer.step(f"stage 2 {name}"):
                 model = ClassifierEnsemble([models[k] for k in top])

@@ -118,25 +118,21 @@ def stage2_masks(mode: str, crops: LungCrops) -> torch.Tensor:
     return crops.crop_masks if mode == "lung" else crops.whole_masks
 
 
-def selection_auc(c: Mapping[str, Any]) -> float:
-    """The validation figure candidates are ranked by: the ROC AUC over the validation images and their
-    counterfactual copies (:mod:`training.counterfactual`) where measured, else the plain validation ROC AUC.
-    A network that calls normals positive once they carry a publication's marks ranks lower."""
-    with_copies = (c.get("val_counterfactual") or {}).get("roc_auc_with_copies")
-    return sortable(with_copies if with_copies is not None else c["val"]["roc_auc"])
-
-
 def choose(configs: dict[str, dict[str, Any]], min_attention: float) -> str:
-    """The configuration to ship, from validation figures only: the best :func:`selection_auc` among those
-    whose median lung attention on validation positives reaches ``min_attention``, or among all when none does
-    (or when attention was not measured). A tie goes to lung mode. The members of a fine-tuned ensemble are
-    not candidates alone: the ensemble they form is."""
+    """The configuration to ship, from validation figures only: the best validation ROC AUC among those whose
+    median lung attention on validation positives reaches ``min_attention``, or among all when none does (or
+    when attention was not measured). A tie goes to lung mode. The members of a fine-tuned ensemble are not
+    candidates alone: the ensemble they form is.
+
+    The counterfactual check (``val_counterfactual``) is reported, not selected on: a network trained with
+    the same marks as augmentation (``artefact_augment``) passes it by construction, so ranking by it would
+    prefer such networks whatever they learned."""
     def attention(k: str) -> float:
         return sortable(configs[k].get("val_attention", {}).get("positives", {}).get("median"))
 
     eligible = [k for k in configs if not configs[k].get("ensemble_member")] or list(configs)
     pool = [k for k in eligible if attention(k) >= min_attention] or eligible
-    return max(pool, key=lambda k: (selection_auc(configs[k]), configs[k]["mode"] == "lung"))
+    return max(pool, key=lambda k: (sortable(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"))
 
 
 def single_groups(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str, int], list[str]]:

@@ -9,8 +9,11 @@ within-source ROC AUC has only the few normals from sources other than NIH.
 
 :func:`counterfactual_check` gives, per probe, the share of normals called positive and of COVID-19 images
 called negative at the operating threshold, and the ROC AUC over the images and all their probed copies
-(a normal with a mark must still rank below the COVID-19 images): the figure
-:func:`training.candidates.choose` selects on, from validation.
+(a normal with a mark must still rank below the COVID-19 images).
+
+It is a measurement, not a selection figure: a network trained with these very marks as augmentation
+(``artefact_augment``) passes it by construction, whatever else it learned, so for such a network it shows
+only that the augmentation took.
 """
 
 from __future__ import annotations

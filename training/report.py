@@ -181,13 +181,9 @@ def _selection_text(results: Mapping[str, Any]) -> str:
     sel = results.get("selection")
     if not sel:
         return "selection by validation ROC AUC."
-    copies = any(c.get("val_counterfactual") for c in results.get("configs", {}).values())
-    text = ("selection by validation ROC AUC"
-            + (" over the validation images and their counterfactual copies (each image also with padding "
-               "bars, printed markers, histogram equalisation and sharpening, marks of the COVID-19 images' "
-               "sources that leave the anatomy as it is; see Counterfactual check)" if copies else "")
-            + " among the configurations whose median lung attention on validation covid images is at least "
-            f"{fmt(sel.get('min_attention'), 2)} (among all when none is).")
+    text = ("selection by validation ROC AUC among the configurations whose median lung attention on "
+            f"validation covid images is at least {fmt(sel.get('min_attention'), 2)} (among all when none "
+            "is).")
     if sel.get("attention_weight"):
         text += (" Stage 2 was trained with a lung-attention penalty (weight "
                  f"{fmt(sel['attention_weight'], 2)}): the share of Grad-CAM++ mass outside the lung mask is "
@@ -203,8 +199,7 @@ def _selection_text(results: Mapping[str, Any]) -> str:
                  "same way.")
     if sel.get("ensemble"):
         text += (" Candidates include, per architecture, mode and input size, the ensemble of its "
-                 f"{sel['ensemble']} best networks by validation ROC AUC"
-                 + (" with counterfactual copies" if copies else "") + ", or of all of them when it has "
+                 f"{sel['ensemble']} best networks by validation ROC AUC, or of all of them when it has "
                  "fewer (seeds of one configuration; the mean of their logits answers, their Grad-CAM++ maps "
                  "are averaged).")
     if sel.get("reference"):

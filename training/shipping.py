@@ -45,10 +45,7 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
             "images_by_source_label": dict(sorted(by_source.items())),
             "split_counts": results["split"], "seed": results["seed"],
             **({"network_seed": chosen["seed"]} if single else {}),
-            "selection": "best validation ROC AUC"
-                         + (" over the validation images and their counterfactual copies "
-                            "(training.counterfactual)" if chosen.get("val_counterfactual") else "")
-                         + " over architecture x {whole, lung}"
+            "selection": "best validation ROC AUC over architecture x {whole, lung}"
                          + (" x input size {" + ", ".join(f"{s} px" for s in sizes) + "}" if len(sizes) > 1
                             else "")
                          + (f" and ensembles of up to the {results['selection']['ensemble']} best networks "
