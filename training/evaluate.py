@@ -32,6 +32,7 @@ from training.metrics import (
     within_group_auc,
 )
 from training.report import (
+    COUNTERFACTUAL_TEXT,
     comparison_markdown,
     counterfactual_markdown,
     fmt,
@@ -273,11 +274,7 @@ def write_report(out: Path, res: dict[str, Any]) -> Path:
                             **{f"baseline {k} (threshold 0.5)": v["test_at_0.5"]
                                for k, v in res.get("baselines", {}).items()}}, "model / input"), ""]
     if res.get("test_counterfactual"):
-        lines += ["### Counterfactual check", "",
-                  "Share of normal test images called positive at the threshold, as they are and with one "
-                  "mark of the COVID-19 images' sources put on every image (the anatomy unchanged); a model "
-                  "that reads the lungs keeps its answers. Last column: ROC AUC over the images and all "
-                  "their marked copies.", "",
+        lines += ["### Counterfactual check", "", COUNTERFACTUAL_TEXT, "",
                   counterfactual_markdown({f"model {res['version']}": res}), ""]
     if res.get("comparison", {}).get("configs"):
         lines += ["## Comparison (from the training run)", "",
