@@ -61,7 +61,7 @@ def augment(x: torch.Tensor, mask: torch.Tensor | None = None, *, generator: tor
     if style > 0:
         out = texture(out, style, generator=generator)
     if artefacts > 0:
-        from training.artefacts import artefacts as add_artefacts
+        from training.artefacts import artefacts as add_artefacts  # here: that module imports this one
 
         out = add_artefacts(out, artefacts, generator=generator)
     if photometric:
