@@ -100,7 +100,8 @@ def stamps(x: torch.Tensor, on: torch.Tensor, *, generator: torch.Generator | No
 
 
 def equalize(x: torch.Tensor) -> torch.Tensor:
-    """Histogram-equalise each image (256 grey levels), like ``PIL.ImageOps.equalize``."""
+    """Histogram-equalise each image: its cumulative histogram over 256 grey levels, stretched to [0, 1], maps
+    every level (``PIL.ImageOps.equalize`` does the same up to rounding)."""
     _check(x)
     n = x.shape[0]
     q = (x.clamp(0, 1) * 255).round().long()

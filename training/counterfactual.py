@@ -31,8 +31,7 @@ Scorer = Callable[[torch.Tensor], np.ndarray]
 Probe = Callable[[torch.Tensor], torch.Tensor]
 
 
-def probed(x: torch.Tensor, probe: Callable[[torch.Tensor], torch.Tensor],
-           batch_size: int = 64) -> torch.Tensor:
+def probed(x: torch.Tensor, probe: Probe, batch_size: int = 64) -> torch.Tensor:
     """``probe`` applied to uint8 images ``x`` (N, C, H, W), in batches; uint8 again."""
     if x.dtype != torch.uint8 or x.ndim != 4:
         raise ValueError('Argument "x" must be a uint8 tensor (N, C, H, W).')
@@ -53,8 +52,7 @@ def _shares(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, Any]:
 
 
 def counterfactual_check(score: Scorer, x: torch.Tensor, y: np.ndarray, threshold: float, *,
-                         plain: np.ndarray | None = None,
-                         probes: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None
+                         plain: np.ndarray | None = None, probes: dict[str, Probe] | None = None
                          ) -> dict[str, Any]:
     """Score uint8 inputs ``x`` (N, C, H, W; labels ``y``, 1 = COVID-19) as they are and with each probe.
 
@@ -93,10 +91,3 @@ def counterfactual_from(score_with: Callable[[Probe | None], np.ndarray], y: np.
     out["roc_auc_with_copies"] = binary_metrics(ya[ok], pa[ok], threshold)["roc_auc"]
     return out
 
-
-def worst_normals_positive(check: dict[str, Any] | None) -> float | None:
-    """The largest share of normals called positive under any one probe (None when not measured)."""
-    if not check or not check.get("probes"):
-        return None
-    vals = [v["normals_positive"] for v in check["probes"].values() if v.get("normals_positive") is not None]
-    return max(vals) if vals else None

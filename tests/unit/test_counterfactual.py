@@ -10,7 +10,7 @@ import torch
 
 from training.artefacts import bars
 from training.candidates import choose
-from training.counterfactual import counterfactual_check, probed, worst_normals_positive
+from training.counterfactual import counterfactual_check, counterfactual_from, probed
 from training.report import _counterfactual_line, counterfactual_markdown
 
 pytestmark = pytest.mark.unit
@@ -42,7 +42,6 @@ def test_a_classifier_that_reads_the_lungs_keeps_its_answers() -> None:
     assert cf["n"] == 8 and cf["plain"] == cf["probes"]["bars"]
     assert cf["plain"]["normals_positive"] == 0.0 and cf["plain"]["covid_negative"] == 0.0
     assert cf["roc_auc_with_copies"] == 1.0
-    assert worst_normals_positive(cf) == 0.0
 
 
 def test_a_classifier_that_reads_the_padding_calls_marked_normals_positive() -> None:
@@ -54,7 +53,6 @@ def test_a_classifier_that_reads_the_padding_calls_marked_normals_positive() -> 
     assert cf["probes"]["bars"]["normals_mean_probability"] == pytest.approx(0.5 + 115 / 255 / 2, abs=1e-6)
     # 16 images: each marked normal (0.696-0.755) outranks each plain COVID-19 image: 16 of 64 pairs lost
     assert cf["roc_auc_with_copies"] == pytest.approx(48 / 64)
-    assert worst_normals_positive(cf) == 1.0
 
 
 def test_known_scores_are_not_computed_again_and_sizes_must_match() -> None:
@@ -71,7 +69,23 @@ def test_known_scores_are_not_computed_again_and_sizes_must_match() -> None:
         counterfactual_check(lungs_reader, x, y[:7], 0.5, probes=BARS)
     with pytest.raises(ValueError, match="uint8"):
         probed(x.float(), BARS["bars"])
-    assert worst_normals_positive(None) is None
+
+
+def test_images_without_an_answer_are_counted_and_left_out() -> None:
+    """Through the pipeline a marked image may be refused (no lungs found): it is counted, not scored 0."""
+    y = np.array([0, 0, 1, 1])
+
+    def score_with(probe: object) -> np.ndarray:
+        return np.array([0.1, 0.2, 0.8, 0.9]) if probe is None else np.array([np.nan, 0.7, 0.8, 0.9])
+
+    cf = counterfactual_from(score_with, y, 0.5, probes={"mark": lambda x: x})
+    assert cf["probes"]["mark"] == {"normals_positive": 1.0, "covid_negative": 0.0,
+                                    "normals_mean_probability": pytest.approx(0.7), "not_assessable": 1}
+    assert "not_assessable" not in cf["plain"]
+    assert cf["roc_auc_with_copies"] == 1.0  # 7 answers: every normal below every COVID-19 image
+    with pytest.raises(ValueError, match="3 scores for 4 images"):
+        counterfactual_from(lambda probe: np.zeros(4 if probe is None else 3), y, 0.5,
+                            probes={"m": lambda x: x})
 
 
 def test_probed_images_stay_uint8_and_every_default_probe_runs() -> None:
