@@ -41,3 +41,20 @@ def test_card_metrics_match_the_training_results() -> None:
     assert card["architectures"].get("classifier_members", 1) == len(chosen.get("members", [None]))
     assert card["threshold"] == pytest.approx(chosen["threshold"])
     assert card["metrics"]["test"]["roc_auc"] == pytest.approx(results["test"]["roc_auc"])
+
+
+def test_counterfactual_figures_in_the_card_and_readme_are_the_evaluate_reports() -> None:
+    """The model card and the README quote the shipped model's counterfactual check; the figures must be those
+    of its ``cxr-node evaluate`` report, in percent."""
+    cf = json.loads((default_bundle_path() / "report" / "metrics.json").read_text())["test_counterfactual"]
+    pct = {k: round(100 * v["normals_positive"]) for k, v in cf["probes"].items()}
+    plain = round(100 * cf["plain"]["normals_positive"])
+    bars43, bars34 = pct["bars top and bottom (4:3 film)"], pct["bars left and right (3:4 film)"]
+    card = " ".join((default_bundle_path() / "MODEL_CARD.md").read_text(encoding="utf-8").split())
+    assert (f"{plain}% positive as they are, {bars43}% with the padding bars of a 4:3 film, {bars34}% with "
+            f"those of a 3:4 film, {pct['printed markers']}% with printed markers, "
+            f"{pct['histogram equalisation']}% after histogram equalisation and {pct['sharpening']}% after "
+            "sharpening") in card
+    readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    assert (f"it calls {bars43}% of the normals positive with the padding bars of a 4:3 film and "
+            f"{pct['sharpening']}% once sharpened, against {plain}% as they are") in readme
