@@ -4,7 +4,9 @@ Every image goes through ``inference.pipeline.Pipeline`` exactly as a received i
 stage 1, plausibility, lung crop, stage 2, Grad-CAM), so the report measures what the node does. The operating
 threshold is the bundle's (chosen on validation at training time); ``--recalibrate`` sets it again on the
 validation patients, never on test. The report folder holds ``metrics.json``, ``report.md``, ROC / PR /
-confusion / calibration plots and a montage of heatmap overlays.
+confusion / calibration plots and a montage of heatmap overlays. Beside the plain test metrics the report
+gives the shortcut checks: shape-normalised copies, trivial baselines, per-source and within-source figures,
+and the counterfactual check (the test images again with marks of the COVID-19 images' sources).
 
     cxr-node evaluate --model runs/default/bundle --data .gpudata --run runs/default --out reports/x
 """
