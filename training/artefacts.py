@@ -145,20 +145,17 @@ def artefacts(x: torch.Tensor, p: float, *, generator: torch.Generator | None = 
     return torch.where(on.view(shape), sharpen(out, amount), out)
 
 
-def _fixed(fn: Callable[[torch.Tensor, int], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: fn(x, x.shape[0])
+def _per_image(x: torch.Tensor, value: float | bool) -> torch.Tensor:
+    """``value`` once per image of ``x`` (a bool gives a bool tensor)."""
+    return torch.full((x.shape[0],), value, device=x.device)
 
 
 PROBES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     # each applied to every image at one strength; names as the reports print them
-    "bars top and bottom (4:3 film)": _fixed(lambda x, n: bars(x, torch.full((n,), 0.125, device=x.device),
-                                                                torch.zeros(n, dtype=torch.bool,
-                                                                            device=x.device))),
-    "bars left and right (3:4 film)": _fixed(lambda x, n: bars(x, torch.full((n,), 0.125, device=x.device),
-                                                                torch.ones(n, dtype=torch.bool,
-                                                                           device=x.device))),
-    "printed markers": lambda x: stamps(x, torch.ones(x.shape[0], dtype=torch.bool, device=x.device),
+    "bars top and bottom (4:3 film)": lambda x: bars(x, _per_image(x, 0.125), _per_image(x, False)),
+    "bars left and right (3:4 film)": lambda x: bars(x, _per_image(x, 0.125), _per_image(x, True)),
+    "printed markers": lambda x: stamps(x, _per_image(x, True),
                                         generator=torch.Generator(device=x.device).manual_seed(0)),
     "histogram equalisation": equalize,
-    "sharpening": _fixed(lambda x, n: sharpen(x, torch.full((n,), 1.5, device=x.device))),
+    "sharpening": lambda x: sharpen(x, _per_image(x, 1.5)),
 }
