@@ -31,7 +31,13 @@ from pydicom.uid import generate_uid
 from torch import nn
 
 from dicom_node.errors import ModelBundleError
-from inference.models.classifiers import CLASSIFIERS, MAX_MEMBERS, build_stage2
+from inference.models.classifiers import (
+    CLASSIFIERS,
+    MAX_MEMBERS,
+    build_stage2,
+    equalize_inputs,
+    is_equalizing,
+)
 from inference.models.segmentation import SEGMENTERS, SIZE_MULTIPLE, build_segmenter
 
 log = logging.getLogger(__name__)
@@ -131,6 +137,8 @@ def validate_card(card: Any, path: Path) -> dict[str, Any]:
             raise _fail(path, f"key 'normalisation.{key}' must be a number")
     if norm["std"] <= 0:
         raise _fail(path, "key 'normalisation.std' must be positive")
+    if not isinstance(norm.get("equalize", False), bool):
+        raise _fail(path, "key 'normalisation.equalize' must be true or false")
     if card["targets"] != TARGETS:
         raise _fail(path, f"key 'targets' must be {TARGETS}; got {card['targets']!r}")
     if not 0.0 < float(card["threshold"]) < 1.0:
@@ -247,6 +255,9 @@ class ModelBundle:
         )
         _load_weights(path, "segmenter", segmenter, card["files"][WEIGHT_FILES["segmenter"]])
         _load_weights(path, "classifier", classifier, card["files"][WEIGHT_FILES["classifier"]])
+        if card["normalisation"].get("equalize", False):
+            norm = card["normalisation"]
+            equalize_inputs(classifier, norm["mean"], norm["std"])
         log.info(
             "model bundle loaded",
             extra={"action": "bundle_loaded", "bundle_version": card["version"], "path": str(path)},
@@ -269,6 +280,10 @@ class ModelBundle:
     classifier_size = property(lambda self: int(self.card["input_sizes"]["classifier"]))
     mean = property(lambda self: float(self.card["normalisation"]["mean"]))
     std = property(lambda self: float(self.card["normalisation"]["std"]))
+    equalize = property(
+        lambda self: bool(self.card["normalisation"].get("equalize", False)),
+        doc="Whether stage 2 histogram-equalises its input (inference.models.classifiers.equalize).",
+    )
 
 
 def _save_weights(model: nn.Module, file: Path, half: bool, arch: str, int8: bool = False) -> str:
@@ -324,6 +339,11 @@ def create_bundle(
     }
     full["files"] = {}
     validate_card({**full, "files": dict.fromkeys(WEIGHT_FILES.values(), "")}, out)
+    if is_equalizing(classifier) != bool(card["normalisation"].get("equalize", False)):
+        raise ValueError(
+            'Argument "card": normalisation.equalize must be true exactly when the classifier equalises its '
+            f"input (it does{'' if is_equalizing(classifier) else ' not'})."
+        )
     out.mkdir(parents=True, exist_ok=True)
     full["files"][WEIGHT_FILES["segmenter"]] = _save_weights(
         segmenter, out / WEIGHT_FILES["segmenter"], half, full["architectures"]["segmenter"]
@@ -378,13 +398,15 @@ def make_random_bundle(
     fit_device: str = "cpu",
     members: int = 1,
     int8_classifier: bool = False,
+    equalize: bool = False,
 ) -> Path:
     """A bundle with random weights, for tests and benchmarks (never for patients).
 
     With ``fit_segmenter_steps`` > 0 stage 1 is first fitted for that many Adam steps to synthetic
     phantoms (``inference.phantom``), so that the pipeline finds two lungs on phantoms and runs
     stage 2 and Grad-CAM as it would with a trained model. ``members`` > 1 makes stage 2 an ensemble;
-    ``int8_classifier`` stores it as int8 (see :func:`create_bundle`).
+    ``int8_classifier`` stores it as int8 (see :func:`create_bundle`); ``equalize`` makes stage 2
+    histogram-equalise its input (``normalisation.equalize``).
     """
     torch.manual_seed(seed)
     segmenter = build_segmenter(seg_arch)
@@ -394,6 +416,9 @@ def make_random_bundle(
     card = random_card(seg_arch, cls_arch, seg_size, cls_size, version, crop_mode)
     if members > 1:
         card["architectures"]["classifier_members"] = members
+    if equalize:
+        card["normalisation"]["equalize"] = True
+        equalize_inputs(classifier, card["normalisation"]["mean"], card["normalisation"]["std"])
     if fit_segmenter_steps > 0:
         card["training_data"] = {
             "description": f"stage 1 fitted for {fit_segmenter_steps} steps to "

@@ -179,6 +179,55 @@ def build_stage2(name: str, members: int = 1, num_classes: int = 2) -> nn.Module
     return ClassifierEnsemble([build_classifier(name, num_classes) for _ in range(members)])
 
 
+def equalize(x: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """Histogram-equalise each image of a normalised batch ``x`` (N, C, H, W): every pixel becomes the share
+    of the image's pixels at or below its value, so two images whose grey levels differ by an increasing
+    mapping (contrast, brightness, gamma, window, a site's look-up table) give the same result.
+
+    Pixels within 1/512 of the image's darkest value are its background: the padding of ``square_resize``,
+    what lies outside the lungs in lung mode, black film borders; they stay black (0) and do not count.
+    ``mean`` and ``std`` are the normalisation ``x`` was made with (x = (image - mean) / std, image in
+    [0, 1]); the result is normalised the same way.
+    """
+    if x.ndim != 4:
+        raise ValueError(f'Argument "x" must have shape (N, C, H, W); got {tuple(x.shape)}.')
+    flat = x.detach().float().reshape(x.shape[0], -1)
+    background = flat <= flat.min(dim=1, keepdim=True).values + (1.0 / 512.0) / std
+    key = flat.masked_fill(background, float("-inf"))
+    at_or_below = torch.searchsorted(key.sort(dim=1).values, key, right=True)
+    n_background = background.sum(dim=1, keepdim=True)
+    n_image = (flat.shape[1] - n_background).clamp(min=1)
+    share = ((at_or_below - n_background).float() / n_image).masked_fill(background, 0.0)
+    return ((share - mean) / std).reshape(x.shape).to(x.dtype)
+
+
+class EqualizeInput:
+    """A forward pre-hook that feeds a network :func:`equalize`'d inputs (see :func:`equalize_inputs`)."""
+
+    def __init__(self, mean: float, std: float) -> None:
+        self.mean, self.std = float(mean), float(std)
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        return (equalize(args[0], self.mean, self.std), *args[1:])
+
+
+def equalize_inputs(model: nn.Module, mean: float, std: float) -> nn.Module:
+    """Make every network in ``model`` (one network, or each member of an ensemble) histogram-equalise its
+    input before its first layer (:func:`equalize`), in training, inference and Grad-CAM alike; returns
+    ``model``. The weights are unchanged (the bundle card records the setting: ``normalisation.equalize``).
+    Calling it again on an equalising network changes nothing."""
+    for m in members_of(model):
+        if not is_equalizing(m):
+            m.register_forward_pre_hook(EqualizeInput(mean, std))
+    return model
+
+
+def is_equalizing(model: nn.Module) -> bool:
+    """Whether every network in ``model`` equalises its input (:func:`equalize_inputs`)."""
+    return all(any(isinstance(h, EqualizeInput) for h in m._forward_pre_hooks.values())
+               for m in members_of(model))
+
+
 def members_of(model: nn.Module) -> list[nn.Module]:
     """The single networks inside ``model``: its members for an ensemble, else ``[model]``."""
     return list(model.members) if isinstance(model, ClassifierEnsemble) else [model]

@@ -23,7 +23,14 @@ from inference.bundle import (
     quantize_int8,
     random_card,
 )
-from inference.models.classifiers import ClassifierEnsemble, build_classifier, build_stage2
+from inference.models.classifiers import (
+    ClassifierEnsemble,
+    build_classifier,
+    build_stage2,
+    equalize,
+    equalize_inputs,
+    is_equalizing,
+)
 from inference.models.segmentation import build_segmenter
 
 pytestmark = pytest.mark.unit
@@ -108,6 +115,33 @@ def test_create_refuses_non_empty_dir_and_bad_cards(tmp_path: Path, tiny_bundle:
         create_bundle(tmp_path / "y", segmenter=seg, classifier=cls, card={**card, "architectures": {
             "segmenter": "unet", "classifier": "alexnet"}})
     assert not (tmp_path / "y").exists()
+
+
+def test_an_equalising_classifier_round_trips_and_the_card_must_say_so(tmp_path: Path) -> None:
+    """normalisation.equalize in the card puts the equalisation back on load (each member of an ensemble);
+    a card that does not match the classifier is refused before anything is written."""
+    torch.manual_seed(0)
+    seg, cls = build_segmenter("unet"), build_stage2("resnet18", 2).eval()
+    equalize_inputs(cls, 0.5, 0.25)
+    card = random_card("unet", "resnet18", 64, 64, "1.0.0")
+    with pytest.raises(ValueError, match="normalisation.equalize"):
+        create_bundle(tmp_path / "refused", segmenter=seg, classifier=cls, card=card)
+    assert not (tmp_path / "refused").exists()
+    card["normalisation"]["equalize"] = True
+    card["architectures"]["classifier_members"] = 2
+    bundle = ModelBundle.load(create_bundle(tmp_path / "b", segmenter=seg, classifier=cls, card=card))
+    assert bundle.equalize and is_equalizing(bundle.classifier)
+    x = torch.randn(2, 1, 64, 64)
+    with torch.inference_mode():
+        assert torch.allclose(bundle.classifier(x), cls(x), atol=1e-5)
+        plain = build_stage2("resnet18", 2).eval()
+        plain.load_state_dict(cls.state_dict())  # the same weights without the equalisation answer otherwise
+        assert not torch.allclose(plain(x), cls(x), atol=1e-3)
+        assert torch.allclose(plain(equalize(x, 0.5, 0.25)), cls(x), atol=1e-5)
+    card["normalisation"] = {"mean": 0.5, "std": 0.25}
+    with pytest.raises(ValueError, match="normalisation.equalize"):
+        create_bundle(tmp_path / "c", segmenter=seg, classifier=cls, card=card)
+    assert not ModelBundle.load(tmp_path / "b").card["normalisation"] == card["normalisation"]
 
 
 def test_default_bundle_path_is_in_the_package() -> None:
@@ -212,6 +246,8 @@ LOADER_ERRORS: list[tuple[str, Callable[[Path], None], str]] = [
     ("size multiple", _edit_card(input_sizes={"segmenter": 72, "classifier": 64}), "multiple of 16"),
     ("bad std", _edit_card(normalisation={"mean": 0.5, "std": 0}), "'normalisation.std' must be positive"),
     ("no mean", _edit_card(normalisation={"std": 0.2}), "normalisation.mean"),
+    ("equalize", _edit_card(normalisation={"mean": 0.5, "std": 0.25, "equalize": "yes"}),
+     "'normalisation.equalize' must be true or false"),
     ("targets", _edit_card(targets=["covid19", "normal"]), "key 'targets'"),
     ("threshold", _edit_card(threshold=1.5), "'threshold' must be between 0 and 1"),
     ("crop", _edit_card(crop_mode="bbox"), "'crop_mode'"),
