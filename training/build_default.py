@@ -122,7 +122,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                   member_bundles: tuple[Path, ...] = (), ensemble: int = 0,
                   int8_classifier: bool = False, source_balance: float = 0.0,
                   style_augment: float = 0.0, source_adversary: float = 0.0,
-                  artefact_augment: float = 0.0) -> dict[str, Any]:
+                  artefact_augment: float = 0.0, equalize: bool = False) -> dict[str, Any]:
     """Run every step (see the module docstring) and return the results dict (also in ``results.json``).
 
     ``seg_archs=()`` takes stage 1 from ``base_bundle`` instead of training it (its input size wins);
@@ -138,6 +138,9 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     (``training.adversary``); its networks are named "source-adversarial".
     ``artefact_augment`` > 0 adds the marks of a film's source with that probability to stage 2's
     augmentation (``training.artefacts``); its networks are named "artefact-augmented".
+    ``equalize`` makes the stage 2 networks trained here histogram-equalise their input
+    (``inference.models.classifiers.equalize``), in training and, through the bundle card, at inference;
+    they are named "equalised". A fine-tuned network equalises when its base does.
     ``reference`` is the ``results.json`` of an earlier run on the same split, or several: their
     configurations are listed in the report beside this run's (marked with the run, not candidates); their
     split counts must equal this run's.
@@ -155,6 +158,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
         build_classifier,
         build_stage2,
         cam_layers,
+        equalize_inputs,
         members_of,
     )
     from inference.models.segmentation import build_segmenter
@@ -251,9 +255,13 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     configs: dict[str, dict[str, Any]] = {}
     models: dict[str, torch.nn.Module] = {}
     tagged = bool(added)  # several seeds of one configuration: names carry the seed
-    base_recipe = recipe(base.card.get("training_data", {}) if base is not None else {})
+    base_recipe = recipe({**base.card.get("training_data", {}), "equalize": float(base.equalize)}
+                         if base is not None else {})
+    if fine_tune and base is not None:
+        equalize = equalize or base.equalize  # a network fine-tuned from an equalising one equalises too
     run_recipe = recipe({"source_balance": source_balance, "style_augment": style_augment,
-                         "source_adversary": source_adversary, "artefact_augment": artefact_augment})
+                         "source_adversary": source_adversary, "artefact_augment": artefact_augment,
+                         "equalize": float(equalize)})
     train_groups = torch.as_tensor(np.unique(cls_sets["train"].sources, return_inverse=True)[1].reshape(-1))
     # (arch, mode, train, initial weights, seed, name, checkpoint file)
     plan: list[tuple[str, str, bool, torch.nn.Module | None, int, str, str]] = []
@@ -282,8 +290,12 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                 model = build_stage2(arch, len(members_of(init)))
                 model.load_state_dict(init.state_dict())
                 model.float()
+                if equalize:
+                    equalize_inputs(model, base.mean, base.std)
             else:
                 model = build_classifier(arch)
+                if equalize:
+                    equalize_inputs(model, FitConfig.mean, FitConfig.std)
             cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=run_seed,
                             max_steps=max_steps, attention_weight=attention_weight,
                             source_balance=source_balance, style_augment=style_augment,
@@ -304,7 +316,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             models[name] = model.cpu()
             say_candidate(say, name, configs[name])
     for b in added:
-        trained = b.card["training_data"]
+        trained = {**b.card["training_data"], "equalize": float(b.equalize)}
         name = (f"{b.classifier_arch}/{b.crop_mode} seed {trained.get('seed')}"
                 + recipe_tag(trained) + size_tag(b.classifier_size, cls_size))
         with timer.step(f"stage 2 {name} (from {b.path})"):
@@ -315,11 +327,12 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             models[name] = b.classifier.cpu()
             say_candidate(say, name, configs[name])
     if ensemble:
-        for (arch, mode, size), names in single_groups(configs).items():
+        for (arch, mode, size, equalizing), names in single_groups(configs).items():
             if len(names) < 2:
                 continue
             top = sorted(names, key=lambda k: -sortable(configs[k]["val"]["roc_auc"]))[:ensemble]
-            name = f"{arch}/{mode} ensemble of {len(top)}" + size_tag(size, cls_size)
+            name = (f"{arch}/{mode} ensemble of {len(top)}" + (" equalised" if equalizing else "")
+                    + size_tag(size, cls_size))
             with timer.step(f"stage 2 {name}"):
                 model = ClassifierEnsemble([models[k] for k in top])
                 configs[name] = measure_candidate(model, arch, mode, views_at(size), size, dev,
@@ -496,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
                   ensemble=args.ensemble, int8_classifier=args.int8_ensembles,
                   source_balance=args.source_balance, style_augment=args.style_augment,
                   source_adversary=args.source_adversary, artefact_augment=args.artefact_augment,
+                  equalize=args.equalize,
                   say=lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush()) and None)
     return 0
 

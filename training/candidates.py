@@ -29,6 +29,7 @@ RECIPE_TAGS = {  # stage 2 options recorded per network -> the word that marks i
     "style_augment": "style-augmented",
     "source_adversary": "source-adversarial",
     "artefact_augment": "artefact-augmented",
+    "equalize": "equalised",  # 1: the network histogram-equalises its input (also at inference)
 }
 RECIPE_KEYS = tuple(RECIPE_TAGS)
 
@@ -74,8 +75,7 @@ def recipe(values: Mapping[str, Any]) -> dict[str, float]:
 
 
 def recipe_tag(values: Mapping[str, Any]) -> str:
-    """The suffix that marks, in candidate names, a network trained source-balanced, style-augmented or
-    source-adversarial."""
+    """The suffix that marks, in candidate names, a network trained with the options of ``RECIPE_TAGS``."""
     return "".join(f" {RECIPE_TAGS[k]}" for k, v in recipe(values).items() if v > 0)
 
 
@@ -95,6 +95,9 @@ def add_shortcut_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artefact-augment", type=float, default=0.0,
                    help="0-1: probability of each mark of a film's source (padding bars, printed markers, "
                         "histogram equalisation, sharpening) per image in stage 2's augmentation; 0 = off")
+    p.add_argument("--equalize", action="store_true",
+                   help="stage 2 histogram-equalises its input, in training and at inference (recorded in "
+                        "the bundle card), so a site's or source's grey-level look stops being a cue")
 
 
 def sortable(v: float | None) -> float:
@@ -135,12 +138,14 @@ def choose(configs: dict[str, dict[str, Any]], min_attention: float) -> str:
     return max(pool, key=lambda k: (sortable(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"))
 
 
-def single_groups(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str, int], list[str]]:
-    """Single-network configurations by (architecture, mode, input size): what one ensemble can hold."""
-    out: dict[tuple[str, str, int], list[str]] = {}
+def single_groups(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str, int, bool], list[str]]:
+    """Single-network configurations by (architecture, mode, input size, equalising or not): what one
+    ensemble can hold (its card says for all its members whether they equalise their input)."""
+    out: dict[tuple[str, str, int, bool], list[str]] = {}
     for name, c in configs.items():
         if "members" not in c:
-            out.setdefault((c["arch"], c["mode"], int(c["input_size"])), []).append(name)
+            key = (c["arch"], c["mode"], int(c["input_size"]), bool(c.get("equalize")))
+            out.setdefault(key, []).append(name)
     return out
 
 

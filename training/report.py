@@ -176,6 +176,11 @@ _RECIPE_TEXT = {  # how networks trained with each stage 2 recipe option were tr
                         "added to their augmentation (padding bars, printed markers, histogram equalisation "
                         "and sharpening, each with probability {} per image), so that these marks, common on "
                         "the COVID-19 images of these data and rare on the normals, stop being a cue.",
+    "equalize": "Networks named equalised histogram-equalise their input, in training and at inference (the "
+                "bundle card says so): every pixel becomes the share of the image's pixels at or below its "
+                "value, so the grey-level look of a source or site (contrast, brightness, window, look-up "
+                "table) stops being a cue; the counterfactual check's equalisation mark leaves them "
+                "unchanged by construction.",
 }
 
 

@@ -35,7 +35,8 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
                           **({"classifier_members": len(members_of(classifier))}
                              if len(members_of(classifier)) > 1 else {})},
         "input_sizes": {"segmenter": seg_size, "classifier": cls_size},
-        "normalisation": {"mean": 0.5, "std": 0.25},
+        "normalisation": {"mean": 0.5, "std": 0.25,
+                          **({"equalize": True} if chosen.get("equalize") else {})},
         "targets": list(TARGETS),
         "threshold": chosen["threshold"],
         "crop_mode": chosen["mode"],

@@ -275,3 +275,37 @@ def test_fine_tuning_an_ensemble_trains_each_member_and_ships_the_ensemble(built
     assert bundle.classifier_members == 2
     members = bundle.card["training_data"]["ensemble_members"]
     assert set(members) == names - {"mobilenet_v2/whole ensemble of 2"}
+
+
+def test_equalised_networks_are_named_kept_out_of_mixed_ensembles_and_their_bundles_equalise(
+        built: tuple[Path, dict], tmp_path: Path) -> None:
+    """--equalize: the new network is named "equalised", never joins an ensemble with a plain one, and the
+    card of the bundle says what the network does; fine-tuning an equalising network keeps it equalising."""
+    from inference.bundle import ModelBundle, make_random_bundle
+    from inference.models.classifiers import is_equalizing
+    from training.build_default import build_default, main
+
+    out, first = built
+    mode = first["configs"][first["chosen"]]["mode"]
+    assert main(["--data", str(out.parent / "data"), "--out", str(tmp_path / "eq"), "--device", "cpu",
+                 "--quick", "--epochs-cls", "1", "--archs", "mobilenet_v2", "--modes", mode,
+                 "--seg-archs", "", "--base-bundle", str(out / "bundle"), "--split", str(out / "split.json"),
+                 "--seed", "1", "--attention-weight", "0", "--add-bundles", str(out / "bundle"),
+                 "--ensemble", "2", "--equalize"]) == 0
+    results = json.loads((tmp_path / "eq" / "results.json").read_text())
+    eq, plain = f"mobilenet_v2/{mode} seed 1 equalised", f"mobilenet_v2/{mode} seed 0"
+    assert set(results["configs"]) == {eq, plain}  # one network per group: no ensemble
+    assert results["configs"][eq]["equalize"] == 1.0 and results["configs"][plain]["equalize"] == 0.0
+    bundle = ModelBundle.load(tmp_path / "eq" / "bundle")
+    chosen = results["configs"][results["chosen"]]
+    assert bundle.equalize == bool(chosen["equalize"]) == is_equalizing(bundle.classifier)
+    report = (tmp_path / "eq" / "report.md").read_text()
+    assert "Networks named equalised histogram-equalise their input" in report
+
+    base = make_random_bundle(tmp_path / "base", seg_size=64, cls_size=64, crop_mode="whole", equalize=True)
+    tuned = build_default(out.parent / "data", tmp_path / "ft", device="cpu", quick=True, epochs_cls=1,
+                          archs=("mobilenet_v2",), modes=("whole",), seg_archs=(), base_bundle=base,
+                          fine_tune=True, split_file=out / "split.json", attention_weight=0.0)
+    assert set(tuned["configs"]) == {"mobilenet_v2/whole equalised"}
+    assert ModelBundle.load(tmp_path / "ft" / "bundle").equalize
+    assert tuned["bundle_check"]["max_abs_diff_val"] < 0.05

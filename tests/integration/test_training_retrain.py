@@ -81,9 +81,11 @@ def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phanto
     assert main(["train", "--data", "node", "--stage", "2", "--fine-tune", "--arch", "mobilenet_v2",
                  "--base-model", str(phantom_bundle), "--out", str(tmp_path / "run"), "--quick",
                  "--epochs", "1", "--device", "cpu", "--style-augment", "0.25",
-                 "--artefact-augment", "0.3"]) == 0
+                 "--artefact-augment", "0.3", "--equalize"]) == 0
     assert (tmp_path / "run" / "bundle" / "model.json").is_file()
-    trained = json.loads((tmp_path / "run" / "bundle" / "model.json").read_text())["training_data"]
+    card = json.loads((tmp_path / "run" / "bundle" / "model.json").read_text())
+    assert card["normalisation"]["equalize"] is True
+    trained = card["training_data"]
     assert trained["style_augment"] == 0.25 and trained["source_adversary"] == 0.0
     assert trained["artefact_augment"] == 0.3
 
