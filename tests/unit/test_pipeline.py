@@ -204,3 +204,47 @@ def test_device_path_defers_full_resolution_maps(phantom_bundle: Path) -> None:
     assert res.heatmap.shape == res.lung_mask.shape == (300, 420)
     assert res.lung_mask.dtype == bool and res.heatmap.dtype == np.float32
     assert not callable(res.__dict__["_heatmap"])
+
+
+@pytest.mark.parametrize("device_preprocess", [False, True])
+@pytest.mark.parametrize("crop_mode", ["whole", "lung"])
+def test_an_equalising_bundle_feeds_stage_2_equalised_images(tmp_path: Path, crop_mode: str,
+                                                            device_preprocess: bool) -> None:
+    """What reaches stage 2's first layer, on both preprocessing paths, with and without Grad-CAM: each
+    image's non-background pixels spread evenly over (0, 1], the background at 0 (a plain bundle's: see
+    below)."""
+    path = make_random_bundle(tmp_path / crop_mode, cls_arch="resnet18", seg_size=64, cls_size=64,
+                              crop_mode=crop_mode, fit_segmenter_steps=PHANTOM_FIT_STEPS, equalize=True)
+    p = Pipeline.from_bundle(path, device="cpu", device_preprocess=device_preprocess)
+    seen: list[torch.Tensor] = []
+    p.classifier.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    try:
+        images = [_phantom(shape, seed=70 + i, opacity=0.3)[0] for i, shape in enumerate(SHAPES)]
+        explained, plain = p.run(images), p.run(images, explain=False)
+    finally:
+        p.close()
+    assert all(r.probability is not None for r in explained), [r.reason for r in explained]
+    assert [r.probability for r in plain] == pytest.approx([r.probability for r in explained], abs=1e-5)
+    batch = torch.cat(seen) * p.bundle.std + p.bundle.mean  # back to [0, 1]
+    assert len(batch) == 2 * len(SHAPES)
+    for img in batch.flatten(1):
+        shares = img[img > 0].sort().values
+        assert float(img.min()) == pytest.approx(0.0, abs=1e-6) and float(shares[-1]) == pytest.approx(1.0)
+        assert _spread(shares) < 0.02  # evenly spread
+
+
+def _spread(shares: torch.Tensor) -> float:
+    """Largest gap between the k-th smallest of n sorted values and k/n."""
+    return float((shares - torch.arange(1, len(shares) + 1) / len(shares)).abs().max())
+
+
+def test_a_plain_bundle_feeds_stage_2_the_images_as_they_are(phantom_bundle_whole: Path) -> None:
+    p = Pipeline.from_bundle(phantom_bundle_whole, device="cpu")
+    seen: list[torch.Tensor] = []
+    p.classifier.register_forward_hook(lambda module, args, out: seen.append(args[0].detach().clone()))
+    try:
+        p.run([_phantom(SHAPES[1], seed=70, opacity=0.3)[0]], explain=False)
+    finally:
+        p.close()
+    img = (seen[0] * p.bundle.std + p.bundle.mean).flatten()
+    assert _spread(img[img > 0].sort().values) > 0.1
