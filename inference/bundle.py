@@ -339,10 +339,11 @@ def create_bundle(
     }
     full["files"] = {}
     validate_card({**full, "files": dict.fromkeys(WEIGHT_FILES.values(), "")}, out)
-    if is_equalizing(classifier) != bool(card["normalisation"].get("equalize", False)):
+    equalizing = is_equalizing(classifier)
+    if equalizing != bool(card["normalisation"].get("equalize", False)):
         raise ValueError(
             'Argument "card": normalisation.equalize must be true exactly when the classifier equalises its '
-            f"input (it does{'' if is_equalizing(classifier) else ' not'})."
+            f"input (it does{'' if equalizing else ' not'})."
         )
     out.mkdir(parents=True, exist_ok=True)
     full["files"][WEIGHT_FILES["segmenter"]] = _save_weights(

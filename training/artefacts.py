@@ -101,7 +101,11 @@ def stamps(x: torch.Tensor, on: torch.Tensor, *, generator: torch.Generator | No
 
 def equalize(x: torch.Tensor) -> torch.Tensor:
     """Histogram-equalise each image: its cumulative histogram over 256 grey levels, stretched to [0, 1], maps
-    every level (``PIL.ImageOps.equalize`` does the same up to rounding)."""
+    every level (``PIL.ImageOps.equalize`` does the same up to rounding).
+
+    This is the mark, as a publisher's tool makes it: the whole image counts, black borders included. What
+    an equalising network does to its own input is ``inference.models.classifiers.equalize`` (background
+    left out, on normalised tensors)."""
     _check(x)
     n = x.shape[0]
     q = (x.clamp(0, 1) * 255).round().long()

@@ -48,6 +48,7 @@ from training.candidates import (
     Views,
     add_shortcut_arguments,
     attention_summary,
+    bundle_recipe,
     choose,
     cut_views,
     load_member_bundles,
@@ -255,8 +256,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     configs: dict[str, dict[str, Any]] = {}
     models: dict[str, torch.nn.Module] = {}
     tagged = bool(added)  # several seeds of one configuration: names carry the seed
-    base_recipe = recipe({**base.card.get("training_data", {}), "equalize": float(base.equalize)}
-                         if base is not None else {})
+    base_recipe = recipe(bundle_recipe(base) if base is not None else {})
     if fine_tune and base is not None:
         equalize = equalize or base.equalize  # a network fine-tuned from an equalising one equalises too
     run_recipe = recipe({"source_balance": source_balance, "style_augment": style_augment,
@@ -316,7 +316,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             models[name] = model.cpu()
             say_candidate(say, name, configs[name])
     for b in added:
-        trained = {**b.card["training_data"], "equalize": float(b.equalize)}
+        trained = bundle_recipe(b)
         name = (f"{b.classifier_arch}/{b.crop_mode} seed {trained.get('seed')}"
                 + recipe_tag(trained) + size_tag(b.classifier_size, cls_size))
         with timer.step(f"stage 2 {name} (from {b.path})"):

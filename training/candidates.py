@@ -74,6 +74,12 @@ def recipe(values: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(values.get(k) or 0.0) for k in RECIPE_KEYS}
 
 
+def bundle_recipe(bundle: Any) -> dict[str, Any]:
+    """A bundle's ``training_data`` with ``equalize`` taken from what its network does
+    (``normalisation.equalize``), for :func:`recipe` and :func:`recipe_tag`."""
+    return {**bundle.card.get("training_data", {}), "equalize": float(bundle.equalize)}
+
+
 def recipe_tag(values: Mapping[str, Any]) -> str:
     """The suffix that marks, in candidate names, a network trained with the options of ``RECIPE_TAGS``."""
     return "".join(f" {RECIPE_TAGS[k]}" for k, v in recipe(values).items() if v > 0)
@@ -180,8 +186,7 @@ def measure_candidate(model: torch.nn.Module, arch: str, mode: str, views: Views
     y = {side: views.sets[side].y.numpy() for side in SIDES}
     inputs = {side: stage2_inputs(mode, views.sets[side], views.crops[side]) for side in ("val", "test")}
     p = {side: score(inputs[side]) for side in inputs}
-    p_centre = predict(model, stage2_inputs(mode, views.centre, views.crops_centre), kind="classification",
-                       device=dev, mean=mean, std=std).numpy()
+    p_centre = score(stage2_inputs(mode, views.centre, views.crops_centre))
     thr = val_threshold(y["val"], p["val"], target_sensitivity)
     c: dict[str, Any] = {
         "arch": arch, "mode": mode, "input_size": size, "threshold": thr,

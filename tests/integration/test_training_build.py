@@ -108,7 +108,8 @@ def test_attention_penalty_build_with_a_reference_run(built: tuple[Path, dict], 
     assert results["selection"] == {"min_attention": 0.7, "attention_weight": 1.0, "input_size": 64,
                                     "source_balance": 0.0,
                                     "style_augment": 0.0, "source_adversary": 0.0, "artefact_augment": 0.0,
-                                    "equalize": 0.0, "references": [{"path": str(out / "results.json"), "label": "results",
+                                    "equalize": 0.0,
+                                    "references": [{"path": str(out / "results.json"), "label": "results",
                                                     "attention_weight": 1.0}]}
     assert results["reference_configs"].keys() == {f"{k} (results run)" for k in first["configs"]}
     assert 0.0 <= results["configs"]["resnet18/whole"]["val_attention"]["positives"]["median"] <= 1.0
