@@ -9,6 +9,7 @@ response to a grey image repeated three times at a third of the first layer's co
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,6 +89,10 @@ _FIRST_CONV = {
     "mobilenet_v2": "features.0.0.weight",
 }
 _HEAD_PREFIX = {"densenet121": "classifier.", "resnet18": "fc.", "mobilenet_v2": "classifier.1."}
+# A dense layer's key in torchvision's old naming (only inside dense layers: transitions keep "norm.weight").
+_OLD_DENSE_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 def build_classifier(name: str, num_classes: int = 2, checkpoint: str | Path | None = None) -> nn.Module:
@@ -129,11 +134,8 @@ def load_torchvision_checkpoint(model: nn.Module, name: str, checkpoint: str | P
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ValueError(f"checkpoint {path} does not hold a state_dict.")
-    if name == "densenet121":  # old torchvision names: norm.1 -> norm1, conv.2 -> conv2
-        state = {
-            k.replace("norm.", "norm").replace("conv.", "conv").replace("relu.", "relu"): v
-            for k, v in state.items()
-        }
+    if name == "densenet121":  # torchvision's release files call a dense layer's norm1 "norm.1"
+        state = {_OLD_DENSE_KEY.sub(r"\1\2", k): v for k, v in state.items()}
     first = _FIRST_CONV[name]
     if first in state and state[first].ndim == 4 and state[first].shape[1] == 3:
         state[first] = state[first].sum(dim=1, keepdim=True)

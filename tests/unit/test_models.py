@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,29 @@ def test_classifier_from_local_torchvision_checkpoint(tmp_path: Path) -> None:
     assert torch.allclose(model.conv1.weight, ref.conv1.weight.sum(dim=1, keepdim=True))
     assert torch.equal(model.layer4[1].conv2.weight, ref.layer4[1].conv2.weight)
     assert model.fc.out_features == 2
+
+
+@pytest.mark.parametrize("name", ["densenet121", "mobilenet_v2", "densenet121 old names"])
+def test_every_architecture_loads_a_torchvision_checkpoint(name: str, tmp_path: Path) -> None:
+    """torchvision's state_dict of each architecture (3-channel), and DenseNet121 in the old key names of
+    torchvision's release files ("denselayer1.norm.1.weight"; a transition's "norm.weight" is not renamed)."""
+    arch = name.split()[0]
+    ref = getattr(tvm, arch)(weights=None)
+    state = ref.state_dict()
+    if name.endswith("old names"):
+        old = re.compile(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.")
+        state = {old.sub(r"\1.\2.", k): v for k, v in state.items()}
+        assert "features.denseblock1.denselayer1.norm.1.weight" in state
+        assert "features.transition1.norm.weight" in state
+    torch.save(state, tmp_path / "c.pth")
+    model = build_classifier(arch, checkpoint=tmp_path / "c.pth")
+    ours, theirs = model.state_dict(), ref.state_dict()
+    first = "features.conv0.weight" if arch == "densenet121" else "features.0.0.weight"
+    assert torch.allclose(ours[first], theirs[first].sum(dim=1, keepdim=True))
+    head = "classifier." if arch == "densenet121" else "classifier.1."
+    for k, v in theirs.items():
+        if k != first and not k.startswith(head):
+            assert torch.equal(ours[k], v), k
 
 
 def test_classifier_checkpoint_errors_name_the_file(tmp_path: Path) -> None:
