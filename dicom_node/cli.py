@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("dicom_node.status", "queue counts, oldest waiting job, recent failures, model in use"),
     "predict": ("inference.predict", "run the model on DICOM/PNG/JPEG files and write a CSV"),
     "train": ("training.train", "train stage 1 (lung segmentation) and/or stage 2 (classifier)"),
+    "pretrain": ("training.pretrain", "learn stage 2's starting weights from unlabelled images"),
     "evaluate": ("training.evaluate", "evaluate a model bundle and write a report folder"),
     "retrain": ("training.retrain", "fine-tune on locally labelled studies; promote only if not worse"),
     "models": ("training.registry", "list, promote and roll back model versions"),
