@@ -51,6 +51,7 @@ from training.candidates import (
     bundle_recipe,
     choose,
     cut_views,
+    init_record,
     load_member_bundles,
     make_views,
     measure_candidate,
@@ -123,7 +124,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                   member_bundles: tuple[Path, ...] = (), ensemble: int = 0,
                   int8_classifier: bool = False, source_balance: float = 0.0,
                   style_augment: float = 0.0, source_adversary: float = 0.0,
-                  artefact_augment: float = 0.0, equalize: bool = False) -> dict[str, Any]:
+                  artefact_augment: float = 0.0, equalize: bool = False,
+                  init_weights: Path | None = None) -> dict[str, Any]:
     """Run every step (see the module docstring) and return the results dict (also in ``results.json``).
 
     ``seg_archs=()`` takes stage 1 from ``base_bundle`` instead of training it (its input size wins);
@@ -142,6 +144,9 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     ``equalize`` makes the stage 2 networks trained here histogram-equalise their input
     (``inference.models.classifiers.equalize``), in training and, through the bundle card, at inference;
     they are named "equalised". A fine-tuned network equalises when its base does.
+    ``init_weights`` (a local checkpoint in torchvision's layout, e.g. ``cxr-node pretrain``'s encoder) starts
+    the new stage 2 networks from its weights instead of random ones; they are named "pretrained" and the
+    file's name and SHA-256 are recorded. A fine-tuned network is pretrained when its base was.
     ``reference`` is the ``results.json`` of an earlier run on the same split, or several: their
     configurations are listed in the report beside this run's (marked with the run, not candidates); their
     split counts must equal this run's.
@@ -182,6 +187,9 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             seg_size = base.segmenter_size
         if fine_tune or not archs:  # its classifier is trained on, or shipped as it is: its input size
             cls_size = base.classifier_size
+    init_rec = init_record(init_weights, fine_tune)
+    for a in archs if init_rec else ():  # a checkpoint that does not fit fails here, before any training
+        build_classifier(a, checkpoint=init_weights)
     if cam_missing:
         say(f"lung attention will be skipped: {cam_missing} (run `cxr-node evaluate` where it is installed)")
     timer = Timer(say)
@@ -259,9 +267,10 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     base_recipe = recipe(bundle_recipe(base) if base is not None else {})
     if fine_tune and base is not None:
         equalize = equalize or base.equalize  # a network fine-tuned from an equalising one equalises too
+        init_rec = {k: v for k, v in base.card.get("training_data", {}).items() if k == "initial_weights"}
     run_recipe = recipe({"source_balance": source_balance, "style_augment": style_augment,
                          "source_adversary": source_adversary, "artefact_augment": artefact_augment,
-                         "equalize": float(equalize)})
+                         "equalize": float(equalize), "pretrained": float(bool(init_rec))})
     train_groups = torch.as_tensor(np.unique(cls_sets["train"].sources, return_inverse=True)[1].reshape(-1))
     # (arch, mode, train, initial weights, seed, name, checkpoint file)
     plan: list[tuple[str, str, bool, torch.nn.Module | None, int, str, str]] = []
@@ -293,7 +302,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                 if equalize:
                     equalize_inputs(model, base.mean, base.std)
             else:
-                model = build_classifier(arch)
+                model = build_classifier(arch, checkpoint=init_weights)
                 if equalize:
                     equalize_inputs(model, FitConfig.mean, FitConfig.std)
             cfg = FitConfig(epochs=epochs_cls, batch_size=batch_size, lr=lr, seed=run_seed,
@@ -310,7 +319,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                                               target_sensitivity, cam_missing, cfg.mean, cfg.std)
             configs[name].update({"best_epoch": r.best_epoch, "seconds": round(r.seconds, 1),
                                   "epochs_run": len(r.history), "seed": run_seed,
-                                  **(run_recipe if train else base_recipe)})
+                                  **(run_recipe if train else base_recipe), **(init_rec if train else {})})
             if " member " in name:  # a member of a fine-tuned ensemble is shipped only within it
                 configs[name]["ensemble_member"] = True
             models[name] = model.cpu()
@@ -509,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
                   ensemble=args.ensemble, int8_classifier=args.int8_ensembles,
                   source_balance=args.source_balance, style_augment=args.style_augment,
                   source_adversary=args.source_adversary, artefact_augment=args.artefact_augment,
-                  equalize=args.equalize,
+                  equalize=args.equalize, init_weights=args.init_weights,
                   say=lambda line: (sys.stdout.write(line + "\n"), sys.stdout.flush()) and None)
     return 0
 

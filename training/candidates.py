@@ -30,6 +30,7 @@ RECIPE_TAGS = {  # stage 2 options recorded per network -> the word that marks i
     "source_adversary": "source-adversarial",
     "artefact_augment": "artefact-augmented",
     "equalize": "equalised",  # 1: the network histogram-equalises its input (also at inference)
+    "pretrained": "pretrained",  # 1: started from a local checkpoint (training_data.initial_weights)
 }
 RECIPE_KEYS = tuple(RECIPE_TAGS)
 
@@ -80,6 +81,24 @@ def bundle_recipe(bundle: Any) -> dict[str, Any]:
     return {**bundle.card.get("training_data", {}), "equalize": float(bundle.equalize)}
 
 
+def init_record(init_weights: Path | None, fine_tune: bool) -> dict[str, Any]:
+    """What a run records of ``--init-weights``: ``{"initial_weights": {"file", "sha256"}}``, or ``{}``.
+
+    Raises ``ValueError`` when the file is missing or a fine-tuning run is given one too (it starts from
+    its base model's weights)."""
+    if init_weights is None:
+        return {}
+    path = Path(init_weights)
+    if fine_tune:
+        raise ValueError('Argument "init_weights" starts new networks; a fine-tuning run starts from its '
+                         "base model's weights (give one or the other).")
+    if not path.is_file():
+        raise ValueError(f'Argument "init_weights": no such file {path}.')
+    import hashlib
+
+    return {"initial_weights": {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}}
+
+
 def recipe_tag(values: Mapping[str, Any]) -> str:
     """The suffix that marks, in candidate names, a network trained with the options of ``RECIPE_TAGS``."""
     return "".join(f" {RECIPE_TAGS[k]}" for k, v in recipe(values).items() if v > 0)
@@ -101,6 +120,9 @@ def add_shortcut_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--artefact-augment", type=float, default=0.0,
                    help="0-1: probability of each mark of a film's source (padding bars, printed markers, "
                         "histogram equalisation, sharpening) per image in stage 2's augmentation; 0 = off")
+    p.add_argument("--init-weights", type=Path, metavar="FILE",
+                   help="start new stage 2 networks from this local checkpoint (torchvision layout, e.g. the "
+                        "encoder.safetensors of `cxr-node pretrain`) instead of random weights")
     p.add_argument("--equalize", action="store_true",
                    help="stage 2 histogram-equalises its input, in training and at inference (recorded in "
                         "the bundle card), so a site's or source's grey-level look stops being a cue")

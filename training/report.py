@@ -181,6 +181,11 @@ _RECIPE_TEXT = {  # how networks trained with each stage 2 recipe option were tr
                 "value, so the grey-level look of a source or site (contrast, brightness, window, look-up "
                 "table) stops being a cue; the counterfactual check's equalisation mark leaves them "
                 "unchanged by construction.",
+    "pretrained": "Networks named pretrained started from the weights of a local checkpoint instead of "
+                  "random weights (its file name and SHA-256 are in the results and the bundle card), e.g. "
+                  "from `cxr-node pretrain`: contrastive learning without labels on the training side's "
+                  "images and the `other` images, with the marks of a film's source among the changes its "
+                  "views must not notice.",
 }
 
 

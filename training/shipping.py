@@ -58,8 +58,11 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
                          f"{results['target_sensitivity']}",
             "lung_attention_weight": results["selection"]["attention_weight"],
             **recipe(chosen),
+            **({"initial_weights": chosen["initial_weights"]} if chosen.get("initial_weights") else {}),
             **({"ensemble_members": {k: {"seed": results["configs"][k].get("seed"),
                                          **recipe(results["configs"][k]),
+                                         **{kk: vv for kk, vv in results["configs"][k].items()
+                                            if kk == "initial_weights"},
                                          "val_roc_auc": results["configs"][k]["val"]["roc_auc"]}
                                      for k in chosen["members"]}} if "members" in chosen else {}),
         },

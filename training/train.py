@@ -91,6 +91,6 @@ def run(args: argparse.Namespace, settings: Any) -> int:
         fine_tune=args.fine_tune, split_file=Path(args.split) if args.split else None, say=say,
         attention_weight=args.attention_weight, source_balance=args.source_balance,
         style_augment=args.style_augment, source_adversary=args.source_adversary,
-        artefact_augment=args.artefact_augment, equalize=args.equalize)
+        artefact_augment=args.artefact_augment, equalize=args.equalize, init_weights=args.init_weights)
     say(f"bundle: {results['bundle']}")
     return 0

@@ -108,7 +108,7 @@ def test_attention_penalty_build_with_a_reference_run(built: tuple[Path, dict], 
     assert results["selection"] == {"min_attention": 0.7, "attention_weight": 1.0, "input_size": 64,
                                     "source_balance": 0.0,
                                     "style_augment": 0.0, "source_adversary": 0.0, "artefact_augment": 0.0,
-                                    "equalize": 0.0,
+                                    "equalize": 0.0, "pretrained": 0.0,
                                     "references": [{"path": str(out / "results.json"), "label": "results",
                                                     "attention_weight": 1.0}]}
     assert results["reference_configs"].keys() == {f"{k} (results run)" for k in first["configs"]}
@@ -310,3 +310,72 @@ def test_equalised_networks_are_named_kept_out_of_mixed_ensembles_and_their_bund
     assert set(tuned["configs"]) == {"mobilenet_v2/whole equalised"}
     assert ModelBundle.load(tmp_path / "ft" / "bundle").equalize
     assert tuned["bundle_check"]["max_abs_diff_val"] < 0.05
+
+
+def test_pretrained_networks_start_from_the_encoder_and_record_it(built: tuple[Path, dict],
+                                                                  tmp_path: Path) -> None:
+    """cxr-node pretrain on the training side (its validation and test patients left out), then a build with
+    --init-weights: the network starts from the encoder's weights, is named "pretrained", and the results,
+    the card and the report name the file and its SHA-256. A checkpoint that does not fit, a missing file or
+    --init-weights with fine-tuning are refused before anything is trained."""
+    import hashlib
+
+    import torch
+
+    from dicom_node.cli import main as cli
+    from inference.bundle import ModelBundle
+    from training.build_default import build_default, main
+    from training.datasets import load_split, read_manifest
+
+    out, first = built
+    data, split = out.parent / "data", out / "split.json"
+    assert cli(["pretrain", "--data", str(data), "--split", str(split), "--out", str(tmp_path / "ssl"),
+                "--arch", "mobilenet_v2", "--size", "48", "--epochs", "1", "--batch-size", "8",
+                "--device", "cpu", "--max-steps", "1", "--seed", "7"]) == 0
+    record = json.loads((tmp_path / "ssl" / "pretrain.json").read_text())
+    encoder = tmp_path / "ssl" / "encoder.safetensors"
+    sha = hashlib.sha256(encoder.read_bytes()).hexdigest()
+    held_out = set(load_split(split).val) | set(load_split(split).test)
+    outside = [s for s in read_manifest(data) if s.task == "classification" and s.patient_id not in held_out]
+    assert record["images"] == len(outside) > 0 and record["sha256"] == sha
+    assert len(record["loss_per_epoch"]) == 1
+    assert set(record["val_knn"]["pretrained"]) == {"roc_auc", "within_source_roc_auc"}
+
+    mode = first["configs"][first["chosen"]]["mode"]
+    args = ["--data", str(data), "--device", "cpu", "--quick", "--archs", "mobilenet_v2", "--modes", mode,
+            "--seg-archs", "", "--base-bundle", str(out / "bundle"), "--split", str(split),
+            "--attention-weight", "0"]
+    with pytest.raises(ValueError, match="does not fit resnet18"):
+        main([*args[:6], "resnet18", *args[7:], "--out", str(tmp_path / "bad"),
+              "--init-weights", str(encoder)])
+    with pytest.raises(ValueError, match="no such file"):
+        main([*args, "--out", str(tmp_path / "bad"), "--init-weights", str(tmp_path / "absent.safetensors")])
+    with pytest.raises(ValueError, match="fine-tuning"):
+        build_default(data, tmp_path / "bad", device="cpu", quick=True, archs=("mobilenet_v2",), seg_archs=(),
+                      base_bundle=out / "bundle", fine_tune=True, split_file=split, init_weights=encoder)
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+    # A quick run trains two batches: the network's weights are still near the encoder's, far from those
+    # of a random start.
+    assert main([*args, "--out", str(tmp_path / "pt"), "--epochs-cls", "1",
+                 "--init-weights", str(encoder)]) == 0
+    results = json.loads((tmp_path / "pt" / "results.json").read_text())
+    name = f"mobilenet_v2/{mode} pretrained"
+    assert set(results["configs"]) == {name} and results["chosen"] == name
+    assert results["configs"][name]["pretrained"] == 1.0 and results["selection"]["pretrained"] == 1.0
+    assert results["configs"][name]["initial_weights"] == {"file": "encoder.safetensors", "sha256": sha}
+    card = ModelBundle.load(tmp_path / "pt" / "bundle").card["training_data"]
+    assert card["pretrained"] == 1.0 and card["initial_weights"]["sha256"] == sha
+    assert "Networks named pretrained started from the weights of a local checkpoint" in (
+        tmp_path / "pt" / "report.md").read_text()
+    from safetensors.torch import load_file
+
+    enc = load_file(str(encoder))
+    trained = ModelBundle.load(tmp_path / "pt" / "bundle").classifier.state_dict()
+    deep = "features.17.conv.2.weight"  # the last block's projection
+    near = (trained[deep].float() - enc[deep]).abs().mean()
+    torch.manual_seed(12345)
+    from inference.models.classifiers import build_classifier
+
+    far = (build_classifier("mobilenet_v2").state_dict()[deep] - enc[deep]).abs().mean()
+    assert near < 0.2 * far

@@ -151,3 +151,19 @@ def test_retrain_skips_without_enough_labels(tmp_path: Path, sqlite_url: str) ->
                              environ={})
     out = retrain_once(settings, engine=engine, device="cpu")
     assert out["status"] == "skipped" and "needed" in out["reason"]
+
+
+def test_train_passes_init_weights_on_and_refuses_them_with_fine_tune(
+        tmp_path: Path, phantom_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`cxr-node train --init-weights` reaches the build: a missing file, or one given with --fine-tune, is a
+    one-line error before any data is read or anything is trained."""
+    from dicom_node.cli import main
+
+    base = ["train", "--data", str(tmp_path / "no-data"), "--stage", "2", "--arch", "mobilenet_v2",
+            "--base-model", str(phantom_bundle), "--out", str(tmp_path / "run"), "--device", "cpu"]
+    assert main([*base, "--init-weights", str(tmp_path / "absent.safetensors")]) != 0
+    assert "no such file" in capsys.readouterr().err
+    (tmp_path / "enc.safetensors").write_bytes(b"x")
+    assert main([*base, "--fine-tune", "--init-weights", str(tmp_path / "enc.safetensors")]) != 0
+    assert "fine-tuning run starts from its base model's weights" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "checkpoints").exists()
