@@ -379,3 +379,11 @@ def test_pretrained_networks_start_from_the_encoder_and_record_it(built: tuple[P
 
     far = (build_classifier("mobilenet_v2").state_dict()[deep] - enc[deep]).abs().mean()
     assert near < 0.2 * far
+    # fine-tuning that bundle (what cxr-node retrain does) keeps the record of where its weights began
+    tuned = build_default(data, tmp_path / "ft", device="cpu", quick=True, epochs_cls=1,
+                          archs=("mobilenet_v2",), modes=(mode,), seg_archs=(),
+                          base_bundle=tmp_path / "pt" / "bundle", fine_tune=True, split_file=split,
+                          attention_weight=0.0)
+    assert set(tuned["configs"]) == {name}
+    card = ModelBundle.load(tmp_path / "ft" / "bundle").card["training_data"]
+    assert card["pretrained"] == 1.0 and card["initial_weights"]["sha256"] == sha
