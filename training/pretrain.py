@@ -197,6 +197,8 @@ def pretrain(images: torch.Tensor, arch: str, config: PretrainConfig, device: to
             torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
         say(f"resumed pretraining at epoch {start + 1}")
     autocast = device.type == "cuda"
+    if autocast:  # a few hundred uint8 images: kept on the device, not copied batch by batch
+        images = images.to(device)
     for epoch in range(start, config.epochs):
         model.train()
         head.train()
