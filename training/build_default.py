@@ -332,7 +332,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             configs[name] = measure_candidate(b.classifier, b.classifier_arch, b.crop_mode,
                                               views_at(b.classifier_size), b.classifier_size, dev,
                                               target_sensitivity, cam_missing, b.mean, b.std)
-            configs[name].update({"from": str(b.path), "seed": trained.get("seed"), **recipe(trained)})
+            configs[name].update({"from": str(b.path), "seed": trained.get("seed"), **recipe(trained),
+                                  **{k: v for k, v in trained.items() if k == "initial_weights"}})
             models[name] = b.classifier.cpu()
             say_candidate(say, name, configs[name])
     if ensemble:

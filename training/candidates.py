@@ -8,6 +8,7 @@ input size), or an ensemble of the best of them; :func:`measure_candidate` measu
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -94,8 +95,6 @@ def init_record(init_weights: Path | None, fine_tune: bool) -> dict[str, Any]:
                          "base model's weights (give one or the other).")
     if not path.is_file():
         raise ValueError(f'Argument "init_weights": no such file {path}.')
-    import hashlib
-
     return {"initial_weights": {"file": path.name, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}}
 
 

@@ -387,3 +387,10 @@ def test_pretrained_networks_start_from_the_encoder_and_record_it(built: tuple[P
     assert set(tuned["configs"]) == {name}
     card = ModelBundle.load(tmp_path / "ft" / "bundle").card["training_data"]
     assert card["pretrained"] == 1.0 and card["initial_weights"]["sha256"] == sha
+    # brought into a later run as a candidate (--add-bundles), it keeps the record too
+    assert main([*args, "--out", str(tmp_path / "add"), "--epochs-cls", "1", "--seed", "1",
+                 "--add-bundles", str(tmp_path / "pt" / "bundle")]) == 0
+    configs = json.loads((tmp_path / "add" / "results.json").read_text())["configs"]
+    added = configs[f"mobilenet_v2/{mode} seed 0 pretrained"]
+    assert added["pretrained"] == 1.0 and added["initial_weights"]["sha256"] == sha
+    assert "initial_weights" not in configs[f"mobilenet_v2/{mode} seed 1"]
