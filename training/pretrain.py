@@ -1,12 +1,13 @@
 """``cxr-node pretrain``: self-supervised pretraining of a stage 2 network on unlabelled radiographs.
 
 Stage 2 is otherwise trained from random weights on a few hundred labelled images (no ImageNet weights are
-downloaded). This command learns a starting point from images whose labels it never reads, by contrastive
-learning (SimCLR: Chen et al. 2020): two random views of each image must map to nearby points and away from
-the other images of the batch (the NT-Xent loss on a small projection head). The views differ by the node's
-own augmentation (rotation, zoom, shift, brightness, contrast, gamma) made stronger, by texture degradations
-(blur, sharpening, noise) and by the marks of a film's source (padding bars, printed markers, histogram
-equalisation, sharpening), so the features learnt do not change when only those change.
+downloaded). This command learns a starting point from the images alone (labels only choose which images are
+used, and score the check below), by contrastive learning (SimCLR: Chen et al. 2020): two random views of each
+image must map to nearby points and away from the other images of the batch (the NT-Xent loss on a small
+projection head). The views differ by the node's own augmentation (rotation, zoom, shift, brightness,
+contrast, gamma) made stronger, by texture degradations (blur, sharpening, noise) and by the marks of a
+film's source (padding bars, printed markers, histogram equalisation, sharpening), so the features learnt do
+not change when only those change.
 
 Images used: every classification image (``covid``, ``normal`` and ``other`` by default) whose patient is
 not on the validation or test side of ``--split``, so nothing measured later was seen, not even unlabelled.
