@@ -52,6 +52,7 @@ from training.candidates import (
     choose,
     cut_views,
     init_record,
+    initial_weights,
     load_member_bundles,
     make_views,
     measure_candidate,
@@ -267,7 +268,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
     base_recipe = recipe(bundle_recipe(base) if base is not None else {})
     if fine_tune and base is not None:
         equalize = equalize or base.equalize  # a network fine-tuned from an equalising one equalises too
-        init_rec = {k: v for k, v in base.card.get("training_data", {}).items() if k == "initial_weights"}
+        init_rec = initial_weights(base.card.get("training_data", {}))
     run_recipe = recipe({"source_balance": source_balance, "style_augment": style_augment,
                          "source_adversary": source_adversary, "artefact_augment": artefact_augment,
                          "equalize": float(equalize), "pretrained": float(bool(init_rec))})
@@ -333,7 +334,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                                               views_at(b.classifier_size), b.classifier_size, dev,
                                               target_sensitivity, cam_missing, b.mean, b.std)
             configs[name].update({"from": str(b.path), "seed": trained.get("seed"), **recipe(trained),
-                                  **{k: v for k, v in trained.items() if k == "initial_weights"}})
+                                  **initial_weights(trained)})
             models[name] = b.classifier.cpu()
             say_candidate(say, name, configs[name])
     if ensemble:

@@ -82,6 +82,12 @@ def bundle_recipe(bundle: Any) -> dict[str, Any]:
     return {**bundle.card.get("training_data", {}), "equalize": float(bundle.equalize)}
 
 
+def initial_weights(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values``' (a card's ``training_data``, a candidate) ``initial_weights`` record as a dict to merge,
+    ``{}`` when it has none."""
+    return {"initial_weights": values["initial_weights"]} if values.get("initial_weights") else {}
+
+
 def init_record(init_weights: Path | None, fine_tune: bool) -> dict[str, Any]:
     """What a run records of ``--init-weights``: ``{"initial_weights": {"file", "sha256"}}``, or ``{}``.
 

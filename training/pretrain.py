@@ -39,9 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from inference.models.classifiers import CLASS_HEADS
+from training.augment import augment
 from training.datasets import CLASS_LABELS, Sample, load_data, load_split
 
-HEADS = {"densenet121": "classifier", "resnet18": "fc", "mobilenet_v2": "classifier.1"}
+HEADS = CLASS_HEADS  # the class head each backbone() replaces by the identity
 
 
 @dataclass
@@ -114,8 +116,6 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Ten
 
 def views(x: torch.Tensor, config: PretrainConfig, generator: torch.Generator) -> torch.Tensor:
     """One random view of each image of ``x`` (N, 1, S, S in [0, 1]), normalised for the network."""
-    from training.augment import augment
-
     out, _ = augment(x, generator=generator, max_rotate_deg=10.0, scale=(0.9, 1.6), max_shift=0.12,
                      style=config.style, artefacts=config.artefacts)
     return (out - config.mean) / config.std
@@ -268,13 +268,16 @@ def pretrain_on_data(data: Path, split_file: Path, out: Path, *, arch: str = "re
         raise ValueError(f"{data}: fewer than 2 images outside the split's validation and test patients")
     t0 = time.monotonic()
     say(f"{len(chosen)} images for pretraining ({arch}, {size} px, {config.epochs} epochs, {dev})")
-    images = build_image_set(chosen, seg_size=32, cls_size=size).whole
     # The features are checked on the validation side, against the labelled training images, before
-    # (random weights of the same seed) and after pretraining.
+    # (random weights of the same seed) and after pretraining. Each image is decoded once.
     labelled = [s for s in all_samples if s.task == "classification" and s.label in CLASS_LABELS]
     train, val = split.select(labelled, "train"), split.select(labelled, "val")
-    check_sets = {side: build_image_set(s, seg_size=32, cls_size=size).whole
-                  for side, s in (("train", train), ("val", val)) if s}
+    needed = list(dict.fromkeys([*chosen, *train, *val]))
+    row = {s: i for i, s in enumerate(needed)}
+    decoded = build_image_set(needed, seg_size=32, cls_size=size).whole
+    images = decoded[[row[s] for s in chosen]]
+    check_sets = {side: decoded[[row[s] for s in samples]]
+                  for side, samples in (("train", train), ("val", val)) if samples}
 
     def check(model: nn.Module) -> dict[str, float | None]:
         if len(check_sets) < 2:

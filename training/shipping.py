@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.candidates import recipe, stage2_inputs
+from training.candidates import initial_weights, recipe, stage2_inputs
 from training.datasets import Sample
 from training.loops import predict
 from training.report import _plain, input_sizes
@@ -58,11 +58,10 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
                          f"{results['target_sensitivity']}",
             "lung_attention_weight": results["selection"]["attention_weight"],
             **recipe(chosen),
-            **({"initial_weights": chosen["initial_weights"]} if chosen.get("initial_weights") else {}),
+            **initial_weights(chosen),
             **({"ensemble_members": {k: {"seed": results["configs"][k].get("seed"),
                                          **recipe(results["configs"][k]),
-                                         **{kk: vv for kk, vv in results["configs"][k].items()
-                                            if kk == "initial_weights"},
+                                         **initial_weights(results["configs"][k]),
                                          "val_roc_auc": results["configs"][k]["val"]["roc_auc"]}
                                      for k in chosen["members"]}} if "members" in chosen else {}),
         },

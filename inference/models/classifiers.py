@@ -88,7 +88,8 @@ _FIRST_CONV = {
     "resnet18": "conv1.weight",
     "mobilenet_v2": "features.0.0.weight",
 }
-_HEAD_PREFIX = {"densenet121": "classifier.", "resnet18": "fc.", "mobilenet_v2": "classifier.1."}
+CLASS_HEADS = {"densenet121": "classifier", "resnet18": "fc", "mobilenet_v2": "classifier.1"}  # module names
+_HEAD_PREFIX = {name: head + "." for name, head in CLASS_HEADS.items()}
 # A dense layer's key in torchvision's old naming (only inside dense layers: transitions keep "norm.weight").
 _OLD_DENSE_KEY = re.compile(
     r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12]\.(?:weight|bias|running_mean|running_var))$"

@@ -86,7 +86,6 @@ def test_pretraining_changes_the_weights_and_resume_repeats_an_uninterrupted_run
     torch.set_num_threads(1)
     images = _images()
     cfg = PretrainConfig(epochs=2, batch_size=4, seed=3, checkpoint_every=1)
-    start, _ = backbone("mobilenet_v2")
     straight, history = pretrain(images, "mobilenet_v2", cfg, torch.device("cpu"))
     assert len(history) == 2 and all(math.isfinite(v) for v in history)
     torch.manual_seed(3)  # backbone() under the run's seed: the weights it started from
