@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Inference checks on a GPU machine, one command (each step has a timeout: CHECK_TIMEOUT, BENCH_TIMEOUT, 150 s):
 #   bash benchmarks/gpu_inference.sh OUTPUT_DIR [IMAGES_DIR]
+# STEPS (comma-separated names below, default all) runs some of them: check, default, ordinary, upload,
+# profile, lung.
 # 1. benchmarks/gpu_check.py: the CUDA pipeline against the CPU pipeline (phantoms, plus up to 30 images
 #    from IMAGES_DIR, e.g. a packed data copy from `python -m training.pack`), and the page-locked copy exact;
 # 2. python -m inference.benchmark on CUDA with the shipped model (whole image), batches 1, 16, 64, images
@@ -19,20 +21,33 @@ mkdir -p "$out"
 source benchmarks/gpu_env.sh > "$out/machine.txt" 2>&1 || { cat "$out/machine.txt"; exit 1; }
 cat "$out/machine.txt"
 limit=${BENCH_TIMEOUT:-150}
-timeout "${CHECK_TIMEOUT:-150}" python3 benchmarks/gpu_check.py --model inference/default_model \
-  ${images:+--images "$images"} --limit 30 > "$out/check.log" 2>&1
-echo "gpu_check exit $?"; tail -4 "$out/check.log"
-timeout "$limit" python3 -m inference.benchmark --device cuda --batch 1,16,64 \
-  --model inference/default_model --out "$out/bench-default.json" > "$out/bench-default.txt" 2>&1
-echo "benchmark (shipped model) exit $?"; tail -16 "$out/bench-default.txt"
-timeout "$limit" python3 -m inference.benchmark --device cuda --batch 16,64 --repeats 3 --ordinary-arrays \
-  --model inference/default_model --out "$out/bench-ordinary.json" > "$out/bench-ordinary.txt" 2>&1
-echo "benchmark (shipped model, ordinary arrays) exit $?"; tail -15 "$out/bench-ordinary.txt"
-timeout 90 python3 benchmarks/gpu_upload.py > "$out/upload.txt" 2>&1
-echo "upload benchmark exit $?"; cat "$out/upload.txt"
-timeout "$limit" python3 -m inference.benchmark --device cuda --batch 64 --repeats 3 \
-  --model inference/default_model --profile "$out/profile.txt" > "$out/bench-profile.txt" 2>&1
-echo "profile exit $?"
-timeout "$limit" python3 -m inference.benchmark --device cuda --batch 16,64 --repeats 3 \
-  --out "$out/bench-lung.json" > "$out/bench-lung.txt" 2>&1
-echo "benchmark (lung crop) exit $?"; tail -15 "$out/bench-lung.txt"
+want() { [[ ",${STEPS:-check,default,ordinary,upload,profile,lung}," == *",$1,"* ]]; }
+if want check; then
+  timeout "${CHECK_TIMEOUT:-150}" python3 benchmarks/gpu_check.py --model inference/default_model \
+    ${images:+--images "$images"} --limit 30 > "$out/check.log" 2>&1
+  echo "gpu_check exit $?"; tail -4 "$out/check.log"
+fi
+if want default; then
+  timeout "$limit" python3 -m inference.benchmark --device cuda --batch 1,16,64 \
+    --model inference/default_model --out "$out/bench-default.json" > "$out/bench-default.txt" 2>&1
+  echo "benchmark (shipped model) exit $?"; tail -16 "$out/bench-default.txt"
+fi
+if want ordinary; then
+  timeout "$limit" python3 -m inference.benchmark --device cuda --batch 16,64 --repeats 3 --ordinary-arrays \
+    --model inference/default_model --out "$out/bench-ordinary.json" > "$out/bench-ordinary.txt" 2>&1
+  echo "benchmark (shipped model, ordinary arrays) exit $?"; tail -15 "$out/bench-ordinary.txt"
+fi
+if want upload; then
+  timeout 90 python3 benchmarks/gpu_upload.py > "$out/upload.txt" 2>&1
+  echo "upload benchmark exit $?"; cat "$out/upload.txt"
+fi
+if want profile; then
+  timeout "$limit" python3 -m inference.benchmark --device cuda --batch 64 --repeats 3 \
+    --model inference/default_model --profile "$out/profile.txt" > "$out/bench-profile.txt" 2>&1
+  echo "profile exit $?"
+fi
+if want lung; then
+  timeout "$limit" python3 -m inference.benchmark --device cuda --batch 16,64 --repeats 3 \
+    --out "$out/bench-lung.json" > "$out/bench-lung.txt" 2>&1
+  echo "benchmark (lung crop) exit $?"; tail -15 "$out/bench-lung.txt"
+fi

@@ -62,6 +62,7 @@ class PretrainConfig:
     std: float = 0.25
     max_steps: int = 0  # >0: stop each epoch after this many steps (tests)
     checkpoint_every: int = 5
+    time_budget: float = 0.0  # >0: seconds; the first epoch's time cuts the epochs to fit (cosine decay too)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -69,6 +70,8 @@ class PretrainConfig:
                 raise ValueError(f'Argument "{name}" must be at least 1.')
         if self.batch_size < 2:
             raise ValueError('Argument "batch_size" must be at least 2 (the other images are the negatives).')
+        if self.time_budget < 0:
+            raise ValueError('Argument "time_budget" must be 0 (no limit) or a number of seconds.')
         if not self.lr > 0 or not self.temperature > 0:
             raise ValueError('Arguments "lr" and "temperature" must be positive.')
         for name in ("style", "artefacts"):
@@ -157,7 +160,8 @@ def pretrain(images: torch.Tensor, arch: str, config: PretrainConfig, device: to
 
     Returns the backbone (class head replaced by the identity) and the mean loss per epoch. With
     ``checkpoint`` the state is saved every ``checkpoint_every`` epochs and at the end; ``resume`` continues
-    from it.
+    from it. With ``config.time_budget`` the first epoch's duration sets how many of ``config.epochs`` are
+    run (at least one), so a run with a deadline ends with its encoder saved and its schedule complete.
     """
     if images.ndim != 4 or images.shape[1] != 1 or images.dtype != torch.uint8:
         raise ValueError('Argument "images" must be a uint8 tensor of shape (N, 1, S, S).')
@@ -174,7 +178,8 @@ def pretrain(images: torch.Tensor, arch: str, config: PretrainConfig, device: to
     steps = max(1, len(images) // batch)
     if config.max_steps:
         steps = min(steps, config.max_steps)
-    total = config.epochs * steps
+    epochs = config.epochs
+    total = epochs * steps
 
     def lr_at(step: int) -> float:  # one epoch of linear warm-up, then cosine decay to 0
         if step < steps:
@@ -191,6 +196,8 @@ def pretrain(images: torch.Tensor, arch: str, config: PretrainConfig, device: to
         head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["opt"])
         history, start = list(ck["history"]), int(ck["epoch"])
+        epochs = int(ck.get("epochs", epochs))
+        total = epochs * steps
         gen.set_state(ck["gen"].cpu())
         order_gen.set_state(ck["order_gen"].cpu())
         torch.set_rng_state(ck["torch_rng"].cpu())  # dropout (MobileNetV2) draws from it
@@ -200,7 +207,8 @@ def pretrain(images: torch.Tensor, arch: str, config: PretrainConfig, device: to
     autocast = device.type == "cuda"
     if autocast:  # a few hundred uint8 images: kept on the device, not copied batch by batch
         images = images.to(device)
-    for epoch in range(start, config.epochs):
+    epoch = start
+    while epoch < epochs:
         model.train()
         head.train()
         order = torch.randperm(len(images), generator=order_gen)
@@ -219,18 +227,24 @@ def pretrain(images: torch.Tensor, arch: str, config: PretrainConfig, device: to
             opt.step()
             losses.append(float(loss.detach()))
         history.append(float(np.mean(losses)))
-        say(f"pretrain epoch {epoch + 1}/{config.epochs}: loss {history[-1]:.4f} "
-            f"({time.monotonic() - t0:.0f} s)")
-        last = epoch + 1 == config.epochs
+        seconds = time.monotonic() - t0
+        if epoch == 0 and config.time_budget:  # still in warm-up: the cosine decay starts after this epoch
+            epochs = max(1, min(epochs, int(config.time_budget // max(seconds, 1e-9))))
+            total = epochs * steps
+            if epochs < config.epochs:
+                say(f"time budget {config.time_budget:.0f} s: {epochs} epochs of {config.epochs}")
+        say(f"pretrain epoch {epoch + 1}/{epochs}: loss {history[-1]:.4f} ({seconds:.0f} s)")
+        last = epoch + 1 == epochs
         if checkpoint is not None and (last or (epoch + 1) % max(1, config.checkpoint_every) == 0):
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
             tmp = checkpoint.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "head": head.state_dict(), "opt": opt.state_dict(),
-                        "history": history, "epoch": epoch + 1, "gen": gen.get_state(),
+                        "history": history, "epoch": epoch + 1, "epochs": epochs, "gen": gen.get_state(),
                         "order_gen": order_gen.get_state(), "torch_rng": torch.get_rng_state(),
                         **({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {})},
                        tmp)
             tmp.replace(checkpoint)
+        epoch += 1
     return model.cpu(), history
 
 
@@ -297,7 +311,7 @@ def pretrain_on_data(data: Path, split_file: Path, out: Path, *, arch: str = "re
         "images": len(chosen),
         "images_by_source_label": dict(sorted(Counter(f"{s.source}/{s.label}" for s in chosen).items())),
         "left_out": "patients of the split's validation and test sides", "split": str(split_file),
-        "loss_per_epoch": [round(v, 5) for v in history],
+        "epochs_run": len(history), "loss_per_epoch": [round(v, 5) for v in history],
         "val_knn": {"random_weights": before, "pretrained": after, "k": 10},
         "seconds": round(time.monotonic() - t0, 1), "encoder": "encoder.safetensors", "sha256": sha,
     }
@@ -321,6 +335,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels", default="covid,normal,other",
                    help="comma-separated labels of the images used (their labels are not read otherwise)")
     p.add_argument("--epochs", type=int, default=PretrainConfig.epochs)
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds the pretraining may take: the first epoch's time cuts the epochs to fit "
+                        "(0: no limit)")
     p.add_argument("--batch-size", type=int, default=PretrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=PretrainConfig.lr)
     p.add_argument("--temperature", type=float, default=PretrainConfig.temperature)
@@ -337,7 +354,8 @@ def run(args: argparse.Namespace, settings: Any = None) -> int:
         sys.stdout.flush()
 
     config = PretrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            temperature=args.temperature, seed=args.seed, max_steps=args.max_steps)
+                            temperature=args.temperature, seed=args.seed, max_steps=args.max_steps,
+                            time_budget=args.time_budget)
     pretrain_on_data(args.data, args.split, args.out, arch=args.arch, size=args.size,
                  labels=[v.strip() for v in args.labels.split(",") if v.strip()], config=config,
                  device=args.device, resume=args.resume, say=say)

@@ -111,11 +111,29 @@ def test_pretraining_changes_the_weights_and_resume_repeats_an_uninterrupted_run
         assert torch.allclose(v.float(), resumed.state_dict()[k].float(), atol=1e-5), k
 
 
+def test_a_time_budget_cuts_the_epochs_after_the_first_and_resuming_keeps_the_cut(tmp_path: Path) -> None:
+    torch.set_num_threads(1)
+    images, ck = _images(), tmp_path / "pretrain.pt"
+    lines: list[str] = []
+    cfg = PretrainConfig(epochs=4, batch_size=4, seed=1, checkpoint_every=1, time_budget=1e-6)
+    _, history = pretrain(images, "resnet18", cfg, torch.device("cpu"), checkpoint=ck, say=lines.append)
+    assert len(history) == 1  # shorter than one epoch: the first epoch is the whole run
+    assert lines[0] == "time budget 0 s: 1 epochs of 4" and len(lines) == 2
+    assert lines[1].startswith(f"pretrain epoch 1/1: loss {history[0]:.4f} (")
+    assert torch.load(ck, weights_only=True)["epochs"] == 1
+    _, again = pretrain(images, "resnet18", cfg, torch.device("cpu"), checkpoint=ck, resume=True)
+    assert again == history  # nothing left to run
+    roomy = PretrainConfig(epochs=3, batch_size=4, seed=1, time_budget=3600)
+    assert len(pretrain(images, "resnet18", roomy, torch.device("cpu"))[1]) == 3
+
+
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="batch_size"):
         PretrainConfig(batch_size=1)
     with pytest.raises(ValueError, match="artefacts"):
         PretrainConfig(artefacts=1.5)
+    with pytest.raises(ValueError, match="time_budget"):
+        PretrainConfig(time_budget=-1)
     with pytest.raises(ValueError, match='"images"'):
         pretrain(torch.zeros(4, 1, 32, 32), "resnet18", PretrainConfig(), torch.device("cpu"))
     with pytest.raises(ValueError, match='"arch"'):
