@@ -195,19 +195,24 @@ def _progress(iterable: range, desc: str, enabled: bool | None) -> object:
     return tqdm(iterable, desc=desc, disable=not enabled, leave=False)
 
 
-@torch.inference_mode()
 def predict(model: nn.Module, x: torch.Tensor, *, kind: Kind, device: torch.device, mean: float, std: float,
             batch_size: int = 64) -> torch.Tensor:
-    """Probabilities for a uint8 tensor ``x``: P(covid) per image (N,) or lung probability maps (N,1,H,W)."""
-    model.eval().to(device)
+    """Probabilities for a uint8 tensor ``x``: P(covid) per image (N,) or lung probability maps (N,1,H,W).
+
+    The model moves to ``device`` before inference mode: parameters copied inside it would be inference
+    tensors, which a later Grad-CAM (``prepare_cam``) or fine-tuning of the same model cannot use.
+    """
+    with torch.inference_mode(False):
+        model.eval().to(device)
     ch = in_channels(model)
     outs = []
-    for i in range(0, x.shape[0], batch_size):
-        xb = as_input(x[i:i + batch_size].to(device, non_blocking=True), ch, mean, std)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = logits_of(model(xb))
-        outs.append((class_probability(logits) if kind == "classification" else torch.sigmoid(logits.float()))
-                    .float().cpu())
+    with torch.inference_mode():
+        for i in range(0, x.shape[0], batch_size):
+            xb = as_input(x[i:i + batch_size].to(device, non_blocking=True), ch, mean, std)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = logits_of(model(xb))
+            outs.append((class_probability(logits) if kind == "classification"
+                         else torch.sigmoid(logits.float())).float().cpu())
     return torch.cat(outs) if outs else torch.empty(0)
 
 

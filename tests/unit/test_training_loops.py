@@ -197,3 +197,30 @@ def test_report_names_other_input_sizes_only_when_a_candidate_has_one() -> None:
     results["configs"]["resnet18/whole seed 2 320 px"] = {"input_size": 320}
     assert ("Stage 2 inputs are 224 px; networks named with a size (320 px) take images of that size"
             in _selection_text(results))
+
+
+def test_predict_moves_the_model_outside_inference_mode_so_grad_cam_can_follow() -> None:
+    """A bundle loaded on the CPU and scored on CUDA is copied by ``predict``'s move; a copy made in
+    inference mode would be an inference tensor that ``prepare_cam`` cannot set ``requires_grad`` on. Here
+    the move copies (through float64) as a CPU-to-CUDA move does."""
+    from inference.models.classifiers import build_classifier, prepare_cam
+
+    class Copying(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = build_classifier("resnet18")
+
+        def to(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return torch.nn.Module.to(torch.nn.Module.to(self, torch.float64), torch.float32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    model = Copying()
+    before = model.net.fc.weight.data_ptr()
+    p = predict(model, torch.zeros(2, 1, 32, 32, dtype=torch.uint8), kind="classification",
+                device=torch.device("cpu"), mean=0.5, std=0.25)
+    assert p.shape == (2,) and model.net.fc.weight.data_ptr() != before  # the move copied the weights
+    assert not any(q.is_inference() for q in model.parameters())
+    prepare_cam("resnet18", model.net)
+    assert model.net.layer4[-1].conv2.weight.requires_grad
