@@ -78,8 +78,11 @@ def recipe(values: Mapping[str, Any]) -> dict[str, float]:
 
 def bundle_recipe(bundle: Any) -> dict[str, Any]:
     """A bundle's ``training_data`` with ``equalize`` taken from what its network does
-    (``normalisation.equalize``), for :func:`recipe` and :func:`recipe_tag`."""
-    return {**bundle.card.get("training_data", {}), "equalize": float(bundle.equalize)}
+    (``normalisation.equalize``), for :func:`recipe` and :func:`recipe_tag`, and ``seed`` the seed its
+    network was trained with (``network_seed``: a bundle shipped from a comparison run records the run's
+    own seed as ``seed``)."""
+    data = bundle.card.get("training_data", {})
+    return {**data, "equalize": float(bundle.equalize), "seed": data.get("network_seed", data.get("seed"))}
 
 
 def initial_weights(values: Mapping[str, Any]) -> dict[str, Any]:

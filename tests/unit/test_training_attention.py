@@ -96,3 +96,14 @@ def test_selection_prefers_configurations_that_look_at_the_lungs() -> None:
     assert _choose(configs, 0.7) == "b/lung"  # a tie goes to lung mode
     unmeasured = {"a/whole": config("whole", 0.99, None), "b/whole": config("whole", 0.97, None)}
     assert _choose(unmeasured, 0.7) == "a/whole"
+
+
+def test_an_added_bundle_is_named_with_its_networks_seed_not_its_runs() -> None:
+    from types import SimpleNamespace
+
+    from training.candidates import bundle_recipe
+
+    shipped = SimpleNamespace(equalize=False, card={"training_data": {"seed": 0, "network_seed": 2}})
+    assert bundle_recipe(shipped)["seed"] == 2
+    single_run = SimpleNamespace(equalize=True, card={"training_data": {"seed": 3}})
+    assert bundle_recipe(single_run) == {"seed": 3, "equalize": 1.0}
