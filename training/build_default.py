@@ -73,7 +73,7 @@ from training.metrics import (
     per_group,
     summary,
 )
-from training.report import _plain, write_build_report, write_json
+from training.report import reference_configs, write_build_report, write_json
 from training.shipping import bundle_check, write_bundle
 from training.tensors import ImageSet, build_image_set
 
@@ -216,7 +216,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                                "seed": seed, "target_sensitivity": target_sensitivity}
     references = (reference,) if isinstance(reference, str | Path) else tuple(reference or ())
     if references:  # checked before any training: a wrong file stops the run now
-        results["reference_configs"], runs = _reference_configs(references, results["split"])
+        results["reference_configs"], runs = reference_configs(references, results["split"])
     added = load_member_bundles(member_bundles, results["split"])  # likewise checked before training
     seg_val = seg_sets["val"] if len(seg_sets["val"]) else seg_sets["train"]
     best_seg: tuple[str, torch.nn.Module] | None = None
@@ -417,31 +417,6 @@ def preflight() -> str:
     except ImportError as exc:
         return f"inference.explain cannot be imported ({exc})"
     return ""
-
-
-def _reference_configs(paths: tuple[Path, ...], split: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
-    """The configurations of earlier runs' ``results.json``, checked to come from a split like this one.
-
-    Returns them keyed ``"<name> (<label> run)"`` with their ``run`` label (the file name without ``build-``
-    and ``-results.json``), and one line per run: path, label and the lung-attention penalty weight it used.
-    """
-    import json
-
-    configs: dict[str, Any] = {}
-    runs = []
-    for path in paths:
-        ref = json.loads(Path(path).read_text())
-        if _plain(ref.get("split")) != _plain(split):
-            raise ValueError(f"reference {path} was made on another split ({ref.get('split')}, "
-                             f"here {split}); pass the same --split")
-        label = Path(path).name.removesuffix(".json").removesuffix("-results").removeprefix("build-")
-        found = {k: v for k, v in ref.get("configs", {}).items() if isinstance(v, dict) and "test" in v}
-        if not found:
-            raise ValueError(f"reference {path} lists no configurations")
-        configs.update({f"{k} ({label} run)": {**v, "run": label} for k, v in found.items()})
-        runs.append({"path": str(path), "label": label,
-                     "attention_weight": ref.get("selection", {}).get("attention_weight", 0.0)})
-    return configs, runs
 
 
 def _centre_whole(images: ImageSet, size: int) -> torch.Tensor:

@@ -290,6 +290,29 @@ def write_build_report(out: str | Path, results: Mapping[str, Any]) -> Path:
     return path
 
 
+def reference_configs(paths: tuple[Path, ...], split: dict[str, Any]) -> tuple[dict[str, Any], list[dict]]:
+    """The configurations of earlier runs' ``results.json``, checked to come from a split like this one.
+
+    Returns them keyed ``"<name> (<label> run)"`` with their ``run`` label (the file name without ``build-``
+    and ``-results.json``), and one line per run: path, label and the lung-attention penalty weight it used.
+    """
+    configs: dict[str, Any] = {}
+    runs = []
+    for path in paths:
+        ref = json.loads(Path(path).read_text())
+        if _plain(ref.get("split")) != _plain(split):
+            raise ValueError(f"reference {path} was made on another split ({ref.get('split')}, "
+                             f"here {split}); pass the same --split")
+        label = Path(path).name.removesuffix(".json").removesuffix("-results").removeprefix("build-")
+        found = {k: v for k, v in ref.get("configs", {}).items() if isinstance(v, dict) and "test" in v}
+        if not found:
+            raise ValueError(f"reference {path} lists no configurations")
+        configs.update({f"{k} ({label} run)": {**v, "run": label} for k, v in found.items()})
+        runs.append({"path": str(path), "label": label,
+                     "attention_weight": ref.get("selection", {}).get("attention_weight", 0.0)})
+    return configs, runs
+
+
 def readme_results(results: Mapping[str, Any], command: str = "") -> str:
     """The README's Results section, generated from a ``build_default`` ``results.json``."""
     t = results.get("test", {})
@@ -326,16 +349,43 @@ def _counterfactual_line(results: Mapping[str, Any]) -> str:
             f"mark of the COVID-19 images' sources put on every image: {marks}.")
 
 
+def add_references(run_dir: Path, paths: Sequence[Path]) -> dict[str, Any]:
+    """List earlier runs' configurations beside ``run_dir``'s, as ``build_default --reference`` does, for a
+    run made where their results were not at hand (a GPU machine): ``results.json`` gains them (checked to
+    come from the same split) and ``report.md`` is written again. The selection is not touched: reference
+    rows were never candidates. Returns the updated results."""
+    path = Path(run_dir) / "results.json"
+    results = json.loads(path.read_text())
+    configs, runs = reference_configs(tuple(paths), results["split"])
+    results["reference_configs"] = configs
+    results.setdefault("selection", {})["references"] = runs
+    write_json(path, results)
+    write_build_report(run_dir, results)
+    return results
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m training.report RUN_DIR [--command TEXT]``: print the README Results section."""
+    """``python -m training.report RUN_DIR [--command TEXT] [--reference RESULTS --write]``: print the README
+    Results section."""
     import argparse
     import sys
 
     p = argparse.ArgumentParser(prog="python -m training.report", description=main.__doc__)
     p.add_argument("run_dir", type=Path, help="build_default output folder (with results.json)")
     p.add_argument("--command", default="", help="the command that produced the run, quoted in the text")
+    p.add_argument("--reference", type=Path, action="append", default=[],
+                   help="results.json of an earlier run on the same split to list beside this run's "
+                        "(repeatable; needs --write)")
+    p.add_argument("--write", action="store_true",
+                   help="write the references into RUN_DIR/results.json and RUN_DIR/report.md")
     args = p.parse_args(argv)
-    results = json.loads((args.run_dir / "results.json").read_text())
+    if args.reference and not args.write:
+        p.error("--reference changes RUN_DIR/results.json and report.md: add --write")
+    try:
+        results = (add_references(args.run_dir, args.reference) if args.reference
+                   else json.loads((args.run_dir / "results.json").read_text()))
+    except (OSError, ValueError, KeyError) as exc:
+        p.error(str(exc))
     sys.stdout.write(readme_results(results, args.command) + "\n")
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,36 @@ def test_a_reference_from_another_split_is_refused_before_training(built: tuple[
               "--archs", "resnet18", "--seg-archs", "", "--base-bundle", str(out / "bundle"),
               "--reference", str(other)])
     assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_references_added_to_a_finished_run_list_its_rows_beside_and_keep_the_selection(
+        built: tuple[Path, dict], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m training.report RUN --reference R --write``, for a run made without its references."""
+    from training.report import main as report_main
+
+    out, first = built
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(out / "results.json", run / "results.json")
+    with pytest.raises(SystemExit):
+        report_main([str(run), "--reference", str(out / "results.json")])  # without --write
+    capsys.readouterr()
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**first, "split": {"train": {"covid": 1}}}))
+    with pytest.raises(SystemExit):
+        report_main([str(run), "--reference", str(other), "--write"])
+    assert "another split" in capsys.readouterr().err
+    assert "reference_configs" not in json.loads((run / "results.json").read_text())
+    assert report_main([str(run), "--reference", str(out / "results.json"), "--write"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((run / "results.json").read_text())
+    assert results["reference_configs"].keys() == {f"{k} (results run)" for k in first["configs"]}
+    assert results["chosen"] == first["chosen"] and results["configs"] == first["configs"]
+    weight = first["selection"]["attention_weight"]
+    assert results["selection"]["references"] == [{"path": str(out / "results.json"), "label": "results",
+                                                   "attention_weight": weight}]
+    row = f"| {first['chosen']} (results run) |"
+    assert row in (run / "report.md").read_text() and row in printed
 
 
 def test_seed_ensemble_from_an_earlier_bundle_stored_as_int8(built: tuple[Path, dict],
