@@ -217,10 +217,10 @@ def test_predict_moves_the_model_outside_inference_mode_so_grad_cam_can_follow()
             return self.net(x)
 
     model = Copying()
-    before = model.net.fc.weight.data_ptr()
+    before = model.net.fc.weight.data  # held, so the copy cannot reuse its memory
     p = predict(model, torch.zeros(2, 1, 32, 32, dtype=torch.uint8), kind="classification",
                 device=torch.device("cpu"), mean=0.5, std=0.25)
-    assert p.shape == (2,) and model.net.fc.weight.data_ptr() != before  # the move copied the weights
+    assert p.shape == (2,) and model.net.fc.weight.data_ptr() != before.data_ptr()  # moved: copied
     assert not any(q.is_inference() for q in model.parameters())
     prepare_cam("resnet18", model.net)
     assert model.net.layer4[-1].conv2.weight.requires_grad
