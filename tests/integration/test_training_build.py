@@ -59,6 +59,7 @@ def test_outputs_and_split(built: tuple[Path, dict]) -> None:
     section = readme_results(results, "python -m training.build_default ...")
     assert section.startswith("## Results") and "(chosen)" in section and "logistic regression" in section
     assert "Within-source ROC AUC" in section and "Counterfactual check on test" in section
+    assert "\n\nSelection by validation ROC AUC among" in section  # its own sentence, capitalised
 
 
 def test_bundle_loads_and_runs_in_the_pipeline(built: tuple[Path, dict]) -> None:
