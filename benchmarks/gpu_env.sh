@@ -1,5 +1,6 @@
 # Sourced by the GPU scripts: puts the wheels in ./.whl (pure-Python or cp312 wheels the GPU machine lacks:
-# pydicom, highdicom, grad-cam, ttach, pydantic, ...) on PYTHONPATH, and prints what the machine is.
+# pydicom, highdicom, grad-cam, ttach, pydantic, ...; `bash benchmarks/gpu_wheels.sh` fetches them) on
+# PYTHONPATH, and prints what the machine is.
 if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || return 1

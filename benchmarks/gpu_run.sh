@@ -2,7 +2,8 @@
 # One run on a GPU machine: build the default model from a packed data copy, then benchmark inference on CUDA.
 #   bash benchmarks/gpu_run.sh PACKED_DATA_DIR OUTPUT_DIR
 # PACKED_DATA_DIR comes from `python -m training.pack` (manifest format, ~20 MiB). Python wheels missing on
-# that machine (pydicom, highdicom, grad-cam, ttach, pydantic, ...) may be put in ./.whl beforehand.
+# that machine (pydicom, highdicom, grad-cam, ttach, pydantic, ...) may be put in ./.whl beforehand
+# (`bash benchmarks/gpu_wheels.sh`).
 # Output: OUTPUT_DIR/bundle/ (the chosen model), results.json, report.md, split.json, bench.json, run.log.
 set -uo pipefail
 data=${1:?packed data dir}; out=${2:?output dir}
