@@ -56,6 +56,7 @@ from training.candidates import (
     load_member_bundles,
     make_views,
     measure_candidate,
+    ranked,
     recipe,
     recipe_tag,
     say_candidate,
@@ -70,6 +71,7 @@ from training.loops import FitConfig, FitResult, fit, pick_device, predict, seed
 from training.metrics import (
     dice_iou,
     metrics_with_ci,
+    paired_auc_difference,
     per_group,
     summary,
 )
@@ -364,6 +366,12 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
         results["selection"]["ensemble"] = ensemble
     if references:
         results["selection"]["references"] = runs
+    runners_up = ranked(configs, min_attention)[1:]
+    if runners_up:  # how far validation separates the choice from the next candidate by the same rule
+        nxt = runners_up[0]
+        lead = paired_auc_difference(y["val"].numpy(), configs[chosen]["prob_val"], configs[nxt]["prob_val"],
+                                     n_boot=200 if quick else 1000, seed=seed)
+        results["selection"]["lead"] = {"over": nxt, **lead}
     with timer.step("test metrics, per source, lung attention"):
         c = configs[chosen]
         chosen_views = views_at(c["input_size"])

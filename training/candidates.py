@@ -160,18 +160,25 @@ def stage2_masks(mode: str, crops: LungCrops) -> torch.Tensor:
 def choose(configs: dict[str, dict[str, Any]], min_attention: float) -> str:
     """The configuration to ship, from validation figures only: the best validation ROC AUC among those whose
     median lung attention on validation positives reaches ``min_attention``, or among all when none does (or
-    when attention was not measured). A tie goes to lung mode. The members of a fine-tuned ensemble are not
-    candidates alone: the ensemble they form is.
+    when attention was not measured). A tie goes to lung mode, then to the candidate listed first. The members
+    of a fine-tuned ensemble are not candidates alone: the ensemble they form is.
 
     The counterfactual check (``val_counterfactual``) is reported, not selected on: a network trained with
     the same marks as augmentation (``artefact_augment``) passes it by construction, so ranking by it would
     prefer such networks whatever they learned."""
+    return ranked(configs, min_attention)[0]
+
+
+def ranked(configs: dict[str, dict[str, Any]], min_attention: float) -> list[str]:
+    """The candidates :func:`choose` chooses from, best first by its rule."""
     def attention(k: str) -> float:
         return sortable(configs[k].get("val_attention", {}).get("positives", {}).get("median"))
 
     eligible = [k for k in configs if not configs[k].get("ensemble_member")] or list(configs)
     pool = [k for k in eligible if attention(k) >= min_attention] or eligible
-    return max(pool, key=lambda k: (sortable(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"))
+    # stable: among equal keys the candidate listed first stays first
+    return sorted(pool, key=lambda k: (sortable(configs[k]["val"]["roc_auc"]), configs[k]["mode"] == "lung"),
+                  reverse=True)
 
 
 def single_groups(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str, int, bool], list[str]]:

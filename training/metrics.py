@@ -91,12 +91,17 @@ def bootstrap_ci(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.
                  alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval (1 - ``alpha``) of ``statistic(y, prob)`` over resampled cases.
 
+    ``prob`` may hold several scores per case (shape (N, k), a row per case) for paired statistics.
     Resamples where the statistic is ``nan`` (e.g. one class only) are dropped;
     ``(nan, nan)`` when none is left.
     """
     if n_boot < 10:
         raise ValueError('Argument "n_boot" must be at least 10.')
-    y, p = _arrays(y_true, prob)
+    scores = np.asarray(prob, dtype=np.float64)
+    if scores.ndim == 2:
+        y, p = _arrays(y_true, scores[:, 0])[0], scores
+    else:
+        y, p = _arrays(y_true, prob)
     if not y.size:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
@@ -110,6 +115,22 @@ def bootstrap_ci(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.
         return (math.nan, math.nan)
     lo, hi = np.percentile(values, [100 * alpha / 2, 100 * (1 - alpha / 2)])
     return (float(lo), float(hi))
+
+
+def paired_auc_difference(y_true: Sequence[int] | np.ndarray, prob_a: Sequence[float] | np.ndarray,
+                          prob_b: Sequence[float] | np.ndarray, *, n_boot: int = 1000, alpha: float = 0.05,
+                          seed: int = 0) -> dict[str, Any]:
+    """ROC AUC of ``prob_a`` minus that of ``prob_b`` on the same cases, with a paired percentile bootstrap
+    interval (1 - ``alpha``): each resample scores both. An interval that holds 0 means these cases cannot
+    tell the two apart."""
+    y, a = _arrays(y_true, prob_a)
+    b = np.asarray(prob_b, dtype=np.float64).reshape(-1)
+    if b.shape != a.shape:
+        raise ValueError('Arguments "prob_a" and "prob_b" must score the same cases.')
+    both = np.stack([a, b], axis=1)
+    lo, hi = bootstrap_ci(y, both, lambda yy, pp: roc_auc(yy, pp[:, 0]) - roc_auc(yy, pp[:, 1]),
+                          n_boot=n_boot, alpha=alpha, seed=seed)
+    return {"difference": roc_auc(y, a) - roc_auc(y, b), "ci": [lo, hi]}
 
 
 def metrics_with_ci(y_true: Sequence[int] | np.ndarray, prob: Sequence[float] | np.ndarray, threshold: float,

@@ -220,6 +220,13 @@ def _selection_text(results: Mapping[str, Any]) -> str:
                  f"{sel['ensemble']} best networks by validation ROC AUC, or of all of them when it has "
                  "fewer (seeds of one configuration; the mean of their logits answers, their Grad-CAM++ maps "
                  "are averaged).")
+    lead = sel.get("lead")
+    if lead and not any(math.isnan(v) for v in (lead["difference"], *lead["ci"])):
+        lo, hi = lead["ci"]
+        apart = "; the interval holds 0, so validation does not tell the two apart." if lo <= 0 <= hi else "."
+        text += (f" Validation ROC AUC of the chosen configuration minus that of the next by this rule "
+                 f"(`{lead['over']}`): {lead['difference']:+.4f}, 95% paired bootstrap interval {lo:+.4f} to "
+                 f"{hi:+.4f}{apart}")
     if sel.get("reference"):
         text += (f" Rows marked (reference run) come from `{sel['reference']}`, trained on the same split "
                  "without the penalty; they are shown for comparison and were not candidates.")

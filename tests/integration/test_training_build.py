@@ -54,6 +54,10 @@ def test_outputs_and_split(built: tuple[Path, dict]) -> None:
     assert "Within-source ROC AUC" in report
     assert "### Counterfactual check" in report and "| histogram equalisation |" in report
     assert "with counterfactual copies" in report
+    lead = results["selection"]["lead"]  # the chosen configuration against the other, paired on validation
+    assert {lead["over"], results["chosen"]} == set(results["configs"])
+    assert lead["difference"] >= 0 and lead["ci"][0] <= lead["ci"][1]
+    assert f"minus that of the next by this rule (`{lead['over']}`): {lead['difference']:+.4f}" in report
     from training.report import readme_results
 
     section = readme_results(results, "python -m training.build_default ...")

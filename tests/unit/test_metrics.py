@@ -140,3 +140,19 @@ def test_within_group_auc_equals_brute_force_pair_counting() -> None:
     out = M.within_group_auc(M.per_group(y, p, g, 0.5))
     assert out["pairs"] == pairs and out["roc_auc"] == pytest.approx(right / pairs)
     assert math.isnan(M.within_group_auc({"n": {"n": 3, "positives": 3, "roc_auc": None}})["roc_auc"])
+
+
+def test_paired_auc_difference_resamples_both_scores_together() -> None:
+    rng = np.random.default_rng(1)
+    y = np.array([0] * 40 + [1] * 40)
+    good = y + rng.normal(0, 0.5, y.size)  # separates the classes well
+    same = M.paired_auc_difference(y, good, good, n_boot=100)
+    assert same == {"difference": 0.0, "ci": [0.0, 0.0]}  # paired: every resample scores both alike
+    noise = rng.normal(0, 1, y.size)
+    lead = M.paired_auc_difference(y, good, noise, n_boot=200)
+    assert lead["difference"] == pytest.approx(M.roc_auc(y, good) - M.roc_auc(y, noise))
+    assert 0 < lead["ci"][0] < lead["difference"] < lead["ci"][1]  # far apart: the interval excludes 0
+    close = M.paired_auc_difference(y, good, good + rng.normal(0, 0.05, y.size), n_boot=200)
+    assert close["ci"][0] < 0 < close["ci"][1]  # nearly the same scores: validation cannot tell them apart
+    with pytest.raises(ValueError, match="same cases"):
+        M.paired_auc_difference(y, good, good[:-1])

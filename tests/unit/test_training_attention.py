@@ -98,6 +98,19 @@ def test_selection_prefers_configurations_that_look_at_the_lungs() -> None:
     assert _choose(unmeasured, 0.7) == "a/whole"
 
 
+def test_candidates_rank_by_the_selection_rule_and_a_full_tie_keeps_their_order() -> None:
+    from training.candidates import choose, ranked
+
+    def config(mode: str, auc: float, attention: float) -> dict:
+        return {"mode": mode, "val": {"roc_auc": auc}, "val_attention": {"positives": {"median": attention}}}
+
+    configs = {"seed 3": config("whole", 0.995, 0.99), "looks elsewhere": config("whole", 0.999, 0.3),
+               "seed 5": config("whole", 0.990, 0.99), "ensemble": config("whole", 0.995, 0.99),
+               "lung": config("lung", 0.990, 0.99)}
+    assert ranked(configs, 0.7) == ["seed 3", "ensemble", "lung", "seed 5"]
+    assert choose(configs, 0.7) == "seed 3"
+
+
 def test_an_added_bundle_is_named_with_its_networks_seed_not_its_runs() -> None:
     from types import SimpleNamespace
 
