@@ -212,7 +212,7 @@ def pretrain(images: torch.Tensor, arch: str, config: PretrainConfig, device: to
         model.train()
         head.train()
         order = torch.randperm(len(images), generator=order_gen)
-        t0, losses = time.monotonic(), []
+        t0, losses, first_step = time.monotonic(), [], 0.0
         for i in range(steps):
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * steps + i)
@@ -225,11 +225,13 @@ def pretrain(images: torch.Tensor, arch: str, config: PretrainConfig, device: to
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss.detach()))
+            losses.append(float(loss.detach()))  # waits for the device: the step's time is complete
+            if i == 0:
+                first_step = time.monotonic() - t0
         history.append(float(np.mean(losses)))
         seconds = time.monotonic() - t0
         if epoch == 0 and config.time_budget:  # still in warm-up: the cosine decay starts after this epoch
-            epochs = max(1, min(epochs, int(config.time_budget // max(seconds, 1e-9))))
+            epochs = epochs_within(config.time_budget, seconds, first_step, steps, epochs)
             total = epochs * steps
             if epochs < config.epochs:
                 say(f"time budget {config.time_budget:.0f} s: {epochs} epochs of {config.epochs}")
@@ -246,6 +248,14 @@ def pretrain(images: torch.Tensor, arch: str, config: PretrainConfig, device: to
             tmp.replace(checkpoint)
         epoch += 1
     return model.cpu(), history
+
+
+def epochs_within(budget: float, first_epoch: float, first_step: float, steps: int, cap: int) -> int:
+    """How many epochs (at least 1, at most ``cap``) fit ``budget`` seconds, the first one included, from the
+    first epoch's time. Its first step also paid for start-up (kernel selection, caches), so the later epochs
+    are timed by its other steps."""
+    steady = (first_epoch - first_step) * steps / (steps - 1) if steps > 1 else first_epoch
+    return max(1, min(cap, 1 + int(max(0.0, budget - first_epoch) // max(steady, 1e-9))))
 
 
 def save_encoder(model: nn.Module, path: Path) -> str:

@@ -16,6 +16,7 @@ from training.pretrain import (
     HEADS,
     PretrainConfig,
     backbone,
+    epochs_within,
     knn_check,
     nt_xent,
     pretrain,
@@ -125,6 +126,14 @@ def test_a_time_budget_cuts_the_epochs_after_the_first_and_resuming_keeps_the_cu
     assert again == history  # nothing left to run
     roomy = PretrainConfig(epochs=3, batch_size=4, seed=1, time_budget=3600)
     assert len(pretrain(images, "resnet18", roomy, torch.device("cpu"))[1]) == 3
+
+
+def test_epochs_within_a_budget_time_later_epochs_without_the_first_steps_start_up() -> None:
+    # as on an H100: first epoch 2.0 s, 1.2 s of it in its first step, 5 steps an epoch -> 1.0 s an epoch
+    assert epochs_within(100, 2.0, 1.2, 5, 400) == 99  # 2 s + 98 x 1 s
+    assert epochs_within(100, 2.0, 1.2, 5, 60) == 60  # the epochs asked for are the most
+    assert epochs_within(1.0, 2.0, 1.2, 5, 400) == 1  # the first epoch alone outran the budget
+    assert epochs_within(10, 2.0, 2.0, 1, 400) == 5  # one step an epoch: every epoch as long as the first
 
 
 def test_bad_arguments_are_named() -> None:
