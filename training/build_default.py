@@ -329,14 +329,18 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             say_candidate(say, name, configs[name])
     for b in added:
         trained = bundle_recipe(b)
-        name = (f"{b.classifier_arch}/{b.crop_mode} seed {trained.get('seed')}"
-                + recipe_tag(trained) + size_tag(b.classifier_size, cls_size))
+        of = trained.get("ensemble_members", {}) if b.classifier_members > 1 else None
+        who = (f"seed {trained.get('seed')}" if of is None else f"ensemble of {b.classifier_members} (seeds "
+               + ", ".join(str(m.get("seed")) for m in of.values()) + ")")
+        name = (f"{b.classifier_arch}/{b.crop_mode} {who}" + recipe_tag(trained)
+                + size_tag(b.classifier_size, cls_size))
         with timer.step(f"stage 2 {name} (from {b.path})"):
             configs[name] = measure_candidate(b.classifier, b.classifier_arch, b.crop_mode,
                                               views_at(b.classifier_size), b.classifier_size, dev,
                                               target_sensitivity, cam_missing, b.mean, b.std)
-            configs[name].update({"from": str(b.path), "seed": trained.get("seed"), **recipe(trained),
-                                  **initial_weights(trained)})
+            configs[name].update({"from": str(b.path), "seed": trained.get("seed") if of is None else None,
+                                  **recipe(trained), **initial_weights(trained),
+                                  **({} if of is None else {"ensemble_of": of})})
             models[name] = b.classifier.cpu()
             say_candidate(say, name, configs[name])
     if ensemble:
@@ -478,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(repeatable)")
     p.add_argument("--add-bundles", default="",
                    help="comma-separated bundles trained earlier on the same split (other seeds) whose "
-                        "classifiers join the candidates")
+                        "classifiers join the candidates (an ensemble bundle as one candidate)")
     p.add_argument("--ensemble", type=int, default=0,
                    help="also consider, per architecture and mode, the ensemble of its N best candidates "
                         "(of all of them when it has fewer, from two)")

@@ -186,15 +186,16 @@ def single_groups(configs: dict[str, dict[str, Any]]) -> dict[tuple[str, str, in
     ensemble can hold (its card says for all its members whether they equalise their input)."""
     out: dict[tuple[str, str, int, bool], list[str]] = {}
     for name, c in configs.items():
-        if "members" not in c:
+        if "members" not in c and "ensemble_of" not in c:
             key = (c["arch"], c["mode"], int(c["input_size"]), bool(c.get("equalize")))
             out.setdefault(key, []).append(name)
     return out
 
 
 def load_member_bundles(paths: tuple[Path, ...], split: dict[str, Any]) -> list[Any]:
-    """Load bundles whose classifiers join the candidates; each must be one network trained on this split
-    (at any input size: it is measured on this split's images prepared at its own size)."""
+    """Load bundles whose classifiers join the candidates; each must be trained on this split (at any input
+    size: it is measured on this split's images prepared at its own size). An ensemble bundle (a shipped
+    model) joins as one candidate; it does not join new ensembles."""
     from inference.bundle import ModelBundle
 
     out = []
@@ -204,8 +205,6 @@ def load_member_bundles(paths: tuple[Path, ...], split: dict[str, Any]) -> list[
             raise ValueError(f"bundle {path} was trained on another split "
                              f"({b.card.get('training_data', {}).get('split_counts')}, here {split}); "
                              "pass the split it was trained on with --split")
-        if b.classifier_members != 1:
-            raise ValueError(f"bundle {path} holds an ensemble; give the bundles of its members instead")
         out.append(b)
     return out
 

@@ -59,11 +59,7 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
             "lung_attention_weight": results["selection"]["attention_weight"],
             **recipe(chosen),
             **initial_weights(chosen),
-            **({"ensemble_members": {k: {"seed": results["configs"][k].get("seed"),
-                                         **recipe(results["configs"][k]),
-                                         **initial_weights(results["configs"][k]),
-                                         "val_roc_auc": results["configs"][k]["val"]["roc_auc"]}
-                                     for k in chosen["members"]}} if "members" in chosen else {}),
+            **({"ensemble_members": members} if (members := ensemble_members(chosen, results)) else {}),
         },
         "metrics": {k: results[k] for k in ("test", "per_source", "test_shape_normalised", "stage1",
                                              "lung_attention") if k in results},
@@ -75,6 +71,17 @@ def write_bundle(path: Path, segmenter: torch.nn.Module, seg_arch: str, classifi
         card["metrics"]["counterfactual"] = chosen["test_counterfactual"]
     return create_bundle(path, segmenter=segmenter.cpu().float(), classifier=classifier.cpu().float(),
                          card=_plain(card), half=True, int8_classifier=int8)
+
+
+def ensemble_members(chosen: dict[str, Any], results: dict[str, Any]) -> dict[str, Any]:
+    """What the card records of an ensemble's members: seed, recipe, initial weights and validation ROC AUC of
+    each, from this run's candidates, or as the card of an ensemble bundle added to the run recorded them
+    (``ensemble_of``); ``{}`` for one network."""
+    if "members" not in chosen:
+        return dict(chosen.get("ensemble_of", {}))
+    configs = results["configs"]
+    return {k: {"seed": configs[k].get("seed"), **recipe(configs[k]), **initial_weights(configs[k]),
+                "val_roc_auc": configs[k]["val"]["roc_auc"]} for k in chosen["members"]}
 
 
 def bundle_check(path: Path, chosen: dict[str, Any], images: ImageSet, crops: LungCrops,

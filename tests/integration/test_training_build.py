@@ -313,6 +313,26 @@ def test_fine_tuning_an_ensemble_trains_each_member_and_ships_the_ensemble(built
     members = bundle.card["training_data"]["ensemble_members"]
     assert set(members) == names - {"mobilenet_v2/whole ensemble of 2"}
 
+    # That ensemble bundle (a shipped model) joins a later run as one candidate, named with its members'
+    # seeds; it does not join a new ensemble, and the card of the run's choice records its members.
+    later = build_default(out.parent / "data", tmp_path / "later", device="cpu", quick=True, epochs_cls=1,
+                          archs=("mobilenet_v2",), modes=("whole",), seg_archs=(), base_bundle=out / "bundle",
+                          split_file=out / "split.json", attention_weight=0.0, seed=2, ensemble=3,
+                          cls_size=64, member_bundles=(tmp_path / "ft" / "bundle",), int8_classifier=True)
+    added = "mobilenet_v2/whole ensemble of 2 (seeds 0, 1)"
+    assert set(later["configs"]) == {"mobilenet_v2/whole seed 2", added}  # one single network: no ensemble
+    assert later["configs"][added]["ensemble_of"] == members and later["configs"][added]["seed"] is None
+    assert later["configs"][added]["from"] == str(tmp_path / "ft" / "bundle")
+    from training.shipping import ensemble_members
+
+    chosen = later["configs"][added]
+    assert ensemble_members(chosen, later) == members  # what the card records when it is chosen
+    assert ensemble_members(later["configs"]["mobilenet_v2/whole seed 2"], later) == {}
+    shipped = ModelBundle.load(tmp_path / "later" / "bundle")
+    assert shipped.classifier_members == (2 if later["chosen"] == added else 1)
+    assert shipped.card["training_data"].get("ensemble_members", {}) == (
+        members if later["chosen"] == added else {})
+
 
 def test_equalised_networks_are_named_kept_out_of_mixed_ensembles_and_their_bundles_equalise(
         built: tuple[Path, dict], tmp_path: Path) -> None:
