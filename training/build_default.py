@@ -338,7 +338,7 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
             configs[name] = measure_candidate(b.classifier, b.classifier_arch, b.crop_mode,
                                               views_at(b.classifier_size), b.classifier_size, dev,
                                               target_sensitivity, cam_missing, b.mean, b.std)
-            configs[name].update({"from": str(b.path), "seed": trained.get("seed") if of is None else None,
+            configs[name].update({"from": str(b.path), "seed": trained.get("seed"),
                                   **recipe(trained), **initial_weights(trained),
                                   **({} if of is None else {"ensemble_of": of})})
             models[name] = b.classifier.cpu()

@@ -80,9 +80,10 @@ def bundle_recipe(bundle: Any) -> dict[str, Any]:
     """A bundle's ``training_data`` with ``equalize`` taken from what its network does
     (``normalisation.equalize``), for :func:`recipe` and :func:`recipe_tag`, and ``seed`` the seed its
     network was trained with (``network_seed``: a bundle shipped from a comparison run records the run's
-    own seed as ``seed``)."""
+    own seed as ``seed``), ``None`` for an ensemble (its members' seeds are in ``ensemble_members``)."""
     data = bundle.card.get("training_data", {})
-    return {**data, "equalize": float(bundle.equalize), "seed": data.get("network_seed", data.get("seed"))}
+    seed = None if bundle.classifier_members > 1 else data.get("network_seed", data.get("seed"))
+    return {**data, "equalize": float(bundle.equalize), "seed": seed}
 
 
 def initial_weights(values: Mapping[str, Any]) -> dict[str, Any]:

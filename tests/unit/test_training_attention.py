@@ -116,7 +116,8 @@ def test_an_added_bundle_is_named_with_its_networks_seed_not_its_runs() -> None:
 
     from training.candidates import bundle_recipe
 
-    shipped = SimpleNamespace(equalize=False, card={"training_data": {"seed": 0, "network_seed": 2}})
+    shipped = SimpleNamespace(equalize=False, classifier_members=1,
+                              card={"training_data": {"seed": 0, "network_seed": 2}})
     assert bundle_recipe(shipped)["seed"] == 2
-    single_run = SimpleNamespace(equalize=True, card={"training_data": {"seed": 3}})
+    single_run = SimpleNamespace(equalize=True, classifier_members=1, card={"training_data": {"seed": 3}})
     assert bundle_recipe(single_run) == {"seed": 3, "equalize": 1.0}
