@@ -6,7 +6,9 @@ stage 1's small probability maps (for the connected-component post-processing an
 the CAMs and a few numbers per image come back. An upload thread copies one group of images while stage 1
 runs on the group before, without waiting for the device, and each group's masks are post-processed by the
 pipeline's thread pool while the next group is segmented. On the whole image, stage 2 runs before the masks
-are in: without the CAM chunk by chunk too, beside the next group's copy. Groups of different image sizes
+are in: without the CAM chunk by chunk too, beside the next group's copy, its probabilities left on the
+device and read once for the batch, so that the host queues the next group's work while the device runs
+this one's. Groups of different image sizes
 are resized apart, then segmented and classified together once about ``DEVICE_GROUP`` images wait. The
 full-resolution lung mask and heatmap of each result are then made on first access, from those small maps,
 by the same functions the CPU path uses.
@@ -46,8 +48,8 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
     mapped back and scored together, so the cost per batch does not grow with per-image kernel
     launches. Uploads and stage 1 go group by group, so that the next group's copy (and the host's
     conversion, for images not in page-locked memory) and the mask post-processing of the last overlap the
-    device's work. On CUDA the ``preprocess`` and ``stage1`` timings are the host's time to wait for an upload
-    and to queue the work.
+    device's work. On CUDA the ``preprocess`` and ``stage1`` timings (and ``stage2`` without the CAM) are the
+    host's time to wait for an upload and to queue the work.
     """
     pipe._map(pipe._check_header, work)
     todo = [w for w in work if w.result is None]
@@ -71,6 +73,7 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
     # + CAM on an H100: about 700 images/s in calls of 64, 584 in calls of 16).
     early_p = None if lung_mode else np.empty(len(todo))
     early_cams: np.ndarray | None = None
+    on_device: list[tuple[list[int], torch.Tensor]] = []  # without the CAM: (positions, P(covid19)) per chunk
     whole = torch.empty((len(todo), size, size), device=pipe.device) if not lung_mode and explain else None
     waits: list[Callable[[], None]] = []
     # Resized groups wait here until DEVICE_GROUP images are together: a batch of many image sizes still runs
@@ -94,7 +97,7 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
         if whole is not None and x2 is not None:
             whole[idx] = x2
         elif early_p is not None and x2 is not None:
-            early_p[idx] = pipe._stage2(items, pipe._normalise(x2[:, None]), explain)[0]
+            on_device.append((idx, pipe._probabilities(items, pipe._normalise(x2[:, None]))))
 
     try:
         for (_, idx), upload in zip(groups, uploads, strict=True):
@@ -120,6 +123,10 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
         if whole is not None and early_p is not None:
             early_p[:], early_cams = pipe._stage2(todo, pipe._normalise(whole[:, None]), explain)
             whole = None
+        if on_device and early_p is not None:
+            order = [i for idx, _ in on_device for i in idx]
+            early_p[order] = torch.cat([p for _, p in on_device]).cpu().numpy()
+            on_device.clear()
     finally:
         for upload in uploads:
             upload.cancel()  # after a failure: the groups not started yet

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -106,6 +107,42 @@ def test_a_batch_of_many_image_sizes_runs_the_networks_on_chunks_not_per_size(
     assert calls["classifier"] == ([19] if explain else [18, 1])
     assert [r.probability for r in a] == pytest.approx([r.probability for r in b], abs=0.02)
     assert all(r.probability is not None for r in a)
+
+
+def test_without_the_cam_the_host_reads_no_result_from_the_device_before_the_last_chunk_is_queued(
+    phantom_bundle_whole: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading a result back waits for the device: done per chunk, it would leave the device idle while the
+    # host queues the next chunk's work. Stage 2's probabilities stay on the device until every chunk is
+    # queued.
+    images = [XrayImage(make_phantom((300, 300), seed=60 + i)[0], f"c{i}", {}) for i in range(40)]
+    dev = Pipeline.from_bundle(phantom_bundle_whole, device="cpu", device_preprocess=True)
+    events: list[str] = []
+    for name in ("segmenter", "classifier"):
+        getattr(dev, name).register_forward_hook(lambda module, args, out, name=name: events.append(name))
+
+    def logged(method: Any) -> Any:
+        def read(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            events.append("read")
+            return method(self, *args, **kwargs)
+        return read
+
+    try:
+        expected = [r.probability for r in dev.run(images, explain=True)]
+        # the calls that copy a device tensor to the host and wait for it (.numpy() takes host tensors only)
+        for method in ("cpu", "tolist", "item"):
+            monkeypatch.setattr(torch.Tensor, method, logged(getattr(torch.Tensor, method)))
+        monkeypatch.setattr(dev, "_sync", logged(lambda self: None).__get__(dev))
+        events.clear()
+        plain = dev.run(images, explain=False)
+    finally:
+        monkeypatch.undo()
+        dev.close()
+    assert events.count("segmenter") == events.count("classifier") == 3  # chunks of 16, 16 and 8
+    last_queued = max(i for i, e in enumerate(events) if e == "classifier")
+    assert "read" not in events[:last_queued], events
+    assert [r.probability for r in plain] == pytest.approx(expected, abs=1e-5)
+    assert all(r.probability is not None for r in plain)
 
 
 def test_upload_returns_one_view_per_array_in_the_requested_dtype() -> None:
