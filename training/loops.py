@@ -4,11 +4,13 @@ Data are whole tensors in memory (uint8, N x 1 x S x S) moved to the device once
 (:mod:`training.augment`). Adam (lr 0.002 by default), class-balanced cross-entropy for classifiers
 (optionally also balanced across the sources within each class, :func:`sample_weights`),
 BCE + soft Dice for segmenters, one-cycle learning-rate schedule, early stopping on the validation score
-(ROC AUC / Dice), bf16 autocast on CUDA, fixed seeds, periodic checkpoints and resume from them.
+(ROC AUC / Dice), bf16 autocast on CUDA, fixed seeds with deterministic kernels, periodic checkpoints and
+resume from them.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -17,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +31,7 @@ from training.augment import augment
 log = logging.getLogger(__name__)
 
 Kind = Literal["segmentation", "classification"]
+F_ = TypeVar("F_", bound=Callable[..., Any])
 
 
 def seed_everything(seed: int) -> None:
@@ -38,6 +41,40 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def use_deterministic_kernels(on: bool = True) -> None:
+    """Make torch choose deterministic kernels (cuDNN and cuBLAS included), so that one seed on one GPU gives
+    one network; or leave the choice to speed (``on=False``: cuDNN's autotuner may pick a different kernel run
+    by run).
+
+    Ops without a deterministic CUDA kernel still run and warn once, naming themselves. cuBLAS reads its
+    workspace setting when it starts, so it is set here only if the process has not set it (before its first
+    matrix product on the GPU). Process-wide: :func:`keeps_kernel_settings` restores the earlier choice.
+    """
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = on
+    torch.backends.cudnn.benchmark = not on
+    torch.use_deterministic_algorithms(on, warn_only=True)
+
+
+def keeps_kernel_settings(fn: F_) -> F_:
+    """Decorate ``fn`` so that the process's kernel choices (:func:`use_deterministic_kernels`) are as they
+    were once it returns or raises."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        saved = (torch.are_deterministic_algorithms_enabled(),
+                 torch.is_deterministic_algorithms_warn_only_enabled(),
+                 torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+            torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2], saved[3]
+
+    return wrapper  # type: ignore[return-value]
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -157,6 +194,7 @@ class FitConfig:
     style_augment: float = 0.0  # >0: probability of each texture degradation per image (training.augment)
     source_adversary: float = 0.0  # >0: weight of a class-conditional source adversary (training.adversary)
     artefact_augment: float = 0.0  # >0: probability of each source mark per image (training.artefacts)
+    deterministic: bool = True  # deterministic kernels (use_deterministic_kernels): one seed, one network
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -244,6 +282,7 @@ def _val_score(kind: Kind, prob: torch.Tensor, y: torch.Tensor) -> float:
     return float(((2 * inter + 1e-6) / (pred.sum(dim=(1, 2, 3)) + t.sum(dim=(1, 2, 3)) + 1e-6)).mean())
 
 
+@keeps_kernel_settings
 def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[torch.Tensor, torch.Tensor], *,
         kind: Kind, config: FitConfig, device: torch.device, checkpoint: Path | None = None,
         resume: bool = False, progress: bool | None = None, name: str = "",
@@ -288,6 +327,7 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
                          "(not an ensemble)")
     t0 = time.perf_counter()
     seed_everything(config.seed)
+    use_deterministic_kernels(config.deterministic)
     model.to(device)
     hooks = protect_inplace_relu(model)
     captured: list[torch.Tensor] = []

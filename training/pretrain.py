@@ -42,6 +42,7 @@ from torch import nn
 from inference.models.classifiers import CLASS_HEADS
 from training.augment import augment
 from training.datasets import CLASS_LABELS, Sample, load_data, load_split
+from training.loops import keeps_kernel_settings, use_deterministic_kernels
 
 HEADS = CLASS_HEADS  # the class head each backbone() replaces by the identity
 
@@ -63,6 +64,7 @@ class PretrainConfig:
     max_steps: int = 0  # >0: stop each epoch after this many steps (tests)
     checkpoint_every: int = 5
     time_budget: float = 0.0  # >0: seconds; the first epoch's time cuts the epochs to fit (cosine decay too)
+    deterministic: bool = True  # deterministic kernels (training.loops.use_deterministic_kernels)
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -153,6 +155,7 @@ def knn_check(train: torch.Tensor, train_y: np.ndarray, val: torch.Tensor, val_y
             "within_source_roc_auc": None if math.isnan(within) else float(within)}
 
 
+@keeps_kernel_settings
 def pretrain(images: torch.Tensor, arch: str, config: PretrainConfig, device: torch.device, *,
              checkpoint: Path | None = None, resume: bool = False,
              say: Callable[[str], None] = lambda _: None) -> tuple[nn.Module, list[float]]:
@@ -168,6 +171,7 @@ def pretrain(images: torch.Tensor, arch: str, config: PretrainConfig, device: to
     if len(images) < 2:
         raise ValueError('Argument "images" must hold at least 2 images.')
     torch.manual_seed(config.seed)
+    use_deterministic_kernels(config.deterministic)
     model, width = backbone(arch)
     head = projector(width)
     model.to(device)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from training.augment import augment
-from training.loops import FitConfig, _cls_loss, fit, predict, sample_weights
+from training.loops import FitConfig, FitResult, _cls_loss, fit, predict, sample_weights
 
 pytestmark = pytest.mark.unit
 
@@ -54,6 +54,41 @@ def test_fit_classifier_checkpoint_and_resume(tmp_path: Path, phantoms: tuple) -
     assert all(torch.equal(r.state[k], r2.state[k]) for k in r.state)
     p = predict(model, x, kind="classification", device=torch.device("cpu"), mean=0.5, std=0.25)
     assert p.shape == (16,) and float(p.min()) >= 0 and float(p.max()) <= 1
+
+
+def test_fit_uses_deterministic_kernels_then_restores_the_earlier_choice(phantoms: tuple) -> None:
+    from inference.models.classifiers import build_classifier
+
+    torch.set_num_threads(1)
+    x, _, y = phantoms
+    seen: list[tuple[bool, bool, bool]] = []
+
+    def look(_: dict[str, float]) -> None:
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                     torch.backends.cudnn.benchmark))
+
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    torch.backends.cudnn.benchmark = True  # a process that asked for speed
+
+    def run(on: bool) -> FitResult:
+        torch.manual_seed(5)  # the same initial weights
+        return fit(build_classifier("resnet18"), (x[:12], y[:12]), (x[12:], y[12:]), kind="classification",
+                   config=FitConfig(epochs=2, batch_size=4, max_steps=2, seed=5, deterministic=on),
+                   device=torch.device("cpu"), on_epoch=look)
+
+    try:
+        runs = [run(True), run(True), run(False)]
+        after = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+                 torch.backends.cudnn.benchmark)
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+    assert seen == [(True, True, False)] * 4 + [(False, False, True)] * 2
+    assert after == (before[0], before[1], True)
+    # one seed, one network (on the CPU with either choice)
+    assert all(torch.equal(runs[0].state[k], run.state[k]) for run in runs[1:] for k in runs[0].state)
+    assert runs[0].history == runs[1].history
 
 
 def test_sample_weights_balance_classes_and_sources_within_them() -> None:

@@ -101,8 +101,14 @@ def test_pretraining_changes_the_weights_and_resume_repeats_an_uninterrupted_run
     def keep(line: str) -> None:
         if line.startswith("pretrain epoch 2/"):
             shutil.copy(ck, interrupted)
+        kernels.append((torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic))
 
+    kernels: list[tuple[bool, bool]] = []
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic)
     pretrain(images, "mobilenet_v2", cfg, torch.device("cpu"), checkpoint=ck, say=keep)
+    # deterministic kernels while it runs (training.loops.use_deterministic_kernels), the earlier choice after
+    assert set(kernels) == {(True, True)}
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic) == before
     lines: list[str] = []
     resumed, history2 = pretrain(images, "mobilenet_v2", cfg, torch.device("cpu"), checkpoint=interrupted,
                                  resume=True, say=lines.append)
