@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from inference import gpu_preprocess as gp
-from inference.imaging import load_any
+from inference.imaging import load_any, load_dicom
 from inference.phantom import make_dicom
 from inference.pipeline import Pipeline
 from inference.types import Result, XrayImage
@@ -74,11 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     other = Pipeline.from_bundle(args.model, device=args.other)
     # DICOM images are decoded as the node decodes them for this device (into page-locked memory on CUDA)
     images: list[XrayImage] = []
+    phantoms = []
     with tempfile.TemporaryDirectory() as tmp:
         cases = [((2000, 2000), 0.0), ((1800, 2200), 0.6), ((1024, 1024), 0.3)]
         for seed, (shape, opacity) in enumerate(cases):
             path = Path(tmp) / f"phantom{seed}.dcm"
-            make_dicom(path, shape=shape, opacity=opacity, seed=seed)
+            phantoms.append(make_dicom(path, shape=shape, opacity=opacity, seed=seed))
             images.append(load_any(path, allocate=other.host_array))
     if args.images:
         suffixes = (".png", ".jpg", ".jpeg", ".dcm")
@@ -98,16 +99,38 @@ def main(argv: list[str] | None = None) -> int:
         failures += not ok
         print(f"{'ok ' if ok else 'BAD'} batch 1 vs batched, {Path(im.source).name[:30]:30s} {text}")
     if args.other == "cuda":
-        # the DICOM images went to the GPU from page-locked memory as they are: check that path copies exactly
-        locked = [im.pixels for im in images if gp.is_page_locked(im.pixels)]
+        # The DICOM images went to the GPU as their stored values, page-locked, and were looked up there:
+        # check that this gives their pixels exactly, and the results of the float32 pixels' path.
+        dicoms = [im for im in images if im.stored is not None and gp.stored_page_locked(im.stored.values)]
+        kept = [im.stored for im in dicoms if im.stored is not None]
+        looked_up, done = gp.upload_stored(kept, torch.device("cuda"), torch.cuda.Stream())
+        if done is not None:
+            done.synchronize()
+        exact = bool(dicoms) and all(
+            np.array_equal(t.cpu().numpy(), im.pixels) for t, im in zip(looked_up, dicoms, strict=True)
+        )
+        failures += not exact
+        print(f"{'ok ' if exact else 'BAD'} {len(dicoms)} DICOM images copied to the device as stored "
+              f"values, looked up there {'exactly' if exact else 'NOT exactly (or none)'}")
+
+        def float_pixels(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
+            return other.host_array(shape) if np.dtype(dtype) == np.float32 else None
+
+        as_float = [load_dicom(ds, allocate=float_pixels) for ds in phantoms]
+        locked = [im.pixels for im in as_float if gp.is_page_locked(im.pixels)]
         copies, copied = gp.upload_page_locked(locked, torch.device("cuda"), torch.cuda.Stream())
         copied.synchronize()
         exact = bool(locked) and all(
             np.array_equal(t.cpu().numpy(), a) for t, a in zip(copies, locked, strict=True)
         )
         failures += not exact
-        print(f"{'ok ' if exact else 'BAD'} {len(locked)} images decoded into page-locked memory, "
+        print(f"{'ok ' if exact else 'BAD'} {len(locked)} images decoded into page-locked float32 memory, "
               f"copied to the device {'exactly' if exact else 'NOT exactly (or none)'}")
+        for im, g, f in zip(images, gpu, other.run(as_float), strict=False):
+            ok, text = compare(f, g)
+            failures += not ok
+            name = Path(im.source).name[:20]
+            print(f"{'ok ' if ok else 'BAD'} stored values vs float32 pixels, {name:20s} {text}")
     print(f"{len(images)} images, {failures} disagreements")
     return 1 if failures else 0
 

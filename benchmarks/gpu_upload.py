@@ -1,7 +1,8 @@
 """How fast a batch of radiographs reaches the GPU (a benchmark, not a test):
 ``inference.gpu_preprocess.upload`` (one thread converts, chunk by chunk) against a thread pool uploading the
 images side by side, against images decoded into page-locked memory (``Pipeline.host_array``) copied as they
-are (``upload_page_locked``), and against the bus alone.
+are (``upload_page_locked``), against 12-bit stored values (uint16, page-locked) copied and looked up in their
+tables on the device (``upload_stored``, as the pipeline takes DICOM images), and against the bus alone.
 
     python3 benchmarks/gpu_upload.py [--batch 64] [--size 2000] [--repeats 5]
 
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from inference import gpu_preprocess as gp
+from inference.types import StoredValues
 
 
 def _median_ms(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
@@ -59,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.batch} images of {args.size}x{args.size} float32 -> {megabytes:.0f} MB float16 on "
         f"{torch.cuda.get_device_name(dev)}; torch threads {torch.get_num_threads()}"
     )
-    rows = [
+    rows: list[tuple[str, Callable[[], object]]] = [
         (f"one thread, chunks of {chunk}", lambda chunk=chunk: gp.upload(arrays, dev, chunk=chunk))
         for chunk in (8, 16)
     ]
@@ -75,6 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     copy_stream = torch.cuda.Stream(dev)
     rows.append(("page-locked float32 as it is, copy stream",
                  lambda: gp.upload_page_locked(locked, dev, copy_stream)))
+    stored = []
+    for a in arrays:
+        values = torch.empty(a.size * 2, dtype=torch.uint8, pin_memory=True).numpy().view(np.uint16)
+        values = values.reshape(a.shape)
+        values[...] = (a * 4095).astype(np.uint16)
+        stored.append(StoredValues(values=values, table=rng.random(4096, dtype=np.float32), low=0))
+    rows.append(("page-locked uint16 stored values, looked up",
+                 lambda: gp.upload_stored(stored, dev, copy_stream)))
     ready = torch.empty(sum(a.size for a in arrays), dtype=torch.float16, pin_memory=True)
     target = torch.empty_like(ready, device=dev)
     rows.append(("bus alone (ready page-locked float16)", lambda: target.copy_(ready, non_blocking=True)))

@@ -171,9 +171,19 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     build = _outputs_builder()
     card = pipeline.bundle.card
 
+    allocate: Any = pipeline.host_array  # as the worker decodes
+    decoded_into = "Pipeline.host_array"
+    if args.ordinary_arrays:
+        allocate, decoded_into = None, "ordinary arrays"
+    elif args.float_pixels:
+        def allocate(shape: tuple[int, int], dtype: Any) -> Any:
+            return pipeline.host_array(shape) if np.dtype(dtype) == np.float32 else None
+
+        decoded_into = "Pipeline.host_array, float32 pixels"
+
     def decode(blob: bytes) -> tuple[Any, Any]:
         ds = dcmread(io.BytesIO(blob))
-        return ds, load_dicom(ds, allocate=None if args.ordinary_arrays else pipeline.host_array)
+        return ds, load_dicom(ds, allocate=allocate)
 
     # Warm-up (first calls allocate, autotune, fill caches).
     for blob in blobs[:2]:
@@ -280,7 +290,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         "cam": args.cam,
         "image_size": args.size,
         "transfer_syntax": args.transfer_syntax,
-        "decoded_into": "ordinary arrays" if args.ordinary_arrays else "Pipeline.host_array",
+        "decoded_into": decoded_into,
+        "stored_values": decode(blobs[0])[1].stored is not None,
         "model": str(args.model or "random weights, default architecture"),
         "architectures": card["architectures"],
         "input_sizes": card["input_sizes"],
@@ -345,7 +356,8 @@ def format_table(res: dict[str, Any]) -> str:
         f"device {res['device']} ({res['device_name']}), torch {res['torch']}, "
         f"threads {res['torch_threads']}, load average {res['load_average']}, "
         f"autocast {res['autocast']}, {res['cam']}, {res['image_size']}x{res['image_size']} CR "
-        f"({res['transfer_syntax']}, decoded into {res.get('decoded_into', 'ordinary arrays')}), "
+        f"({res['transfer_syntax']}, decoded into {res.get('decoded_into', 'ordinary arrays')}"
+        f"{', stored values kept' if res.get('stored_values') else ''}), "
         f"{res['architectures']['segmenter']} {res['input_sizes']['segmenter']} px + "
         f"{res['architectures']['classifier']} {res['input_sizes']['classifier']} px",
         f"assessed (both stages ran): {res['assessed_share']:.0%} of {res['repeats']} batch-1 runs",
@@ -422,9 +434,17 @@ def main(argv: list[str] | None = None) -> int:
         help="decode into ordinary arrays instead of the pipeline's host arrays (page-locked on CUDA), so "
         "that the CUDA path converts the images to float16 on the host on their way (for comparison)",
     )
+    p.add_argument(
+        "--float-pixels", action="store_true",
+        help="decode the pixels into the pipeline's float32 host arrays (page-locked on CUDA) and keep no "
+        "stored values, so that the CUDA path copies 4 bytes a pixel (the path before stored values, for "
+        "comparison)",
+    )
     p.add_argument("--out", metavar="JSON", help="write the results here as JSON")
     p.add_argument("--profile", metavar="TXT", help="profile one run at the largest batch into this file")
     args = p.parse_args(argv)
+    if args.ordinary_arrays and args.float_pixels:
+        p.error("--ordinary-arrays and --float-pixels exclude each other")
     if args.repeats < 1 or args.size < 256:
         p.error("--repeats must be >= 1 and --size >= 256")
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)

@@ -1,7 +1,9 @@
 """The device path of :class:`inference.pipeline.Pipeline` (the default on CUDA).
 
-A batch is uploaded, resized, cropped and scored on the device: images decoded into page-locked memory
-(:meth:`Pipeline.host_array`) as they are, on a copy stream, others converted to float16 on the way. Only
+A batch is uploaded, resized, cropped and scored on the device: images decoded with
+:meth:`Pipeline.host_array` as their stored values (1 or 2 bytes a pixel, page-locked), looked up in their
+tables on the device, on a copy stream; other images decoded into page-locked memory as they are, on that
+stream too; the rest converted to float16 on the way. Only
 stage 1's small probability maps (for the connected-component post-processing and the plausibility checks),
 the CAMs and a few numbers per image come back. An upload thread copies one group of images while stage 1
 runs on the group before, without waiting for the device, and each group's masks are post-processed by the
@@ -27,15 +29,24 @@ import torch
 from inference import gpu_preprocess as gp
 from inference.batch import DEVICE_GROUP, Work, by_shape, heatmap_at_source, mask_at_source
 from inference.explain import attention_ratio
+from inference.types import StoredValues, XrayImage
 
 if TYPE_CHECKING:
     from inference.pipeline import Pipeline
 
 
 def upload_group(
-    pipe: Pipeline, arrays: list[np.ndarray], dtype: torch.dtype
+    pipe: Pipeline, images: list[XrayImage], dtype: torch.dtype
 ) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
-    """One group's images on the device, and the event to wait for when they came by the copy stream."""
+    """One group's images on the device, and the event to wait for when they came by the copy stream: from
+    their stored values when the decoder kept them all (by the copy stream when page-locked), else from their
+    pixels."""
+    stored = [im.stored for im in images]
+    if all(s is not None for s in stored):
+        kept: list[StoredValues] = stored  # type: ignore[assignment]
+        locked = pipe._copy_stream is not None and all(gp.stored_page_locked(s.values) for s in kept)
+        return gp.upload_stored(kept, pipe.device, pipe._copy_stream if locked else None)
+    arrays = [im.pixels for im in images]
     if pipe._copy_stream is not None and all(gp.is_page_locked(a) for a in arrays):
         return gp.upload_page_locked(arrays, pipe.device, pipe._copy_stream)
     return gp.upload(arrays, pipe.device, dtype), None
@@ -63,7 +74,7 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
     # The upload thread copies the groups in order (converting images not in page-locked memory), so that one
     # group's upload overlaps the kernel launches and the device work of the one before.
     uploads = [
-        pipe._uploader.submit(upload_group, pipe, [todo[i].image.pixels for i in idx], dtype)
+        pipe._uploader.submit(upload_group, pipe, [todo[i].image for i in idx], dtype)
         for _, idx in groups
     ]
     pixels: list[torch.Tensor | None] = [None] * len(todo)  # kept for the lung crop

@@ -9,13 +9,15 @@ Inputs are 2-D float tensors (rows, columns); masks are bool tensors.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from inference.imaging import PAD_VALUE, square_region
+from inference.imaging import PAD_VALUE, STORED_DTYPES, square_region
+from inference.types import StoredValues
 
 
 def square_resize(pixels: torch.Tensor, size: int) -> torch.Tensor:
@@ -205,6 +207,61 @@ def upload_page_locked(
         copied = torch.cuda.Event()
         copied.record(stream)
     return _views(dev, arrays, offsets), copied
+
+
+def _signed(values: np.ndarray) -> torch.Tensor:
+    """``values`` as a torch tensor of a fully supported integer type (uint16 seen as int16, bits kept)."""
+    return torch.from_numpy(values.view(np.int16) if values.dtype == np.uint16 else values)
+
+
+def stored_page_locked(values: np.ndarray) -> bool:
+    """Whether stored values (``StoredValues.values``) lie in page-locked host memory, as from
+    ``Pipeline.host_array`` on CUDA, so that :func:`upload_stored` copies them beside other work."""
+    if not (isinstance(values, np.ndarray) and values.flags.c_contiguous and values.flags.writeable):
+        return False
+    return torch.cuda.is_available() and _signed(values).is_pinned()
+
+
+def upload_stored(
+    stored: list[StoredValues], device: torch.device, stream: torch.cuda.Stream | None = None
+) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    """The images' pixels on ``device`` from their stored values (:class:`~inference.types.StoredValues`):
+    the values (1 or 2 bytes a pixel) and the tables are copied there, and each pixel is its table's entry, as
+    on the host. One float32 tensor (a view of one device buffer) per image.
+
+    With ``stream`` (CUDA, the values page-locked: :func:`stored_page_locked`) the copies and look-ups run on
+    it, beside other streams' work, and the event recorded after them is returned; a consumer on another
+    stream waits for it and marks the tensors as used there, as for :func:`upload_page_locked`. Without, they
+    run on the current stream and the event is None.
+    """
+    for s in stored:
+        if not isinstance(s.values, np.ndarray) or s.values.ndim != 2 or s.values.dtype not in STORED_DTYPES:
+            raise ValueError('Argument "stored" must hold 2-D uint8, int8, uint16 or int16 values.')
+    if stream is not None and not all(stored_page_locked(s.values) for s in stored):
+        raise ValueError('Argument "stream" needs stored values in page-locked memory.')
+    if not stored:
+        return [], None
+    shapes = [s.values for s in stored]
+    offsets = _offsets(shapes)
+    starts = np.concatenate([[0], np.cumsum([len(s.table) for s in stored])]).astype(int).tolist()
+    tables = torch.from_numpy(np.concatenate([s.table for s in stored]).astype(np.float32, copy=False))
+    context = torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
+    with context:
+        if device.type == "cuda":  # page-locked, so that the copy does not wait for the host
+            tables = tables.pin_memory()
+        table = tables.to(device, non_blocking=True)
+        out = torch.empty(offsets[-1], dtype=torch.float32, device=device)
+        for i, s in enumerate(stored):
+            index = _signed(s.values).to(device, non_blocking=True).view(-1).int()
+            if s.values.dtype == np.uint16:
+                index.bitwise_and_(0xFFFF)
+            index.add_(starts[i] - s.low)
+            torch.index_select(table, 0, index, out=out[offsets[i] : offsets[i + 1]])
+        done = None
+        if stream is not None:
+            done = torch.cuda.Event()
+            done.record(stream)
+    return _views(out, shapes, offsets), done
 
 
 def lung_boxes(masks: list[torch.Tensor], margin: float = 0.05) -> list[tuple[int, int, int, int]]:

@@ -51,7 +51,7 @@ from inference.preprocess import (
     uncrop,
     unsquare,
 )
-from inference.types import XrayImage
+from inference.types import StoredValues, XrayImage
 
 __all__ = [
     "MIN_SIZE",
@@ -72,8 +72,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Allocator = Callable[[tuple[int, int]], np.ndarray]
-"""Gives the float32 array of a shape that a decoder writes its image into (e.g. ``Pipeline.host_array``)."""
+Allocator = Callable[[tuple[int, int], np.dtype], "np.ndarray | None"]
+"""Gives the array of a shape and dtype that a decoder writes into (e.g. ``Pipeline.host_array``), or None
+when the caller has no use for that dtype. A greyscale instance's decoder first asks for its stored integer
+values (one of STORED_DTYPES): an array given receives them, and the image keeps them with the table that
+gives its pixels (``XrayImage.stored``); the pixels then go to ordinary memory. Otherwise it asks for float32,
+and the pixels are written there."""
+
+STORED_DTYPES = frozenset(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16))
 
 MIN_SIZE = 256  # shortest side, in pixels, below which header_reason says "too_small"
 PERCENTILES = (0.5, 99.5)  # VOI fallback when the header has neither a VOI LUT nor a window
@@ -262,25 +268,32 @@ def _voi_lut(arr: np.ndarray, ds: Dataset, dest: np.ndarray | None = None) -> np
     return np.clip(out, 0.0, 1.0, out=out if dest is None else dest)
 
 
-def _percentile_scale(arr: np.ndarray, dest: np.ndarray | None = None) -> np.ndarray:
-    """Scale the PERCENTILES range to [0, 1] (into ``dest``); estimated on a strided subsample (at most ~65k
-    pixels)."""
+def _percentile_range(arr: np.ndarray) -> tuple[float, float]:
+    """The PERCENTILES range of an image, estimated on a strided subsample (at most ~65k pixels); its whole
+    range when that is empty."""
     step = max(1, int(math.sqrt(arr.size / 65536)))
     low, high = np.percentile(arr[::step, ::step], PERCENTILES)
     if high <= low:
         low, high = float(arr.min()), float(arr.max())
+    return float(low), float(high)
+
+
+def _scale(arr: np.ndarray, low: float, high: float, dest: np.ndarray | None = None) -> np.ndarray:
+    """Scale ``low``..``high`` to [0, 1], clipped (into ``dest``); zeros when the range is empty."""
     if high <= low:
         return _into(dest, np.zeros(arr.shape, dtype=np.float32))
     out = (arr - np.float32(low)) * np.float32(1.0 / (high - low))
     return np.clip(out, 0.0, 1.0, out=out if dest is None else dest).astype(np.float32, copy=False)
 
 
-def _modality_lut(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+def _modality_lut(stored: np.ndarray, ds: Dataset, *, warn: bool = True) -> np.ndarray:
     if "ModalityLUTSequence" in ds:
         try:
             return apply_modality_lut(stored, ds).astype(np.float32)
         except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
-            logger.warning("invalid Modality LUT ignored: %s", exc, extra={"action": "dicom_header_invalid"})
+            if warn:
+                logger.warning("invalid Modality LUT ignored: %s", exc,
+                               extra={"action": "dicom_header_invalid"})
     arr = stored.astype(np.float32)
     slope, intercept = _numbers(ds, "RescaleSlope"), _numbers(ds, "RescaleIntercept")
     s = slope[0] if slope and slope[0] != 0 else 1.0
@@ -351,16 +364,73 @@ def _decode(ds: Dataset, label: str) -> np.ndarray:
     return arr
 
 
-def _destination(allocate: Allocator | None, shape: tuple[int, int]) -> np.ndarray | None:
+def _destination(
+    allocate: Allocator | None, shape: tuple[int, int], dtype: np.dtype, *, optional: bool = False
+) -> np.ndarray | None:
+    """``allocate``'s array for ``shape`` and ``dtype``, checked; None without an allocator, or when an
+    ``optional`` request is declined."""
     if allocate is None:
         return None
-    dest = allocate(shape)
-    if not (isinstance(dest, np.ndarray) and dest.dtype == np.float32 and dest.shape == shape
+    dest = allocate(shape, dtype)
+    if dest is None and optional:
+        return None
+    if not (isinstance(dest, np.ndarray) and dest.dtype == dtype and dest.shape == shape
             and dest.flags.c_contiguous and dest.flags.writeable):
         raise ValueError(
-            f'Argument "allocate" must return a writable C-contiguous float32 array of shape {shape}.'
+            f'Argument "allocate" must return a writable C-contiguous {dtype} array of shape {shape}'
+            + (" or None." if optional else ".")
         )
     return dest
+
+
+def _grey_pixels(
+    stored: np.ndarray, ds: Dataset, photometric: str, dest: np.ndarray | None
+) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
+    """Greyscale stored values -> pixels in [0, 1] (the last pass writes ``dest``): Modality LUT, then the VOI
+    LUT, the window or the PERCENTILES range, inverted for MONOCHROME1 or an inverse presentation.
+
+    Also returns a function that maps other stored values exactly as these were mapped (the same branch, the
+    same percentile range), elementwise: for a table of every stored level.
+    """
+    arr = _modality_lut(stored, ds)
+    inverse = photometric == "MONOCHROME1" or (
+        photometric == "MONOCHROME2" and _text(ds, "PresentationLUTShape").upper() == "INVERSE"
+    )
+    last = None if inverse else dest  # with an inversion, the inversion is the pass that writes ``dest``
+    voi = _voi_lut(arr, ds, last)
+    if voi is not None:
+        def again(a: np.ndarray) -> np.ndarray | None:
+            return _voi_lut(a, ds)
+    else:
+        voi = _window(arr, ds, last)
+        if voi is not None:
+            def again(a: np.ndarray) -> np.ndarray | None:
+                return _window(a, ds)
+        else:
+            low, high = _percentile_range(arr)
+            voi = _scale(arr, low, high, last)
+
+            def again(a: np.ndarray) -> np.ndarray | None:
+                return _scale(a, low, high)
+
+    def same(values: np.ndarray) -> np.ndarray:
+        out = again(_modality_lut(values, ds, warn=False))
+        assert out is not None  # the header that mapped the image maps any values
+        return np.subtract(np.float32(1.0), out, dtype=np.float32) if inverse else out
+
+    pixels = np.subtract(np.float32(1.0), voi, out=dest, dtype=np.float32) if inverse else voi
+    return pixels, same
+
+
+def _keep_stored(
+    stored: np.ndarray, into: np.ndarray, same: Callable[[np.ndarray], np.ndarray]
+) -> StoredValues:
+    """Copy the stored values into ``into`` and tabulate ``same`` over their range."""
+    np.copyto(into, stored)
+    low, high = int(stored.min()), int(stored.max())
+    levels = np.arange(low, high + 1, dtype=stored.dtype)[None, :]
+    table = np.ascontiguousarray(same(levels)[0], dtype=np.float32)
+    return StoredValues(values=into, table=table, low=low)
 
 
 def load_dicom(source: str | Path | Dataset, *, allocate: Allocator | None = None) -> XrayImage:
@@ -372,33 +442,35 @@ def load_dicom(source: str | Path | Dataset, *, allocate: Allocator | None = Non
     sop_class_uid, study/series UIDs, species, view_hints (descriptions that may name the view) and
     transfer_syntax. Raises ``InvalidInstance`` when the file is not DICOM or its pixels cannot be decoded.
 
-    ``allocate`` (optional) gives the array the pixels are written into, e.g. ``Pipeline.host_array``, whose
-    page-locked arrays the CUDA path copies to the device without another pass over the host memory. The
-    last step of the decoding writes there, so the image costs no extra copy.
+    ``allocate`` (optional, :data:`Allocator`), e.g. ``Pipeline.host_array``, gives the memory the image is
+    written into. The CUDA pipeline takes a greyscale instance's stored values (page-locked, so they are
+    copied to the GPU as they are, 1 or 2 bytes a pixel) and looks its pixels up there in the table kept
+    beside them (``XrayImage.stored``). Other images are written into its float32 array by the last step of
+    the decoding, so they cost no extra copy.
     """
     ds = _read(source)
     _ensure_transfer_syntax(ds)
     meta = _meta(ds)
     label = str(source) if not isinstance(source, Dataset) else (meta["sop_instance_uid"] or "dataset")
     stored = _decode(ds, label)
-    dest = _destination(allocate, (int(stored.shape[0]), int(stored.shape[1])))
+    shape = (int(stored.shape[0]), int(stored.shape[1]))
+    kept: StoredValues | None = None
     if meta["photometric"] == "RGB" or meta["photometric"].startswith("YBR"):
         bits = _numbers(ds, "BitsStored")
+        dest = _destination(allocate, shape, np.dtype(np.float32))
         pixels = np.clip(stored / float((1 << int(bits[0] if bits else 8)) - 1), 0, 1, out=dest)
     else:
-        arr = _modality_lut(stored, ds)
-        inverse = meta["photometric"] == "MONOCHROME1"
-        if meta["photometric"] == "MONOCHROME2" and _text(ds, "PresentationLUTShape").upper() == "INVERSE":
-            inverse = True
-        last = None if inverse else dest  # with an inversion, the inversion is the pass that writes ``dest``
-        voi = _voi_lut(arr, ds, last)
-        if voi is None:
-            voi = _window(arr, ds, last)
-        pixels = voi if voi is not None else _percentile_scale(arr, last)
-        if inverse:
-            pixels = np.subtract(np.float32(1.0), pixels, out=dest, dtype=np.float32)
+        into = None
+        if stored.dtype in STORED_DTYPES:
+            into = _destination(allocate, shape, stored.dtype, optional=True)
+        dest = None if into is not None else _destination(allocate, shape, np.dtype(np.float32))
+        pixels, same = _grey_pixels(stored, ds, meta["photometric"], dest)
+        if into is not None:
+            kept = _keep_stored(stored, into, same)
     meta["rows"], meta["columns"] = int(pixels.shape[0]), int(pixels.shape[1])
-    return XrayImage(pixels=np.ascontiguousarray(pixels, dtype=np.float32), source=label, meta=meta)
+    return XrayImage(
+        pixels=np.ascontiguousarray(pixels, dtype=np.float32), source=label, meta=meta, stored=kept
+    )
 
 
 # --------------------------------------------------------------------------------------------- image files

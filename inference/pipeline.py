@@ -163,31 +163,41 @@ class Pipeline:
                 pool.shutdown(wait=True)
         self._pool = self._uploader = None
 
-    def host_array(self, shape: tuple[int, int]) -> np.ndarray:
-        """An empty float32 image of ``shape`` for a decoder to write into:
-        ``imaging.load_dicom(ds, allocate=pipeline.host_array)``.
+    def host_array(self, shape: tuple[int, int], dtype: Any = np.float32) -> np.ndarray | None:
+        """An empty array of ``shape`` and ``dtype`` for a decoder to write into
+        (``imaging.load_dicom(ds, allocate=pipeline.host_array)``, :data:`inference.imaging.Allocator`):
+        float32 for an image's pixels; an integer dtype of ``imaging.STORED_DTYPES`` for its stored values,
+        which only the device path takes (elsewhere None: the decoder then keeps no stored values).
 
         On the CUDA device path the array is page-locked, and a batch of such images goes to the GPU as it is,
-        on a copy stream beside the networks, with no pass over the host memory: float32 crosses the bus
-        (twice float16's bytes), but converting 64 decoded 2000 x 2000 images to float16 took the host longer
-        than both networks on an H100 (``benchmarks/gpu_upload.py``). The page-locked memory is kept by
-        torch's host cache for the next images. Elsewhere the array is an ordinary one, and so it is when
-        page-locked memory cannot be had (logged once): the images then take the converting upload.
+        on a copy stream beside the networks, with no pass over the host memory. Stored values cross the bus
+        at 1 or 2 bytes a pixel and are looked up in their table on the GPU: on an H100 the copy of 64
+        2000 x 2000 float32 images took 19 ms of the batch's 46 ms of GPU work without the CAM, more than both
+        networks, and converting them to float16 on the host took longer still (``benchmarks/gpu_upload.py``).
+        The page-locked memory is kept by torch's host cache for the next images. Elsewhere the array is an
+        ordinary one, and so it is when page-locked memory cannot be had (logged once).
         """
         if (
             not isinstance(shape, tuple) or len(shape) != 2
             or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape)
         ):
             raise ValueError('Argument "shape" must be a tuple of two positive integers (rows, columns).')
+        kind = np.dtype(dtype)
+        if kind != np.float32 and kind not in imaging.STORED_DTYPES:
+            names = ", ".join(sorted(map(str, imaging.STORED_DTYPES)))
+            raise ValueError(f'Argument "dtype" must be float32 or one of {names}.')
+        if kind != np.float32 and not self.device_preprocess:
+            return None
         if self._copy_stream is not None:
             try:
-                return torch.empty(shape, dtype=torch.float32, pin_memory=True).numpy()
+                size = shape[0] * shape[1] * kind.itemsize
+                return torch.empty(size, dtype=torch.uint8, pin_memory=True).numpy().view(kind).reshape(shape)
             except RuntimeError as exc:  # exhausted, or refused by the host (a container's limits)
                 if not self._page_lock_failed:
                     self._page_lock_failed = True
                     log.warning("page-locked host memory unavailable (%s); decoding into ordinary memory",
                                 " ".join(str(exc).split())[:200], extra={"action": "page_locked_unavailable"})
-        return np.empty(shape, dtype=np.float32)
+        return np.empty(shape, dtype=kind)
 
     # -- helpers ------------------------------------------------------------------------------
 

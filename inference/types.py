@@ -13,16 +13,36 @@ MapFactory = Callable[[], np.ndarray]
 
 
 @dataclass
+class StoredValues:
+    """A greyscale instance's stored values and the table that gives its pixels, exactly:
+    ``pixels == table[values - low]``.
+
+    Decoders keep them when asked to (``inference.imaging.Allocator``): the CUDA pipeline copies the values to
+    the GPU (1 or 2 bytes a pixel, where the pixels take 4) and looks the pixels up there.
+    """
+
+    values: np.ndarray  # 2-D uint8, int8, uint16 or int16, the image's shape
+    table: np.ndarray  # float32, one entry per level from ``low`` to the highest stored value
+    low: int  # the lowest stored value
+
+    def pixels(self) -> np.ndarray:
+        """The pixels this table gives (on the host)."""
+        return self.table[self.values.astype(np.int32) - self.low]
+
+
+@dataclass
 class XrayImage:
     """A decoded radiograph, ready for the model.
 
     ``pixels`` is float32, shape (rows, columns), values in [0, 1], displayed the usual way
-    (bright bone, dark air: MONOCHROME1 already inverted, Modality and VOI LUT applied).
+    (bright bone, dark air: MONOCHROME1 already inverted, Modality and VOI LUT applied). ``stored``, when a
+    decoder kept them, gives the same pixels from the stored values.
     """
 
     pixels: np.ndarray
     source: str  # file path or SOP Instance UID, for logs and CSV
     meta: dict[str, Any] = field(default_factory=dict)  # modality, body_part, view_position, ...
+    stored: StoredValues | None = field(default=None, repr=False)
 
 
 @dataclass

@@ -266,27 +266,62 @@ def test_decoding_into_a_given_array_gives_the_same_pixels_there(dicom_factory, 
     if change is not None:
         change(ds)
     plain = load_dicom(ds)
+    assert plain.stored is None  # kept only when an allocator takes them
     given: list[np.ndarray] = []
 
-    def allocate(shape: tuple[int, int]) -> np.ndarray:
+    def pixels_only(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray | None:
+        if dtype != np.float32:
+            return None  # declines stored values, as the pipeline's host path does
         given.append(np.full(shape, np.nan, dtype=np.float32))
         return given[-1]
 
-    image = load_dicom(ds, allocate=allocate)
-    assert len(given) == 1 and image.pixels is given[0]
+    image = load_dicom(ds, allocate=pixels_only)
+    assert len(given) == 1 and image.pixels is given[0] and image.stored is None
     np.testing.assert_array_equal(image.pixels, plain.pixels)
     assert plain.pixels.std() > 0 or change is _constant
+
+    def anything(shape: tuple[int, int], dtype: np.dtype) -> np.ndarray:
+        given.append(np.zeros(shape, dtype=dtype))
+        return given[-1]
+
+    given.clear()
+    image = load_dicom(ds, allocate=anything)
+    np.testing.assert_array_equal(image.pixels, plain.pixels)
+    assert len(given) == 1
+    if change is _rgb:  # colour has no stored grey levels: its pixels were written into the float32 array
+        assert image.stored is None and image.pixels is given[0]
+        return
+    stored = image.stored
+    assert stored is not None and stored.values is given[0] and image.pixels is not given[0]
+    np.testing.assert_array_equal(stored.values, ds.pixel_array)
+    assert stored.low == int(ds.pixel_array.min())
+    assert len(stored.table) == int(ds.pixel_array.max()) - stored.low + 1
+    assert stored.table.dtype == np.float32
+    np.testing.assert_array_equal(stored.pixels(), plain.pixels)  # the table gives the very same pixels
+
+
+def test_signed_stored_values_keep_their_table(dicom_factory) -> None:
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=2, rescale=(0.5, 100.0), photometric="MONOCHROME1"))
+    ds.PixelRepresentation = 1
+    ds.PixelData = (ds.pixel_array.astype(np.int16) - 2048).tobytes()
+    plain = load_dicom(ds)
+    image = load_dicom(ds, allocate=lambda shape, dtype: np.empty(shape, dtype))
+    assert image.stored is not None and image.stored.values.dtype == np.int16 and image.stored.low < 0
+    np.testing.assert_array_equal(image.stored.pixels(), plain.pixels)
+    assert plain.pixels.std() > 0
 
 
 def test_an_allocator_that_gives_a_wrong_array_is_named(dicom_factory, tmp_path: Path) -> None:
     path = dicom_factory(shape=SHAPE, seed=1)
-    for wrong in (lambda s: np.empty(s, np.float64), lambda s: np.empty(s[::-1], np.float32),
-                  lambda s: np.empty((s[1], s[0]), np.float32).T, lambda s: [[0.0]]):
-        with pytest.raises(ValueError, match='"allocate" must return a writable C-contiguous float32 array'):
+    for wrong in (lambda s, d: np.empty(s, np.float64), lambda s, d: np.empty(s[::-1], d),
+                  lambda s, d: np.empty((s[1], s[0]), d).T, lambda s, d: [[0.0]]):
+        with pytest.raises(ValueError, match='"allocate" must return a writable C-contiguous uint16 array'):
             load_dicom(path, allocate=wrong)
+    with pytest.raises(ValueError, match='"allocate" must return a writable C-contiguous float32 array'):
+        load_dicom(path, allocate=lambda s, d: None if d != np.float32 else np.empty(s, np.float64))
     kept: list[np.ndarray] = []
-    image = load_any(path, allocate=lambda s: kept.append(np.empty(s, np.float32)) or kept[-1])
-    assert image.pixels is kept[0]
+    image = load_any(path, allocate=lambda s, d: kept.append(np.empty(s, d)) or kept[-1])
+    assert image.stored is not None and image.stored.values is kept[0]
 
 
 # ---------------------------------------------------------------------------------- failures

@@ -21,6 +21,7 @@ def test_benchmark_smoke(tmp_path: Path, phantom_bundle: Path, capsys: pytest.Ca
     assert set(res["batch1_stage_s"]) == set(STAGES)
     assert res["assessed_share"] == 1.0
     assert res["decoded_into"] == "Pipeline.host_array"  # as the worker decodes
+    assert res["stored_values"] is False  # the CPU pipeline (host path) declines them
     assert [t["batch"] for t in res["throughput"]] == [1, 2]
     for t in res["throughput"]:
         assert t["pipeline_ips"] > 0 and t["model_only_ips"] > 0 and t["pipeline_no_cam_ips"] > 0
@@ -41,3 +42,10 @@ def test_benchmark_smoke(tmp_path: Path, phantom_bundle: Path, capsys: pytest.Ca
 def test_benchmark_rejects_bad_batches(phantom_bundle: Path) -> None:
     with pytest.raises(ValueError, match="--batch"):
         main(["--model", str(phantom_bundle), "--device", "cpu", "--batch", "0", "--size", "300"])
+
+
+def test_benchmark_takes_one_way_of_decoding(phantom_bundle: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--model", str(phantom_bundle), "--ordinary-arrays", "--float-pixels"])
+    assert "exclude each other" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from inference import gpu_preprocess as gp
 from inference import imaging
 from inference.phantom import make_phantom
 from inference.pipeline import Pipeline
-from inference.types import XrayImage
+from inference.types import StoredValues, XrayImage
 
 pytestmark = pytest.mark.unit
 
@@ -145,6 +145,52 @@ def test_without_the_cam_the_host_reads_no_result_from_the_device_before_the_las
     assert all(r.probability is not None for r in plain)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16])
+def test_stored_values_upload_as_the_very_pixels_their_tables_give(dtype: type) -> None:
+    rng = np.random.default_rng(7)
+    info = np.iinfo(dtype)
+    stored = []
+    for shape in SHAPES:
+        values = rng.integers(info.min, info.max, size=shape, endpoint=True).astype(dtype)
+        values[0, 0], values[0, 1] = info.min, info.max  # both ends of the type: uint16 above 32767 included
+        low = int(values.min())
+        table = rng.random(int(values.max()) - low + 1, dtype=np.float32)
+        stored.append(StoredValues(values=values, table=table, low=low))
+    out, event = gp.upload_stored(stored, torch.device("cpu"))
+    assert event is None and [tuple(t.shape) for t in out] == SHAPES
+    assert gp.upload_stored([], torch.device("cpu")) == ([], None)
+    for s, t in zip(stored, out, strict=True):
+        assert t.dtype == torch.float32
+        np.testing.assert_array_equal(t.numpy(), s.pixels())
+        np.testing.assert_array_equal(t.numpy(), s.table[s.values.astype(np.int64) - s.low])
+    with pytest.raises(ValueError, match="page-locked"):
+        gp.upload_stored(stored, torch.device("cpu"), object())  # type: ignore[arg-type]
+    wide = StoredValues(values=np.zeros((4, 4), np.int32), table=np.zeros(1, np.float32), low=0)
+    with pytest.raises(ValueError, match="uint8, int8, uint16 or int16"):
+        gp.upload_stored([wide], torch.device("cpu"))
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"photometric": "MONOCHROME1", "window": (2048.0, 4096.0)},
+                                    {"bits_stored": 8}])
+def test_the_device_path_gives_the_same_results_from_stored_values(phantom_bundle_whole: Path,
+                                                                   kwargs: dict) -> None:
+    from inference.phantom import make_dicom
+
+    datasets = [make_dicom(shape=shape, seed=70 + i, **kwargs) for i, shape in enumerate(SHAPES)]
+    dev = Pipeline.from_bundle(phantom_bundle_whole, device="cpu", device_preprocess=True)
+    try:
+        kept = [imaging.load_dicom(ds, allocate=dev.host_array) for ds in datasets]
+        plain = [imaging.load_dicom(ds) for ds in datasets]
+        assert all(im.stored is not None for im in kept) and all(im.stored is None for im in plain)
+        a, b = dev.run(kept), dev.run(plain)
+    finally:
+        dev.close()
+    assert all(r.probability is not None for r in a)
+    for ra, rb in zip(a, b, strict=True):  # the same pixels on the device: the same results
+        assert ra.probability == rb.probability and ra.lung_attention == rb.lung_attention
+        np.testing.assert_array_equal(ra.lung_mask, rb.lung_mask)
+
+
 def test_upload_returns_one_view_per_array_in_the_requested_dtype() -> None:
     rng = np.random.default_rng(4)
     arrays = [rng.random(shape, dtype=np.float32) for shape in SHAPES]
@@ -165,11 +211,23 @@ def test_host_arrays_off_cuda_are_ordinary_and_shapes_are_checked(phantom_bundle
     pipeline = Pipeline.from_bundle(phantom_bundle, device="cpu", device_preprocess=device_preprocess)
     try:
         a = pipeline.host_array((30, 40))
+        assert a is not None
         assert a.shape == (30, 40) and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
         assert not gp.is_page_locked(a)
+        # stored values: only the device path takes them
+        for dtype in (np.uint8, np.int8, np.uint16, np.int16):
+            s = pipeline.host_array((30, 40), dtype)
+            if device_preprocess:
+                assert s is not None and s.shape == (30, 40) and s.dtype == dtype and s.flags.c_contiguous
+                assert not gp.stored_page_locked(s)
+            else:
+                assert s is None
         for bad in ((30,), (0, 4), (3.0, 4), [3, 4], (True, 4)):
             with pytest.raises(ValueError, match='"shape" must be a tuple of two positive integers'):
                 pipeline.host_array(bad)  # type: ignore[arg-type]
+        for kind in (np.float64, np.uint32, np.bool_):
+            with pytest.raises(ValueError, match='"dtype" must be float32 or one of int16, int8, uint16'):
+                pipeline.host_array((3, 4), kind)
     finally:
         pipeline.close()
     with pytest.raises(ValueError, match='"device" must be a CUDA device'):
@@ -184,9 +242,11 @@ def test_host_arrays_fall_back_to_ordinary_memory_when_page_locking_fails(
     pipeline._copy_stream = object()  # type: ignore[assignment]
     try:
         arrays = [pipeline.host_array((20, 30)) for _ in range(3)]
+        arrays.append(pipeline.host_array((20, 30), np.uint16))
     finally:
         pipeline.close()
-    assert all(a.shape == (20, 30) and a.dtype == np.float32 and not gp.is_page_locked(a) for a in arrays)
+    assert all(a is not None and a.shape == (20, 30) and not gp.stored_page_locked(a) for a in arrays)
+    assert [a.dtype for a in arrays] == [np.float32] * 3 + [np.uint16]  # type: ignore[union-attr]
     warnings = [r for r in caplog.records if getattr(r, "action", "") == "page_locked_unavailable"]
     assert len(warnings) == 1  # logged once, not per image
 
