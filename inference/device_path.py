@@ -3,17 +3,16 @@
 A batch is uploaded, resized, cropped and scored on the device: images decoded with
 :meth:`Pipeline.host_array` as their stored values (1 or 2 bytes a pixel, page-locked), looked up in their
 tables on the device, on a copy stream; other images decoded into page-locked memory as they are, on that
-stream too; the rest converted to float16 on the way. Only
-stage 1's small probability maps (for the connected-component post-processing and the plausibility checks),
-the CAMs and a few numbers per image come back. An upload thread copies one group of images while stage 1
-runs on the group before, without waiting for the device, and each group's masks are post-processed by the
-pipeline's thread pool while the next group is segmented. On the whole image, stage 2 runs before the masks
-are in: without the CAM chunk by chunk too, beside the next group's copy, its probabilities left on the
-device and read once for the batch, so that the host queues the next group's work while the device runs
-this one's. Groups of different image sizes
-are resized apart, then segmented and classified together once about ``DEVICE_GROUP`` images wait. The
-full-resolution lung mask and heatmap of each result are then made on first access, from those small maps,
-by the same functions the CPU path uses.
+stream too; the rest converted to float16 on the way. Only stage 1's small probability maps (for the
+connected-component post-processing and the plausibility checks), the CAMs and a few numbers per image come
+back. An upload thread copies one group of images while stage 1 runs on the group before, without waiting for
+the device, and each group's masks are post-processed by the pipeline's thread pool while the next group is
+segmented. On the whole image, stage 2 runs before the masks are in: without the CAM chunk by chunk too,
+beside the next group's copy, its probabilities left on the device and read once for the batch, so that the
+host queues the next group's work while the device runs this one's. Groups of different image sizes are
+resized apart, then segmented and classified together once about ``DEVICE_GROUP`` images wait. The
+full-resolution lung mask and heatmap of each result are then made on first access, from those small maps, by
+the same functions the CPU path uses.
 """
 
 from __future__ import annotations
