@@ -118,7 +118,7 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
                 stream.wait_event(copied)
                 for px in group:
                     px.record_stream(stream)
-            stack = torch.stack(group).float()
+            stack = gp.stacked(group).float()  # one buffer already: no copy of the full-resolution images
             x2 = None if lung_mode else gp.square_resize(stack, size)
             chunk.append((idx, gp.square_resize(stack, seg), x2))
             if lung_mode:

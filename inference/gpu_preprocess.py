@@ -136,6 +136,21 @@ def _offsets(arrays: list[np.ndarray]) -> list[int]:
     return np.concatenate([[0], np.cumsum([a.size for a in arrays])]).astype(int).tolist()
 
 
+def stacked(images: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack(images)`` without a copy when the images already lie one after the other in one buffer
+    (as the uploads here leave a group of one shape), else a copy."""
+    first = images[0]
+    step = first.numel()
+    if all(
+        t.shape == first.shape and t.dtype == first.dtype and t.is_contiguous()
+        and t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        and t.storage_offset() == first.storage_offset() + i * step
+        for i, t in enumerate(images)
+    ):
+        return first.as_strided((len(images), *first.shape), (step, *first.stride()))
+    return torch.stack(images)
+
+
 def _views(flat: torch.Tensor, arrays: list[np.ndarray], offsets: list[int]) -> list[torch.Tensor]:
     """Each array's part of ``flat``, in its shape."""
     return [flat[offsets[i] : offsets[i + 1]].view(a.shape) for i, a in enumerate(arrays)]

@@ -321,3 +321,24 @@ def test_batched_lung_crops_and_box_attention_equal_one_image_at_a_time() -> Non
         # and the same as the heatmap at source resolution: zero outside the box
         full = gp.uncrop(cams[k], boxes[k], tuple(masks[k].shape)).clamp_(0.0, 1.0)
         assert sums[k].tolist() == pytest.approx(gp.attention(full, masks[k]).tolist(), rel=1e-6)
+
+
+def test_a_group_uploaded_into_one_buffer_is_stacked_without_a_copy() -> None:
+    rng = np.random.default_rng(8)
+    arrays = [rng.random((30, 40), dtype=np.float32) for _ in range(3)]
+    group = gp.upload(arrays, torch.device("cpu"), torch.float32)
+    assert group[0].untyped_storage().data_ptr() != group[1].untyped_storage().data_ptr()  # wrapped apart
+    one = torch.from_numpy(np.stack(arrays))
+    views = list(one)  # one buffer, one image after the other, as upload_stored and the CUDA uploads give
+    stack = gp.stacked(views)
+    assert stack.data_ptr() == one.data_ptr() and torch.equal(stack, one)
+    stack2 = gp.stacked(group)  # separate buffers: copied
+    assert stack2.data_ptr() != group[0].data_ptr() and torch.equal(stack2, one)
+    # views of one buffer out of order, or with a gap, are copied
+    for parts in ([views[1], views[0], views[2]], [views[0], views[2]]):
+        out = gp.stacked(parts)
+        assert out.data_ptr() != one.data_ptr() and torch.equal(out, torch.stack(parts))
+    stored = [StoredValues(values=rng.integers(0, 4096, (30, 40)).astype(np.uint16),
+                           table=rng.random(4096, dtype=np.float32), low=0) for _ in range(3)]
+    looked_up, _ = gp.upload_stored(stored, torch.device("cpu"))
+    assert gp.stacked(looked_up).data_ptr() == looked_up[0].data_ptr()
