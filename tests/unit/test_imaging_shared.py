@@ -39,6 +39,17 @@ def test_every_shared_dicom_decodes(shared_data: Path, decoded: dict[str, XrayIm
         assert image.meta["sop_instance_uid"] == ds.SOPInstanceUID
 
 
+def test_every_shared_dicom_keeps_stored_values_whose_table_gives_its_pixels(
+    shared_data: Path, decoded: dict[str, XrayImage]
+) -> None:
+    # as the CUDA pipeline decodes them (Pipeline.host_array): the stored values and their table
+    for name, image in decoded.items():
+        kept = load_any(shared_data / "dicom" / name, allocate=lambda shape, dtype: np.empty(shape, dtype))
+        assert kept.stored is not None, name
+        np.testing.assert_array_equal(kept.pixels, image.pixels)
+        np.testing.assert_array_equal(kept.stored.pixels(), image.pixels)
+
+
 def test_rg1_chest_jpeg2000_lossy_and_lossless(shared_data: Path, decoded: dict[str, XrayImage]) -> None:
     lossless, lossy = decoded["RG1_J2KR.dcm"], decoded["RG1_J2KI.dcm"]
     for image in (lossless, lossy):
