@@ -28,7 +28,7 @@ import torch
 from inference import gpu_preprocess as gp
 from inference.batch import DEVICE_GROUP, Work, by_shape, heatmap_at_source, mask_at_source
 from inference.explain import attention_ratio
-from inference.types import StoredValues, XrayImage
+from inference.types import XrayImage
 
 if TYPE_CHECKING:
     from inference.pipeline import Pipeline
@@ -40,9 +40,8 @@ def upload_group(
     """One group's images on the device, and the event to wait for when they came by the copy stream: from
     their stored values when the decoder kept them all (by the copy stream when page-locked), else from their
     pixels."""
-    stored = [im.stored for im in images]
-    if all(s is not None for s in stored):
-        kept: list[StoredValues] = stored  # type: ignore[assignment]
+    kept = [im.stored for im in images if im.stored is not None]
+    if len(kept) == len(images):
         locked = pipe._copy_stream is not None and all(gp.stored_page_locked(s.values) for s in kept)
         return gp.upload_stored(kept, pipe.device, pipe._copy_stream if locked else None)
     arrays = [im.pixels for im in images]

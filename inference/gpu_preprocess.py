@@ -192,10 +192,15 @@ def upload(
 def is_page_locked(array: np.ndarray) -> bool:
     """Whether ``array`` is float32, C-contiguous and in page-locked host memory (as from
     ``Pipeline.host_array`` on CUDA), so that :func:`upload_page_locked` can copy it as it is."""
-    if not (isinstance(array, np.ndarray) and array.dtype == np.float32 and array.flags.c_contiguous
+    return isinstance(array, np.ndarray) and array.dtype == np.float32 and _pinned(array)
+
+
+def _pinned(array: np.ndarray) -> bool:
+    """Whether ``array`` is C-contiguous and in page-locked host memory."""
+    if not (isinstance(array, np.ndarray) and array.flags.c_contiguous
             and array.flags.writeable):  # torch.from_numpy warns about read-only arrays
         return False
-    return torch.cuda.is_available() and torch.from_numpy(array).is_pinned()
+    return torch.cuda.is_available() and _signed(array).is_pinned()
 
 
 def upload_page_locked(
@@ -232,9 +237,7 @@ def _signed(values: np.ndarray) -> torch.Tensor:
 def stored_page_locked(values: np.ndarray) -> bool:
     """Whether stored values (``StoredValues.values``) lie in page-locked host memory, as from
     ``Pipeline.host_array`` on CUDA, so that :func:`upload_stored` copies them beside other work."""
-    if not (isinstance(values, np.ndarray) and values.flags.c_contiguous and values.flags.writeable):
-        return False
-    return torch.cuda.is_available() and _signed(values).is_pinned()
+    return _pinned(values)
 
 
 def upload_stored(

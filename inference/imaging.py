@@ -22,6 +22,7 @@ The preprocessing shared by training and inference (``square_resize``, ``lung_cr
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import re
@@ -397,21 +398,13 @@ def _grey_pixels(
         photometric == "MONOCHROME2" and _text(ds, "PresentationLUTShape").upper() == "INVERSE"
     )
     last = None if inverse else dest  # with an inversion, the inversion is the pass that writes ``dest``
+    again: Callable[[np.ndarray], np.ndarray | None] = functools.partial(_voi_lut, ds=ds)
     voi = _voi_lut(arr, ds, last)
-    if voi is not None:
-        def again(a: np.ndarray) -> np.ndarray | None:
-            return _voi_lut(a, ds)
-    else:
-        voi = _window(arr, ds, last)
-        if voi is not None:
-            def again(a: np.ndarray) -> np.ndarray | None:
-                return _window(a, ds)
-        else:
-            low, high = _percentile_range(arr)
-            voi = _scale(arr, low, high, last)
-
-            def again(a: np.ndarray) -> np.ndarray | None:
-                return _scale(a, low, high)
+    if voi is None:
+        voi, again = _window(arr, ds, last), functools.partial(_window, ds=ds)
+    if voi is None:
+        low, high = _percentile_range(arr)
+        voi, again = _scale(arr, low, high, last), functools.partial(_scale, low=low, high=high)
 
     def same(values: np.ndarray) -> np.ndarray:
         out = again(_modality_lut(values, ds, warn=False))
