@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 CARD_FILE = "model.json"
 WEIGHT_FILES = {"segmenter": "segmenter.safetensors", "classifier": "classifier.safetensors"}
 TARGETS = ["normal", "covid19"]
-CROP_MODES = ("lung", "whole")
+CROP_MODES = ("lung", "whole", "square")  # stage 2 input: lung crop, whole image padded, its centre square
 # Keys every card must hold, with their JSON types.
 REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
     "format_version": int,
@@ -268,7 +268,7 @@ class ModelBundle:
     version = property(lambda self: str(self.card["version"]), doc="Bundle version.")
     device_uid = property(lambda self: str(self.card["device_uid"]), doc="DICOM Device UID of this bundle.")
     threshold = property(lambda self: float(self.card["threshold"]), doc="Operating threshold on P(covid19).")
-    crop_mode = property(lambda self: str(self.card["crop_mode"]), doc="'lung' or 'whole'.")
+    crop_mode = property(lambda self: str(self.card["crop_mode"]), doc="'lung', 'whole' or 'square'.")
     targets = property(lambda self: list(self.card["targets"]), doc="Class names in logit order.")
     segmenter_arch = property(lambda self: str(self.card["architectures"]["segmenter"]))
     classifier_arch = property(lambda self: str(self.card["architectures"]["classifier"]))

@@ -7,12 +7,12 @@ stream too; the rest converted to float16 on the way. Only stage 1's small proba
 connected-component post-processing and the plausibility checks), the CAMs and a few numbers per image come
 back. An upload thread copies one group of images while stage 1 runs on the group before, without waiting for
 the device, and each group's masks are post-processed by the pipeline's thread pool while the next group is
-segmented. On the whole image, stage 2 runs before the masks are in: without the CAM chunk by chunk too,
-beside the next group's copy, its probabilities left on the device and read once for the batch, so that the
-host queues the next group's work while the device runs this one's. Groups of different image sizes are
-resized apart, then segmented and classified together once about ``DEVICE_GROUP`` images wait. The
-full-resolution lung mask and heatmap of each result are then made on first access, from those small maps, by
-the same functions the CPU path uses.
+segmented. On the whole image (or its centre square), stage 2 runs before the masks are in: without the CAM
+chunk by chunk too, beside the next group's copy, its probabilities left on the device and read once for the
+batch, so that the host queues the next group's work while the device runs this one's. Groups of different
+image sizes are resized apart, then segmented and classified together once about ``DEVICE_GROUP`` images wait.
+The full-resolution lung mask and heatmap of each result are then made on first access, from those small maps,
+by the same functions the CPU path uses.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from inference import gpu_preprocess as gp
+from inference import imaging
 from inference.batch import DEVICE_GROUP, Work, by_shape, heatmap_at_source, mask_at_source
 from inference.explain import attention_ratio
 from inference.types import XrayImage
@@ -65,7 +66,8 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
     if not todo:
         return
     seg, size = pipe.bundle.segmenter_size, pipe.bundle.classifier_size
-    lung_mode = pipe.bundle.crop_mode == "lung"
+    mode = pipe.bundle.crop_mode
+    lung_mode = mode == "lung"
     groups = by_shape(todo)
     dtype = torch.float16 if pipe.device.type == "cuda" else torch.float32
     assert pipe._uploader is not None
@@ -76,8 +78,9 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
         for _, idx in groups
     ]
     pixels: list[torch.Tensor | None] = [None] * len(todo)  # kept for the lung crop
-    # On the whole image stage 2 does not depend on stage 1, so it runs before the masks are in; images found
-    # not assessable are dropped below. Without the CAM it runs chunk by chunk, beside the next group's copy.
+    # On the whole image (or its centre square) stage 2 does not depend on stage 1, so it runs before the
+    # masks are in; images found not assessable are dropped below. Without the CAM it runs chunk by chunk,
+    # beside the next group's copy.
     # With the CAM it runs once for the batch: the CAM's host work per call favours one large call (networks
     # + CAM on an H100: about 700 images/s in calls of 64, 584 in calls of 16).
     early_p = None if lung_mode else np.empty(len(todo))
@@ -109,7 +112,7 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
             on_device.append((idx, pipe._probabilities(items, pipe._normalise(x2[:, None]))))
 
     try:
-        for (_, idx), upload in zip(groups, uploads, strict=True):
+        for (shape, idx), upload in zip(groups, uploads, strict=True):
             t0 = time.perf_counter()
             group, copied = upload.result()
             if copied is not None:
@@ -118,7 +121,14 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
                 for px in group:
                     px.record_stream(stream)
             stack = gp.stacked(group).float()  # one buffer already: no copy of the full-resolution images
-            x2 = None if lung_mode else gp.square_resize(stack, size)
+            x2 = None
+            if mode == "square":
+                r0, c0, r1, c1 = box = imaging.centre_box(shape)
+                x2 = gp.square_resize(stack[:, r0:r1, c0:c1], size)
+                for i in idx:
+                    todo[i].box = box
+            elif not lung_mode:
+                x2 = gp.square_resize(stack, size)
             chunk.append((idx, gp.square_resize(stack, seg), x2))
             if lung_mode:
                 for i, px in zip(idx, group, strict=True):
@@ -188,7 +198,7 @@ def run_device(pipe: Pipeline, work: list[Work], explain: bool) -> None:
     if cams is not None:
         cams_dev = torch.from_numpy(cams).to(pipe.device)
         sums = torch.empty((len(kept), 2), dtype=torch.float64, device=pipe.device)
-        if lung_mode:
+        if mode != "whole":
             # the heatmap is zero outside the crop box: both sums need only the box
             for start in range(0, len(kept), DEVICE_GROUP):
                 part = slice(start, start + DEVICE_GROUP)

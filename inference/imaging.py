@@ -15,8 +15,9 @@ Invalid optional header values (Pixel Spacing, View Position, window values...) 
 are ignored, logged, and the next rule applies. Undecodable pixel data raises ``InvalidInstance`` naming what
 failed.
 
-The preprocessing shared by training and inference (``square_resize``, ``lung_crop``, ``postprocess_mask``,
-``resize_mask`` and their inverses) lives in ``inference.preprocess`` and is re-exported here.
+The preprocessing shared by training and inference (``square_resize``, ``lung_crop``, ``centre_crop``,
+``postprocess_mask``, ``resize_mask`` and their inverses) lives in ``inference.preprocess`` and is re-exported
+here.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ from dicom_node.errors import InvalidInstance
 from inference import j2k
 from inference.preprocess import (
     PAD_VALUE,
+    centre_box,
+    centre_crop,
     lung_box,
     lung_crop,
     postprocess_mask,
@@ -57,6 +60,8 @@ from inference.types import StoredValues, XrayImage
 __all__ = [
     "MIN_SIZE",
     "PAD_VALUE",
+    "centre_box",
+    "centre_crop",
     "header_reason",
     "load_any",
     "load_dicom",

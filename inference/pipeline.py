@@ -309,6 +309,9 @@ class Pipeline:
         if self.bundle.crop_mode == "lung":
             w.box = imaging.lung_box(w.mask)
             w.x2 = imaging.lung_crop(w.image.pixels, w.mask, size)
+        elif self.bundle.crop_mode == "square":
+            w.box = imaging.centre_box(w.image.pixels.shape)
+            w.x2 = imaging.centre_crop(w.image.pixels, size)
         else:
             w.x2 = imaging.square_resize(w.image.pixels, size)
         w.timings["preprocess"] = w.timings.get("preprocess", 0.0) + time.perf_counter() - t1

@@ -5,8 +5,10 @@ odd remainder goes to the bottom/right), then resizes it to ``size`` x ``size`` 
 shrinking): aspect kept, padding always the same value, whatever the source.
 ``lung_crop`` does the same to the lung bounding box plus a margin, and blanks everything outside the
 slightly dilated lung mask; the dilation is measured on the output grid, so it is the same for every source
-resolution. ``unsquare`` and ``uncrop`` map square outputs (probability maps, heatmaps) back to the source;
-``square_region`` says where the image lies on the square grid.
+resolution. ``centre_crop`` resizes the image's largest centred square (``centre_box``): no padding at all,
+so neither the image's aspect nor padding bars reach the network. ``unsquare`` and ``uncrop`` map square
+outputs (probability maps, heatmaps) back to the source; ``square_region`` says where the image lies on the
+square grid.
 Everything here is also importable from ``inference.imaging``.
 """
 
@@ -19,6 +21,8 @@ from scipy import ndimage
 
 __all__ = [
     "PAD_VALUE",
+    "centre_box",
+    "centre_crop",
     "components",
     "fill_holes",
     "largest",
@@ -82,6 +86,26 @@ def square_resize(pixels: np.ndarray, size: int) -> np.ndarray:
         square = np.full((side, side), PAD_VALUE, dtype=np.float32)
         square[top : top + pixels.shape[0], left : left + pixels.shape[1]] = pixels
     return _resize(square, (size, size))
+
+
+def centre_box(shape: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(row0, col0, row1, col1), ends exclusive: the largest square centred in an image of ``shape`` (an odd
+    remainder goes to the bottom/right, as in ``square_resize``)."""
+    rows, cols = int(shape[0]), int(shape[1])
+    if rows < 1 or cols < 1:
+        raise ValueError('Argument "shape" must be (rows, columns), both positive.')
+    side = min(rows, cols)
+    top, left = (rows - side) // 2, (cols - side) // 2
+    return top, left, top + side, left + side
+
+
+def centre_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """The image's largest centred square (``centre_box``) resized to ``size`` x ``size`` (float32): the
+    stage 2 input of crop mode 'square'. Map a heatmap back with
+    ``uncrop(heat, centre_box(shape), shape)``."""
+    _check_image(pixels, "pixels")
+    r0, c0, r1, c1 = centre_box(pixels.shape)
+    return square_resize(pixels[r0:r1, c0:c1], size)
 
 
 def square_region(shape: tuple[int, int], size: int) -> tuple[float, float, float, float]:

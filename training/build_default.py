@@ -81,7 +81,8 @@ from training.tensors import ImageSet, build_image_set
 
 log = logging.getLogger(__name__)
 
-MODES = ("whole", "lung")
+MODES = ("whole", "lung", "square")  # every stage 2 input mode (inference.bundle.CROP_MODES)
+DEFAULT_MODES = ("whole", "lung")  # the method's comparison: whole image against lung-segmented
 DEFAULT_ARCHS = ("densenet121", "resnet18", "mobilenet_v2")
 
 
@@ -120,7 +121,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
                   seg_size: int = 256, cls_size: int = 224, batch_size: int = 32, lr: float = 0.002,
                   target_sensitivity: float = 0.95, seed: int = 0, quick: bool = False, resume: bool = False,
                   version: str = "1.0.0", say: Callable[[str], None] = log.info,
-                  modes: tuple[str, ...] = MODES, labels: Path | None = None, split_file: Path | None = None,
+                  modes: tuple[str, ...] = DEFAULT_MODES, labels: Path | None = None,
+                  split_file: Path | None = None,
                   base_bundle: Path | None = None, fine_tune: bool = False,
                   samples: list[Sample] | None = None, attention_weight: float = 1.0,
                   min_attention: float = 0.7, reference: Path | tuple[Path, ...] | None = None,
@@ -470,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-sensitivity", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--version", default="1.0.0", help="version written into the bundle card")
-    p.add_argument("--modes", default=",".join(MODES), help="comma-separated stage 2 input modes")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES),
+                   help=f"comma-separated stage 2 input modes, of {', '.join(MODES)} ('square': the image's "
+                        "centre square, so neither its aspect nor padding reaches stage 2)")
     p.add_argument("--base-bundle", type=Path, default=None,
                    help="bundle whose stage 1 is reused when --seg-archs is empty")
     p.add_argument("--split", type=Path, default=None, help="reuse this split.json instead of a new split")

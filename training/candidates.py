@@ -149,13 +149,14 @@ def val_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
 
 
 def stage2_inputs(mode: str, images: ImageSet, crops: LungCrops) -> torch.Tensor:
-    """Stage 2's input tensors for ``mode``: the lung crops, or the whole squared images."""
-    return crops.crops if mode == "lung" else images.whole
+    """Stage 2's input tensors for ``mode``: the lung crops, the whole images padded to squares, or their
+    centre squares."""
+    return {"lung": crops.crops, "whole": images.whole, "square": images.square}[mode]
 
 
 def stage2_masks(mode: str, crops: LungCrops) -> torch.Tensor:
     """The lung masks in the frame of :func:`stage2_inputs`."""
-    return crops.crop_masks if mode == "lung" else crops.whole_masks
+    return {"lung": crops.crop_masks, "whole": crops.whole_masks, "square": crops.square_masks}[mode]
 
 
 def choose(configs: dict[str, dict[str, Any]], min_attention: float) -> str:

@@ -2,7 +2,8 @@
 
 Every image goes through ``inference.preprocess`` exactly as at inference time: ``square_resize`` (pad to
 square with a fixed value, resize) for stage 1 and for the whole-image mode, ``postprocess_mask`` on stage 1's
-probability map and ``lung_crop`` for the lung-segmented mode. Nothing depends on the label or the source.
+probability map and ``lung_crop`` for the lung-segmented mode, ``centre_crop`` for the square mode. Nothing
+depends on the label or the source.
 
 A *shape-normalised* copy of each image (its centre square, resized to a fixed size) is kept beside it: a
 model that scores well only on the originals is using the image's shape, not its content.
@@ -56,11 +57,11 @@ def load_mask(path: str, shape: tuple[int, int]) -> np.ndarray:
 
 
 def centre_square(pixels: np.ndarray) -> np.ndarray:
-    """The largest centred square of an image (the shape-normalised view)."""
-    h, w = pixels.shape[:2]
-    s = min(h, w)
-    y0, x0 = (h - s) // 2, (w - s) // 2
-    return pixels[y0:y0 + s, x0:x0 + s]
+    """The largest centred square of an image (the shape-normalised view): ``preprocess.centre_box``."""
+    from inference.preprocess import centre_box
+
+    r0, c0, r1, c1 = centre_box(pixels.shape[:2])
+    return pixels[r0:r1, c0:c1]
 
 
 @dataclass
@@ -71,6 +72,7 @@ class ImageSet:
     pixels: list[np.ndarray]  # source images as uint8 (lung crops are cut from these, as at inference)
     seg_input: torch.Tensor  # square_resize(pixels, seg_size): stage 1 input
     whole: torch.Tensor  # square_resize(pixels, cls_size): whole-image mode input
+    square: torch.Tensor  # centre_crop(pixels, cls_size): square mode input
     masks: torch.Tensor | None = None  # ground-truth lung masks at seg_size (segmentation samples)
     centre: ImageSet | None = None  # the same images' centre squares (shape-normalised copies)
 
@@ -94,7 +96,7 @@ class ImageSet:
     def subset(self, index: Sequence[int]) -> ImageSet:
         idx = torch.as_tensor(list(index), dtype=torch.long)
         return ImageSet(samples=[self.samples[i] for i in index], pixels=[self.pixels[i] for i in index],
-                        seg_input=self.seg_input[idx], whole=self.whole[idx],
+                        seg_input=self.seg_input[idx], whole=self.whole[idx], square=self.square[idx],
                         masks=None if self.masks is None else self.masks[idx],
                         centre=None if self.centre is None else self.centre.subset(index))
 
@@ -106,16 +108,18 @@ def _stack(arrs: list[np.ndarray], size: int) -> torch.Tensor:
 
 
 def _from_pixels(samples: list[Sample], pixels: list[np.ndarray], seg_size: int, cls_size: int) -> ImageSet:
-    from inference.preprocess import square_resize
+    from inference.preprocess import centre_crop, square_resize
 
-    def one(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def one(p: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         f = p.astype(np.float32) / 255.0
-        return to_uint8(square_resize(f, seg_size)), to_uint8(square_resize(f, cls_size))
+        return (to_uint8(square_resize(f, seg_size)), to_uint8(square_resize(f, cls_size)),
+                to_uint8(centre_crop(f, cls_size)))
 
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         rows = list(pool.map(one, pixels))
     return ImageSet(samples=samples, pixels=pixels, seg_input=_stack([r[0] for r in rows], seg_size),
-                    whole=_stack([r[1] for r in rows], cls_size))
+                    whole=_stack([r[1] for r in rows], cls_size),
+                    square=_stack([r[2] for r in rows], cls_size))
 
 
 def build_image_set(samples: Sequence[Sample], *, seg_size: int, cls_size: int, with_masks: bool = False,
@@ -162,6 +166,7 @@ class LungCrops:
     crops: torch.Tensor  # uint8 (N, 1, cls_size, cls_size): lung_crop of the source image
     crop_masks: torch.Tensor  # bool (N, 1, cls_size, cls_size): the lung mask in the crop's frame
     whole_masks: torch.Tensor  # bool (N, 1, cls_size, cls_size): the lung mask in the whole square's frame
+    square_masks: torch.Tensor  # bool (N, 1, cls_size, cls_size): the lung mask in the centre square's frame
     lung_fraction: np.ndarray  # mask area / image area
     found: np.ndarray  # bool: stage 1 found lungs (else the crop is the whole square)
 
@@ -173,26 +178,29 @@ def lung_crops(segmenter: nn.Module, images: ImageSet, *, cls_size: int, device:
 
     ``postprocess_mask`` on the probability map (two largest components, holes filled), mapped back to the
     source image (``unsquare``, as ``inference.pipeline`` does), then ``lung_crop`` of the source image.
+    The mask is also given in the frames of the whole-image and square modes' inputs.
     """
-    from inference.preprocess import lung_crop, postprocess_mask, square_resize, unsquare
+    from inference.preprocess import centre_crop, lung_crop, postprocess_mask, square_resize, unsquare
 
     prob = predict(segmenter, images.seg_input, kind="segmentation", device=device, mean=mean, std=std,
                    batch_size=batch_size)
-    def one(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, bool]:
+    def one(i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float, bool]:
         px = images.pixels[i].astype(np.float32) / 255.0
         small = np.asarray(postprocess_mask(prob[i, 0].numpy(), threshold=0.5), dtype=bool)
         if not small.any():  # the pipeline calls this not assessable; keep the image so every case is scored
-            whole = square_resize(np.zeros(px.shape, np.float32), cls_size) > 0.5
-            return to_uint8(square_resize(px, cls_size)), whole, whole, 0.0, False
+            empty = np.zeros((cls_size, cls_size), dtype=bool)
+            return to_uint8(square_resize(px, cls_size)), empty, empty, empty, 0.0, False
         mask = unsquare(small.astype(np.float32), px.shape) >= 0.5
         m = mask.astype(np.float32)
         return (to_uint8(lung_crop(px, mask, cls_size)), lung_crop(m, mask, cls_size) > 0.5,
-                square_resize(m, cls_size) > 0.5, float(mask.mean()), True)
+                square_resize(m, cls_size) > 0.5, centre_crop(m, cls_size) > 0.5, float(mask.mean()), True)
 
     with ThreadPoolExecutor(max_workers=_workers()) as pool:
         rows = list(pool.map(one, range(len(images.pixels))))
-    crops, crop_masks, whole_masks = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
-    fractions, found = [r[3] for r in rows], [r[4] for r in rows]
-    return LungCrops(crops=_stack(crops, cls_size), crop_masks=_stack(crop_masks, cls_size).bool(),
-                     whole_masks=_stack(whole_masks, cls_size).bool(), lung_fraction=np.asarray(fractions),
-                     found=np.asarray(found, dtype=bool))
+
+    def masks(k: int) -> torch.Tensor:
+        return _stack([r[k] for r in rows], cls_size).bool()  # type: ignore[misc]
+
+    return LungCrops(crops=_stack([r[0] for r in rows], cls_size), crop_masks=masks(1), whole_masks=masks(2),
+                     square_masks=masks(3), lung_fraction=np.asarray([r[4] for r in rows]),
+                     found=np.asarray([r[5] for r in rows], dtype=bool))

@@ -38,7 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run folder (bundle, report, split, checkpoints)")
     p.add_argument("--stage", choices=["1", "2", "both"], default="both")
     p.add_argument("--arch", choices=CLASSIFIERS, default="densenet121", help="stage 2 architecture")
-    p.add_argument("--mode", choices=MODES, default="lung", help="stage 2 input: lung crop or whole image")
+    p.add_argument("--mode", choices=MODES, default="lung",
+                   help="stage 2 input: lung crop, whole image (padded to a square) or its centre square")
     p.add_argument("--seg-arch", choices=SEGMENTERS, default="unet", help="stage 1 architecture")
     p.add_argument("--base-model", metavar="DIR", help="bundle for the stage not trained (default: the "
                                                         "node's default model)")

@@ -105,12 +105,15 @@ def test_attention_penalty_build_with_a_reference_run(built: tuple[Path, dict], 
     out, first = built
     data = out.parent / "data"
     rc = main(["--data", str(data), "--out", str(tmp_path / "guided"), "--device", "cpu", "--quick",
-               "--epochs-cls", "1", "--archs", "resnet18", "--modes", "whole", "--seg-archs", "",
+               "--epochs-cls", "1", "--archs", "resnet18", "--modes", "whole,square", "--seg-archs", "",
                "--base-bundle", str(out / "bundle"), "--split", str(out / "split.json"),
                "--attention-weight", "1", "--reference", str(out / "results.json")])
     assert rc == 0
     results = json.loads((tmp_path / "guided" / "results.json").read_text())
-    assert set(results["configs"]) == {"resnet18/whole"} and results["chosen"] == "resnet18/whole"
+    assert set(results["configs"]) == {"resnet18/whole", "resnet18/square"}
+    assert results["configs"]["resnet18/square"]["mode"] == "square"
+    lead = results["selection"].pop("lead")  # validation's margin of the chosen over the other candidate
+    assert {lead["over"], results["chosen"]} == {"resnet18/whole", "resnet18/square"}
     assert results["selection"] == {"min_attention": 0.7, "attention_weight": 1.0, "input_size": 64,
                                     "source_balance": 0.0,
                                     "style_augment": 0.0, "source_adversary": 0.0, "artefact_augment": 0.0,
@@ -118,7 +121,8 @@ def test_attention_penalty_build_with_a_reference_run(built: tuple[Path, dict], 
                                     "references": [{"path": str(out / "results.json"), "label": "results",
                                                     "attention_weight": 1.0}]}
     assert results["reference_configs"].keys() == {f"{k} (results run)" for k in first["configs"]}
-    assert 0.0 <= results["configs"]["resnet18/whole"]["val_attention"]["positives"]["median"] <= 1.0
+    for name in ("resnet18/whole", "resnet18/square"):
+        assert 0.0 <= results["configs"][name]["val_attention"]["positives"]["median"] <= 1.0
     assert results["stage1"]["by_arch"]["unet"]["from"] == str(out / "bundle")
     report = (tmp_path / "guided" / "report.md").read_text()
     assert "mobilenet_v2/lung (results run)" in report and "lung-attention penalty (weight 1.00)" in report
@@ -128,6 +132,7 @@ def test_attention_penalty_build_with_a_reference_run(built: tuple[Path, dict], 
 
     card = ModelBundle.load(tmp_path / "guided" / "bundle").card
     assert card["training_data"]["lung_attention_weight"] == 1.0
+    assert card["crop_mode"] == results["configs"][results["chosen"]]["mode"]
 
 
 def test_a_reference_from_another_split_is_refused_before_training(built: tuple[Path, dict],

@@ -12,6 +12,8 @@ import pytest
 from inference import preprocess
 from inference.imaging import (
     PAD_VALUE,
+    centre_box,
+    centre_crop,
     load_dicom,
     lung_box,
     lung_crop,
@@ -88,6 +90,35 @@ def test_square_region_marks_the_image(shape: tuple[int, int]) -> None:
     # Outside it, only the pixel next to the edge (resampling support) may be non-zero.
     assert not out[: max(0, int(np.floor(top)) - 1)].any() and not out[int(np.ceil(bottom)) + 1 :].any()
     assert not out[:, : max(0, int(np.floor(left)) - 1)].any() and not out[:, int(np.ceil(right)) + 1 :].any()
+
+
+@pytest.mark.parametrize(("shape", "box"), [((512, 512), (0, 0, 512, 512)), ((400, 601), (0, 100, 400, 500)),
+                                           ((601, 400), (100, 0, 500, 400)), ((5, 8), (0, 1, 5, 6))])
+def test_centre_box_is_the_largest_centred_square(shape: tuple[int, int], box: tuple[int, ...]) -> None:
+    assert centre_box(shape) == box
+    with pytest.raises(ValueError, match='"shape"'):
+        centre_box((0, 5))
+
+
+def test_centre_crop_shows_no_padding_and_ignores_symmetric_bars() -> None:
+    image, _ = make_phantom((400, 400), seed=7)
+    wide = np.pad(image, ((0, 0), (90, 90)), constant_values=PAD_VALUE)  # bars left and right
+    tall = np.pad(image, ((50, 50), (0, 0)), constant_values=PAD_VALUE)  # bars top and bottom
+    plain = centre_crop(image, 128)
+    assert plain.shape == (128, 128) and plain.dtype == np.float32
+    assert np.array_equal(plain, square_resize(image, 128))
+    # the bars fall outside the centre square: the stage 2 input is the same as without them
+    assert np.array_equal(centre_crop(wide, 128), plain) and np.array_equal(centre_crop(tall, 128), plain)
+    assert not np.array_equal(square_resize(wide, 128), plain)  # where padding would keep them
+    # a non-square film fills the whole input: no row or column of padding
+    film, _ = make_phantom((300, 480), seed=8)
+    out = centre_crop(film, 96)
+    assert out[0].any() and out[-1].any() and out[:, 0].any() and out[:, -1].any()
+    r0, c0, r1, c1 = centre_box(film.shape)
+    assert np.array_equal(out, square_resize(film[r0:r1, c0:c1], 96))
+    heat = np.ones((96, 96), np.float32)
+    back = uncrop(heat, centre_box(film.shape), film.shape)
+    assert back[:, c0:c1].min() > 0.99 and not back[:, :c0].any() and not back[:, c1:].any()
 
 
 def test_resize_mask_keeps_area_and_type() -> None:

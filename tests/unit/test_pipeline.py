@@ -79,6 +79,27 @@ def test_whole_image_mode(phantom_bundle_whole: Path) -> None:
         assert r.lung_attention is None
 
 
+def test_square_mode_classifies_the_centre_square_so_padding_bars_change_nothing(
+    phantom_bundle_square: Path, phantom_bundle_whole: Path
+) -> None:
+    image, _ = _phantom((480, 480), seed=4)
+    wide = XrayImage(np.pad(image.pixels, ((0, 0), (80, 80))), "wide", image.meta)  # a 4:3 film's bars
+    probabilities = {}
+    for name, path in (("square", phantom_bundle_square), ("whole", phantom_bundle_whole)):
+        p = Pipeline.from_bundle(path, device="cpu", cam="gradcam")
+        try:
+            plain, barred = p.run([image, wide])
+        finally:
+            p.close()
+        assert plain.probability is not None and barred.probability is not None, (plain.reason, barred.reason)
+        probabilities[name] = (plain.probability, barred.probability)
+        if name == "square":
+            assert barred.heatmap.shape == (480, 640)
+            assert not barred.heatmap[:, :80].any() and not barred.heatmap[:, 560:].any()
+    assert probabilities["square"][1] == pytest.approx(probabilities["square"][0], abs=1e-6)
+    assert abs(probabilities["whole"][1] - probabilities["whole"][0]) > 1e-4  # the bars reach the whole image
+
+
 def test_an_int8_ensemble_bundle_runs_with_and_without_explanations(tmp_path: Path) -> None:
     path = make_random_bundle(tmp_path / "ens", cls_arch="resnet18", seg_size=64, cls_size=64,
                               crop_mode="whole", fit_segmenter_steps=PHANTOM_FIT_STEPS, members=2,

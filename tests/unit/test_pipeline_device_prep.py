@@ -53,7 +53,7 @@ def test_empty_mask_has_no_box() -> None:
         gp.lung_box(torch.zeros(10, 10, dtype=torch.bool))
 
 
-@pytest.mark.parametrize("bundle", ["phantom_bundle", "phantom_bundle_whole"])
+@pytest.mark.parametrize("bundle", ["phantom_bundle", "phantom_bundle_whole", "phantom_bundle_square"])
 def test_pipeline_results_agree_with_device_preprocessing(
     bundle: str, request: pytest.FixtureRequest
 ) -> None:

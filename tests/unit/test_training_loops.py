@@ -259,3 +259,41 @@ def test_predict_moves_the_model_outside_inference_mode_so_grad_cam_can_follow()
     assert not any(q.is_inference() for q in model.parameters())
     prepare_cam("resnet18", model.net)
     assert model.net.layer4[-1].conv2.weight.requires_grad
+
+
+def test_square_mode_tensors_are_the_pipelines_centre_squares(tmp_path: Path,
+                                                              phantom_bundle_square: Path) -> None:
+    from PIL import Image
+
+    from inference.bundle import ModelBundle
+    from inference.imaging import centre_crop, load_any
+    from inference.phantom import make_phantom
+    from inference.pipeline import Pipeline
+    from training.candidates import stage2_inputs, stage2_masks
+    from training.datasets import Sample
+    from training.tensors import build_image_set, lung_crops, to_uint8
+
+    samples = []
+    for i, shape in enumerate([(300, 480), (480, 300)]):
+        pixels, _ = make_phantom(shape, seed=70 + i)
+        Image.fromarray(to_uint8(pixels)).save(tmp_path / f"p{i}.png")
+        samples.append(Sample(tmp_path / f"p{i}.png", "covid", f"p{i}"))
+    images = build_image_set(samples, seg_size=64, cls_size=64)
+    bundle = ModelBundle.load(phantom_bundle_square)
+    crops = lung_crops(bundle.segmenter, images, cls_size=64, device=torch.device("cpu"))
+    pipe = Pipeline.from_bundle(phantom_bundle_square, device="cpu")
+    try:
+        results = pipe.run([load_any(s.file) for s in samples])
+    finally:
+        pipe.close()
+    x, m = stage2_inputs("square", images, crops), stage2_masks("square", crops)
+    assert x.shape == m.shape == (2, 1, 64, 64) and m.dtype == torch.bool
+    for i, (s, r) in enumerate(zip(samples, results, strict=True)):
+        px = load_any(s.file).pixels
+        assert torch.equal(x[i, 0], torch.from_numpy(to_uint8(centre_crop(px, 64))))
+        assert not torch.equal(x[i], images.whole[i])  # the whole image is padded, the square is not
+        assert r.lung_mask is not None and m[i].any()
+        # the lung-attention penalty sees the mask the pipeline finds, in the square input's frame
+        expected = torch.from_numpy(centre_crop(r.lung_mask.astype(np.float32), 64) > 0.5)
+        assert (m[i, 0] == expected).float().mean() > 0.99
+    assert torch.equal(images.subset([1]).square, images.square[1:])
