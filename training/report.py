@@ -239,6 +239,16 @@ def _selection_text(results: Mapping[str, Any]) -> str:
     return text
 
 
+MODE_NAMES = {"whole": "whole image", "lung": "lung-segmented", "square": "centre square"}
+
+
+def _modes_text(results: Mapping[str, Any]) -> str:
+    """The stage 2 input modes of a run's configurations and reference rows, named in MODE_NAMES' order."""
+    rows = [*results["configs"].values(), *(results.get("reference_configs") or {}).values()]
+    present = {c.get("mode") for c in rows}
+    return ", ".join(name for mode, name in MODE_NAMES.items() if mode in present)
+
+
 def write_build_report(out: str | Path, results: Mapping[str, Any]) -> Path:
     """``report.md`` for a ``build_default`` run (every number from ``results``)."""
     out = Path(out)
@@ -254,7 +264,7 @@ def write_build_report(out: str | Path, results: Mapping[str, Any]) -> Path:
                ("dice_mean", "test Dice"), ("dice_median", "median Dice"), ("iou_mean", "test IoU")]),
         "", f"Chosen: `{results['stage1']['chosen']}`. "
         f"Share of images where lungs were found: `{_plain(results.get('lungs_found'))}`.", "",
-        "## Comparison: architecture x {whole image, lung-segmented} (one test split)", "",
+        f"## Comparison: architecture x {{{_modes_text(results)}}} (one test split)", "",
         "Threshold of each configuration set on validation for sensitivity >= "
         f"{results.get('target_sensitivity')}; {_selection_text(results)}", "",
         comparison_markdown(results["configs"], results["chosen"], results.get("reference_configs")), "",

@@ -128,6 +128,7 @@ def test_attention_penalty_build_with_a_reference_run(built: tuple[Path, dict], 
     assert "mobilenet_v2/lung (results run)" in report and "lung-attention penalty (weight 1.00)" in report
     assert f"(results run): `{out / 'results.json'}`, penalty weight 1.00" in report
     assert "val lung attention (covid, median)" in report
+    assert "## Comparison: architecture x {whole image, lung-segmented, centre square}" in report
     from inference.bundle import ModelBundle
 
     card = ModelBundle.load(tmp_path / "guided" / "bundle").card
