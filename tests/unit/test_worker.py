@@ -53,7 +53,9 @@ def spool(settings: Settings, jm: JobManager, name: str, *, garbage: bool = Fals
     if garbage:
         path.write_bytes(b"\x00" * 128 + b"DICM" + b"not really a dataset" * 10)
     else:
-        make_dicom(path, shape=(256, 256), sop_instance_uid=uid, seed=len(name))
+        # fixed UIDs: the same bytes every run, so a byte damaged on purpose always meets the same neighbours
+        make_dicom(path, shape=(256, 256), sop_instance_uid=uid, seed=len(name),
+                   study_instance_uid=f"{uid}.1", SeriesInstanceUID=f"{uid}.2")
     job_id, created = jm.enqueue(sop_instance_uid=uid, study_instance_uid="1.2.3",
                                  series_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
                                  calling_ae=calling_ae, calling_host="127.0.0.1", spool_path=str(path))
