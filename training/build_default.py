@@ -434,10 +434,14 @@ def preflight() -> str:
 
 
 def _centre_whole(images: ImageSet, size: int) -> torch.Tensor:
-    from inference.preprocess import square_resize
-    from training.tensors import centre_square, to_uint8
+    """Each image's centre square at ``size`` (uint8, N x 1 x size x size): ``images.square`` when ``images``
+    were prepared at that size."""
+    from inference.preprocess import centre_crop
+    from training.tensors import to_uint8
 
-    arrs = [to_uint8(square_resize(centre_square(p).astype(np.float32) / 255.0, size)) for p in images.pixels]
+    if images.square.shape[-1] == size:
+        return images.square
+    arrs = [to_uint8(centre_crop(p.astype(np.float32) / 255.0, size)) for p in images.pixels]
     if not arrs:
         return torch.zeros((0, 1, size, size), dtype=torch.uint8)
     return torch.from_numpy(np.stack(arrs))[:, None]

@@ -211,16 +211,16 @@ def _baselines(cls: Sequence[Sample], split: Any, target: float, size: int) -> d
     """The trivial baselines on each image's centre square at ``size`` (the classifier's input size)."""
     import torch
 
-    from inference.preprocess import square_resize
+    from inference.preprocess import centre_crop
     from training.baselines import trivial_baselines
-    from training.tensors import centre_square, load_pixels
+    from training.tensors import load_pixels
 
     shapes, centres, ys = {}, {}, {}
     for side in ("train", "val", "test"):
         chosen = split.select(cls, side)
         pix = [load_pixels(s) for s in chosen]
         shapes[side] = np.asarray([q.shape[:2] for q in pix]).reshape(-1, 2)
-        centres[side] = torch.from_numpy(np.stack([np.rint(square_resize(centre_square(q), size) * 255)
+        centres[side] = torch.from_numpy(np.stack([np.rint(centre_crop(q, size) * 255)
                                                    .astype(np.uint8) for q in pix]))[:, None]
         ys[side] = np.asarray([s.target for s in chosen])
     if any(len(np.unique(ys[s])) < 2 for s in ys):

@@ -129,7 +129,7 @@ def build_image_set(samples: Sequence[Sample], *, seg_size: int, cls_size: int, 
     ``with_masks`` also loads their lung masks (segmentation rows). ``centre_size`` > 0 adds the
     shape-normalised copies: each image's centre square resized to ``centre_size`` x ``centre_size``.
     """
-    from inference.preprocess import square_resize
+    from inference.preprocess import centre_crop, square_resize
 
     for name, v in (("seg_size", seg_size), ("cls_size", cls_size)):
         if not 32 <= int(v) <= 2048:
@@ -153,7 +153,7 @@ def build_image_set(samples: Sequence[Sample], *, seg_size: int, cls_size: int, 
     if with_masks:
         out.masks = _stack(masks, seg_size)
     if centre_size:
-        centres = [to_uint8(square_resize(centre_square(p).astype(np.float32) / 255.0, centre_size))
+        centres = [to_uint8(centre_crop(p.astype(np.float32) / 255.0, centre_size))
                    for p in pixels]
         out.centre = _from_pixels(samples, centres, seg_size, cls_size)
     return out
