@@ -5,9 +5,12 @@ float32 in [0, 1] displayed the usual way (bright bone, dark air):
 
 * DICOM: Modality LUT (Rescale Slope/Intercept or a Modality LUT Sequence), then the VOI transform (a VOI LUT
   Sequence when present, else the first Window Center/Width with its VOI LUT Function, else the 0.5th..99.5th
-  percentile of the modality values), then MONOCHROME1 is inverted. Every transfer syntax pydicom can decode
-  with the installed plugins (uncompressed, deflated, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000,
-  HTJ2K, RLE). Multi-frame: the first frame. RGB/YBR: converted to grey (ITU-R 601 luma).
+  percentile of the modality values), then MONOCHROME1 is inverted. Pixels at the Pixel Padding Value (or in
+  its range up to the Pixel Padding Range Limit) are the film's padding, not anatomy: they are left out of
+  the percentile range and shown black, as the training images' padding is, whatever the photometric
+  interpretation. Every transfer syntax pydicom can decode with the installed plugins (uncompressed,
+  deflated, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE). Multi-frame: the first frame.
+  RGB/YBR: converted to grey (ITU-R 601 luma).
 * PNG/JPEG: 8-bit greyscale divided by 255; 16-bit and float images scaled min..max; colour converted to grey
   after flattening any alpha channel on black.
 
@@ -274,14 +277,42 @@ def _voi_lut(arr: np.ndarray, ds: Dataset, dest: np.ndarray | None = None) -> np
     return np.clip(out, 0.0, 1.0, out=out if dest is None else dest)
 
 
-def _percentile_range(arr: np.ndarray) -> tuple[float, float]:
-    """The PERCENTILES range of an image, estimated on a strided subsample (at most ~65k pixels); its whole
-    range when that is empty."""
+def _percentile_range(arr: np.ndarray, keep: np.ndarray | None = None) -> tuple[float, float]:
+    """The PERCENTILES range of an image (of its pixels where ``keep`` is true, when given), estimated on a
+    strided subsample (at most ~65k pixels); its whole range when that is empty."""
     step = max(1, int(math.sqrt(arr.size / 65536)))
-    low, high = np.percentile(arr[::step, ::step], PERCENTILES)
+    sample = arr[::step, ::step]
+    if keep is not None:
+        sample = sample[keep[::step, ::step]]
+        if sample.size == 0:
+            sample = arr[keep]
+    low, high = np.percentile(sample, PERCENTILES)
     if high <= low:
-        low, high = float(arr.min()), float(arr.max())
+        values = arr if keep is None else arr[keep]
+        low, high = float(values.min()), float(values.max())
     return float(low), float(high)
+
+
+def _padding_range(ds: Dataset) -> tuple[int, int] | None:
+    """The stored values that mark padding: Pixel Padding Value, up to Pixel Padding Range Limit when that is
+    present (inclusive, either order; PS3.3 C.7.5.1.1.2); None when absent or invalid (logged)."""
+    if "PixelPaddingValue" not in ds:
+        return None
+    values = _numbers(ds, "PixelPaddingValue")
+    if values is None or len(values) != 1 or values[0] != int(values[0]):
+        if values is not None:
+            logger.warning("invalid PixelPaddingValue %r ignored", values[:4],
+                           extra={"action": "dicom_header_invalid"})
+        return None
+    low = high = int(values[0])
+    if "PixelPaddingRangeLimit" in ds:
+        limit = _numbers(ds, "PixelPaddingRangeLimit")
+        if limit is not None and len(limit) == 1 and limit[0] == int(limit[0]):
+            low, high = sorted((low, int(limit[0])))
+        elif limit is not None:
+            logger.warning("invalid PixelPaddingRangeLimit %r ignored", limit[:4],
+                           extra={"action": "dicom_header_invalid"})
+    return low, high
 
 
 def _scale(arr: np.ndarray, low: float, high: float, dest: np.ndarray | None = None) -> np.ndarray:
@@ -393,12 +424,20 @@ def _grey_pixels(
     stored: np.ndarray, ds: Dataset, photometric: str, dest: np.ndarray | None
 ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """Greyscale stored values -> pixels in [0, 1] (the last pass writes ``dest``): Modality LUT, then the VOI
-    LUT, the window or the PERCENTILES range, inverted for MONOCHROME1 or an inverse presentation.
+    LUT, the window or the PERCENTILES range, inverted for MONOCHROME1 or an inverse presentation; padding
+    (``_padding_range``) is left out of the PERCENTILES range and set to 0.
 
     Also returns a function that maps other stored values exactly as these were mapped (the same branch, the
     same percentile range), elementwise: for a table of every stored level.
     """
     arr = _modality_lut(stored, ds)
+    padding = _padding_range(ds)
+    padded = None if padding is None else (stored >= padding[0]) & (stored <= padding[1])
+    if padded is not None and (padded.all() or not padded.any()):
+        if padded.all():
+            logger.warning("PixelPaddingValue ignored: every pixel is padding",
+                           extra={"action": "dicom_header_invalid"})
+        padding = padded = None
     inverse = photometric == "MONOCHROME1" or (
         photometric == "MONOCHROME2" and _text(ds, "PresentationLUTShape").upper() == "INVERSE"
     )
@@ -408,15 +447,20 @@ def _grey_pixels(
     if voi is None:
         voi, again = _window(arr, ds, last), functools.partial(_window, ds=ds)
     if voi is None:
-        low, high = _percentile_range(arr)
+        low, high = _percentile_range(arr, None if padded is None else ~padded)
         voi, again = _scale(arr, low, high, last), functools.partial(_scale, low=low, high=high)
 
     def same(values: np.ndarray) -> np.ndarray:
         out = again(_modality_lut(values, ds, warn=False))
         assert out is not None  # the header that mapped the image maps any values
-        return np.subtract(np.float32(1.0), out, dtype=np.float32) if inverse else out
+        out = np.subtract(np.float32(1.0), out, dtype=np.float32) if inverse else out
+        if padding is not None:
+            out[(values >= padding[0]) & (values <= padding[1])] = 0.0
+        return out
 
     pixels = np.subtract(np.float32(1.0), voi, out=dest, dtype=np.float32) if inverse else voi
+    if padded is not None:
+        pixels[padded] = 0.0
     return pixels, same
 
 

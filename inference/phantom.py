@@ -322,6 +322,8 @@ def make_dicom(
     sop_instance_uid: str | None = None,
     sop_class_uid: str | None = None,
     lateral: bool | None = None,
+    padding: int = 0,
+    padding_value: int | None = None,
     **extra: Any,
 ) -> Dataset:
     """Build a CR or DX instance holding a phantom (``make_phantom``); write it when ``path`` is given.
@@ -343,6 +345,10 @@ def make_dicom(
             HTJ2K and HTJ2K Lossless are written with imagecodecs (OpenJPH). JPEG lossless/extended
             and HTJ2K RPCL have no Python encoder here: a ValueError names the tool to use.
         lateral: draw a lateral phantom; by default when ``view_position`` is LL, RL or LATERAL.
+        padding: that many columns at the left and right edges hold ``padding_value``, written as Pixel
+            Padding Value (a film padded to its detector's width).
+        padding_value: the stored value of the padding; by default the one that displays white when the
+            padding is not recognised (the full range's top for MONOCHROME2, 0 for MONOCHROME1).
         extra: further attributes set by keyword (e.g. ``PatientOrientation=["A", "F"]``), after the others.
 
     Returns:
@@ -377,6 +383,14 @@ def make_dicom(
 
     image, _ = make_phantom((int(shape[0]), int(shape[1])), opacity=opacity, seed=seed, lateral=lateral)
     stored = _stored_values(image, bits_stored, photometric, voi_lut)
+    if not isinstance(padding, int) or not 0 <= 2 * padding < stored.shape[1]:
+        raise ValueError('Argument "padding" must be an integer from 0 to less than half the columns.')
+    if padding:
+        if padding_value is None:
+            padding_value = (1 << bits_stored) - 1 if photometric == "MONOCHROME2" else 0
+        if not 0 <= int(padding_value) < (1 << bits_stored):
+            raise ValueError('Argument "padding_value" must be a stored value of "bits_stored" bits.')
+        stored[:, :padding] = stored[:, -padding:] = int(padding_value)
     now = _dt.datetime(2024, 1, 15, 10, 30, 0) + _dt.timedelta(seconds=int(seed) % 86400)
     sop_instance_uid = UID(sop_instance_uid or generate_uid())
 
@@ -441,6 +455,8 @@ def make_dicom(
     ds.HighBit = bits_stored - 1
     ds.PixelRepresentation = 0
     ds.LossyImageCompression = "00"
+    if padding:
+        ds.add_new("PixelPaddingValue", "US", int(padding_value))  # type: ignore[arg-type]
     slope, intercept = (1.0, 0.0) if rescale is None else (float(rescale[0]), float(rescale[1]))
     if rescale is not None or modality == "DX":
         ds.RescaleSlope = f"{slope:g}"

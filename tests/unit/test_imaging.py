@@ -259,6 +259,9 @@ def _constant(ds: pydicom.Dataset) -> None:
         ({"photometric": "MONOCHROME1"}, None),
         ({}, _constant),
         ({"bits_stored": 8}, _rgb),
+        ({"padding": 40}, None),  # padding left out of the percentiles and black, in the table as well
+        ({"padding": 40, "photometric": "MONOCHROME1", "window": full_window(12)}, None),
+        ({"padding": 40, "voi_lut": True}, None),
     ],
 )
 def test_decoding_into_a_given_array_gives_the_same_pixels_there(dicom_factory, kwargs: dict, change) -> None:
@@ -322,6 +325,54 @@ def test_an_allocator_that_gives_a_wrong_array_is_named(dicom_factory, tmp_path:
     kept: list[np.ndarray] = []
     image = load_any(path, allocate=lambda s, d: kept.append(np.empty(s, d)) or kept[-1])
     assert image.stored is not None and image.stored.values is kept[0]
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+@pytest.mark.parametrize("voi", [{}, {"window": full_window(12)}, {"voi_lut": True}],
+                         ids=["percentiles", "window", "voi_lut"])
+def test_pixel_padding_is_black_and_left_out_of_the_range(dicom_factory, photometric: str, voi: dict) -> None:
+    pad = 48
+    padded = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1, photometric=photometric, padding=pad, **voi))
+    assert padded.PixelPaddingValue == (4095 if photometric == "MONOCHROME2" else 0)
+    image = load_dicom(padded)
+    assert not image.pixels[:, :pad].any() and not image.pixels[:, -pad:].any()
+    # The anatomy decodes as on the same film without the bars: they move neither the window nor the
+    # percentile range (which only loses the anatomy the bars cover, hence the tolerance there).
+    plain = load_dicom(dicom_factory(shape=SHAPE, seed=1, photometric=photometric, **voi)).pixels[:, pad:-pad]
+    assert np.abs(image.pixels[:, pad:-pad] - plain).max() < (0.02 if not voi else 1e-6)
+    del padded.PixelPaddingValue  # not recognised, the same bars show white and squeeze the percentile range
+    unaware = load_dicom(padded)
+    assert unaware.pixels[:, :pad].min() == 1.0 and unaware.pixels[:, -pad:].min() == 1.0
+    if not voi:
+        assert np.abs(unaware.pixels[:, pad:-pad] - plain).max() > 0.1
+
+
+def test_pixel_padding_range_limit(dicom_factory) -> None:
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1, window=full_window(12)))
+    stored = ds.pixel_array.copy()
+    stored[:, :20], stored[:, 20:40] = 4095, 4090
+    ds.PixelData = stored.tobytes()
+    plain = load_dicom(ds).pixels
+    assert plain[:, :40].min() > 0.99
+    ds.add_new("PixelPaddingValue", "US", 4095)
+    ds.add_new("PixelPaddingRangeLimit", "US", 4090)
+    expected = np.where((stored >= 4090) & (stored <= 4095), np.float32(0), plain)
+    np.testing.assert_array_equal(load_dicom(ds).pixels, expected)
+    ds.PixelPaddingValue, ds.PixelPaddingRangeLimit = 4090, 4095  # either order
+    np.testing.assert_array_equal(load_dicom(ds).pixels, expected)
+
+
+def test_invalid_pixel_padding_is_ignored_and_logged(dicom_factory, caplog) -> None:
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1))
+    plain = load_dicom(ds).pixels
+    for values in ({"PixelPaddingValue": [0, 1]}, {"PixelPaddingValue": 0, "PixelPaddingRangeLimit": 4095}):
+        for keyword, value in values.items():
+            ds.add_new(keyword, "US", value)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="inference.imaging"):
+            np.testing.assert_array_equal(load_dicom(ds).pixels, plain)
+        assert [r.action for r in caplog.records] == ["dicom_header_invalid"], values
+        assert "PixelPaddingValue" in caplog.records[0].getMessage()
 
 
 # ---------------------------------------------------------------------------------- failures
