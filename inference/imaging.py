@@ -8,9 +8,10 @@ float32 in [0, 1] displayed the usual way (bright bone, dark air):
   percentile of the modality values), then MONOCHROME1 is inverted. Pixels at the Pixel Padding Value (or in
   its range up to the Pixel Padding Range Limit) are the film's padding, not anatomy: they are left out of
   the percentile range and shown black, as the training images' padding is, whatever the photometric
-  interpretation. Every transfer syntax pydicom can decode with the installed plugins (uncompressed,
-  deflated, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE). Multi-frame: the first frame.
-  RGB/YBR: converted to grey (ITU-R 601 luma).
+  interpretation; so are the pixels a Display Shutter (rectangular, circular, polygonal) hides. Every
+  transfer syntax pydicom can decode with the installed plugins (uncompressed, deflated, JPEG
+  baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE). Multi-frame: the first frame. RGB/YBR:
+  converted to grey (ITU-R 601 luma).
 * PNG/JPEG: 8-bit greyscale divided by 255; 16-bit and float images scaled min..max; colour converted to grey
   after flattening any alpha channel on black.
 
@@ -36,7 +37,7 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from pydicom import Dataset, FileMetaDataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
@@ -420,12 +421,68 @@ def _destination(
     return dest
 
 
+def _shutter(ds: Dataset, shape: tuple[int, int]) -> np.ndarray | None:
+    """The pixels a Display Shutter (PS3.3 C.7.6.11) hides, True where hidden: those outside any of its
+    rectangular, circular and polygonal shapes (positions 1-based, edges shown). None without a shutter, or
+    when it is invalid or of another shape (logged), or hides nothing, or everything (logged)."""
+    shapes = [s for s in _text(ds, "ShutterShape").upper().split("\\") if s]
+    if not shapes:
+        return None
+    rows, cols = shape
+
+    def values(keyword: str, count: int | None = None) -> list[int]:
+        found = _numbers(ds, keyword)
+        if found is None or (count is not None and len(found) != count) or any(v != int(v) for v in found):
+            raise ValueError(f"{keyword} is missing or invalid")
+        return [int(v) for v in found]
+
+    visible = np.ones(shape, dtype=bool)
+    try:
+        for name in shapes:
+            if name == "RECTANGULAR":
+                left, right, upper, lower = (
+                    values(f"Shutter{edge}", 1)[0]
+                    for edge in ("LeftVerticalEdge", "RightVerticalEdge", "UpperHorizontalEdge",
+                                 "LowerHorizontalEdge")
+                )
+                if left > right or upper > lower:
+                    raise ValueError(f"rectangle {left}..{right} x {upper}..{lower} is empty")
+                inside = np.zeros(shape, dtype=bool)
+                inside[max(upper - 1, 0):max(lower, 0), max(left - 1, 0):max(right, 0)] = True
+            elif name == "CIRCULAR":
+                row, col = values("CenterOfCircularShutter", 2)
+                radius = values("RadiusOfCircularShutter", 1)[0]
+                y, x = np.ogrid[1:rows + 1, 1:cols + 1]
+                inside = (y - row) ** 2 + (x - col) ** 2 <= radius**2
+            elif name == "POLYGONAL":
+                vertices = values("VerticesOfThePolygonalShutter")
+                if len(vertices) < 6 or len(vertices) % 2:
+                    raise ValueError("VerticesOfThePolygonalShutter needs at least three row/column pairs")
+                canvas = Image.new("1", (cols, rows), 0)
+                points = [(vertices[i + 1] - 1, vertices[i] - 1) for i in range(0, len(vertices), 2)]
+                ImageDraw.Draw(canvas).polygon(points, fill=1, outline=1)
+                inside = np.asarray(canvas, dtype=bool)
+            else:
+                raise ValueError(f"shape {name} is not supported")
+            visible &= inside
+    except ValueError as exc:
+        logger.warning("Display Shutter ignored: %s", exc, extra={"action": "dicom_header_invalid"})
+        return None
+    if not visible.any():
+        logger.warning("Display Shutter ignored: it hides the whole image",
+                       extra={"action": "dicom_header_invalid"})
+        return None
+    return None if visible.all() else ~visible
+
+
 def _grey_pixels(
-    stored: np.ndarray, ds: Dataset, photometric: str, dest: np.ndarray | None
+    stored: np.ndarray, ds: Dataset, photometric: str, dest: np.ndarray | None,
+    hidden: np.ndarray | None = None,
 ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """Greyscale stored values -> pixels in [0, 1] (the last pass writes ``dest``): Modality LUT, then the VOI
     LUT, the window or the PERCENTILES range, inverted for MONOCHROME1 or an inverse presentation; padding
-    (``_padding_range``) is left out of the PERCENTILES range and set to 0.
+    (``_padding_range``) is left out of the PERCENTILES range and set to 0, as are the ``hidden`` pixels (a
+    shutter's; the table does not know those).
 
     Also returns a function that maps other stored values exactly as these were mapped (the same branch, the
     same percentile range), elementwise: for a table of every stored level.
@@ -438,6 +495,8 @@ def _grey_pixels(
             logger.warning("PixelPaddingValue ignored: every pixel is padding",
                            extra={"action": "dicom_header_invalid"})
         padding = padded = None
+    if hidden is not None:
+        padded = hidden if padded is None else padded | hidden
     inverse = photometric == "MONOCHROME1" or (
         photometric == "MONOCHROME2" and _text(ds, "PresentationLUTShape").upper() == "INVERSE"
     )
@@ -496,17 +555,20 @@ def load_dicom(source: str | Path | Dataset, *, allocate: Allocator | None = Non
     label = str(source) if not isinstance(source, Dataset) else (meta["sop_instance_uid"] or "dataset")
     stored = _decode(ds, label)
     shape = (int(stored.shape[0]), int(stored.shape[1]))
+    hidden = _shutter(ds, shape)
     kept: StoredValues | None = None
     if meta["photometric"] == "RGB" or meta["photometric"].startswith("YBR"):
         bits = _numbers(ds, "BitsStored")
         dest = _destination(allocate, shape, np.dtype(np.float32))
         pixels = np.clip(stored / float((1 << int(bits[0] if bits else 8)) - 1), 0, 1, out=dest)
+        if hidden is not None:
+            pixels[hidden] = 0.0
     else:
         into = None
-        if stored.dtype in STORED_DTYPES:
+        if stored.dtype in STORED_DTYPES and hidden is None:  # a shutter is not a function of stored values
             into = _destination(allocate, shape, stored.dtype, optional=True)
         dest = None if into is not None else _destination(allocate, shape, np.dtype(np.float32))
-        pixels, same = _grey_pixels(stored, ds, meta["photometric"], dest)
+        pixels, same = _grey_pixels(stored, ds, meta["photometric"], dest, hidden)
         if into is not None:
             kept = _keep_stored(stored, into, same)
     meta["rows"], meta["columns"] = int(pixels.shape[0]), int(pixels.shape[1])

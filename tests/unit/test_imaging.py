@@ -375,6 +375,92 @@ def test_invalid_pixel_padding_is_ignored_and_logged(dicom_factory, caplog) -> N
         assert "PixelPaddingValue" in caplog.records[0].getMessage()
 
 
+def _collimated(dicom_factory, **kwargs) -> tuple[pydicom.Dataset, np.ndarray]:
+    """A 12-bit film whose outer 30 rows and columns are unexposed (the top stored value: white), and the
+    pixels of the same film without a shutter."""
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1, **kwargs))
+    stored = ds.pixel_array.copy()
+    stored[:30], stored[-30:], stored[:, :30], stored[:, -30:] = 4095, 4095, 4095, 4095
+    ds.PixelData = stored.tobytes()
+    return ds, load_dicom(ds).pixels
+
+
+SHUTTERS = {
+    "rectangular": ({"ShutterShape": "RECTANGULAR", "ShutterLeftVerticalEdge": 31,
+                     "ShutterRightVerticalEdge": SHAPE[1] - 30, "ShutterUpperHorizontalEdge": 31,
+                     "ShutterLowerHorizontalEdge": SHAPE[0] - 30},
+                    lambda y, x: (y >= 30) & (y < SHAPE[0] - 30) & (x >= 30) & (x < SHAPE[1] - 30)),
+    "circular": ({"ShutterShape": "CIRCULAR", "CenterOfCircularShutter": [129, 161],
+                  "RadiusOfCircularShutter": 90},
+                 lambda y, x: (y - 128) ** 2 + (x - 160) ** 2 <= 90**2),
+    "polygonal": ({"ShutterShape": "POLYGONAL",  # a diamond, vertices as row\\column pairs
+                   "VerticesOfThePolygonalShutter": [31, 161, 129, 291, 227, 161, 129, 31]},
+                  lambda y, x: np.abs(y - 128) / 98 + np.abs(x - 160) / 130 <= 1),
+    "rectangular and circular": (  # the intersection of both shapes shows
+        {"ShutterShape": ["RECTANGULAR", "CIRCULAR"], "ShutterLeftVerticalEdge": 31,
+         "ShutterRightVerticalEdge": 160, "ShutterUpperHorizontalEdge": 1,
+         "ShutterLowerHorizontalEdge": SHAPE[0], "CenterOfCircularShutter": [129, 161],
+         "RadiusOfCircularShutter": 90},
+        lambda y, x: (x >= 30) & (x < 160) & ((y - 128) ** 2 + (x - 160) ** 2 <= 90**2),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHUTTERS))
+def test_display_shutter_hides_the_collimated_border(dicom_factory, name: str) -> None:
+    attributes, expected_visible = SHUTTERS[name]
+    ds, unshuttered = _collimated(dicom_factory, window=full_window(12))
+    assert unshuttered[:30].min() == 1.0  # without the shutter the unexposed border shows white
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    image = load_dicom(ds)
+    visible = image.pixels > 0
+    y, x = np.mgrid[: SHAPE[0], : SHAPE[1]]
+    inside = expected_visible(y, x)
+    # the shape's own outline may fall either way by a pixel: compare away from it
+    shifted = [np.roll(inside, step, axis) for step in (1, -1) for axis in (0, 1)]
+    eroded = np.logical_and.reduce([inside, *shifted])
+    outside = ~np.logical_or.reduce([inside, *shifted])
+    assert not visible[outside].any()
+    np.testing.assert_array_equal(image.pixels[eroded], unshuttered[eroded])
+    # a shutter is not a function of stored values: the GPU path gets the float pixels, not the stored ones
+    given = load_dicom(ds, allocate=lambda shape, dtype: np.zeros(shape, dtype))
+    assert given.stored is None
+    np.testing.assert_array_equal(given.pixels, image.pixels)
+
+
+def test_display_shutter_is_left_out_of_the_percentile_range(dicom_factory) -> None:
+    ds, unshuttered = _collimated(dicom_factory)
+    attributes, _ = SHUTTERS["rectangular"]
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    inner = load_dicom(ds).pixels[30:-30, 30:-30]
+    assert inner.min() == 0.0 and inner.max() == 1.0  # the anatomy's own range, not squeezed by the border
+    assert unshuttered[30:-30, 30:-30].max() < 0.95
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        {"ShutterShape": "RECTANGULAR", "ShutterLeftVerticalEdge": 31},  # edges missing
+        {"ShutterShape": "RECTANGULAR", "ShutterLeftVerticalEdge": 200, "ShutterRightVerticalEdge": 100,
+         "ShutterUpperHorizontalEdge": 1, "ShutterLowerHorizontalEdge": 10},  # empty
+        {"ShutterShape": "POLYGONAL", "VerticesOfThePolygonalShutter": [1, 1, 100, 100]},  # two vertices
+        {"ShutterShape": "BITMAP"},
+        {"ShutterShape": "CIRCULAR", "CenterOfCircularShutter": [-500, -500], "RadiusOfCircularShutter": 10},
+    ],
+)
+def test_invalid_display_shutter_is_ignored_and_logged(dicom_factory, caplog, attributes: dict) -> None:
+    ds, unshuttered = _collimated(dicom_factory, window=full_window(12))
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    with caplog.at_level(logging.WARNING, logger="inference.imaging"):
+        image = load_dicom(ds)
+    np.testing.assert_array_equal(image.pixels, unshuttered)
+    assert [r.action for r in caplog.records] == ["dicom_header_invalid"]
+    assert "Display Shutter ignored" in caplog.records[0].getMessage()
+
+
 # ---------------------------------------------------------------------------------- failures
 
 
