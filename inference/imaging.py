@@ -8,7 +8,10 @@ float32 in [0, 1] displayed the usual way (bright bone, dark air):
   percentile of the modality values), then MONOCHROME1 is inverted. Pixels at the Pixel Padding Value (or in
   its range up to the Pixel Padding Range Limit) are the film's padding, not anatomy: they are left out of
   the percentile range and shown black, as the training images' padding is, whatever the photometric
-  interpretation; so are the pixels a Display Shutter (rectangular, circular, polygonal) hides. Every
+  interpretation; so are the pixels a Display Shutter (rectangular, circular, polygonal) hides. A frontal
+  image stored mirrored, upside down or turned by 90 degrees (Patient Orientation R\\F, L\\H, F\\L, ...) is
+  turned to the way chest films are read and the model was trained, the patient's left on the viewer's right
+  and the head up (L\\F); ``meta`` records the original (``source_orientation``). Every
   transfer syntax pydicom can decode with the installed plugins (uncompressed, deflated, JPEG
   baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE). Multi-frame: the first frame. RGB/YBR:
   converted to grey (ITU-R 601 luma).
@@ -475,6 +478,36 @@ def _shutter(ds: Dataset, shape: tuple[int, int]) -> np.ndarray | None:
     return None if visible.all() else ~visible
 
 
+def conventional_steps(orientation: str) -> tuple[bool, bool, bool] | None:
+    """(transpose, flip rows, flip columns) that show a frontal image the way chest films are read: the
+    patient's left on the viewer's right, the head up (Patient Orientation L\\F). None when it already is so,
+    or the orientation is absent, oblique or not a frontal one (A or P in it: a lateral)."""
+    parts = orientation.upper().split("\\")
+    if len(parts) != 2:
+        return None
+    row, column = parts  # the directions of increasing column index and of increasing row index
+    transpose = row in ("H", "F") and column in ("L", "R")
+    if transpose:
+        row, column = column, row
+    if row not in ("L", "R") or column not in ("H", "F"):
+        return None
+    steps = (transpose, column == "H", row == "R")
+    return steps if any(steps) else None
+
+
+def _turn(pixels: np.ndarray, steps: tuple[bool, bool, bool], allocate: Allocator | None) -> np.ndarray:
+    """``pixels`` turned by ``conventional_steps``'s steps, into ``allocate``'s array when one is given."""
+    transpose, flip_rows, flip_columns = steps
+    view = pixels.T if transpose else pixels
+    view = view[::-1] if flip_rows else view
+    view = view[:, ::-1] if flip_columns else view
+    dest = _destination(allocate, (int(view.shape[0]), int(view.shape[1])), np.dtype(np.float32))
+    if dest is None:
+        return np.ascontiguousarray(view)
+    np.copyto(dest, view)
+    return dest
+
+
 def _grey_pixels(
     stored: np.ndarray, ds: Dataset, photometric: str, dest: np.ndarray | None,
     hidden: np.ndarray | None = None,
@@ -547,7 +580,8 @@ def load_dicom(source: str | Path | Dataset, *, allocate: Allocator | None = Non
     written into. The CUDA pipeline takes a greyscale instance's stored values (page-locked, so they are
     copied to the GPU as they are, 1 or 2 bytes a pixel) and looks its pixels up there in the table kept
     beside them (``XrayImage.stored``). Other images are written into its float32 array by the last step of
-    the decoding, so they cost no extra copy.
+    the decoding, so they cost no extra copy, except an image that is turned (``conventional_steps``): it is
+    copied there turned.
     """
     ds = _read(source)
     _ensure_transfer_syntax(ds)
@@ -556,21 +590,32 @@ def load_dicom(source: str | Path | Dataset, *, allocate: Allocator | None = Non
     stored = _decode(ds, label)
     shape = (int(stored.shape[0]), int(stored.shape[1]))
     hidden = _shutter(ds, shape)
+    steps = conventional_steps(meta["patient_orientation"])
+    direct = allocate if steps is None else None  # a turned image reaches the caller's array once turned
     kept: StoredValues | None = None
     if meta["photometric"] == "RGB" or meta["photometric"].startswith("YBR"):
         bits = _numbers(ds, "BitsStored")
-        dest = _destination(allocate, shape, np.dtype(np.float32))
+        dest = _destination(direct, shape, np.dtype(np.float32))
         pixels = np.clip(stored / float((1 << int(bits[0] if bits else 8)) - 1), 0, 1, out=dest)
         if hidden is not None:
             pixels[hidden] = 0.0
     else:
         into = None
-        if stored.dtype in STORED_DTYPES and hidden is None:  # a shutter is not a function of stored values
+        # A shutter is not a function of the stored values, and the GPU path does not turn images: such
+        # images go as pixels.
+        if stored.dtype in STORED_DTYPES and hidden is None and steps is None:
             into = _destination(allocate, shape, stored.dtype, optional=True)
-        dest = None if into is not None else _destination(allocate, shape, np.dtype(np.float32))
+        dest = None if into is not None else _destination(direct, shape, np.dtype(np.float32))
         pixels, same = _grey_pixels(stored, ds, meta["photometric"], dest, hidden)
         if into is not None:
             kept = _keep_stored(stored, into, same)
+    if steps is not None:
+        pixels = _turn(pixels, steps, allocate)
+        meta["source_orientation"], meta["patient_orientation"] = meta["patient_orientation"], "L\\F"
+        if steps[0] and meta["pixel_spacing"] is not None:
+            meta["pixel_spacing"] = meta["pixel_spacing"][::-1]
+        logger.info("image turned to the conventional orientation", extra={
+            "action": "image_turned", "source": label, "orientation": meta["source_orientation"]})
     meta["rows"], meta["columns"] = int(pixels.shape[0]), int(pixels.shape[1])
     return XrayImage(
         pixels=np.ascontiguousarray(pixels, dtype=np.float32), source=label, meta=meta, stored=kept

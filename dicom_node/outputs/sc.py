@@ -5,7 +5,10 @@ radiograph (purpose: source image for image processing operation), a DerivationD
 DerivationCodeSequence (Saliency), BurnedInAnnotation YES (the caption band on top says
 "NOT FOR DIAGNOSTIC USE", the model and the finding), BodyPartExamined copied from the source, and the
 node as contributing processing equipment. Sources whose long side exceeds
-:data:`dicom_node.outputs.caption.MAX_SIDE` pixels are downsampled, with PixelSpacing scaled to match.
+:data:`dicom_node.outputs.caption.MAX_SIDE` pixels are downsampled, with PixelSpacing scaled to match. A
+source that decoding turned to the conventional orientation (``XrayImage.meta["source_orientation"]``) is
+shown turned, as the model saw it: Patient Orientation L\\F, the pixel spacing swapped when it was turned by
+90 degrees, and a caption line and the DerivationDescription naming the stored orientation.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from dicom_node.outputs.common import (
     pixel_spacing,
     software_versions,
 )
+from inference.imaging import conventional_steps
 from inference.types import Result, XrayImage
 
 logger = logging.getLogger(__name__)
@@ -64,10 +68,12 @@ def _orientation(reference: Dataset) -> tuple[str, str]:
     return _FRONTAL_ORIENTATION
 
 
-def _spacing(reference: Dataset, scale: float) -> tuple[float, float] | None:
+def _spacing(reference: Dataset, scale: float, transposed: bool) -> tuple[float, float] | None:
     spacing = pixel_spacing(reference)
     if spacing is None:
         return None
+    if transposed:
+        spacing = spacing[::-1]
     return (round(spacing[0] / scale, 6), round(spacing[1] / scale, 6))
 
 
@@ -94,8 +100,13 @@ def build_heatmap_sc(
         rgb = overlay(image.pixels, result.heatmap, shape)
     else:
         rgb = greyscale_rgb(image.pixels, shape)
-    rgb, _ = add_caption(rgb, caption_lines(result, card), NOT_FOR_DIAGNOSTIC_USE)
-    spacing = _spacing(reference, scale)
+    turned = str(image.meta.get("source_orientation") or "")
+    steps = conventional_steps(turned) if turned else None
+    lines = caption_lines(result, card)
+    if steps is not None:
+        lines.append(f"Turned to L\\F as chest films are read; stored {turned}")
+    rgb, _ = add_caption(rgb, lines, NOT_FOR_DIAGNOSTIC_USE)
+    spacing = _spacing(reference, scale, transposed=steps is not None and steps[0])
 
     sc = SCImage.from_ref_dataset(
         ref_dataset=reference,
@@ -109,7 +120,7 @@ def build_heatmap_sc(
         instance_number=1,
         manufacturer=MANUFACTURER,
         pixel_spacing=spacing,  # type: ignore[arg-type]  # highdicom annotates int; mm values are float
-        patient_orientation=_orientation(reference),
+        patient_orientation=_FRONTAL_ORIENTATION if steps is not None else _orientation(reference),
         series_description=SC_SERIES_DESCRIPTION,
         manufacturer_model_name=model_label(card)[:64],
         software_versions=software_versions(card),
@@ -133,7 +144,9 @@ def build_heatmap_sc(
     sc.SourceImageSequence = [source_item]
     sc.DerivationDescription = (
         f"Grad-CAM heatmap of {model_label(card)} alpha-blended over the source radiograph"
-        + (f", downsampled by {scale:.3f}" if scale < 1.0 else "") + "; caption burned in.")[:1024]
+        + (f", downsampled by {scale:.3f}" if scale < 1.0 else "")
+        + (f", turned from the stored orientation {turned} to L\\F" if steps is not None else "")
+        + "; caption burned in.")[:1024]
     sc.DerivationCodeSequence = [CodedConcept.from_code(codes.DCM.Saliency)]
     logger.debug("SC built", extra={"action": "sc_built", "rows": sc.Rows, "columns": sc.Columns})
     return sc

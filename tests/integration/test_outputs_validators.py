@@ -47,6 +47,8 @@ SOURCES = {
     "odd_codes_and_lengths": ({"PatientSex": "X", "body_part": "chest", "PatientAge": "45",
                                "StudyDescription": "x" * 80, "Manufacturer": "M" * 80}, True),
     "no_body_part": ({"body_part": ""}, False),
+    "stored_mirrored_dx": ({"modality": "DX", "PatientOrientation": ["R", "H"],
+                            "ImagerPixelSpacing": [0.143, 0.143]}, False),
 }
 # Without BodyPartExamined the SC's Laterality (Type 2C) is sent empty, meaning "unknown", which is the
 # truth; dciodvfy notes that an empty value is only for that case.

@@ -29,7 +29,7 @@ from pydicom.uid import (
 )
 
 from dicom_node.errors import InvalidInstance
-from inference.imaging import header_reason, load_any, load_dicom, load_image_file
+from inference.imaging import conventional_steps, header_reason, load_any, load_dicom, load_image_file
 from inference.phantom import make_dicom, make_phantom
 from inference.types import XrayImage
 from tests.fixtures.dicom_data import DCMTK_COMPRESSORS
@@ -459,6 +459,44 @@ def test_invalid_display_shutter_is_ignored_and_logged(dicom_factory, caplog, at
     np.testing.assert_array_equal(image.pixels, unshuttered)
     assert [r.action for r in caplog.records] == ["dicom_header_invalid"]
     assert "Display Shutter ignored" in caplog.records[0].getMessage()
+
+
+# How a film read the conventional way (Patient Orientation L\\F) is stored in each frontal orientation.
+STORED_AS = {
+    "L\\F": lambda a: a, "R\\F": lambda a: a[:, ::-1], "L\\H": lambda a: a[::-1],
+    "R\\H": lambda a: a[::-1, ::-1], "F\\L": lambda a: a.T, "F\\R": lambda a: a.T[::-1],
+    "H\\L": lambda a: a.T[:, ::-1], "H\\R": lambda a: a.T[::-1, ::-1],
+}
+
+
+@pytest.mark.parametrize("orientation", sorted(STORED_AS))
+def test_frontal_films_are_turned_to_the_conventional_orientation(dicom_factory, orientation: str) -> None:
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1, window=full_window(12), PixelSpacing=[0.2, 0.3]))
+    conventional = load_dicom(ds).pixels
+    stored = np.ascontiguousarray(STORED_AS[orientation](ds.pixel_array))
+    transposed = orientation[0] in "HF"
+    ds.Rows, ds.Columns = stored.shape
+    ds.PixelData = stored.tobytes()
+    ds.PatientOrientation = orientation.split("\\")
+    ds.PixelSpacing = [0.3, 0.2] if transposed else [0.2, 0.3]  # (between rows, between columns) as stored
+    image = load_dicom(ds)
+    np.testing.assert_array_equal(image.pixels, conventional)
+    assert image.pixels.flags.c_contiguous
+    assert (image.meta["rows"], image.meta["columns"]) == SHAPE
+    assert image.meta["patient_orientation"] == "L\\F" and image.meta["pixel_spacing"] == (0.2, 0.3)
+    assert image.meta.get("source_orientation") == (None if orientation == "L\\F" else orientation)
+    # into the caller's memory: float32 of the turned shape (the GPU path does not turn stored values)
+    given: list[np.ndarray] = []
+    into = load_dicom(ds, allocate=lambda shape, dtype: given.append(np.zeros(shape, dtype)) or given[-1])
+    np.testing.assert_array_equal(into.pixels, conventional)
+    assert (into.stored is None) == (orientation != "L\\F")
+    if orientation != "L\\F":
+        assert len(given) == 1 and into.pixels is given[0]
+
+
+@pytest.mark.parametrize("orientation", ["A\\F", "P\\H", "F\\A", "H\\P", "LH\\F", "L", "", "L\\F\\A"])
+def test_lateral_oblique_and_unknown_orientations_are_not_turned(orientation: str) -> None:
+    assert conventional_steps(orientation) is None
 
 
 # ---------------------------------------------------------------------------------- failures

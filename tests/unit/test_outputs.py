@@ -137,6 +137,23 @@ def test_heatmap_sc_pixels_caption_and_derived_image_attributes() -> None:
                for e in sc.ContributingEquipmentSequence)
 
 
+def test_a_turned_source_gives_a_heatmap_shown_as_the_model_saw_it() -> None:
+    # stored mirrored and upside down (R\\H), pixels 0.2 mm apart between rows and 0.3 mm between columns
+    source, image, result = output_inputs("positive", PatientOrientation=["R", "H"], PixelSpacing=[0.2, 0.3])
+    assert image.meta["source_orientation"] == "R\\H"
+    sc = received(build_heatmap_sc(clean_reference(source), image, result, CARD))
+    assert list(sc.PatientOrientation) == ["L", "F"]
+    assert [float(v) for v in sc.PixelSpacing] == [0.2, 0.3]
+    assert "turned from the stored orientation R\\H to L\\F" in sc.DerivationDescription
+    upright = received(build_heatmap_sc(clean_reference(source), dataclasses.replace(
+        image, meta={**image.meta, "source_orientation": None}), result, CARD))
+    assert sc.Rows > upright.Rows  # one more caption line says so
+    # turned by 90 degrees: the spacing between rows is the stored spacing between columns
+    source, image, result = output_inputs("positive", PatientOrientation=["F", "L"], PixelSpacing=[0.2, 0.3])
+    sc = received(build_heatmap_sc(clean_reference(source), image, result, CARD))
+    assert list(sc.PatientOrientation) == ["L", "F"] and [float(v) for v in sc.PixelSpacing] == [0.3, 0.2]
+
+
 @pytest.fixture(scope="module")
 def large_case() -> tuple[Dataset, XrayImage, Result]:
     """A 2000 x 2000 CR with 0.14 mm pixels (built once: the phantom takes seconds at this size)."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 
@@ -98,6 +100,25 @@ def test_square_mode_classifies_the_centre_square_so_padding_bars_change_nothing
             assert not barred.heatmap[:, :80].any() and not barred.heatmap[:, 560:].any()
     assert probabilities["square"][1] == pytest.approx(probabilities["square"][0], abs=1e-6)
     assert abs(probabilities["whole"][1] - probabilities["whole"][0]) > 1e-4  # the bars reach the whole image
+
+
+def test_a_film_stored_turned_gets_the_answer_of_the_same_film_stored_upright(
+    pipeline: Pipeline, dicom_factory
+) -> None:
+    upright = pydicom.dcmread(dicom_factory(shape=(400, 560), seed=5, opacity=0.4))
+    turned = copy.deepcopy(upright)
+    turned.PixelData = np.ascontiguousarray(upright.pixel_array.T[::-1]).tobytes()  # stored as F\\R
+    turned.Rows, turned.Columns = upright.Columns, upright.Rows
+    turned.PatientOrientation = ["F", "R"]
+    unlabelled = copy.deepcopy(turned)
+    del unlabelled.PatientOrientation
+    a, b, c = pipeline.run([load_dicom(upright), load_dicom(turned), load_dicom(unlabelled)])
+    assert a.probability is not None and b.probability is not None, (a.reason, b.reason)
+    assert b.probability == pytest.approx(a.probability, abs=1e-6)
+    np.testing.assert_allclose(b.heatmap, a.heatmap, atol=1e-5)
+    assert np.array_equal(b.lung_mask, a.lung_mask)
+    # the same pixels without the orientation that says how they are stored: the model sees them on their side
+    assert c.probability is None or abs(c.probability - a.probability) > 1e-4
 
 
 def test_an_int8_ensemble_bundle_runs_with_and_without_explanations(tmp_path: Path) -> None:
