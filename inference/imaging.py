@@ -725,8 +725,8 @@ def header_reason(image: XrayImage, *, min_size: int = MIN_SIZE) -> tuple[str, s
     * ``not_chest``: a Body Part Examined with no chest word (CHEST, THORAX, LUNG, TORAX, ...; empty passes),
       or a non-human subject (Patient Species Description, or a veterinary protocol name such as CANINE);
     * ``lateral``: View Position LL/RL/LATERAL, decubitus (LLD/RLD) or oblique; without a View Position,
-      Patient Orientation whose row direction is anterior/posterior, or a per-image description (series,
-      protocol, view code) that says lateral and not PA/AP;
+      Patient Orientation with a direction anterior/posterior (row or column), or a per-image description
+      (series, protocol, view code) that says lateral and not PA/AP;
     * ``too_small``: the short side has fewer than ``min_size`` pixels.
 
     Content-based checks (does it look like a chest? two lungs?) belong to the segmentation stage.
@@ -754,8 +754,8 @@ def header_reason(image: XrayImage, *, min_size: int = MIN_SIZE) -> tuple[str, s
         return "lateral", f"{LATERAL_VIEWS[view]} view (ViewPosition {view})"
     if view not in FRONTAL_VIEWS:
         orientation = str(meta.get("patient_orientation") or "").upper()
-        row_direction = orientation.split("\\")[0] if orientation else ""
-        if row_direction[:1] in ("A", "P"):
+        # either direction anterior or posterior: a lateral, also one stored on its side (F\A)
+        if any(direction[:1] in ("A", "P") for direction in orientation.split("\\")[:2]):
             return "lateral", f"lateral view (PatientOrientation {orientation})"
         if _LATERAL_HINT.search(hints) and not _FRONTAL_HINT.search(hints):
             return "lateral", f"lateral view (description: {hints[:80]})"

@@ -701,6 +701,9 @@ def image_with(**meta: object) -> XrayImage:
          ("lateral", "lateral view (PatientOrientation A\\F)")),
         ({"view_position": "", "patient_orientation": "P\\FR"},
          ("lateral", "lateral view (PatientOrientation P\\FR)")),
+        ({"view_position": "", "patient_orientation": "F\\A"},  # a lateral stored on its side
+         ("lateral", "lateral view (PatientOrientation F\\A)")),
+        ({"view_position": "", "patient_orientation": "H\\L"}, None),  # a frontal stored on its side
         ({"view_position": "PA", "patient_orientation": "A\\F"}, None),
         ({"view_position": "", "view_hints": "CHEST LAT"},
          ("lateral", "lateral view (description: CHEST LAT)")),
