@@ -1,8 +1,10 @@
 """The whole node as radiology IT would run it: ``cxr-node serve`` as a process, real peers around it.
 
-- Orthanc as the PACS: a synthetic CR uploaded to Orthanc and pushed to the node comes back as
-  SR + SC in the same study; both pass dciodvfy and dsrdump; the SR's probability, read back with
-  highdicom, is the worker's. The node's own results pushed back to it are acknowledged and ignored.
+- Orthanc as the PACS: a synthetic DX as a DR system may send it (MONOCHROME1, stored mirrored, with pixel
+  padding and a display shutter) uploaded to Orthanc and pushed to the node comes back as SR + SC in the
+  same study, the SC turned to L\\F as the model saw it; both pass dciodvfy and dsrdump; the SR's
+  probability, read back with highdicom, is the worker's. The node's own results pushed back to it are
+  acknowledged and ignored.
 - dcmtk storescu with JPEG lossless / baseline / JPEG 2000 is accepted and processed; results go to a
   storescp destination that is down at first and comes up later.
 """
@@ -15,6 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
 from sqlalchemy import select
@@ -65,8 +68,14 @@ def test_orthanc_push_returns_sr_and_heatmap(
         "export": {"callers": {orthanc.aet: f"{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"}},
     }, model=phantom_bundle)
     orthanc.add_modality("CXRNODE", node.ae_title, "127.0.0.1", node.port)
-    source = make_dicom(tmp_path / "cr.dcm", modality="CR", shape=(512, 512), opacity=0.6, seed=3)
-    source_id = orthanc.upload(tmp_path / "cr.dcm")
+    source = make_dicom(modality="DX", photometric="MONOCHROME1", shape=(512, 512), opacity=0.6, seed=3,
+                        padding=8, ShutterShape="RECTANGULAR", ShutterLeftVerticalEdge=17,
+                        ShutterRightVerticalEdge=496, ShutterUpperHorizontalEdge=13,
+                        ShutterLowerHorizontalEdge=500)
+    source.PixelData = np.ascontiguousarray(source.pixel_array[:, ::-1]).tobytes()  # stored mirrored
+    source.PatientOrientation = ["R", "F"]
+    source.save_as(tmp_path / "dx.dcm", enforce_file_format=True)
+    source_id = orthanc.upload(tmp_path / "dx.dcm")
     orthanc.push(source_id, "CXRNODE")
 
     study_id = orthanc.get(f"/instances/{source_id}/study")["ID"]
@@ -86,6 +95,8 @@ def test_orthanc_push_returns_sr_and_heatmap(
         assert ds.StudyInstanceUID == source.StudyInstanceUID
         assert ds.PatientID == source.PatientID
         assert ds.SeriesInstanceUID != source.SeriesInstanceUID
+    assert list(sc.PatientOrientation) == ["L", "F"]
+    assert "turned from the stored orientation R\\F" in sc.DerivationDescription
 
     for path in (by_class[sr_class], by_class[SC_CLASS]):
         check = dciodvfy(path)
