@@ -30,6 +30,7 @@ here.
 from __future__ import annotations
 
 import copy
+import datetime as _dt
 import functools
 import logging
 import math
@@ -95,6 +96,7 @@ and the pixels are written there."""
 STORED_DTYPES = frozenset(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16))
 
 MIN_SIZE = 256  # shortest side, in pixels, below which header_reason says "too_small"
+ADULT_AGE = 18  # years; the models were trained on adults' films (children's were excluded from the data)
 PERCENTILES = (0.5, 99.5)  # VOI fallback when the header has neither a VOI LUT nor a window
 
 XRAY_MODALITIES = frozenset({"CR", "DX"})
@@ -159,6 +161,46 @@ def _pixel_spacing(ds: Dataset) -> tuple[float, float] | None:
     return None
 
 
+_AGE = re.compile(r"^(\d{3})([DWMY])$")
+_AGE_UNIT_YEARS = {"D": 1 / 365.25, "W": 7 / 365.25, "M": 1 / 12, "Y": 1.0}
+
+
+def _date(ds: Dataset, keyword: str) -> _dt.date | None:
+    raw = _text(ds, keyword)
+    if not raw:
+        return None
+    try:
+        return _dt.datetime.strptime(raw[:8], "%Y%m%d").date()
+    except ValueError:
+        logger.warning("invalid %s %r ignored", keyword, raw[:16], extra={"action": "dicom_header_invalid"})
+        return None
+
+
+def _age(ds: Dataset) -> tuple[float, str] | None:
+    """The patient's age in years at the examination, and where it comes from: Patient Age (nnnD/W/M/Y),
+    else Patient Birth Date and the first of Study, Acquisition, Content or Series Date. None when unknown
+    (invalid values are logged and ignored)."""
+    raw = _text(ds, "PatientAge").upper()
+    if raw:
+        match = _AGE.match(raw)
+        if match:
+            return int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2)], f"PatientAge {raw}"
+        logger.warning("invalid PatientAge %r ignored", raw[:16], extra={"action": "dicom_header_invalid"})
+    birth = _date(ds, "PatientBirthDate")
+    if birth is None:
+        return None
+    for keyword in ("StudyDate", "AcquisitionDate", "ContentDate", "SeriesDate"):
+        taken = _date(ds, keyword)
+        if taken is not None:
+            if taken < birth:
+                logger.warning("PatientBirthDate after %s ignored", keyword,
+                               extra={"action": "dicom_header_invalid"})
+                return None
+            years = taken.year - birth.year - ((taken.month, taken.day) < (birth.month, birth.day))
+            return float(years), f"PatientBirthDate {birth:%Y%m%d}, {keyword} {taken:%Y%m%d}"
+    return None
+
+
 def _code_meanings(ds: Dataset, keyword: str) -> list[str]:
     try:
         return [str(item.get("CodeMeaning", "")) for item in ds.get(keyword) or []]
@@ -168,6 +210,7 @@ def _code_meanings(ds: Dataset, keyword: str) -> list[str]:
 
 def _meta(ds: Dataset) -> dict[str, Any]:
     """Header values the callers need, read defensively (see the contract in the module docstring)."""
+    age = _age(ds)
     view_hints = [
         _text(ds, "SeriesDescription"),
         _text(ds, "ProtocolName"),
@@ -190,6 +233,8 @@ def _meta(ds: Dataset) -> dict[str, Any]:
         "image_laterality": _text(ds, "ImageLaterality").upper(),
         "patient_orientation": _text(ds, "PatientOrientation").upper(),
         "species": _text(ds, "PatientSpeciesDescription"),
+        "age_years": None if age is None else age[0],
+        "age_source": "" if age is None else age[1],
         "view_hints": " | ".join(h for h in view_hints if h),
         "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""),
     }
@@ -573,8 +618,10 @@ def load_dicom(source: str | Path | Dataset, *, allocate: Allocator | None = Non
     ``source`` may be a file path or a dataset already read. ``XrayImage.source`` is the path, or the SOP
     Instance UID for a dataset. ``meta`` holds the contract keys (modality, body_part, view_position,
     sop_instance_uid, rows, columns, photometric, pixel_spacing, image_laterality, patient_orientation) plus
-    sop_class_uid, study/series UIDs, species, view_hints (descriptions that may name the view) and
-    transfer_syntax. Raises ``InvalidInstance`` when the file is not DICOM or its pixels cannot be decoded.
+    sop_class_uid, study/series UIDs, species, age_years and age_source (the patient's age at the
+    examination and the header values it comes from; None and '' when unknown), view_hints (descriptions
+    that may name the view) and transfer_syntax; source_orientation when the image was turned. Raises
+    ``InvalidInstance`` when the file is not DICOM or its pixels cannot be decoded.
 
     ``allocate`` (optional, :data:`Allocator`), e.g. ``Pipeline.host_array``, gives the memory the image is
     written into. The CUDA pipeline takes a greyscale instance's stored values (page-locked, so they are
@@ -724,6 +771,8 @@ def header_reason(image: XrayImage, *, min_size: int = MIN_SIZE) -> tuple[str, s
     * ``not_xray``: a Modality other than CR or DX (an empty Modality, as for PNG files, passes);
     * ``not_chest``: a Body Part Examined with no chest word (CHEST, THORAX, LUNG, TORAX, ...; empty passes),
       or a non-human subject (Patient Species Description, or a veterinary protocol name such as CANINE);
+    * ``child``: the patient was younger than ADULT_AGE at the examination (Patient Age, else Patient
+      Birth Date and the study's date): the models were trained on adults' films;
     * ``lateral``: View Position LL/RL/LATERAL, decubitus (LLD/RLD) or oblique; without a View Position,
       Patient Orientation with a direction anterior/posterior (row or column), or a per-image description
       (series, protocol, view code) that says lateral and not PA/AP;
@@ -749,6 +798,11 @@ def header_reason(image: XrayImage, *, min_size: int = MIN_SIZE) -> tuple[str, s
     animal = _ANIMAL_HINT.search(hints)
     if animal:
         return "not_chest", f"veterinary image ({animal.group(0)} in the protocol or series description)"
+    age = meta.get("age_years")
+    if age is not None and age < ADULT_AGE:
+        told = f"{age:.1f} years" if age < 2 else f"{int(age)} years"
+        return "child", (f"patient aged {told} ({meta.get('age_source') or 'header'}); the model was trained "
+                         f"on adults (at least {ADULT_AGE} years) only")
     view = str(meta.get("view_position") or "").upper()
     if view in LATERAL_VIEWS:
         return "lateral", f"{LATERAL_VIEWS[view]} view (ViewPosition {view})"

@@ -18,8 +18,8 @@ Yes / No                                     SCT         373066001 /  its value 
                                                          373067005
 Undetermined                                 SCT         373068000    its value when not assessable
 Not assessable reason                        99CXRNODE   CXR002       qualitative evaluation (name)
-not_chest, lateral, too_small, no_lungs,     99CXRNODE   (same)       its value (the pipeline's reason code)
-undecodable, other
+not_xray, not_chest, child, lateral,         99CXRNODE   (same)       its value (the pipeline's reason code)
+too_small, no_lungs, undecodable, other
 Comment (reason as text)                     DCM         121106       TEXT item in the measurement group
 Probability                                  DCM         122157       measurement, unit UCUM ``1`` (no units)
 Threshold Value (operating threshold)        DCM         122411       measurement, unit UCUM ``1``
@@ -69,7 +69,9 @@ CODE_LUNG_ATTENTION = Code("CXR003", CODING_SCHEME, "Lung attention ratio")
 CODE_LUNG_FRACTION = Code("CXR004", CODING_SCHEME, "Lung area fraction")
 CODE_COVID19 = Code("840539006", "SCT", "Disease caused by SARS-CoV-2")
 REASON_CODES: dict[str, Code] = {
+    "not_xray": Code("not_xray", CODING_SCHEME, "Not a CR or DX radiograph"),
     "not_chest": Code("not_chest", CODING_SCHEME, "Not a chest radiograph"),
+    "child": Code("child", CODING_SCHEME, "Patient younger than the model's population"),
     "lateral": Code("lateral", CODING_SCHEME, "Lateral view"),
     "too_small": Code("too_small", CODING_SCHEME, "Image too small"),
     "no_lungs": Code("no_lungs", CODING_SCHEME, "No plausible pair of lungs found"),

@@ -712,10 +712,51 @@ def image_with(**meta: object) -> XrayImage:
          ("not_chest", "non-human subject (PatientSpeciesDescription Canis lupus familiaris)")),
         ({"view_hints": "CANINE THORAX"},
          ("not_chest", "veterinary image (CANINE in the protocol or series description)")),
+        ({"age_years": 12.0, "age_source": "PatientAge 012Y"},
+         ("child", "patient aged 12 years (PatientAge 012Y); the model was trained on adults (at least 18 "
+                   "years) only")),
+        ({"age_years": 0.5, "age_source": "PatientAge 006M"},
+         ("child", "patient aged 0.5 years (PatientAge 006M); the model was trained on adults (at least 18 "
+                   "years) only")),
+        ({"age_years": 18.0, "age_source": "PatientAge 018Y"}, None),
+        ({"age_years": None, "age_source": ""}, None),
+        ({"age_years": 9.0, "body_part": "HAND"}, ("not_chest", "BodyPartExamined is HAND, not CHEST")),
+        ({"age_years": 9.0, "age_source": "x", "view_position": "LL"}, ("child", "patient aged 9 years (x); "
+                                                                       "the model was trained on adults (at "
+                                                                       "least 18 years) only")),
     ],
 )  # fmt: skip
 def test_header_reasons(meta: dict, expected: tuple[str, str] | None) -> None:
     assert header_reason(image_with(**meta)) == expected
+
+
+@pytest.mark.parametrize(
+    ("header", "age"),
+    [
+        ({"PatientAge": "045Y"}, (45.0, "PatientAge 045Y")),
+        ({"PatientAge": "017Y"}, (17.0, "PatientAge 017Y")),
+        ({"PatientAge": "030M"}, (2.5, "PatientAge 030M")),
+        ({"PatientAge": "026W"}, (26 * 7 / 365.25, "PatientAge 026W")),
+        ({"PatientAge": "100D"}, (100 / 365.25, "PatientAge 100D")),
+        # Patient Age wins over the dates; the study was on 2024-01-15 (make_dicom)
+        ({"PatientAge": "040Y", "PatientBirthDate": "20200101"}, (40.0, "PatientAge 040Y")),
+        ({"PatientBirthDate": "20060116"}, (17.0, "PatientBirthDate 20060116, StudyDate 20240115")),
+        ({"PatientBirthDate": "20060115"}, (18.0, "PatientBirthDate 20060115, StudyDate 20240115")),
+        ({"PatientBirthDate": "20060115", "StudyDate": ""},
+         (18.0, "PatientBirthDate 20060115, AcquisitionDate 20240115")),
+        ({}, (None, "")),
+        ({"PatientAge": "12"}, (None, "")),  # invalid (not nnnY): ignored, and no birth date
+        ({"PatientAge": "12", "PatientBirthDate": "19800301"},
+         (43.0, "PatientBirthDate 19800301, StudyDate 20240115")),
+        ({"PatientBirthDate": "1970-01-01"}, (None, "")),
+        ({"PatientBirthDate": "20250101"}, (None, "")),  # born after the study: ignored
+    ],
+)  # fmt: skip
+@pytest.mark.filterwarnings("ignore:Invalid value for VR:UserWarning")
+def test_age_at_the_examination_from_the_header(header: dict, age: tuple) -> None:
+    meta = load_dicom(make_dicom(shape=(64, 64), **header)).meta
+    assert meta["age_years"] == (pytest.approx(age[0]) if age[0] is not None else None)
+    assert meta["age_source"] == age[1]
 
 
 def test_too_small_and_order() -> None:

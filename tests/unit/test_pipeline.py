@@ -148,11 +148,12 @@ def test_not_assessable_reasons_come_through_in_order(pipeline: Pipeline) -> Non
     hand = XrayImage(frontal.pixels, "hand", {"modality": "CR", "body_part": "HAND"})
     lateral_header = XrayImage(frontal.pixels, "ll", {"modality": "DX", "view_position": "LL"})
     blank = XrayImage(np.zeros((512, 512), np.float32), "blank", {})
-    images = [lateral_content, frontal, tiny, hand, lateral_header, blank]
+    child = XrayImage(frontal.pixels, "child", {"modality": "CR", "age_years": 7.0, "age_source": "x"})
+    images = [lateral_content, frontal, tiny, hand, lateral_header, blank, child]
     results = pipeline.run(images)
     codes = [r.reason_code for r in results]
     assert codes[0] in ("lateral", "no_lungs")
-    assert codes[1:] == ["", "too_small", "not_chest", "lateral", "no_lungs"]
+    assert codes[1:] == ["", "too_small", "not_chest", "lateral", "no_lungs", "child"]
     assert results[1].finding in ("positive", "negative")
     for r in results[:1] + results[2:]:
         assert r.finding == "not_assessable" and r.probability is None and r.heatmap is None
