@@ -217,6 +217,14 @@ def _store(event: Any, ctx: StoreContext) -> int:
         if is_own_output(header):
             log.info("C-STORE of this node's own result ignored",
                      extra={"action": "own_output_ignored", **info})
+            try:
+                ctx.job_manager.record_ignored(
+                    sop_instance_uid=sop_uid, study_instance_uid=study_uid, series_instance_uid=series_uid,
+                    sop_class_uid=str(sop_class), calling_ae=st.calling_ae, calling_host=st.calling_host,
+                    reason="this node's own result, sent back to it", association_id=st.association_id)
+            except Exception as exc:  # nothing to process or lose: the record is for the operators only
+                log.error("cannot record the node's own result sent back (%s: %s)", type(exc).__name__, exc,
+                          extra={"action": "own_output_not_recorded", **info})
             return SUCCESS
         _refused(st, "foreign_output")
         log.warning("C-STORE refused: %s not produced by this node is not processed", sop_class.name,

@@ -152,13 +152,42 @@ class JobManager:
         for name, value in (("sop_instance_uid", sop_instance_uid), ("spool_path", spool_path)):
             if not value or not isinstance(value, str):
                 raise ValueError(f'Argument "{name}" must be a non-empty string.')
+        return self._insert(
+            JobState.QUEUED, f"received from {calling_ae}", sop_instance_uid=sop_instance_uid,
+            study_instance_uid=study_instance_uid, series_instance_uid=series_instance_uid,
+            sop_class_uid=sop_class_uid, calling_ae=calling_ae, calling_host=calling_host,
+            spool_path=str(spool_path), association_id=association_id)
+
+    def record_ignored(self, *, sop_instance_uid: str, study_instance_uid: str, series_instance_uid: str,
+                       sop_class_uid: str, calling_ae: str, calling_host: str, reason: str,
+                       association_id: int | None = None) -> tuple[int, bool]:
+        """Record a received instance that is deliberately not processed (the node's own result sent back
+        to it) as an ``ignored`` job, with no spooled file: so every received instance has its row.
+
+        Returns ``(job_id, created)`` as :meth:`enqueue` does; raises on any database error.
+        """
+        if not sop_instance_uid or not isinstance(sop_instance_uid, str):
+            raise ValueError('Argument "sop_instance_uid" must be a non-empty string.')
+        return self._insert(
+            JobState.IGNORED, f"received from {calling_ae}, not processed: {reason}",
+            sop_instance_uid=sop_instance_uid, study_instance_uid=study_instance_uid,
+            series_instance_uid=series_instance_uid, sop_class_uid=sop_class_uid, calling_ae=calling_ae,
+            calling_host=calling_host, spool_path="", association_id=association_id, reason=reason)
+
+    def _insert(self, state: JobState, message: str, *, sop_instance_uid: str, study_instance_uid: str,
+                series_instance_uid: str, sop_class_uid: str, calling_ae: str, calling_host: str,
+                spool_path: str, association_id: int | None, reason: str | None = None) -> tuple[int, bool]:
+        """Insert a job in ``state`` unless its SOP Instance UID has one already (also when two associations
+        race); ``(job_id, created)``."""
         now = self.clock()
         values = dict(
             sop_instance_uid=sop_instance_uid, study_instance_uid=study_instance_uid or "",
             series_instance_uid=series_instance_uid or "", sop_class_uid=sop_class_uid or "",
-            calling_ae=calling_ae or "", calling_host=calling_host or "", spool_path=str(spool_path),
-            state=JobState.QUEUED.value, attempts=0, not_before=now, created_at=now, updated_at=now,
+            calling_ae=calling_ae or "", calling_host=calling_host or "", spool_path=spool_path,
+            state=state.value, attempts=0, not_before=now, created_at=now, updated_at=now,
             association_id=association_id)
+        if state is JobState.IGNORED:
+            values.update(finished_at=now, last_error=(reason or "")[:MAX_ERROR_CHARS])
         dialect = postgresql if self.engine.dialect.name == "postgresql" else sqlite
         stmt = (dialect.insert(Job).values(**values)
                 .on_conflict_do_nothing(index_elements=["sop_instance_uid"]).returning(Job.id))
@@ -170,9 +199,9 @@ class JobManager:
                 log.info("job %s: duplicate instance received again, not queued twice", existing,
                          extra={"action": "job_duplicate", "job_id": existing})
                 return existing, False
-            session.add(JobEvent(job_id=job_id, at=now, from_state=None, to_state=JobState.QUEUED.value,
-                                 message=f"received from {calling_ae}"))
-        log.info("job %s: queued", job_id, extra={"action": "job_queued", "job_id": job_id})
+            session.add(JobEvent(job_id=job_id, at=now, from_state=None, to_state=state.value,
+                                 message=message[:MAX_ERROR_CHARS]))
+        log.info("job %s: %s", job_id, state.value, extra={"action": f"job_{state.value}", "job_id": job_id})
         return job_id, True
 
     # -- workers -------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Retention of received instances and built outputs, and the disk watermark of the spool volume.
 
 :func:`purge` deletes, for jobs whose results were delivered (state ``done``) or that needed no results
-(``ignored``: the node's own outputs echoed back, non-chest images) and finished more than
+(``ignored``: the node's own outputs echoed back) and finished more than
 ``retention_days`` ago, the spooled instance and the job's output folder. It never touches a job in any other
 state: a queued, running, exporting or failed job keeps its files whatever their age, so a failed job can
 still be retried or re-sent. Job rows, their history and the audit trail stay in the database; each purge

@@ -114,7 +114,8 @@ def test_orthanc_push_returns_sr_and_heatmap(
     sr_id = next(i["ID"] for i in instances if orthanc.tags(i["ID"])["SOPClassUID"] == sr_class)
     orthanc.push(sr_id, "CXRNODE")
     node.wait_log("action=own_output_ignored", timeout=30)
-    assert len(_jobs(node)) == 1
+    jobs = _jobs(node)
+    assert [j.state for j in jobs] == ["done", "ignored"] and jobs[1].sop_instance_uid == sr.SOPInstanceUID
     assert node.stop() == 0
 
 

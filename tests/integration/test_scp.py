@@ -252,10 +252,13 @@ def test_own_results_ignored_foreign_sr_refused(node_listener: Callable[..., Lis
     own = build_outputs(source, image, result, CARD, ExportSettings())
     assert len(own) == 2
     caplog.set_level(logging.INFO, logger="dicom_node")
-    # The PACS forwards the node's own SR + SC back to it: success, nothing queued.
+    # The PACS forwards the node's own SR + SC back to it: success; each is recorded as ignored, nothing
+    # is spooled or queued.
     node_peer = Peer(ae_title="CXRNODE", host="127.0.0.1", port=node.port)
     send(own, node_peer, ExportSettings(network_timeout_s=10), calling_ae="PACS")
-    assert node.job_rows() == []
+    rows = node.job_rows()
+    assert sorted(r.sop_instance_uid for r in rows) == sorted(str(o.SOPInstanceUID) for o in own)
+    assert all(r.state == "ignored" and r.spool_path == "" and r.calling_ae == "PACS" for r in rows)
     assert len([r for r in caplog.records if getattr(r, "action", "") == "own_output_ignored"]) == 2
 
     foreign = Dataset()
@@ -270,7 +273,7 @@ def test_own_results_ignored_foreign_sr_refused(node_listener: Callable[..., Lis
     refused = [r for r in caplog.records if getattr(r, "action", "") == "store_refused"]
     assert [r.reason for r in refused] == ["foreign_output"]
     assert "Comprehensive SR Storage" in refused[0].getMessage()
-    assert node.job_rows() == []
+    assert len(node.job_rows()) == len(own)  # the refused foreign SR left no row
 
 
 def test_maximum_associations(node_listener: Callable[..., Listener],

@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 
 import pytest
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine, select, text
+from sqlalchemy.orm import Session
 
 from dicom_node.config import WorkerSettings
-from dicom_node.db import init_db, make_engine
+from dicom_node.db import JobEvent, init_db, make_engine
 from dicom_node.queue import (
     TRANSITIONS,
     JobManager,
@@ -260,6 +261,24 @@ def test_ignore_is_terminal(jm: JobManager) -> None:
     assert jm.counts()["ignored"] == 1
     with pytest.raises(ValueError):
         jm.retry(job_id)
+
+
+def test_an_instance_not_to_process_is_recorded_as_ignored(jm: JobManager, clock: Clock) -> None:
+    kwargs = dict(sop_instance_uid="1.2.9", study_instance_uid="1.2.3", series_instance_uid="1.2.3.9",
+                  sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", calling_ae="PACS", calling_host="127.0.0.1",
+                  reason="this node's own result, sent back to it")
+    job_id, created = jm.record_ignored(**kwargs)
+    assert created and jm.record_ignored(**kwargs) == (job_id, False)  # sent back twice: one row
+    row = job_row(jm.engine, job_id)
+    assert row.state == "ignored" and row.spool_path == "" and row.attempts == 0
+    assert row.finished_at == clock.now and row.last_error == "this node's own result, sent back to it"
+    assert jm.counts()["ignored"] == 1 and jm.claim("w") == []
+    with pytest.raises(ValueError):
+        jm.retry(job_id)
+    with Session(jm.engine) as s:
+        events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id)).all()
+    assert [(e.from_state, e.to_state) for e in events] == [(None, "ignored")]
+    assert events[0].message == "received from PACS, not processed: this node's own result, sent back to it"
 
 
 def test_counts_and_oldest_waiting(jm: JobManager, clock: Clock) -> None:
