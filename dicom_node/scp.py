@@ -3,8 +3,8 @@
 Accepted: CR and DX (for presentation and for processing) in every transfer syntax this
 installation can decode (checked at start-up against pydicom's decoders), and Secondary
 Capture / Comprehensive / Comprehensive 3D / Enhanced SR only so that the node's own results
-sent back to it are recognised and recorded as ``ignored`` jobs, never processed. Any other SOP class gets its presentation context
-rejected, and a log line names it.
+sent back to it are recognised and recorded as ``ignored`` jobs, never processed. Any other SOP
+class gets its presentation context rejected, and a log line names it.
 
 Associations are refused with A-ASSOCIATE-RJ (and a log line) when the calling AE title (and,
 where the allow-list names one, its host) is not allowed, and, as "local limit exceeded"
