@@ -297,8 +297,9 @@ class JobManager:
                 stmt = stmt.where(Delivery.at >= resent_at)
             return set(session.execute(stmt).scalars())
 
-    def complete(self, job_id: int, *, worker_id: str | None = None, message: str = "") -> None:
-        """``exporting -> done``: results delivered everywhere; the lease is released."""
+    def complete(self, job_id: int, *, worker_id: str | None = None, message: str = "") -> float:
+        """``exporting -> done``: results delivered everywhere; the lease is released. Returns the seconds
+        from reception to now (the job's whole life, retries included)."""
         now = self.clock()
         with self._session() as session, session.begin():
             job = self._owned(session, job_id, worker_id)
@@ -306,6 +307,7 @@ class JobManager:
             job.finished_at = now
             job.last_error = None
             self._move(session, job, JobState.DONE, message or "results delivered", action="job_done")
+            return (now - job.created_at).total_seconds()
 
     def ignore(self, job_id: int, reason: str, *, worker_id: str | None = None) -> None:
         """Mark a job as deliberately not processed (terminal), e.g. the node's own output."""

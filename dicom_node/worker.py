@@ -290,7 +290,8 @@ class Worker:
                                 "patient and study attributes", retryable=False)
                 return None
             # decoded straight into the pipeline's page-locked memory when it runs on CUDA
-            return ds, load_dicom(ds, allocate=getattr(self.pipeline, "host_array", None))
+            with metrics.time_stage("decode"):
+                return ds, load_dicom(ds, allocate=getattr(self.pipeline, "host_array", None))
         except FileNotFoundError:
             spool_dir = self.settings.storage.spool_dir
             if not spool_dir.is_dir():  # the shared volume is not mounted here: not the instance's fault
@@ -420,9 +421,9 @@ class Worker:
         if errors:
             self._fail(job, "; ".join(str(e) for e in errors), retryable=all(e.retryable for e in errors))
             return
-        self.jm.complete(job.id, worker_id=self.worker_id,
-                         message=f"sent to {', '.join(str(d) for d in destinations)}")
-        metrics.record_job_finished("done")
+        seconds = self.jm.complete(job.id, worker_id=self.worker_id,
+                                   message=f"sent to {', '.join(str(d) for d in destinations)}")
+        metrics.record_job_finished("done", seconds)
 
 
 def _uid_of(datasets: Sequence[pydicom.Dataset], *, sr: bool) -> str | None:

@@ -19,6 +19,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicom_node import metrics
 from dicom_node.config import Settings
 from dicom_node.db import Delivery, init_db, make_engine
 from dicom_node.queue import JobManager
@@ -64,6 +65,10 @@ def test_destination_down_then_up_is_delivered_without_rerunning_the_model(
     init_db(engine)
     worker = Worker(settings, engine)
     job_id = queue_instance(settings, worker.jm)
+    sample = metrics.REGISTRY.get_sample_value
+    decoded = sample("cxrnode_stage_seconds_count", {"stage": "decode"}) or 0.0
+    lives, lived = sample("cxrnode_job_seconds_count") or 0.0, sample("cxrnode_job_seconds_sum") or 0.0
+    queued_at = time.monotonic()
 
     assert worker.run_once() == 1
     job = job_row(engine, job_id)
@@ -78,6 +83,10 @@ def test_destination_down_then_up_is_delivered_without_rerunning_the_model(
     assert job.state == "done", job.last_error
     assert received_sr_uids(dest) == {job.sr_sop_instance_uid}
     assert inference_runs(worker.jm, job_id) == 1
+    # the worker's own figures: one decode timed, one job's life from reception to delivery
+    assert sample("cxrnode_stage_seconds_count", {"stage": "decode"}) == decoded + 1
+    assert sample("cxrnode_job_seconds_count") == lives + 1
+    assert 0 < sample("cxrnode_job_seconds_sum") - lived <= time.monotonic() - queued_at + 1
     with Session(engine) as s:
         statuses = s.execute(select(Delivery.status).where(Delivery.job_id == job_id)
                              .order_by(Delivery.id)).scalars().all()
