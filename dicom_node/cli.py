@@ -46,7 +46,8 @@ def add_node_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
                    help="export.destinations (repeatable)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], help="model.device")
-    p.add_argument("--admin-port", type=int, metavar="N", help="admin.port (0 = off)")
+    p.add_argument("--admin-port", type=int, metavar="N",
+                   help="admin.port for serve, admin.worker_port for worker (0 = off)")
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -65,6 +66,8 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         value = getattr(args, attr, None)
         if value is not None:
             out.setdefault(section, {})[key] = value
+    if getattr(args, "command", None) == "worker" and "admin" in out and "port" in out["admin"]:
+        out["admin"]["worker_port"] = out["admin"].pop("port")
     if getattr(args, "destination", None):
         out.setdefault("export", {})["destinations"] = [str(Peer.parse(d)) for d in args.destination]
     return out

@@ -180,6 +180,9 @@ class ExportSettings(_Section):
 
 class AdminSettings(_Section):
     port: int = Field(default=0, ge=0, le=65535)  # 0 = admin HTTP API off
+    # `cxr-node worker` serves the same API on this port (its own /health with its model, its own /metrics:
+    # stage latencies, exports); 0 = off. A separate key, so a worker beside `serve` does not take its port.
+    worker_port: int = Field(default=0, ge=0, le=65535)
     bind_address: str = "127.0.0.1"
     token: str = ""  # bearer token; required for every endpoint but /health
 

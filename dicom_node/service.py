@@ -2,8 +2,10 @@
 
 ``serve``: schema upgrade, DICOM listener, a worker thread (``worker.run_in_serve``), the
 scheduler (retention, retraining) and, when ``admin.port`` is set, the admin HTTP API.
-``worker``: only the worker, for scale-out on a shared PostgreSQL queue (the scheduler and the
-admin API run in ``serve`` only, so retention and retraining run once per installation).
+``worker``: only the worker, for scale-out on a shared PostgreSQL queue (the scheduler runs in
+``serve`` only, so retention and retraining run once per installation), and, when
+``admin.worker_port`` is set, the admin HTTP API on that port: the worker's own health (its model)
+and metrics (its stage latencies and exports).
 
 SIGTERM or SIGINT: the listener stops accepting, the worker finishes the batch in hand (its jobs
 end delivered or scheduled for retry, never half-done), everything is stopped, exit status 0.
@@ -107,15 +109,18 @@ class _Node:
             self.server = start_scp(s, self.jm, self.engine)
             log.info("listening on %s:%s as %s", s.listener.bind_address, s.listener.port,
                      s.listener.ae_title, extra={"action": "listener_started"})
-        # Scheduled retention/retraining and the admin API run once per installation: in `serve` only.
+        # Scheduled retention/retraining run once per installation: in `serve` only.
         if self.want_listener:
             from dicom_node.scheduler import start_scheduler
 
             self.scheduler = start_scheduler(s, self.engine)
-        if s.admin.port and self.want_listener:
+        admin_port = s.admin.port if self.want_listener else s.admin.worker_port
+        if admin_port:
             from dicom_node.admin import start_admin
 
-            self.admin = start_admin(s, self.engine, self.jm, model_info=self._model_info)
+            own = s if self.want_listener else s.model_copy(
+                update={"admin": s.admin.model_copy(update={"port": admin_port})})
+            self.admin = start_admin(own, self.engine, self.jm, model_info=self._model_info)
         if self.worker is not None and not once:
             self.worker_thread = threading.Thread(target=self.worker.run, args=(self.stop_event,),
                                                   name="cxr-worker", daemon=True)

@@ -60,6 +60,9 @@ def test_compose_file_has_the_expected_services() -> None:
     assert (DEPLOY / node["build"]["context"]).resolve() == ROOT
     assert any(str(p).startswith("11112:") for p in node["ports"])
     assert any(str(p).startswith("127.0.0.1:8080:") for p in node["ports"])  # admin on host loopback only
+    # workers serve their own health on the port the image's HEALTHCHECK reads, published nowhere
+    assert worker["environment"]["CXRNODE_ADMIN_WORKER_PORT"] == "8080" and "ports" not in worker
+    assert "healthcheck" not in worker
     assert "pg_isready" in " ".join(services["postgres"]["healthcheck"]["test"])
     for vol in ("spool", "pgdata"):
         assert vol in doc["volumes"]

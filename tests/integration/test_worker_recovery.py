@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pydicom
 import pytest
 from sqlalchemy import select
@@ -25,6 +26,7 @@ from dicom_node.db import Delivery, init_db, make_engine
 from dicom_node.queue import JobManager
 from dicom_node.worker import Worker
 from inference.phantom import make_dicom
+from tests.fixtures.common import free_port
 from tests.fixtures.database import job_row
 from tests.fixtures.peers import StoreSCP, to_toml
 
@@ -155,7 +157,10 @@ def test_sigkilled_worker_job_finishes_after_restart(tmp_path: Path, tiny_bundle
     assert job_row(engine, job_id).lease_owner == victim.lease_owner  # nobody released it: the worker died
 
     dest = storescp("PACS")
-    restarted = {**base, "export": {"destinations": [dest.address], "network_timeout_s": 10}}
+    # this worker also serves its own health and metrics (admin.worker_port), as a scaled-out one would
+    port = free_port()
+    restarted = {**base, "export": {"destinations": [dest.address], "network_timeout_s": 10},
+                 "admin": {"port": free_port(), "worker_port": port, "token": "worker-token"}}
     second, second_log = start_worker(restarted, tmp_path / "worker2.toml")
     try:
         deadline = time.monotonic() + 120
@@ -168,6 +173,16 @@ def test_sigkilled_worker_job_finishes_after_restart(tmp_path: Path, tiny_bundle
         assert inference_runs(jm, job_id) == 1, "the stored outputs were not reused"
         expired = f"lease of {victim.lease_owner} expired"
         assert any(h["message"].startswith(expired) for h in jm.history(job_id))
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10,
+                          headers={"Authorization": "Bearer worker-token"}) as c:
+            health = c.get("/health")
+            assert health.status_code == 200, health.text
+            assert health.json()["checks"]["model"]["loaded"]["version"] == "0.0.0-test"
+            text = c.get("/metrics").text
+        # its own figures: the delivery it made, and the job's life (no inference ran here: outputs reused)
+        assert f'cxrnode_exports_total{{destination="{dest.address}"}} 1.0' in text, text
+        assert "cxrnode_job_seconds_count 1.0" in text
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics").status_code == 401  # the token is required
     finally:
         second.send_signal(signal.SIGTERM)
         second.wait(60)

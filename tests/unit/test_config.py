@@ -70,6 +70,19 @@ callers = { MODALITY = "MODALITY@10.0.0.5:104" }
     assert [str(p) for p in s.export.destinations] == ["A@h1:11", "B@h2:12"]
 
 
+def test_admin_port_flag_is_the_worker_port_for_a_worker(tmp_path: Path) -> None:
+    path = write(tmp_path, "[admin]\nport = 8080\n")
+    for command, expected in (("serve", (9000, 0)), ("worker", (8080, 9000))):
+        parser = argparse.ArgumentParser()
+        add_node_arguments(parser)
+        args = parser.parse_args(["--admin-port", "9000"])
+        args.command = command
+        s = load_settings(path, overrides_from_args(args), environ={})
+        assert (s.admin.port, s.admin.worker_port) == expected, command
+    s = load_settings(path, environ={"CXRNODE_ADMIN_WORKER_PORT": "8081"})
+    assert (s.admin.port, s.admin.worker_port) == (8080, 8081)
+
+
 def test_config_file_from_environment_variable(tmp_path: Path) -> None:
     path = write(tmp_path, '[listener]\nae_title = "VIAENV"\n')
     assert load_settings(environ={"CXRNODE_CONFIG": str(path)}).listener.ae_title == "VIAENV"
