@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Engine, exists, select
+from sqlalchemy import Engine, exists, or_, select
 from sqlalchemy.orm import Session
 
 from dicom_node import metrics
@@ -137,7 +137,8 @@ def purge(engine: Engine, data_dir: str | os.PathLike[str], retention_days: int,
     while True:
         stmt = (select(Job.id, Job.spool_path, Job.output_dir)
                 .where(Job.state.in_(PURGEABLE_STATES), Job.finished_at.is_not(None),
-                       Job.finished_at < report.cutoff, Job.id > last_id, ~purged)
+                       Job.finished_at < report.cutoff, Job.id > last_id, ~purged,
+                       or_(Job.spool_path != "", Job.output_dir.is_not(None)))  # files to delete
                 .order_by(Job.id).limit(_BATCH))
         with Session(engine) as session:
             rows = session.execute(stmt).all()

@@ -59,9 +59,14 @@ def test_only_old_delivered_jobs_lose_their_files(db: NodeDb) -> None:
               (failed_old, old_done, new_done, ignored_old, exporting_old, queued_old)}
     assert all(p.is_file() for p, _ in before.values())
 
+    echoed, _ = db.jobs.record_ignored(  # the node's own SR sent back: a row, but no files
+        sop_instance_uid="1.2.826.0.1.3680043.8.498.99", study_instance_uid="1.2.3",
+        series_instance_uid="1.2.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", calling_ae="ORTHANC",
+        calling_host="127.0.0.1", reason="own result")
+    age(db, echoed, 40)
     report = purge(db.engine, db.settings.storage.data_dir, 30)
 
-    assert report.jobs == 2 and report.spool_files == 2 and report.errors == []
+    assert report.jobs == 2 and report.spool_files == 2 and report.errors == []  # nothing to do for echoed
     assert report.output_files == 2  # SC + SR of old_done
     assert report.bytes_freed > 0
     gone = {old_done, ignored_old}
