@@ -60,7 +60,7 @@ def test_bit_depths_round_trip(dicom_factory, bits: int) -> None:
     assert image.pixels.dtype == np.float32 and image.pixels.shape == SHAPE
     # Quantisation to `bits` plus the LINEAR window's half-step offset.
     assert np.abs(image.pixels - phantom()).max() < 2.0 / (1 << bits) + 1e-4
-    assert image.meta["rows"], image.meta["columns"] == SHAPE
+    assert (image.meta["rows"], image.meta["columns"]) == SHAPE
 
 
 def test_monochrome1_is_inverted(dicom_factory) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dicom_node.errors import ModelBundleError
-from inference.bundle import CARD_FILE, default_bundle_path, make_random_bundle
+from inference.bundle import make_random_bundle
 from inference.imaging import load_dicom, lung_box
 from inference.phantom import make_dicom, make_phantom
 from inference.pipeline import Pipeline
@@ -196,7 +196,7 @@ def test_dicom_phantom_end_to_end(pipeline: Pipeline, tmp_path: Path) -> None:
     assert r.heatmap is not None and r.heatmap.shape == image.pixels.shape
 
 
-def test_arguments_and_default_bundle(phantom_bundle: Path) -> None:
+def test_arguments_are_checked(phantom_bundle: Path) -> None:
     with pytest.raises(ValueError, match='"cam"'):
         Pipeline.from_bundle(phantom_bundle, cam="scorecam")
     with pytest.raises(ValueError, match='"device"'):
@@ -208,9 +208,15 @@ def test_arguments_and_default_bundle(phantom_bundle: Path) -> None:
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             Pipeline.from_bundle(phantom_bundle, device="cuda")
-    if not (default_bundle_path() / CARD_FILE).is_file():
-        with pytest.raises(ModelBundleError, match="no default model is installed"):
-            Pipeline.from_bundle(None)
+
+
+def test_without_a_default_model_the_error_says_to_give_one(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    import inference.bundle
+
+    monkeypatch.setattr(inference.bundle, "default_bundle_path", lambda: tmp_path)
+    with pytest.raises(ModelBundleError, match="no default model is installed .* give a bundle with --model"):
+        Pipeline.from_bundle(None)
 
 
 def test_deferred_maps_are_made_once_on_first_read() -> None:

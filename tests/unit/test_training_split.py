@@ -46,9 +46,13 @@ def test_split_never_shares_a_patient_and_keeps_ratios() -> None:
     for side in sides:  # stratified: both labels on every side
         labels = Counter(s.label for s in split.select(samples, side) if s.task == "classification")
         assert labels["covid"] > 0 and labels["normal"] > 0
-    # every image of a patient goes with it, masks included
-    for s in samples:
-        assert s.patient_id in sides[split.side_of()[s.patient_id]]
+    # the three sides share the images out exactly, and every image of a patient goes with it, masks included
+    chosen = {side: split.select(samples, side) for side in sides}
+    assert sorted(map(id, samples)) == sorted(id(s) for side in chosen.values() for s in side)
+    for side, picked in chosen.items():
+        assert {s.patient_id for s in picked} == sides[side]
+        assert all(s.patient_id in sides[side] for s in picked if s.task == "segmentation")
+    assert any(s.task == "segmentation" for s in chosen["test"])  # the masks' side is checked, not assumed
 
 
 def test_split_is_seeded() -> None:
