@@ -91,12 +91,34 @@ def test_bundle_loads_and_runs_in_the_pipeline(built: tuple[Path, dict]) -> None
     assert res[0].threshold == pytest.approx(bundle.threshold)
 
 
-def test_resume_reuses_finished_checkpoints(built: tuple[Path, dict]) -> None:
+def test_resume_reuses_finished_checkpoints(built: tuple[Path, dict], tmp_path: Path) -> None:
     import torch
 
-    out, _ = built
+    from training.build_default import main
+
+    out, first = built
     ck = torch.load(out / "checkpoints" / "stage2_mobilenet_v2_lung.pt", weights_only=True)
     assert ck["finished"] and ck["epoch"] == 0 and len(ck["history"]) == 1
+    again = tmp_path / "run"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "bundle")
+    checkpoints = sorted((again / "checkpoints").glob("*.pt"))
+    assert {p.name for p in checkpoints} >= {"stage2_mobilenet_v2_lung.pt", "stage2_mobilenet_v2_whole.pt"}
+    written = {p.name: p.stat().st_mtime_ns for p in checkpoints}
+    rc = main(["--data", str(out.parent / "data"), "--out", str(again), "--device", "cpu", "--quick",
+               "--epochs-seg", "2", "--epochs-cls", "1", "--archs", "mobilenet_v2", "--seg-archs", "unet",
+               "--resume"])
+    assert rc == 0
+    # nothing was trained again: every checkpoint is the file the first run wrote, and the networks measure
+    # as they did
+    assert {p.name: p.stat().st_mtime_ns for p in sorted((again / "checkpoints").glob("*.pt"))} == written
+    resumed = json.loads((again / "results.json").read_text())
+    assert resumed["chosen"] == first["chosen"]
+    for name, config in first["configs"].items():
+        again_config = resumed["configs"][name]
+        assert again_config["val"]["roc_auc"] == pytest.approx(config["val"]["roc_auc"], abs=1e-9), name
+        assert again_config["threshold"] == pytest.approx(config["threshold"], abs=1e-9), name
+    assert (again / "bundle" / "model.json").is_file()
 
 
 def test_attention_penalty_build_with_a_reference_run(built: tuple[Path, dict], tmp_path: Path) -> None:
