@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from training.adversary import SourceAdversary, adversary_loss, reverse_gradient
 from training.loops import FitConfig, fit, sample_weights
 
+pytestmark = pytest.mark.unit
+
 
 def test_gradient_reversal_is_identity_forward_and_negates_backward() -> None:
     x = torch.randn(4, 3, requires_grad=True)

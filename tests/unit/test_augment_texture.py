@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from training.augment import augment, gaussian_blur, texture
 from training.loops import FitConfig
 
+pytestmark = pytest.mark.unit
+
 LAPLACE = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]]).view(1, 1, 3, 3)
 
 

@@ -10,6 +10,8 @@ import torch
 
 from training.baselines import shape_features, texture_features, trivial_baselines
 
+pytestmark = pytest.mark.unit
+
 
 def test_shape_features_by_hand() -> None:
     f = shape_features(np.array([[1000, 2000], [512, 512]]))
