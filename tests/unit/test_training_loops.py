@@ -152,12 +152,11 @@ def test_fit_segmenter_learns_on_phantoms(arch: str, phantoms: tuple) -> None:
 
     torch.set_num_threads(1)
     x, m, _ = phantoms
-    cfg = FitConfig(epochs=12 if arch == "unet" else 2, batch_size=8, lr=0.003, seed=0, augment=False)
+    cfg = FitConfig(epochs=12, batch_size=8, lr=0.003, seed=0, augment=False)
     r = fit(build_segmenter(arch), (x[:12], m[:12]), (x[12:], m[12:]), kind="segmentation", config=cfg,
             device=torch.device("cpu"))
-    assert np.isfinite(r.history[-1]["loss"])
-    if arch == "unet":  # enough steps to beat the empty mask clearly
-        assert r.best_score > 0.6
+    assert np.isfinite(r.history[-1]["loss"]) and r.history[-1]["loss"] < r.history[0]["loss"]
+    assert r.best_score > 0.6  # enough steps to beat the empty mask clearly (validation Dice)
 
 
 def test_fit_rejects_empty_sets(phantoms: tuple) -> None:
