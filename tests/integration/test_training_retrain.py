@@ -78,11 +78,19 @@ def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phanto
 
     monkeypatch.setenv("CXRNODE_STORAGE_DATA_DIR", str(tmp_path / "node"))
     monkeypatch.setenv("CXRNODE_DATABASE_URL", sqlite_url)
-    assert main(["train", "--data", "node", "--stage", "2", "--fine-tune", "--arch", "mobilenet_v2",
-                 "--base-model", str(phantom_bundle), "--out", str(tmp_path / "run"), "--quick",
-                 "--epochs", "1", "--device", "cpu", "--style-augment", "0.25",
-                 "--artefact-augment", "0.3", "--equalize"]) == 0
+    train = ["train", "--data", "node", "--stage", "2", "--fine-tune", "--arch", "mobilenet_v2",
+             "--base-model", str(phantom_bundle), "--out", str(tmp_path / "run"), "--quick",
+             "--epochs", "1", "--device", "cpu", "--style-augment", "0.25", "--artefact-augment", "0.3",
+             "--equalize"]
+    assert main(train) == 0
     assert (tmp_path / "run" / "bundle" / "model.json").is_file()
+    # `--resume` continues from the run's checkpoints: the finished network is not trained again. A bundle
+    # never changes in place, so the finished run's bundle is moved away first, as after an interrupted run.
+    checkpoints = {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").glob("*.pt")}
+    assert checkpoints
+    (tmp_path / "run" / "bundle").rename(tmp_path / "first-bundle")
+    assert main([*train, "--resume"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run" / "checkpoints").glob("*.pt")} == checkpoints
     card = json.loads((tmp_path / "run" / "bundle" / "model.json").read_text())
     assert card["normalisation"]["equalize"] is True
     trained = card["training_data"]
