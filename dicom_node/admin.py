@@ -255,11 +255,13 @@ class AdminServer:
 
 
 def start_admin(settings: Settings, engine: Engine, job_manager: JobManager, *,
-                model_info: ModelInfo | None = None, startup_timeout_s: float = 15.0) -> AdminServer:
-    """Serve the admin API on ``admin.bind_address``:``admin.port`` in a daemon thread.
+                model_info: ModelInfo | None = None, startup_timeout_s: float = 15.0,
+                port: int | None = None) -> AdminServer:
+    """Serve the admin API on ``admin.bind_address``:``port`` (default ``admin.port``) in a daemon thread.
 
     Port 0 binds a free port (``.port`` tells which); ``cxr-node serve`` calls this only when ``admin.port``
-    is set. The queue-depth metric is bound to ``job_manager.counts``.
+    is set, ``cxr-node worker`` with ``admin.worker_port``. The queue-depth metric is bound to
+    ``job_manager.counts``.
 
     Raises
     ------
@@ -272,8 +274,9 @@ def start_admin(settings: Settings, engine: Engine, job_manager: JobManager, *,
     if not settings.admin.token and not is_loopback(host):
         raise ConfigError(f"config key 'admin.token': a token is required when admin.bind_address is "
                           f"{host!r} (not loopback); set CXRNODE_ADMIN_TOKEN")
+    wanted = settings.admin.port if port is None else port
     app = create_app(settings, engine, job_manager, model_info=model_info)
-    config = uvicorn.Config(app, host=host, port=settings.admin.port, log_level="warning", access_log=False,
+    config = uvicorn.Config(app, host=host, port=wanted, log_level="warning", access_log=False,
                             lifespan="off", server_header=False)
     server = uvicorn.Server(config)
 
@@ -289,12 +292,12 @@ def start_admin(settings: Settings, engine: Engine, job_manager: JobManager, *,
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
             server.should_exit = True
-            raise OSError(f"admin API could not listen on {host}:{settings.admin.port}")
+            raise OSError(f"admin API could not listen on {host}:{wanted}")
         time.sleep(0.02)
-    port = int(server.servers[0].sockets[0].getsockname()[1])
+    bound = int(server.servers[0].sockets[0].getsockname()[1])
     collector = metrics.bind_queue(job_manager.counts)
     if not settings.admin.token:
         log.warning("admin API has no token: open to every local user of %s", host,
                     extra={"action": "admin_open"})
-    log.info("admin API listening on %s:%s", host, port, extra={"action": "admin_started", "port": port})
-    return AdminServer(server=server, thread=thread, host=host, port=port, _queue_collector=collector)
+    log.info("admin API listening on %s:%s", host, bound, extra={"action": "admin_started", "port": bound})
+    return AdminServer(server=server, thread=thread, host=host, port=bound, _queue_collector=collector)

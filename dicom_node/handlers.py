@@ -69,6 +69,10 @@ class JobQueue(Protocol):
                 sop_class_uid: str, calling_ae: str, calling_host: str, spool_path: str,
                 association_id: int | None = None) -> tuple[int, bool]: ...
 
+    def record_ignored(self, *, sop_instance_uid: str, study_instance_uid: str, series_instance_uid: str,
+                       sop_class_uid: str, calling_ae: str, calling_host: str, reason: str,
+                       association_id: int | None = None) -> tuple[int, bool]: ...
+
 
 class AssociationAudit:
     """The association audit trail (``dicom_node.audit``) bound to the process's engine."""

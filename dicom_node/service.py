@@ -118,9 +118,7 @@ class _Node:
         if admin_port:
             from dicom_node.admin import start_admin
 
-            own = s if self.want_listener else s.model_copy(
-                update={"admin": s.admin.model_copy(update={"port": admin_port})})
-            self.admin = start_admin(own, self.engine, self.jm, model_info=self._model_info)
+            self.admin = start_admin(s, self.engine, self.jm, model_info=self._model_info, port=admin_port)
         if self.worker is not None and not once:
             self.worker_thread = threading.Thread(target=self.worker.run, args=(self.stop_event,),
                                                   name="cxr-worker", daemon=True)

@@ -553,28 +553,31 @@ def _turn(pixels: np.ndarray, steps: tuple[bool, bool, bool], allocate: Allocato
     return dest
 
 
+def _in_range(values: np.ndarray, bounds: tuple[int, int]) -> np.ndarray:
+    return (values >= bounds[0]) & (values <= bounds[1])
+
+
 def _grey_pixels(
     stored: np.ndarray, ds: Dataset, photometric: str, dest: np.ndarray | None,
     hidden: np.ndarray | None = None,
 ) -> tuple[np.ndarray, Callable[[np.ndarray], np.ndarray]]:
     """Greyscale stored values -> pixels in [0, 1] (the last pass writes ``dest``): Modality LUT, then the VOI
     LUT, the window or the PERCENTILES range, inverted for MONOCHROME1 or an inverse presentation; padding
-    (``_padding_range``) is left out of the PERCENTILES range and set to 0, as are the ``hidden`` pixels (a
-    shutter's; the table does not know those).
+    (``_padding_range``) is left out of the PERCENTILES range and set to 0. The ``hidden`` pixels (a
+    shutter's) are left out of the range too; the caller blanks them (the table does not know them).
 
     Also returns a function that maps other stored values exactly as these were mapped (the same branch, the
     same percentile range), elementwise: for a table of every stored level.
     """
     arr = _modality_lut(stored, ds)
     padding = _padding_range(ds)
-    padded = None if padding is None else (stored >= padding[0]) & (stored <= padding[1])
+    padded = None if padding is None else _in_range(stored, padding)
     if padded is not None and (padded.all() or not padded.any()):
         if padded.all():
             logger.warning("PixelPaddingValue ignored: every pixel is padding",
                            extra={"action": "dicom_header_invalid"})
         padding = padded = None
-    if hidden is not None:
-        padded = hidden if padded is None else padded | hidden
+    unused = padded if hidden is None else hidden if padded is None else padded | hidden
     inverse = photometric == "MONOCHROME1" or (
         photometric == "MONOCHROME2" and _text(ds, "PresentationLUTShape").upper() == "INVERSE"
     )
@@ -584,7 +587,7 @@ def _grey_pixels(
     if voi is None:
         voi, again = _window(arr, ds, last), functools.partial(_window, ds=ds)
     if voi is None:
-        low, high = _percentile_range(arr, None if padded is None else ~padded)
+        low, high = _percentile_range(arr, None if unused is None else ~unused)
         voi, again = _scale(arr, low, high, last), functools.partial(_scale, low=low, high=high)
 
     def same(values: np.ndarray) -> np.ndarray:
@@ -592,7 +595,7 @@ def _grey_pixels(
         assert out is not None  # the header that mapped the image maps any values
         out = np.subtract(np.float32(1.0), out, dtype=np.float32) if inverse else out
         if padding is not None:
-            out[(values >= padding[0]) & (values <= padding[1])] = 0.0
+            out[_in_range(values, padding)] = 0.0
         return out
 
     pixels = np.subtract(np.float32(1.0), voi, out=dest, dtype=np.float32) if inverse else voi
@@ -644,8 +647,6 @@ def load_dicom(source: str | Path | Dataset, *, allocate: Allocator | None = Non
         bits = _numbers(ds, "BitsStored")
         dest = _destination(direct, shape, np.dtype(np.float32))
         pixels = np.clip(stored / float((1 << int(bits[0] if bits else 8)) - 1), 0, 1, out=dest)
-        if hidden is not None:
-            pixels[hidden] = 0.0
     else:
         into = None
         # A shutter is not a function of the stored values, and the GPU path does not turn images: such
@@ -656,6 +657,8 @@ def load_dicom(source: str | Path | Dataset, *, allocate: Allocator | None = Non
         pixels, same = _grey_pixels(stored, ds, meta["photometric"], dest, hidden)
         if into is not None:
             kept = _keep_stored(stored, into, same)
+    if hidden is not None:
+        pixels[hidden] = 0.0
     if steps is not None:
         pixels = _turn(pixels, steps, allocate)
         meta["source_orientation"], meta["patient_orientation"] = meta["patient_orientation"], "L\\F"
