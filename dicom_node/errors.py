@@ -43,3 +43,7 @@ class InvalidInstance(PermanentError):
 
 class ModelBundleError(PermanentError):
     """The model bundle is missing, incomplete or inconsistent."""
+
+
+class TrainingDiverged(PermanentError):
+    """Training diverged: the loss, the weights or the validation scores became NaN or infinite."""

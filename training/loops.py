@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dicom_node.errors import TrainingDiverged
 from training.augment import augment
 
 log = logging.getLogger(__name__)
@@ -268,6 +269,27 @@ def protect_inplace_relu(model: nn.Module) -> list[torch.utils.hooks.RemovableHa
     return []
 
 
+def _check_finite(model: nn.Module, loss: float, prob: torch.Tensor, name: str, epoch: int,
+                  lr: float) -> None:
+    """Raise :class:`TrainingDiverged` when the epoch's loss, the weights (parameters and buffers, e.g.
+    BatchNorm's running statistics) or the validation predictions are not finite: a clear stop with the
+    epoch and the learning rate instead of a failure further on (in the score, or when the bundle is
+    loaded)."""
+    what = None
+    if not math.isfinite(loss):
+        what = f"loss {loss}"
+    else:
+        bad = next((k for k, v in model.state_dict().items()
+                    if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+        if bad is not None:
+            what = f"weights ({bad})"
+        elif not bool(torch.isfinite(prob).all()):
+            what = "validation predictions"
+    if what is not None:
+        raise TrainingDiverged(f"{name}: training diverged in epoch {epoch + 1}: {what} not finite; "
+                               f"try a lower learning rate than {lr:g}")
+
+
 def _val_score(kind: Kind, prob: torch.Tensor, y: torch.Tensor) -> float:
     if kind == "classification":
         from sklearn.metrics import roc_auc_score
@@ -305,6 +327,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
     features, whose gradient reaches the network reversed (:mod:`training.adversary`): features stop telling
     sources apart within a class.
     Returns the best state dict (CPU tensors), its validation score and epoch, and the per-epoch history.
+    Raises :class:`~dicom_node.errors.TrainingDiverged` (naming the epoch and the learning rate) as soon as an
+    epoch leaves a non-finite loss, weight or validation prediction; nothing of that epoch is checkpointed.
     """
     if kind not in ("segmentation", "classification"):
         raise ValueError('Argument "kind" must be segmentation or classification.')
@@ -425,6 +449,7 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
             total += float(loss.detach()) * idx.numel()
             seen += idx.numel()
         prob = predict(model, val[0], kind=kind, device=device, mean=config.mean, std=config.std)
+        _check_finite(model, total, prob, name or kind, epoch, config.lr)
         score = _val_score(kind, prob, val[1].cpu())
         row = {"epoch": float(epoch), "loss": total / max(seen, 1), "val_score": score,
                "lr": float(sched.get_last_lr()[0])}
