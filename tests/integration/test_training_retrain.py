@@ -148,6 +148,50 @@ def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phanto
         registry.promote(engine, back["current"])
 
 
+def test_retrain_refuses_a_candidate_worse_than_the_current_model(tmp_path: Path, sqlite_url: str,
+                                                                   phantom_bundle_whole: Path) -> None:
+    """A fine-tune that ends worse on the held-out patients is refused with both scores recorded, and the
+    current model keeps serving. Round 1 fine-tunes the random ResNet18 into a model that ranks the
+    held-out phantoms perfectly (promoted); round 2 fine-tunes it with a learning rate far too high, which
+    leaves a network that answers the same for every image (ROC AUC 0.5): refused at margin 0."""
+    import torch
+
+    from dicom_node.config import load_settings
+    from dicom_node.db import init_db, make_engine
+    from training import registry
+    from training.retrain import import_labels, retrain_once
+
+    torch.set_num_threads(1)
+    engine = make_engine(sqlite_url)
+    init_db(engine)
+    rows = _received(tmp_path, engine, n_patients=40)  # 20 per label: 2 each held out, 4 + 4 images
+    csv_path = tmp_path / "labels.csv"
+    csv_path.write_text("sop_instance_uid,label\n" + "".join(f"{u},{lab}\n" for u, _, lab in rows))
+    settings = load_settings(None, {"storage": {"data_dir": str(tmp_path / "node")},
+                                    "database": {"url": sqlite_url},
+                                    "retrain": {"min_labelled": 10, "epochs": 8, "margin": 0.0}}, environ={})
+    import_labels(settings, csv_path)
+    registry.register(engine, phantom_bundle_whole, status="retired")
+    registry.promote(engine, registry.list_versions(engine)[0]["version"])
+
+    good = retrain_once(settings, engine=engine, device="cpu", lr=0.002)
+    assert good["status"] == "promoted" and good["held_out"] == 8 and good["candidate"] == 1.0, good
+
+    one_epoch = settings.model_copy(update={"retrain": settings.retrain.model_copy(update={"epochs": 1})})
+    worse = retrain_once(one_epoch, engine=engine, device="cpu", lr=0.5)
+    assert worse["status"] == "rejected" and not worse["promote"], worse
+    assert worse["current_version"] == good["version"] and worse["current"] == 1.0
+    assert worse["candidate"] < worse["current"]
+    assert worse["reason"] == f"candidate {worse['candidate']:.4f} < current 1.0000 - margin 0.0"
+    assert registry.current(engine)["version"] == good["version"]
+    row = {v["version"]: v for v in registry.list_versions(engine)}[worse["version"]]
+    assert row["status"] == "rejected"
+    decision = row["metrics"]["decision"]
+    assert (decision["current"], decision["candidate"]) == (1.0, worse["candidate"])
+    held = row["metrics"]["held_out"]
+    assert held["current"]["metrics"]["roc_auc"] == 1.0 and held["candidate"]["metrics"]["n"] == 8
+
+
 def test_retrain_skips_without_enough_labels(tmp_path: Path, sqlite_url: str) -> None:
     from dicom_node.config import load_settings
     from dicom_node.db import init_db, make_engine
