@@ -2,14 +2,15 @@
 # Set up cxr-node on a fresh Debian/Ubuntu machine, in ./.venv of this checkout.
 #   bash deploy/install.sh          the node and its Python dependencies
 #   bash deploy/install.sh --test   also the real DICOM peers and servers the tests drive:
-#                                   dcmtk, orthanc, dicom3tools, postgresql, chromium (Debian packages)
+#                                   dcmtk, orthanc, dicom3tools, postgresql, chromium, docker-compose,
+#                                   systemd (for systemd-analyze) (Debian packages)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 want_test=0
 [ "${1:-}" = "--test" ] && want_test=1
 
 apt_pkgs=()
-[ $want_test = 1 ] && apt_pkgs+=(dcmtk orthanc dicom3tools postgresql chromium fonts-dejavu-core docker-compose)
+[ $want_test = 1 ] && apt_pkgs+=(dcmtk orthanc dicom3tools postgresql chromium fonts-dejavu-core docker-compose systemd)
 missing=()
 for p in "${apt_pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -26,7 +26,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
 def chromium_binary() -> str:
     exe = shutil.which("chromium") or shutil.which("chromium-browser")
     if exe is None:
-        pytest.skip("Debian package 'chromium' not installed (bash deploy/install.sh --test): status page "
+        pytest.fail("Debian package 'chromium' not installed (bash deploy/install.sh --test): status page "
                     "not rendered")
     return exe
 
