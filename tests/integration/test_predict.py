@@ -55,11 +55,19 @@ def test_predict_folder_of_mixed_files(tmp_path: Path, phantom_bundle: Path) -> 
         rows = {Path(r["file"]).name: r for r in reader}
     assessable = ("cr.dcm", "dx_without_suffix", "frontal.png", "frontal.jpg")
     assert set(rows) == {*assessable, "small.png", "corrupt.dcm", "missing.dcm"}
+    # each row is the pipeline's answer for its file: the same model run here in-process agrees
+    from inference.imaging import load_any
+    from inference.pipeline import Pipeline
+
+    pipeline = Pipeline.from_bundle(phantom_bundle, device="cpu", cam="gradcam")
     for name in assessable:
         row = rows[name]
-        assert row["finding"] in ("positive", "negative"), row
-        assert 0.0 <= float(row["probability"]) <= 1.0
-        assert 0.0 <= float(row["lung_attention"]) <= 1.0
+        [expected] = pipeline.run([load_any(row["file"])])
+        assert expected.probability is not None and expected.lung_attention is not None
+        assert float(row["probability"]) == pytest.approx(expected.probability, abs=1e-4), name
+        assert float(row["lung_attention"]) == pytest.approx(expected.lung_attention, abs=1e-3), name
+        assert row["finding"] == ("positive" if expected.probability >= pipeline.bundle.threshold
+                                  else "negative"), row
         assert 0.0 < float(row["lung_fraction"]) < 1.0
         assert row["model_version"] == "0.0.0-test" and row["reason"] == ""
     assert rows["small.png"]["finding"] == "not_assessable"

@@ -62,10 +62,11 @@ def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phanto
     init_db(engine)
     rows = _received(tmp_path, engine)
     csv_path = tmp_path / "labels.csv"
-    # half the labels by SOP Instance UID, half by Accession Number
+    # half the labels by SOP Instance UID, half by Accession Number; saved as a spreadsheet program saves
+    # "CSV UTF-8": with a byte-order mark before the first column's name, and CRLF line ends
     lines = ["sop_instance_uid,accession_number,label"]
     lines += [f"{u},,{lab}" if i % 2 else f",{a},{lab}" for i, (u, a, lab) in enumerate(rows)]
-    csv_path.write_text("\n".join(lines) + "\n")
+    csv_path.write_bytes(("\r\n".join(lines) + "\r\n").encode("utf-8-sig"))
     settings = load_settings(None, {"storage": {"data_dir": str(tmp_path / "node")},
                                     "database": {"url": sqlite_url},
                                     "retrain": {"min_labelled": 10, "epochs": 1, "margin": 1.0}}, environ={})
@@ -100,10 +101,23 @@ def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phanto
     registry.register(engine, phantom_bundle, status="retired")
     first = registry.promote(engine, registry.list_versions(engine)[0]["version"])
     out = retrain_once(settings, engine=engine, device="cpu", quick=True)
-    # promotion: 6 patients per label put one of each on the held-out side, so ROC AUC is defined (in [0, 1]);
+    # promotion: 6 patients per label put one of each on the held-out side, so ROC AUC is defined;
     # with margin 1.0 any candidate reaches current - margin
     assert out["status"] == "promoted", out
-    assert out["promote"] and out["held_out"] == 4 and out["candidate"] >= out["current"] - 1.0
+    assert out["promote"] and out["held_out"] == 4
+    # both scores are those of the two bundles on the held-out patients of the run's split
+    from sklearn.metrics import roc_auc_score
+
+    from inference.imaging import load_dicom
+
+    split = json.loads((tmp_path / "node" / "training" / "runs" / out["version"] / "split.json").read_text())
+    held_out = [s for s in samples if s.patient_id in set(split["test"])]
+    assert len(held_out) == 4
+    for key, path in (("current", phantom_bundle), ("candidate", Path(out["bundle"]))):
+        results = Pipeline.from_bundle(path, device="cpu").run([load_dicom(s.file) for s in held_out],
+                                                               explain=False)
+        y = [s.label == "covid" for s in held_out]
+        assert out[key] == pytest.approx(roc_auc_score(y, [r.probability for r in results])), key
     versions = {v["version"]: v for v in registry.list_versions(engine)}
     assert versions[out["version"]]["status"] == "current"
     assert versions[first["promoted"]]["status"] == "retired"
