@@ -127,16 +127,23 @@ def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *,
 
 
 def _read_label_rows(labels_csv: str | Path) -> list[dict[str, str]]:
-    """Rows of a labels CSV (keys lower-cased); ``ValueError`` when the label column or a key is missing."""
+    """Rows of a labels CSV (keys lower-cased); ``ValueError`` when the label column or a key is missing.
+
+    The file is read as UTF-8; a byte-order mark (spreadsheet programs write one) is dropped.
+    """
     labels_csv = Path(labels_csv)
     if not labels_csv.is_file():
         raise FileNotFoundError(f'Argument "labels_csv": {labels_csv} does not exist.')
-    with labels_csv.open(newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip().lower() for f in reader.fieldnames or []]
-        if "label" not in fields:
-            raise ValueError(f"labels CSV {labels_csv} has no 'label' column")
-        rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    try:
+        with labels_csv.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip().lower() for f in reader.fieldnames or []]
+            if "label" not in fields:
+                raise ValueError(f"labels CSV {labels_csv} has no 'label' column")
+            rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k} for r in reader]
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"labels CSV {labels_csv} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                         "save it as CSV UTF-8") from None
     for i, r in enumerate(rows, start=2):
         if not (r.get("file") or r.get("sop_instance_uid") or r.get("accession_number")):
             raise ValueError(f"labels CSV {labels_csv} line {i}: needs file, sop_instance_uid or "
