@@ -597,10 +597,12 @@ def test_meta_contract(synthetic_cr: Path) -> None:
     assert image.meta["photometric"] == "MONOCHROME2"
     assert image.meta["pixel_spacing"] == pytest.approx((430 / 512, 430 / 512), rel=1e-3)
     assert image.meta["patient_orientation"] == "L\\F"
-    assert "image_laterality" in image.meta
+    assert image.meta["image_laterality"] == ""  # a CR phantom has no Image Laterality
     by_dataset = load_dicom(ds)
     assert by_dataset.source == ds.SOPInstanceUID
     np.testing.assert_array_equal(by_dataset.pixels, image.pixels)
+    ds.ImageLaterality = "R"
+    assert load_dicom(ds).meta["image_laterality"] == "R"
 
 
 # ---------------------------------------------------------------------------------- image files

@@ -80,14 +80,19 @@ def test_lungvae_eval_is_deterministic() -> None:
 
 
 def test_corruption_changes_a_copy_only() -> None:
-    x = torch.zeros(4, 1, 32, 32)
+    x = torch.rand(4, 1, 32, 32, generator=torch.Generator().manual_seed(2))
+    before = x.clone()
     y = corrupt_for_imputation(x, p_block=1.0, noise_std=0.0, generator=torch.Generator().manual_seed(0))
-    assert torch.count_nonzero(x) == 0
+    assert torch.equal(x, before)
     assert y.shape == x.shape
+    for i in range(len(x)):  # every image got at least one block, and nothing else changed
+        changed = y[i] != x[i]
+        assert changed.any()
+        assert changed.float().mean() <= 4 * 0.25**2
     with pytest.raises(ValueError, match='"p_block"'):
         corrupt_for_imputation(x, p_block=2.0)
     noisy = corrupt_for_imputation(x, p_block=0.0, noise_std=0.1)
-    assert 0.05 < float(noisy.std()) < 0.2
+    assert 0.05 < float((noisy - x).std()) < 0.2
 
 
 def test_dice_and_segmentation_loss_values() -> None:

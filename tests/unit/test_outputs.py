@@ -317,7 +317,9 @@ def test_build_time_for_a_2000_px_source(large_case, record_property: pytest.Rec
     record_property("outputs_build_s_2000px", round(median, 4))
     print(f"SR+SC build for a 2000x2000 source: median {median:.3f} s over {len(times)} runs")
     assert len(outputs) == 2
-    assert median < 1.0, f"SR+SC build took {median:.3f} s (target well under 0.3 s)"
+    # A loose bound that only catches a gross regression on a busy machine; speed is measured by
+    # inference.benchmark, not here.
+    assert median < 1.0, f"SR+SC build took {median:.3f} s, more than 1 s: a gross regression"
 
 
 def test_zero_pixel_spacing_is_not_reported_as_a_measurement() -> None:

@@ -108,7 +108,7 @@ def test_transition_table_rejects_illegal_moves() -> None:
     check_transition("queued", "processing")
     with pytest.raises(ValueError, match="queued -> done"):
         check_transition("queued", "done")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="illegal job transition ignored -> queued"):
         check_transition("ignored", "queued")
     assert all(state in TRANSITIONS for state in JobState)
 
@@ -255,15 +255,7 @@ def test_operator_retry_and_resend(jm: JobManager, clock: Clock) -> None:
         jm.retry(999)
 
 
-def test_ignore_is_terminal(jm: JobManager) -> None:
-    job_id, _ = enqueue(jm)
-    jm.ignore(job_id, "own output sent back to the node")
-    assert jm.counts()["ignored"] == 1
-    with pytest.raises(ValueError):
-        jm.retry(job_id)
-
-
-def test_an_instance_not_to_process_is_recorded_as_ignored(jm: JobManager, clock: Clock) -> None:
+def test_ignored_is_terminal_whether_recorded_so_or_ignored_later(jm: JobManager, clock: Clock) -> None:
     kwargs = dict(sop_instance_uid="1.2.9", study_instance_uid="1.2.3", series_instance_uid="1.2.3.9",
                   sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", calling_ae="PACS", calling_host="127.0.0.1",
                   reason="this node's own result, sent back to it")
@@ -273,12 +265,21 @@ def test_an_instance_not_to_process_is_recorded_as_ignored(jm: JobManager, clock
     assert row.state == "ignored" and row.spool_path == "" and row.attempts == 0
     assert row.finished_at == clock.now and row.last_error == "this node's own result, sent back to it"
     assert jm.counts()["ignored"] == 1 and jm.claim("w") == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="illegal job transition ignored -> queued"):
         jm.retry(job_id)
     with Session(jm.engine) as s:
         events = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id)).all()
     assert [(e.from_state, e.to_state) for e in events] == [(None, "ignored")]
     assert events[0].message == "received from PACS, not processed: this node's own result, sent back to it"
+    # a queued job ignored later ends the same way
+    later, _ = enqueue(jm)
+    jm.ignore(later, "own output sent back to the node")
+    assert job_row(jm.engine, later).last_error == "own output sent back to the node"
+    assert jm.counts()["ignored"] == 2 and jm.claim("w") == []
+    with pytest.raises(ValueError, match="illegal job transition ignored -> queued"):
+        jm.retry(later)
+    with pytest.raises(ValueError, match="illegal job transition ignored -> ignored"):
+        jm.ignore(later, "again")
 
 
 def test_counts_and_oldest_waiting(jm: JobManager, clock: Clock) -> None:

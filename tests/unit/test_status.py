@@ -6,6 +6,8 @@ import argparse
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -24,10 +26,10 @@ def settings(tmp_path: Path) -> Settings:
     return Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")}})
 
 
-def fill(settings: Settings) -> JobManager:
+def fill(settings: Settings, clock: Callable[[], datetime] = utcnow) -> JobManager:
     engine = make_engine(settings.db_url)
     init_db(engine)
-    jm = JobManager(engine, settings.worker)
+    jm = JobManager(engine, settings.worker, clock=clock)
     for i in range(4):
         jm.enqueue(sop_instance_uid=f"1.2.3.{i}", study_instance_uid="1.2", series_instance_uid="1.2.1",
                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1", calling_ae="MODALITY", calling_host="10.0.0.5",
@@ -50,7 +52,7 @@ def test_text_report(settings: Settings, tiny_bundle: Path) -> None:
 
 
 def test_json_report(settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    fill(settings)
+    fill(settings, clock=lambda: utcnow() - timedelta(minutes=90))  # jobs received 90 minutes ago
     bundle = tmp_path / "pinned"
     bundle.mkdir()
     (bundle / "model.json").write_text(json.dumps({"name": "site-model", "version": "2.1.0"}))
@@ -59,7 +61,8 @@ def test_json_report(settings: Settings, tmp_path: Path, capsys: pytest.CaptureF
     report = json.loads(capsys.readouterr().out)
     assert report["counts"] == {"queued": 2, "processing": 1, "exporting": 0, "done": 0, "failed": 1,
                                 "ignored": 0}
-    assert report["oldest_waiting"]["job_id"] == 2 and report["oldest_waiting"]["age_s"] >= 0
+    assert report["oldest_waiting"]["job_id"] == 2
+    assert 5400 <= report["oldest_waiting"]["age_s"] < 5400 + 60
     assert report["recent_failures"][0]["reason"] == "undecodable instance: JPEG stream truncated"
     assert report["model"] == {"source": "config", "path": str(bundle), "name": "site-model",
                                "version": "2.1.0", "device_uid": None}
