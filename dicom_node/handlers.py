@@ -16,9 +16,9 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydicom import config as pydicom_config
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import (
     UID,
     Comprehensive3DSRStorage,
@@ -29,6 +29,7 @@ from pydicom.uid import (
     EnhancedSRStorage,
     SecondaryCaptureImageStorage,
 )
+from pydicom.valuerep import validate_value
 from sqlalchemy import Engine
 
 from dicom_node import audit, metrics, spool
@@ -189,6 +190,18 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
         return OUT_OF_RESOURCES
 
 
+def _invalid_uids(uids: dict[str, str]) -> str:
+    """'' when every value is a valid UID (digits and dots, no leading zeros, at most 64 characters), else
+    what is wrong, naming the attributes."""
+    bad = []
+    for keyword, value in uids.items():
+        try:
+            validate_value("UI", value, pydicom_config.RAISE)
+        except ValueError:
+            bad.append(f"{keyword} {value[:80]!r} ({len(value)} characters)")
+    return "; ".join(f"{b} is not a valid UID" for b in bad)
+
+
 def _refused(st: _AssocState, reason: str) -> None:
     st.refused += 1
     metrics.record_refused(reason)
@@ -210,8 +223,7 @@ def _store(event: Any, ctx: StoreContext) -> int:
         study_uid = str(header.get("StudyInstanceUID", "") or "")
         series_uid = str(header.get("SeriesInstanceUID", "") or "")
         ds_sop_uid = str(header.get("SOPInstanceUID", "") or "")
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, NotImplementedError,
-            BytesLengthException) as exc:
+    except Exception as exc:  # pydicom's errors, zlib's for a damaged deflated stream...: never transient
         _refused(st, "unparsable")
         log.warning("C-STORE refused: dataset cannot be parsed (%s)", exc,
                     extra={"action": "store_refused", "reason": "unparsable", **info})
@@ -244,6 +256,13 @@ def _store(event: Any, ctx: StoreContext) -> int:
         _refused(st, "bad_header")
         log.warning("C-STORE refused: Study/Series Instance UID missing or SOP Instance UID differs "
                     "from the command", extra={"action": "store_refused", "reason": "bad_header", **info})
+        return CANNOT_UNDERSTAND
+    invalid = _invalid_uids({"StudyInstanceUID": study_uid, "SeriesInstanceUID": series_uid,
+                             "SOPInstanceUID": sop_uid})
+    if invalid:  # the results must carry these UIDs (same study) and the queue stores at most 64 characters
+        _refused(st, "bad_header")
+        log.warning("C-STORE refused: %s", invalid, extra={"action": "store_refused", "reason": "bad_header",
+                                                          **info})
         return CANNOT_UNDERSTAND
 
     if ctx.disk_low():

@@ -280,6 +280,7 @@ class Worker:
             metrics.record_job_finished("failed")
 
     def _load(self, job: ClaimedJob) -> tuple[pydicom.Dataset, Any] | None:
+        from dicom_node.outputs.common import clean_reference
         from inference.imaging import load_dicom
 
         try:
@@ -291,7 +292,14 @@ class Worker:
                 return None
             # decoded straight into the pipeline's page-locked memory when it runs on CUDA
             with metrics.time_stage("decode"):
-                return ds, load_dicom(ds, allocate=getattr(self.pipeline, "host_array", None))
+                image = load_dicom(ds, allocate=getattr(self.pipeline, "host_array", None))
+            try:
+                clean_reference(ds)
+            except ValueError as exc:  # e.g. an invalid Study Instance UID: no result could join the study
+                self._fail(job, f"invalid instance: the results could not reference it ({exc})",
+                           retryable=False)
+                return None
+            return ds, image
         except FileNotFoundError:
             spool_dir = self.settings.storage.spool_dir
             if not spool_dir.is_dir():  # the shared volume is not mounted here: not the instance's fault

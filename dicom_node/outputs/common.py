@@ -177,7 +177,7 @@ def clean_reference(source: Dataset) -> Dataset:
             keyword not in _ENUMS or str(value) in _ENUMS[keyword])
         if not ok:
             if keyword in _TYPE1:
-                raise ValueError(f'Argument "source" has an invalid {keyword}.')
+                raise ValueError(f'Argument "source" has an invalid {keyword}: {str(value)[:80]!r}.')
             value = None if keyword in _ENUMS else _repair(keyword, vr, value)
             logger.info("invalid source attribute repaired", extra={
                 "action": "source_attribute_repaired", "attribute": keyword,

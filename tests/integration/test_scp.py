@@ -19,6 +19,7 @@ from pydicom.uid import (
     HTJ2K,
     ComprehensiveSRStorage,
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     DigitalXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
     HTJ2KLossless,
@@ -214,6 +215,66 @@ def test_a_damaged_header_is_refused_as_not_understood(node_listener: Callable[.
     refused = [r for r in caplog.records if getattr(r, "action", "") == "store_refused"]
     assert len(refused) == 1 and refused[0].reason == "unparsable"
     assert not [r for r in caplog.records if getattr(r, "action", "") == "store_failed"]
+
+
+def _send_raw(port: int, path: Path, transfer_syntax: str) -> int:
+    """C-STORE of a file's data set exactly as it is on disk (pynetdicom sending the file in chunks, never
+    decoding it; dcmtk's storescu would re-encode it); returns the response status."""
+    from pydicom.uid import ComputedRadiographyImageStorage
+    from pynetdicom import AE, _config
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(ComputedRadiographyImageStorage, transfer_syntax)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRNODE")
+    assert assoc.is_established
+    chunked, _config.STORE_SEND_CHUNKED_DATASET = _config.STORE_SEND_CHUNKED_DATASET, True
+    try:
+        return int(assoc.send_c_store(str(path)).Status)
+    finally:
+        _config.STORE_SEND_CHUNKED_DATASET = chunked
+        assoc.release()
+
+
+def test_a_damaged_deflated_data_set_is_refused_as_not_understood(node_listener: Callable[..., Listener],
+                                                                  tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    node = node_listener()
+    path = tmp_path / "deflated.dcm"
+    make_dicom(path, shape=(128, 128), transfer_syntax=DeflatedExplicitVRLittleEndian)
+    data = bytearray(path.read_bytes())
+    data[-64:] = b"\xff" * 64  # the end of the deflate stream: zlib cannot inflate it
+    path.write_bytes(bytes(data))
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    assert _send_raw(node.port, path, DeflatedExplicitVRLittleEndian) == 0xC000
+    assert node.job_rows() == []
+    refused = [r for r in caplog.records if getattr(r, "action", "") == "store_refused"]
+    assert len(refused) == 1 and refused[0].reason == "unparsable"
+    assert not [r for r in caplog.records if getattr(r, "action", "") == "store_failed"]
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")  # pydicom, writing the bad UIDs
+@pytest.mark.filterwarnings("ignore:The value length:UserWarning")
+def test_invalid_uids_are_refused_naming_the_attribute(node_listener: Callable[..., Listener], tmp_path: Path,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """The results must carry the study's UIDs and the queue holds at most 64 characters: an instance with
+    an invalid one is refused at once (resending will not help), not accepted and failed later."""
+    node = node_listener()
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    cases = {"StudyInstanceUID": "1.2.03.4", "SeriesInstanceUID": "1.2." + "3" * 70}
+    for keyword, value in cases.items():
+        path = tmp_path / f"{keyword}.dcm"
+        make_dicom(path, shape=(128, 128), **{keyword: value})
+        assert _send_raw(node.port, path, ExplicitVRLittleEndian) == 0xC000, keyword
+    good = tmp_path / "good.dcm"
+    make_dicom(good, shape=(128, 128))
+    assert _send_raw(node.port, good, ExplicitVRLittleEndian) == 0x0000
+    assert [r.sop_instance_uid for r in node.job_rows()] == [str(dcmread(good).SOPInstanceUID)]
+    refused = [r for r in caplog.records if getattr(r, "action", "") == "store_refused"]
+    assert [r.reason for r in refused] == ["bad_header", "bad_header"]
+    assert "StudyInstanceUID '1.2.03.4' (8 characters) is not a valid UID" in refused[0].getMessage()
+    assert "SeriesInstanceUID '1.2.3333" in refused[1].getMessage()
+    assert "(74 characters) is not a valid UID" in refused[1].getMessage()
+    assert len(list(node.settings.storage.spool_dir.rglob("*.dcm"))) == 1  # nothing spooled for the refused
 
 
 def test_database_unreachable_gives_failure_status(node_listener: Callable[..., Listener], tmp_path: Path,

@@ -320,3 +320,25 @@ def test_patient_names_never_reach_the_logs(settings: Settings, engine: Engine,
         for record in caplog.records:
             assert part not in record.getMessage(), record.getMessage()
             assert part not in repr(vars(record)), record.name
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")  # pydicom, on the invalid UID
+def test_an_invalid_study_uid_fails_the_job_once_before_inference(settings: Settings, engine: Engine) -> None:
+    """A UID the results could not carry (here a leading zero) fails the job at once: no inference, no
+    retries. The listener refuses such instances; this one reached the spool before that check."""
+    jm = JobManager(engine, settings.worker)
+    path = settings.storage.spool_dir / "1.2.3" / "bad-uid.dcm"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dicom(path, shape=(256, 256), sop_instance_uid="1.2.826.0.1.3680043.8.498.78",
+               study_instance_uid="1.2.03.4")
+    job_id, _ = jm.enqueue(sop_instance_uid="1.2.826.0.1.3680043.8.498.78", study_instance_uid="1.2.03.4",
+                           series_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                           calling_ae="MODALITY", calling_host="127.0.0.1", spool_path=str(path))
+    good = spool(settings, jm, "intact")
+    worker = Worker(settings, engine, job_manager=jm)
+    assert worker.run_once() == 2
+    job = job_row(engine, job_id)
+    assert job.state == "failed" and job.attempts == 1 and job.result is None and job.output_dir is None
+    assert job.last_error == ("invalid instance: the results could not reference it (Argument \"source\" has "
+                              "an invalid StudyInstanceUID: '1.2.03.4'.)")
+    assert job_row(engine, good).result["finding"] in ("positive", "negative")
