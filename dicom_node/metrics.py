@@ -11,7 +11,8 @@ Every name starts with ``cxrnode_`` (type, labels, who updates it):
 - ``cxrnode_stage_seconds`` histogram {stage}: worker; decode, stage1, stage2, cam, outputs, export
   (and any other key of ``Result.timings``)
 - ``cxrnode_job_seconds`` histogram: worker, reception to delivered results
-- ``cxrnode_jobs_finished_total`` counter {outcome}: worker; done / failed / ignored / retry
+- ``cxrnode_jobs_finished_total`` counter {outcome}: worker; ``done``, ``failed``, or ``retry`` (a failure
+  tried again after a backoff); ``ignored`` jobs never reach a worker: see ``cxrnode_queue_jobs``
 - ``cxrnode_exports_total`` counter {destination}: exporter, per successful delivery
 - ``cxrnode_export_failures_total`` counter {destination}: exporter, per failed delivery attempt
 - ``cxrnode_model_info`` info {name, version, device_uid, path}: worker, when a model (re)loads
@@ -69,7 +70,7 @@ JOB_SECONDS = Histogram(
     "cxrnode_job_seconds", "Time from reception to delivered results, per job.",
     buckets=_JOB_BUCKETS, registry=REGISTRY)
 JOBS_FINISHED = Counter(
-    "cxrnode_jobs_finished", "Jobs leaving the worker, by outcome (done, failed, ignored, retry).",
+    "cxrnode_jobs_finished", "Jobs leaving the worker, by outcome (done, failed, retry).",
     ["outcome"], registry=REGISTRY)
 EXPORTS = Counter(
     "cxrnode_exports", "Successful deliveries of results, by destination (AET@HOST:PORT).",

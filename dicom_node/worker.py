@@ -276,8 +276,7 @@ class Worker:
             log.warning("job %s: lease lost before the failure could be recorded", job.id,
                         extra={"action": "worker_lease_lost", "job_id": job.id})
             return
-        if state is JobState.FAILED:
-            metrics.record_job_finished("failed")
+        metrics.record_job_finished("failed" if state is JobState.FAILED else "retry")
 
     def _load(self, job: ClaimedJob) -> tuple[pydicom.Dataset, Any] | None:
         from dicom_node.outputs.common import clean_reference

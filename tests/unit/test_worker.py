@@ -278,9 +278,17 @@ def test_missing_spool_volume_is_retried_not_failed(settings: Settings, engine: 
         update={"data_dir": tmp_path / "not-mounted"})})
     worker = Worker(moved, engine, job_manager=jm)
     Path(job_row(engine, job_id).spool_path).unlink()
+    from dicom_node.metrics import REGISTRY
+
+    def finished(outcome: str) -> float:
+        return REGISTRY.get_sample_value("cxrnode_jobs_finished_total", {"outcome": outcome}) or 0.0
+
+    before = {outcome: finished(outcome) for outcome in ("retry", "failed")}
     worker.run_once()
     job = job_row(engine, job_id)
     assert job.state == "queued" and "is not available on worker" in (job.last_error or "")
+    grown = {outcome: finished(outcome) - before[outcome] for outcome in before}
+    assert grown == {"retry": 1.0, "failed": 0.0}
 
 
 def test_stop_lets_the_batch_in_hand_finish(settings: Settings, engine: Engine) -> None:
