@@ -74,6 +74,8 @@ class JobQueue(Protocol):
                        sop_class_uid: str, calling_ae: str, calling_host: str, reason: str,
                        association_id: int | None = None) -> tuple[int, bool]: ...
 
+    def counts(self) -> dict[str, int]: ...
+
 
 class AssociationAudit:
     """The association audit trail (``dicom_node.audit``) bound to the process's engine."""
@@ -273,7 +275,7 @@ def _store(event: Any, ctx: StoreContext) -> int:
 
     path = spool.spool_path(ctx.spool_dir, study_uid, sop_uid)
     try:
-        written = spool.write_atomic(path, data)
+        written = spool.write_atomic(path, data, root=ctx.spool_dir)
     except OSError as exc:
         _refused(st, "spool")
         log.error("C-STORE failed: cannot write the spool file (%s)", exc,

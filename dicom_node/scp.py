@@ -14,6 +14,7 @@ where the allow-list names one, its host) is not allowed, and, as "local limit e
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import threading
@@ -225,12 +226,26 @@ def start_scp(settings: Settings, job_manager: JobQueue, engine: Engine | None) 
     dicom_node.tls.TLSConfigError
         TLS is enabled but its files are missing or invalid.
     OSError
-        The spool directory cannot be created or the port cannot be bound.
+        The spool directory cannot be created or the port cannot be bound; ``FileNotFoundError`` when it is
+        missing while the queue holds jobs (its volume is probably not mounted: creating an empty directory
+        would hide their files and take new instances onto the wrong disk).
     """
     if not isinstance(settings, Settings):
         raise TypeError('Argument "settings" must be a Settings.')
     spool_dir = settings.storage.spool_dir
-    spool_dir.mkdir(parents=True, exist_ok=True)
+    if not spool_dir.is_dir():
+        try:
+            held = sum(n for state, n in job_manager.counts().items() if state != "ignored")
+        except Exception as exc:  # the database is down: its outage is answered per C-STORE
+            log.warning("cannot count the queue before creating the spool directory (%s)", type(exc).__name__,
+                        extra={"action": "spool_check_skipped"})
+            held = 0
+        if held:
+            raise FileNotFoundError(
+                errno.ENOENT, f"spool directory missing while the queue holds {held} job(s) with files in it "
+                "(is its volume mounted? if the files are gone for good, create the directory by hand)",
+                str(spool_dir))
+        spool_dir.mkdir(parents=True, exist_ok=True)
     audit = AssociationAudit(engine) if engine is not None else None
     store = StoreContext(spool_dir, job_manager, min_free_mb=settings.storage.min_free_mb, audit=audit)
     ae = build_ae(settings, store)

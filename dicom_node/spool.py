@@ -9,6 +9,7 @@ keeps the existing file (the peer's retry of an acknowledged instance changes no
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
@@ -51,7 +52,16 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes | memoryview, *, replace: bool = False) -> bool:
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes | memoryview, *, replace: bool = False,
+                 root: Path | None = None) -> bool:
     """Write ``data`` to ``path`` atomically and durably.
 
     Parameters
@@ -61,7 +71,11 @@ def write_atomic(path: Path, data: bytes | memoryview, *, replace: bool = False)
     data
         The complete file content.
     replace
-        When ``False`` (the default) an existing file is kept and nothing is written.
+        When ``False`` (the default) an existing file is kept and nothing is written; it is made durable
+        first, since a concurrent writer may have linked it without having synced its directory yet.
+    root
+        A directory that must already exist (the spool): when it is missing, ``FileNotFoundError`` instead
+        of creating it, so that an unmounted volume is not replaced by an empty directory on another disk.
 
     Returns
     -------
@@ -76,7 +90,11 @@ def write_atomic(path: Path, data: bytes | memoryview, *, replace: bool = False)
     path = Path(path)
     if not isinstance(data, bytes | bytearray | memoryview):
         raise TypeError('Argument "data" must be bytes.')
+    if root is not None and not Path(root).is_dir():
+        raise FileNotFoundError(errno.ENOENT, "directory missing (is its volume mounted?)", str(root))
     if not replace and path.exists():
+        _fsync_file(path)
+        _fsync_dir(path.parent)
         return False
     parent = path.parent
     if not parent.is_dir():

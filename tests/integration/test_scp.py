@@ -277,6 +277,32 @@ def test_invalid_uids_are_refused_naming_the_attribute(node_listener: Callable[.
     assert len(list(node.settings.storage.spool_dir.rglob("*.dcm"))) == 1  # nothing spooled for the refused
 
 
+def test_a_spool_volume_gone_is_not_replaced_by_an_empty_directory(node_listener: Callable[..., Listener],
+                                                                    tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The spool's volume unmounted under a running listener: new instances get 'out of resources' (the
+    sender retries later) instead of landing in a new directory on another disk; a listener starting
+    without its spool while the queue holds jobs refuses to start."""
+    from dicom_node.scp import start_scp
+
+    node = node_listener()
+    spool_dir = node.settings.storage.spool_dir
+    make_dicom(tmp_path / "a.dcm", shape=(128, 128))
+    make_dicom(tmp_path / "b.dcm", shape=(128, 128))
+    first = storescu(node.port, [tmp_path / "a.dcm"], extra=["-v"])
+    assert "Received Store Response (Success)" in first.stdout + first.stderr
+    spool_dir.rename(tmp_path / "unmounted")
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    out = storescu(node.port, [tmp_path / "b.dcm"], extra=["-v"])
+    assert "Received Store Response (Refused: OutOfResources)" in out.stdout + out.stderr
+    assert not spool_dir.exists() and len(node.job_rows()) == 1
+    failed = [r for r in caplog.records if getattr(r, "action", "") == "store_failed"]
+    assert [r.reason for r in failed] == ["spool"] and "is its volume mounted?" in failed[0].getMessage()
+    with pytest.raises(FileNotFoundError, match=r"queue holds 1 job\(s\) with files in it"):
+        start_scp(node.settings, node.jobs, node.engine)
+    assert not spool_dir.exists()
+
+
 def test_database_unreachable_gives_failure_status(node_listener: Callable[..., Listener], tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     # A PostgreSQL URL on a port where nothing listens: every enqueue fails.
