@@ -415,6 +415,10 @@ class Worker:
         for dest in destinations:
             if str(dest) in already:
                 continue
+            # the lease, renewed here, must still be this worker's: after a stall longer than the lease
+            # another worker may have taken the job, and then that one sends, not this one
+            if job.id not in self.jm.heartbeat(self.worker_id, [job.id]):
+                raise LeaseLost(f"job {job.id} is no longer leased by {self.worker_id}; not sent to {dest}")
             try:
                 with metrics.time_stage("export"):
                     send(files, dest, self.settings.export, calling_ae=self.settings.listener.ae_title)

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node import metrics
 from dicom_node.config import Settings
-from dicom_node.db import Delivery, init_db, make_engine
+from dicom_node.db import Delivery, init_db, make_engine, utcnow
 from dicom_node.queue import JobManager
 from dicom_node.worker import Worker
 from inference.phantom import make_dicom
@@ -116,6 +117,43 @@ def start_worker(config: dict[str, Any], path: Path) -> tuple[subprocess.Popen[b
         proc = subprocess.Popen([str(CXR_NODE), "worker", "--config", str(path)], stdout=log,
                                 stderr=subprocess.STDOUT, env=env, cwd=path.parent)
     return proc, log_path
+
+
+def test_a_worker_that_lost_its_lease_does_not_send(tmp_path: Path, tiny_bundle: Path,
+                                                     storescp: Callable[..., StoreSCP]) -> None:
+    """Worker A stalls after inference for longer than its lease; worker B takes the job over. When A
+    resumes it must not deliver (B does): the destination receives the results once."""
+    dest = storescp("PACS")
+    settings = Settings.model_validate({
+        "storage": {"data_dir": str(tmp_path / "data")},
+        "model": {"path": str(tiny_bundle), "device": "cpu", "cpu_threads": 1},
+        "worker": {"lease_s": 30},
+        "export": {"destinations": [dest.address], "network_timeout_s": 10},
+    })
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    now = [utcnow()]
+    jm = JobManager(engine, settings.worker, clock=lambda: now[0])
+    a = Worker(settings, engine, job_manager=jm, worker_id="worker-a")
+    b = Worker(settings, engine, job_manager=jm, worker_id="worker-b")
+    job_id = queue_instance(settings, jm)
+    a.load_model()
+    [claimed] = jm.claim(a.worker_id)
+    [ready] = a._infer([claimed])  # A has built and stored the outputs, and stalls here
+    now[0] += timedelta(seconds=31)  # its lease expires
+    assert jm.reclaim_stalled() == 1  # as B's loop does
+    [taken] = jm.claim(b.worker_id)  # B takes the job over
+    assert taken.id == job_id and taken.state.value == "exporting"  # the stored outputs are reused
+    a.process([ready])  # A resumes with the job it no longer holds
+    assert dest.files() == [] and job_row(engine, job_id).lease_owner == b.worker_id
+    with Session(engine) as s:
+        assert s.scalars(select(Delivery).where(Delivery.job_id == job_id)).all() == []
+    b.load_model()
+    b.process([taken])
+    job = job_row(engine, job_id)
+    assert job.state == "done" and received_sr_uids(dest) == {job.sr_sop_instance_uid}
+    assert len(dest.files()) == 2  # one SR and one heatmap SC, sent once
+    engine.dispose()
 
 
 def test_sigkilled_worker_job_finishes_after_restart(tmp_path: Path, tiny_bundle: Path,
