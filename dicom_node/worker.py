@@ -401,6 +401,11 @@ class Worker:
 
     def _export(self, job: ClaimedJob) -> None:
         files = sorted(Path(job.output_dir).glob("*.dcm")) if job.output_dir else []
+        spool_dir = self.settings.storage.spool_dir
+        if not files and not spool_dir.is_dir():  # the shared volume is not mounted here: keep the outputs
+            self._fail(job, f"spool directory {spool_dir} is not available on worker {self.worker_id}",
+                       retryable=True)
+            return
         if not files:
             self.jm.requeue_for_inference(job.id, "stored outputs are missing; computing them again",
                                           worker_id=self.worker_id)

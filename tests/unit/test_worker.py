@@ -17,7 +17,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from dicom_node.config import Settings
-from dicom_node.db import ModelVersion, init_db, make_engine, utcnow
+from dicom_node.db import Job, ModelVersion, init_db, make_engine, utcnow
 from dicom_node.queue import JobManager
 from dicom_node.worker import Worker, default_pipeline_factory, output_dir_for
 from inference.bundle import make_random_bundle
@@ -350,3 +350,28 @@ def test_an_invalid_study_uid_fails_the_job_once_before_inference(settings: Sett
     assert job.last_error == ("invalid instance: the results could not reference it (Argument \"source\" has "
                               "an invalid StudyInstanceUID: '1.2.03.4'.)")
     assert job_row(engine, good).result["finding"] in ("positive", "negative")
+
+
+def test_stored_outputs_on_a_volume_missing_here_are_not_computed_again(settings: Settings, engine: Engine,
+                                                                        tmp_path: Path) -> None:
+    """A delivery claimed by a worker without the shared volume is retried later (with its attempts counted),
+    not sent back to inference with its attempts reset and its outputs forgotten."""
+    from tests.fixtures.common import free_port
+
+    down = Settings.model_validate({**settings.model_dump(), "export": {
+        "destinations": [f"PACS@127.0.0.1:{free_port()}"], "network_timeout_s": 2}})
+    jm = JobManager(engine, down.worker)
+    job_id = spool(down, jm, "exported-later")
+    assert Worker(down, engine, job_manager=jm).run_once() == 1  # inference done, the destination is down
+    before = job_row(engine, job_id)
+    assert before.state == "exporting" and before.output_dir and before.attempts == 1
+    with Session(engine) as s, s.begin():  # due now, without waiting for the backoff
+        s.get(Job, job_id).not_before = None
+    spool_dir = down.storage.spool_dir
+    spool_dir.rename(tmp_path / "unmounted")  # the volume is not mounted on this worker's machine
+    assert Worker(down, engine, job_manager=jm).run_once() == 1
+    assert not spool_dir.exists()
+    job = job_row(engine, job_id)
+    assert job.state == "exporting" and job.attempts == 2 and job.output_dir == before.output_dir
+    assert "is not available on worker" in (job.last_error or "")
+    assert sum(1 for h in jm.history(job_id) if h["to_state"] == "processing") == 1  # no second inference
