@@ -28,15 +28,30 @@ Node = tuple[NodeDb, AdminServer]
 MODEL = {"name": "cxr-test", "version": "0.0.0-test", "device_uid": "1.2.826.0.1.3680043.10.1234.1"}
 
 
-@pytest.fixture(scope="module")
-def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeDb, AdminServer]]:
-    db = populate(new_node_db(tmp_path_factory.mktemp("admin"), admin_port=free_port()))
+def _start_node(folder: Path) -> tuple[NodeDb, AdminServer]:
+    db = populate(new_node_db(folder, admin_port=free_port()))
     add_models(db.engine)
     a1 = audit.open_association(db.engine, calling_ae="ORTHANC", host="127.0.0.1", port=50123)
     audit.close_association(db.engine, a1, instances=7)
     audit.refuse_association(db.engine, calling_ae="INTRUDER", host="127.0.0.1",
                              reason="calling AE not allowed")
-    server = start_admin(db.settings, db.engine, db.jobs, model_info=lambda: dict(MODEL))
+    return db, start_admin(db.settings, db.engine, db.jobs, model_info=lambda: dict(MODEL))
+
+
+@pytest.fixture(scope="module")
+def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeDb, AdminServer]]:
+    """A node read by the tests that change nothing (shared; the tests that change jobs get their own)."""
+    db, server = _start_node(tmp_path_factory.mktemp("admin"))
+    try:
+        yield db, server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def own_node(tmp_path: Path) -> Iterator[tuple[NodeDb, AdminServer]]:
+    """A node of its own, for a test that changes jobs."""
+    db, server = _start_node(tmp_path)
     try:
         yield db, server
     finally:
@@ -134,22 +149,23 @@ def test_job_detail_has_history_and_deliveries(node: Node, client: httpx.Client)
     assert client.get("/api/jobs/999999", headers=AUTH).status_code == 404
 
 
-def test_retry_failed_and_resend_done(node: Node, client: httpx.Client) -> None:
-    db, _ = node
-    failed, done, queued = db.ids["failed"][1], db.ids["done"][1], db.ids["queued"][0]
-    r = client.post(f"/api/jobs/{failed}/retry", headers=AUTH)
-    assert r.status_code == 200 and r.json() == {"id": failed, "state": "queued"}
-    with Session(db.engine) as s:
-        job = s.get(Job, failed)
-        assert job is not None and job.state == "queued" and job.attempts == 0
-    assert client.post(f"/api/jobs/{failed}/retry", headers=AUTH).status_code == 409  # no longer failed
-    assert client.post(f"/api/jobs/{queued}/retry", headers=AUTH).status_code == 409
-    assert client.post(f"/api/jobs/{queued}/resend", headers=AUTH).status_code == 409
-    r = client.post(f"/api/jobs/{done}/resend", headers=AUTH)
-    assert r.status_code == 200 and r.json()["state"] == "exporting"  # outputs kept: only delivery again
-    history = client.get(f"/api/jobs/{done}", headers=AUTH).json()["history"]
-    assert history[-1]["to_state"] == "exporting" and "operator" in history[-1]["message"]
-    assert client.post("/api/jobs/999999/retry", headers=AUTH).status_code == 404
+def test_retry_failed_and_resend_done(own_node: Node) -> None:
+    db, server = own_node
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        failed, done, queued = db.ids["failed"][1], db.ids["done"][1], db.ids["queued"][0]
+        r = client.post(f"/api/jobs/{failed}/retry", headers=AUTH)
+        assert r.status_code == 200 and r.json() == {"id": failed, "state": "queued"}
+        with Session(db.engine) as s:
+            job = s.get(Job, failed)
+            assert job is not None and job.state == "queued" and job.attempts == 0
+        assert client.post(f"/api/jobs/{failed}/retry", headers=AUTH).status_code == 409  # no longer failed
+        assert client.post(f"/api/jobs/{queued}/retry", headers=AUTH).status_code == 409
+        assert client.post(f"/api/jobs/{queued}/resend", headers=AUTH).status_code == 409
+        r = client.post(f"/api/jobs/{done}/resend", headers=AUTH)
+        assert r.status_code == 200 and r.json()["state"] == "exporting"  # outputs kept: only delivery again
+        history = client.get(f"/api/jobs/{done}", headers=AUTH).json()["history"]
+        assert history[-1]["to_state"] == "exporting" and "operator" in history[-1]["message"]
+        assert client.post("/api/jobs/999999/retry", headers=AUTH).status_code == 404
 
 
 def test_heatmap_png_from_the_secondary_capture(node: Node, client: httpx.Client) -> None:

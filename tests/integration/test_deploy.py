@@ -132,7 +132,9 @@ def test_dockerfiles_copy_existing_paths_and_pin_torch(dockerfile: str) -> None:
         for src in sources:
             assert (ROOT / src).exists(), f"{dockerfile}: COPY source {src} missing"
     install = (DEPLOY / "install.sh").read_text()
-    for pin in re.findall(r'"(torch(?:vision)?==[\d.]+)"', install):
+    pins = re.findall(r'"(torch(?:vision)?==[\d.]+)"', install)
+    assert len(pins) == 2, pins  # torch and torchvision
+    for pin in pins:
         assert pin in text, f"{dockerfile} does not pin {pin} like deploy/install.sh"
     assert "USER cxrnode" in text and "HEALTHCHECK" in text and "/health" in text
     assert (DEPLOY / f"{dockerfile}.dockerignore").is_file()

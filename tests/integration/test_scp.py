@@ -404,5 +404,5 @@ def test_spool_names_and_atomic_writes(tmp_path: Path) -> None:
     assert [p.name for p in target.parent.iterdir()] == ["1.2.3.dcm"]  # no temp files left
     blocker = tmp_path / "file"
     blocker.write_bytes(b"")
-    with pytest.raises(OSError):
+    with pytest.raises(NotADirectoryError):
         spool.write_atomic(blocker / "sub" / "x.dcm", b"data")  # a parent that is a file: nothing written

@@ -64,7 +64,7 @@ def test_models_command_register_promote_rollback(tmp_path: Path, sqlite_url: st
     assert status == {first: "retired", second: "current"}
     assert main(["models", *node, "--rollback"]) == 0
     capsys.readouterr()
-    main(["models", *node, "--json"])
+    assert main(["models", *node, "--json"]) == 0
     status = {v["version"]: v["status"] for v in json.loads(capsys.readouterr().out)["versions"]}
     assert status == {first: "current", second: "rejected"}
     assert main(["models", *node, "--promote", "9.9.9"]) == 1
