@@ -262,6 +262,10 @@ def start_scp(settings: Settings, job_manager: JobQueue, engine: Engine | None) 
     if ae.admission.open_to_all:
         log.warning("listener.allowed_callers is empty: every calling AE title is accepted",
                     extra={"action": "allowlist_open"})
+    if not settings.export.destinations and not settings.export.callers:
+        log.warning("export.destinations and export.callers are empty: results are built and kept, but no "
+                    "job can be delivered (each fails with 'no export destination' until one is configured "
+                    "and the job retried)", extra={"action": "export_unrouted"})
     server = ae.start_server((listener.bind_address, listener.port), block=False, evt_handlers=handlers,
                              ssl_context=ssl_context)
     if server is None:  # only a blocking start_server returns None

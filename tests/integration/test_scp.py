@@ -303,6 +303,16 @@ def test_a_spool_volume_gone_is_not_replaced_by_an_empty_directory(node_listener
     assert not spool_dir.exists()
 
 
+def test_a_listener_whose_results_can_go_nowhere_says_so_at_start(node_listener: Callable[..., Listener],
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    node_listener()
+    node_listener(export={"destinations": ["PACS@127.0.0.1:104"]})
+    node_listener(export={"callers": {"PACS": {"host": "127.0.0.1", "port": 104}}})
+    warned = [r for r in caplog.records if getattr(r, "action", "") == "export_unrouted"]
+    assert len(warned) == 1 and "no job can be delivered" in warned[0].getMessage()
+
+
 def test_database_unreachable_gives_failure_status(node_listener: Callable[..., Listener], tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     # A PostgreSQL URL on a port where nothing listens: every enqueue fails.
