@@ -1,5 +1,6 @@
 """Retraining on the node's own received instances: labels imported, fine-tune, compare, promote or refuse,
-registry, roll back; the promoted bundle runs in the pipeline."""
+registry, roll back; the promoted bundle runs in the pipeline. And the whole loop with one trained bundle:
+train, evaluate, predict, retrain, roll back."""
 
 from __future__ import annotations
 
@@ -233,3 +234,75 @@ def test_train_passes_init_weights_on_and_refuses_them_with_fine_tune(
     assert main([*base, "--fine-tune", "--init-weights", str(tmp_path / "enc.safetensors")]) != 0
     assert "fine-tuning run starts from its base model's weights" in capsys.readouterr().err
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_whole_loop_train_evaluate_predict_retrain_roll_back(tmp_path: Path, sqlite_url: str,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """One bundle through every command: `cxr-node train` (both stages, LungVAE, ResNet18) on a manifest of
+    phantoms; `evaluate` on its split gives the build's own test ROC AUC; `predict` on the test images gives
+    the same ranking; the node retrains from it on received instances and promotes; roll back returns
+    to it."""
+    import csv
+
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from dicom_node.cli import main
+    from dicom_node.config import load_settings
+    from dicom_node.db import init_db, make_engine
+    from inference.bundle import ModelBundle
+    from training import registry
+    from training.retrain import import_labels, retrain_once
+    from training.synthetic import make_phantom_dataset
+
+    torch.set_num_threads(1)
+    make_phantom_dataset(tmp_path / "data", patients=30, images_per_patient=2, size=300)
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(tmp_path / "data"), "--stage", "both", "--seg-arch", "lungvae",
+                 "--arch", "resnet18", "--mode", "whole", "--size", "64", "--seg-size", "64", "--epochs", "8",
+                 "--epochs-seg", "8", "--device", "cpu", "--out", str(run)]) == 0
+    built = json.loads((run / "results.json").read_text())
+    bundle = ModelBundle.load(run / "bundle")
+    assert bundle.segmenter_arch == "lungvae" and bundle.classifier_arch == "resnet18"
+    assert built["stage1"]["chosen"] == "lungvae" and built["stage1"]["by_arch"]["lungvae"]["val_dice"] > 0.7
+
+    assert main(["evaluate", "--model", str(run / "bundle"), "--data", str(tmp_path / "data"),
+                 "--split", str(run / "split.json"), "--out", str(tmp_path / "report"), "--device", "cpu",
+                 "--bootstrap", "50", "--montage", "2", "--no-counterfactual"]) == 0
+    report = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert report["threshold"] == pytest.approx(bundle.threshold)
+    assert report["test"]["n"] == built["test"]["n"] == 8 and report["not_assessable"] == {}
+    # the node's pipeline on the shipped (float16) bundle ranks the test images as the build measured them
+    assert report["test"]["roc_auc"] == pytest.approx(built["test"]["roc_auc"], abs=0.02)
+    assert report["stage1"]["dice"]["mean"] > 0.7
+
+    test_patients = set(json.loads((run / "split.json").read_text())["test"])
+    with (tmp_path / "data" / "manifest.csv").open() as fh:
+        labels = {str(tmp_path / "data" / r["file"]): r["label"] for r in csv.DictReader(fh)
+                  if r["task"] == "classification" and r["patient_id"] in test_patients}
+    assert main(["predict", "--model", str(run / "bundle"), "--device", "cpu", "--out",
+                 str(tmp_path / "preds.csv"), *labels]) == 0
+    with (tmp_path / "preds.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["file"] for r in rows} == set(labels)
+    y = [labels[r["file"]] == "covid" for r in rows]
+    predicted = roc_auc_score(y, [float(r["probability"]) for r in rows])
+    assert predicted == pytest.approx(report["test"]["roc_auc"])
+
+    engine = make_engine(sqlite_url)
+    init_db(engine)
+    received = _received(tmp_path, engine)
+    (tmp_path / "labels.csv").write_text("sop_instance_uid,label\n" + "".join(f"{u},{lab}\n"
+                                                                             for u, _, lab in received))
+    settings = load_settings(None, {"storage": {"data_dir": str(tmp_path / "node")},
+                                    "database": {"url": sqlite_url},
+                                    "retrain": {"min_labelled": 10, "epochs": 2, "margin": 1.0}}, environ={})
+    import_labels(settings, tmp_path / "labels.csv")
+    registry.register(engine, run / "bundle", status="retired")
+    trained = registry.promote(engine, bundle.version)["promoted"]
+    out = retrain_once(settings, engine=engine, device="cpu")
+    assert out["status"] == "promoted" and out["current_version"] == trained, out
+    assert ModelBundle.load(out["bundle"]).segmenter_arch == "lungvae"  # stage 1 kept, stage 2 fine-tuned
+    assert registry.rollback(engine) == {"rolled_back": out["version"], "current": trained}
+    assert registry.current(engine)["path"] == str(run / "bundle")
+    engine.dispose()
