@@ -58,3 +58,28 @@ def test_counterfactual_figures_in_the_card_and_readme_are_the_evaluate_reports(
     readme = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
     assert (f"it calls {bars43}% of the normals positive with the padding bars of a 4:3 film and "
             f"{pct['sharpening']}% once sharpened, against {plain}% as they are") in readme
+
+
+def test_the_reports_and_the_card_figures_belong_to_the_shipped_bundle(tmp_path: Path) -> None:
+    """REPORT.md is the rendering of results.json, the evaluate report was made with this bundle, and the
+    figures the model card quotes are those of results.json: none can go stale alone."""
+    from training.report import write_build_report
+
+    folder = default_bundle_path()
+    bundle = ModelBundle.load(folder)
+    results = json.loads((folder / "results.json").read_text())
+    rendered = write_build_report(tmp_path, results).read_text(encoding="utf-8")
+    assert rendered == (folder / "REPORT.md").read_text(encoding="utf-8")
+    evaluated = json.loads((folder / "report" / "metrics.json").read_text())
+    assert evaluated["version"] == bundle.version
+    assert evaluated["bundle_threshold"] == evaluated["threshold"] == pytest.approx(bundle.threshold)
+    card = " ".join((folder / "MODEL_CARD.md").read_text(encoding="utf-8").split())
+    assert f"Version {bundle.version} is" in card
+    val_auc = results["configs"][results["chosen"]]["val"]["roc_auc"]
+    assert f"It was chosen on validation ROC AUC ({val_auc:.4f})" in card
+    test = results["test"]
+    before = results["reference_configs"]["resnet18/whole seed 3 (1.4.0 run)"]["test"]  # 1.4.0's network
+    assert before["specificity"] == pytest.approx(test["specificity"])
+    assert (f"ROC AUC {test['roc_auc']:.3f} against {before['roc_auc']:.3f}, sensitivity "
+            f"{test['sensitivity']:.3f} against {before['sensitivity']:.3f}, the same specificity "
+            f"{test['specificity']:.3f}") in card
