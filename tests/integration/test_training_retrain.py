@@ -101,7 +101,10 @@ def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phanto
 
     registry.register(engine, phantom_bundle, status="retired")
     first = registry.promote(engine, registry.list_versions(engine)[0]["version"])
-    out = retrain_once(settings, engine=engine, device="cpu", quick=True)
+    # the scheduler's job (retrain.cron) runs this round: the same call the APScheduler trigger makes
+    from dicom_node.scheduler import run_retrain
+
+    out = run_retrain(settings, engine)
     # promotion: 6 patients per label put one of each on the held-out side, so ROC AUC is defined;
     # with margin 1.0 any candidate reaches current - margin
     assert out["status"] == "promoted", out
