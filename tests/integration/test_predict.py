@@ -60,10 +60,17 @@ def test_predict_folder_of_mixed_files(tmp_path: Path, phantom_bundle: Path) -> 
     from inference.pipeline import Pipeline
 
     pipeline = Pipeline.from_bundle(phantom_bundle, device="cpu", cam="gradcam")
+    from inference.explain import overlay
+
     for name in assessable:
         row = rows[name]
-        [expected] = pipeline.run([load_any(row["file"])])
+        image = load_any(row["file"])
+        [expected] = pipeline.run([image])
         assert expected.probability is not None and expected.lung_attention is not None
+        # its heatmap PNG is this run's heatmap over this image (coloured: the grey image alone differs)
+        assert expected.heatmap is not None and float(expected.heatmap.max()) > 0.5, name
+        written = np.asarray(Image.open(heat / heatmap_name(Path(row["file"])))).astype(int)
+        assert np.abs(written - overlay(image.pixels, expected.heatmap).astype(int)).max() <= 2, name
         assert float(row["probability"]) == pytest.approx(expected.probability, abs=1e-4), name
         assert float(row["lung_attention"]) == pytest.approx(expected.lung_attention, abs=1e-3), name
         assert row["finding"] == ("positive" if expected.probability >= pipeline.bundle.threshold
