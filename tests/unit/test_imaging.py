@@ -187,6 +187,21 @@ def test_pydicom_encoded_round_trip(dicom_factory, syntax: str, bits: int, toler
     assert np.abs(image.pixels - reference.pixels).mean() < 0.01
 
 
+@pytest.mark.parametrize("bits", [12, 16])
+def test_htj2k_lossless_rpcl_is_decoded(dicom_factory, bits: int) -> None:
+    """The listener accepts HTJ2K Lossless RPCL (1.2.840.10008.1.2.4.202). No encoder here writes that
+    progression order, but decoders do not depend on it: a lossless HTJ2K stream labelled .202 must decode to
+    the uncompressed image's pixels through the same path a received one takes."""
+    window = full_window(bits)
+    reference = load_dicom(dicom_factory(shape=SHAPE, bits_stored=bits, window=window, seed=1))
+    path = dicom_factory(shape=SHAPE, bits_stored=bits, window=window, transfer_syntax=HTJ2KLossless, seed=1)
+    ds = pydicom.dcmread(path)
+    ds.file_meta.TransferSyntaxUID = HTJ2KLosslessRPCL
+    ds.save_as(path, enforce_file_format=True)
+    assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == HTJ2KLosslessRPCL
+    assert np.abs(load_dicom(path).pixels - reference.pixels).max() <= 1e-6
+
+
 @pytest.mark.parametrize("syntax", sorted(DCMTK_COMPRESSORS))
 def test_dcmtk_encoded_round_trip(dicom_factory, syntax: str) -> None:
     bits = 8 if syntax == JPEGBaseline8Bit else 12
