@@ -269,6 +269,23 @@ def protect_inplace_relu(model: nn.Module) -> list[torch.utils.hooks.RemovableHa
     return []
 
 
+def _rng_state(gen: torch.Generator, cpu_gen: torch.Generator) -> dict[str, Any]:
+    """The random states a training run draws from: its shuffling/augmentation generator, the CPU generator of
+    the LungVAE's corruption, and torch's global generators (the LungVAE's latent samples)."""
+    state = {"gen": gen.get_state(), "cpu_gen": cpu_gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator, cpu_gen: torch.Generator) -> None:
+    gen.set_state(state["gen"].cpu())
+    cpu_gen.set_state(state["cpu_gen"].cpu())
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(list(state["cuda"].cpu()))
+
+
 def _check_finite(model: nn.Module, loss: float, prob: torch.Tensor, name: str, epoch: int,
                   lr: float) -> None:
     """Raise :class:`TrainingDiverged` when the epoch's loss, the weights (parameters and buffers, e.g.
@@ -407,7 +424,10 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
         start, history = int(ck["epoch"]) + 1, [dict(h) for h in ck["history"]]
         if ck.get("finished"):
             start = config.epochs
-        gen.manual_seed(config.seed + start)
+        if "rng" in ck:  # every random draw continues where the interrupted run left it
+            _set_rng_state(ck["rng"], gen, cpu_gen)
+        else:  # a checkpoint written before the random states were saved
+            gen.manual_seed(config.seed + start)
         log.info("resumed", extra={"action": "train_resume", "run": name, "epoch": start})
     for epoch in _progress(range(start, config.epochs), name or kind, progress):  # type: ignore[attr-defined]
         model.train()
@@ -467,7 +487,8 @@ def fit(model: nn.Module, train: tuple[torch.Tensor, torch.Tensor], val: tuple[t
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                         **({} if adversary is None else {"adversary": adversary.state_dict()}),
                         "scheduler": sched.state_dict(), "best_state": best_state, "best_score": best_score,
-                        "best_epoch": best_epoch, "epoch": epoch, "history": history}, tmp)
+                        "best_epoch": best_epoch, "epoch": epoch, "history": history,
+                        "rng": _rng_state(gen, cpu_gen)}, tmp)
             tmp.replace(checkpoint)
         if epoch - best_epoch >= config.patience:
             log.info("early stop", extra={"action": "train_early_stop", "run": name, "epoch": epoch})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from inference.models.classifiers import (
 from inference.models.segmentation import (
     SEGMENTERS,
     LungVAE,
+    LungVAEOutput,
     build_segmenter,
     corrupt_for_imputation,
     dice_loss,
@@ -77,6 +79,37 @@ def test_lungvae_eval_is_deterministic() -> None:
     x = torch.randn(1, 1, 64, 64)
     with torch.inference_mode():
         assert torch.equal(model(x), model(x))
+
+
+def test_lungvae_kl_term_is_the_mean_kl_to_a_standard_normal() -> None:
+    """KL(N(mu, exp(logvar)) || N(0, 1)) = (exp(logvar) + mu^2 - 1 - logvar) / 2 per latent element,
+    averaged over the elements."""
+    mu = torch.tensor([0.0, 1.0, 0.0, -2.0]).reshape(1, 4, 1, 1)
+    logvar = torch.tensor([0.0, 0.0, math.log(2.0), math.log(0.5)]).reshape(1, 4, 1, 1)
+    per_element = [0.0, 0.5, (1 - math.log(2.0)) / 2, (0.5 + 4 - 1 + math.log(2.0)) / 2]
+    target = torch.zeros(1, 1, 8, 8)
+    target[..., 2:6, 2:6] = 1
+    clean = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = LungVAEOutput((target * 2 - 1) * 50, clean.clone(), mu, logvar)  # perfect mask and reconstruction
+    losses = lungvae_loss(out, target, clean, kl_weight=0.25)
+    assert float(losses["kl"]) == pytest.approx(sum(per_element) / 4, rel=1e-6)
+    assert float(losses["recon"]) == 0.0 and float(losses["seg"]) == pytest.approx(0.0, abs=1e-6)
+    assert float(losses["total"]) == pytest.approx(0.25 * sum(per_element) / 4, rel=1e-5)
+
+
+def test_lungvae_samples_its_latent_in_training_mode() -> None:
+    torch.manual_seed(0)
+    model = LungVAE().train()
+    x = torch.randn(2, 1, 32, 32)
+
+    def logits(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return model(x)
+
+    first = logits(1)
+    assert torch.equal(first, logits(1))  # the difference below comes from the latent draw alone
+    assert not torch.allclose(first, logits(2), atol=1e-6)
 
 
 def test_corruption_changes_a_copy_only() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -194,6 +196,128 @@ def test_fit_stops_with_a_clear_error_when_training_diverges(kind: str, phantoms
         fit(model, (x[:12], target[:12]), (x[12:], target[12:]), kind=kind,  # type: ignore[arg-type]
             config=cfg, device=torch.device("cpu"), checkpoint=tmp_path / "ck.pt", name="lungs")
     assert not (tmp_path / "ck.pt").exists()  # nothing saved from the diverged epoch
+
+
+@pytest.mark.parametrize(("patience", "epochs_run"), [(1, 2), (2, 3), (5, 5)])
+def test_fit_stops_early_once_patience_epochs_bring_no_better_score(
+        patience: int, epochs_run: int, phantoms: tuple, tmp_path: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Validation masks are empty and the U-Net starts out predicting no lung: Dice is 1.0, its maximum,
+    from epoch 0 on, so no later epoch is better and the run stops after ``patience`` more epochs."""
+    from inference.models.segmentation import build_segmenter
+
+    torch.set_num_threads(1)
+    x, m, _ = phantoms
+    model = build_segmenter("unet")
+    with torch.no_grad():
+        model.head.bias.fill_(-100.0)  # every logit far below 0: an empty mask
+    ck = tmp_path / "ck.pt"
+    cfg = FitConfig(epochs=5, batch_size=8, max_steps=1, seed=0, patience=patience, checkpoint_every=10)
+    caplog.set_level(logging.INFO, logger="training.loops")
+    r = fit(model, (x[:8], m[:8]), (x[12:], torch.zeros_like(m[12:])), kind="segmentation", config=cfg,
+            device=torch.device("cpu"), checkpoint=ck, name="seg")
+    assert [h["val_score"] for h in r.history] == [1.0] * epochs_run
+    assert r.best_epoch == 0 and r.best_score == 1.0
+    stops = [rec for rec in caplog.records if getattr(rec, "action", "") == "train_early_stop"]
+    if epochs_run < cfg.epochs:
+        assert [(rec.run, rec.epoch) for rec in stops] == [("seg", patience)]  # type: ignore[attr-defined]
+    else:
+        assert stops == []
+    assert torch.load(ck, weights_only=True)["epoch"] == epochs_run - 1  # the stopping epoch is saved
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("arch", ["unet", "lungvae"])
+def test_fit_resumed_after_an_interruption_ends_as_an_uninterrupted_run(
+        arch: str, phantoms: tuple, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Resume restores weights, optimiser, schedule, best state, history and every random state (shuffling
+    and augmentation, the LungVAE's corruption and latent samples): the resumed run ends bit for bit as the
+    uninterrupted one."""
+    from inference.models.segmentation import build_segmenter
+
+    torch.set_num_threads(1)
+    x, m, _ = phantoms
+    train, val = (x[:8], m[:8]), (x[12:], m[12:])
+    cfg = FitConfig(epochs=4, batch_size=4, lr=0.01, seed=3, augment=True, patience=10, checkpoint_every=1)
+    cpu = torch.device("cpu")
+    torch.manual_seed(0)
+    whole = fit(build_segmenter(arch), train, val, kind="segmentation", config=cfg, device=cpu)
+
+    def crash(row: dict[str, float]) -> None:
+        if row["epoch"] == 1:  # before epoch 1 is checkpointed: the checkpoint holds epoch 0
+            raise _Interrupted
+
+    ck = tmp_path / "ck.pt"
+    torch.manual_seed(0)
+    with pytest.raises(_Interrupted):
+        fit(build_segmenter(arch), train, val, kind="segmentation", config=cfg, device=cpu, checkpoint=ck,
+            on_epoch=crash)
+    assert torch.load(ck, weights_only=True)["epoch"] == 0
+    torch.manual_seed(99)  # other initial weights: the checkpoint's must replace them
+    caplog.set_level(logging.INFO, logger="training.loops")
+    resumed = fit(build_segmenter(arch), train, val, kind="segmentation", config=cfg, device=cpu,
+                  checkpoint=ck, resume=True)
+    assert [getattr(rec, "epoch", None) for rec in caplog.records
+            if getattr(rec, "action", "") == "train_resume"] == [1]
+    assert len(whole.history) == 4 and whole.best_epoch >= 2  # the best epoch lies after the interruption
+    assert resumed.history == whole.history
+    assert (resumed.best_epoch, resumed.best_score) == (whole.best_epoch, whole.best_score)
+    assert resumed.state.keys() == whole.state.keys()
+    assert all(torch.equal(resumed.state[k], whole.state[k]) for k in whole.state)
+
+
+@pytest.mark.parametrize("arch", ["unet", "lungvae"])
+def test_fit_trains_only_lungvae_on_corrupted_inputs(arch: str, phantoms: tuple,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The lungvae sees the corrupted batch and reconstructs the clean one; the U-Net sees the batch."""
+    import inference.models.segmentation as seg
+
+    torch.set_num_threads(1)
+    x, m, _ = phantoms
+    calls: list[dict[str, Any]] = []
+    real_corrupt, real_loss = seg.corrupt_for_imputation, seg.lungvae_loss
+
+    def corrupt(xb: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        out = real_corrupt(xb, **kwargs)
+        calls.append({"clean": xb.detach().clone(), "corrupted": out, "generator": kwargs.get("generator")})
+        return out
+
+    def loss(out: Any, target: torch.Tensor, clean_image: torch.Tensor, **kwargs: Any) -> dict[str, Any]:
+        calls[-1]["loss_clean"] = clean_image.detach().clone()
+        return real_loss(out, target, clean_image, **kwargs)
+
+    monkeypatch.setattr(seg, "corrupt_for_imputation", corrupt)
+    monkeypatch.setattr(seg, "lungvae_loss", loss)
+    model = seg.build_segmenter(arch)
+    if arch == "lungvae":
+        real_forward = model.forward_train
+        seen: list[torch.Tensor] = []
+
+        def forward_train(inp: torch.Tensor) -> Any:
+            seen.append(inp)
+            return real_forward(inp)
+
+        model.forward_train = forward_train  # type: ignore[method-assign]
+    cfg = FitConfig(epochs=2, batch_size=4, max_steps=1, seed=0, augment=False)
+    r = fit(model, (x[:4], m[:4]), (x[12:], m[12:]), kind="segmentation", config=cfg,
+            device=torch.device("cpu"))
+    assert len(r.history) == 2
+    if arch == "unet":
+        assert calls == []
+        return
+    assert len(calls) == 2  # one batch per epoch
+    batch = (x[:4].float() / 255.0 - cfg.mean) / cfg.std  # the normalised, unaugmented training images
+    for call, fed in zip(calls, seen, strict=True):
+        clean = call["clean"]
+        assert clean.shape == batch.shape
+        matches = [[j for j in range(4) if torch.equal(row, batch[j])] for row in clean]
+        assert sorted(sum(matches, [])) == [0, 1, 2, 3]  # each training image once, in shuffled order
+        assert fed is call["corrupted"] and not torch.equal(fed, clean)
+        assert torch.equal(call["loss_clean"], clean)  # the reconstruction target is the uncorrupted batch
+        assert isinstance(call["generator"], torch.Generator)
 
 
 def test_fit_rejects_empty_sets(phantoms: tuple) -> None:
