@@ -67,6 +67,83 @@ def test_ensemble_heatmap_is_the_mean_of_its_members(name: str) -> None:
         explain_forward(model, targets[:2], x, 1)
 
 
+class _Probe(torch.nn.Module):
+    """conv 3x3 -> ReLU (the CAM's layer, at input resolution) -> sum of squares per channel -> linear."""
+
+    def __init__(self, channels: int = 4) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, channels, 3, padding=1)
+        self.act = torch.nn.ReLU()
+        self.head = torch.nn.Linear(channels, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.conv(x)).square().sum(dim=(2, 3)))
+
+
+def _minmax(cam: torch.Tensor) -> np.ndarray:
+    cam = cam - cam.amin(dim=(1, 2), keepdim=True)
+    return (cam / (cam.amax(dim=(1, 2), keepdim=True) + 1e-7)).numpy()
+
+
+def _reference_cams(model: _Probe, x: torch.Tensor, target: int) -> dict[str, np.ndarray]:
+    """Grad-CAM (channel weight: mean gradient) and Grad-CAM++ (arXiv:1710.11063, eq. 19) by hand."""
+    acts = model.act(model.conv(x))
+    grads = torch.autograd.grad(model.head(acts.square().sum(dim=(2, 3)))[:, target].sum(), acts)[0]
+    acts, grads = acts.detach(), grads.detach()
+    sums = acts.sum(dim=(2, 3), keepdim=True)
+    alpha = grads**2 / (2 * grads**2 + sums * grads**3 + 1e-6)
+    alpha = torch.where(grads != 0, alpha, torch.zeros_like(alpha))
+    weights = {"gradcam": grads.mean(dim=(2, 3)), "gradcam++": (grads.clamp(min=0) * alpha).sum(dim=(2, 3))}
+    return {k: _minmax(torch.relu((w[:, :, None, None] * acts).sum(dim=1))) for k, w in weights.items()}
+
+
+def test_each_method_name_gives_its_own_cam() -> None:
+    torch.manual_seed(1)
+    model = _Probe().eval()
+    with torch.no_grad():
+        model.head.weight[1] = torch.tensor([1.0, 0.5, -0.3, 2.0])  # channels for and against class 1
+    x = torch.rand(2, 1, 32, 32)
+    expected = _reference_cams(model, x, 1)
+    got = {method: cam_forward(model, model.act, x, 1, method)[0] for method in sorted(CAM_METHODS)}
+    for method in CAM_METHODS:
+        np.testing.assert_allclose(got[method], expected[method], atol=1e-4, err_msg=method)
+    assert np.abs(got["gradcam"] - got["gradcam++"]).max() > 0.1
+    # and on a real architecture
+    resnet, target = _frozen("resnet18")
+    x = torch.randn(2, 1, 64, 64)
+    gc_map, gcpp_map = (cam_forward(resnet, target, x, 1, m)[0] for m in ("gradcam", "gradcam++"))
+    assert np.abs(gc_map - gcpp_map).mean() > 0.1
+
+
+def _bright_detector() -> _Probe:
+    """Channel 0 fires on bright pixels (> 0.5), channel 1 on dark ones; class 1 = bright minus dark."""
+    model = _Probe(channels=2).eval()
+    with torch.no_grad():
+        model.conv.weight.zero_()
+        model.conv.weight[0, 0, 1, 1], model.conv.weight[1, 0, 1, 1] = 1.0, -1.0
+        model.conv.bias.copy_(torch.tensor([-0.5, 0.5]))
+        model.head.weight.copy_(torch.tensor([[-1.0, 1.0], [1.0, -1.0]]))
+        model.head.bias.zero_()
+    return model
+
+
+@pytest.mark.parametrize("method", sorted(CAM_METHODS))
+@pytest.mark.parametrize("corner", [(4, 44), (40, 8)], ids=["top-right", "bottom-left"])
+def test_cam_points_at_the_evidence(method: str, corner: tuple[int, int]) -> None:
+    rng = np.random.default_rng(0)
+    image = 0.2 + 0.02 * rng.standard_normal((64, 64))
+    r, c = corner
+    image[r : r + 12, c : c + 12] = 0.9  # the only bright region
+    patch = np.zeros((64, 64), bool)
+    patch[max(r - 1, 0) : r + 13, max(c - 1, 0) : c + 13] = True
+    model = _bright_detector()
+    x = torch.from_numpy(image.astype(np.float32))[None, None]
+    (towards,), _, _ = cam_forward(model, model.act, x, 1, method)
+    (against,), _, _ = cam_forward(model, model.act, x, 0, method)
+    assert towards[patch].sum() > 0.95 * towards.sum() > 0
+    assert against[patch].sum() < 0.05 * against.sum()  # class 0's evidence is the dark background
+
+
 def test_cam_rejects_bad_arguments() -> None:
     model, target = _frozen("mobilenet_v2")
     with pytest.raises(ValueError, match='"method"'):

@@ -14,7 +14,7 @@ import torch
 from dicom_node.errors import ModelBundleError
 from inference.bundle import make_random_bundle
 from inference.explain import lung_attention
-from inference.imaging import load_dicom, lung_box, square_resize
+from inference.imaging import load_dicom, lung_box, lung_crop, square_resize
 from inference.phantom import make_dicom, make_phantom
 from inference.pipeline import Pipeline
 from inference.types import XrayImage
@@ -159,12 +159,146 @@ def test_not_assessable_reasons_come_through_in_order(pipeline: Pipeline) -> Non
     images = [lateral_content, frontal, tiny, hand, lateral_header, blank, child]
     results = pipeline.run(images)
     codes = [r.reason_code for r in results]
-    assert codes[0] in ("lateral", "no_lungs")
+    assert codes[0] == "lateral"
+    assert results[0].reason == "one lung field only: a lateral view or not a frontal chest radiograph"
     assert codes[1:] == ["", "too_small", "not_chest", "lateral", "no_lungs", "child"]
     assert results[1].finding in ("positive", "negative")
     for r in results[:1] + results[2:]:
         assert r.finding == "not_assessable" and r.probability is None and r.heatmap is None
         assert r.reason and r.model_version == "0.0.0-test"
+
+
+@pytest.mark.parametrize("seed", [2, 7, 13])
+def test_a_lateral_film_by_content_is_one_lung_field(pipeline: Pipeline, seed: int) -> None:
+    image, _ = _phantom((480, 560), seed=seed, lateral=True)
+    image.meta = {"modality": "CR", "body_part": "CHEST"}
+    (r,) = pipeline.run([image])
+    assert (r.finding, r.reason_code) == ("not_assessable", "lateral"), r.reason
+    assert r.lung_fraction is not None and r.lung_fraction > pipeline.min_lung_fraction  # a lung was found
+
+
+def test_a_film_on_its_side_is_not_two_lungs_side_by_side(pipeline: Pipeline) -> None:
+    """A frontal film stored turned by 90 degrees (no header to say so): the two lungs lie one above the
+    other."""
+    images = [XrayImage(np.ascontiguousarray(make_phantom((512, 512), seed=s)[0].T), f"side-{s}",
+                        {"modality": "CR", "body_part": "CHEST"}) for s in (0, 3)]
+    for r in pipeline.run(images):
+        assert (r.finding, r.reason_code) == ("not_assessable", "no_lungs"), r.reason
+        assert r.reason == "the segmented regions are not two lungs side by side"
+        assert r.probability is None and r.heatmap is None and r.lung_mask is not None
+
+
+def test_lung_area_out_of_range_is_not_assessable(pipeline: Pipeline, phantom_bundle: Path) -> None:
+    # the turned film also fails the shape check: the area is checked first
+    upright, _ = _phantom((512, 512), seed=1)
+    turned = XrayImage(np.ascontiguousarray(upright.pixels.T), "side", upright.meta)
+    texts = {
+        "max": "implausible lung segmentation (lung area {:.1%} of the image)",
+        "min": "no lung fields found (lung area {:.1%} of the image)",
+    }
+    for bound, limits in (("max", {"max_lung_fraction": 0.15}), ("min", {"min_lung_fraction": 0.4})):
+        p = Pipeline.from_bundle(phantom_bundle, device="cpu", prep_workers=1, **limits)
+        try:
+            results = p.run([upright, turned])
+        finally:
+            p.close()
+        for r in results:
+            assert (r.finding, r.reason_code) == ("not_assessable", "no_lungs"), r.reason
+            assert r.lung_fraction is not None and 0.15 < r.lung_fraction < 0.4
+            assert r.reason == texts[bound].format(r.lung_fraction)
+    (plain,) = pipeline.run([upright])  # within the default bounds
+    assert plain.finding in ("positive", "negative"), plain.reason
+
+
+def _blobs(*boxes: tuple[int, int, int, int], shape: tuple[int, int] = (100, 100)) -> np.ndarray:
+    mask = np.zeros(shape, bool)
+    for r0, c0, r1, c1 in boxes:
+        mask[r0:r1, c0:c1] = True
+    return mask
+
+
+SIDE_BY_SIDE = "the segmented regions are not two lungs side by side"
+ONE_LUNG = "one lung field only: a lateral view or not a frontal chest radiograph"
+
+
+@pytest.mark.parametrize(
+    ("mask", "expected"),
+    [
+        (_blobs((20, 10, 80, 40), (20, 60, 80, 90)), None),  # two lungs side by side
+        (_blobs((10, 30, 40, 70), (60, 30, 90, 70)), ("no_lungs", SIDE_BY_SIDE)),  # stacked
+        (_blobs((5, 10, 35, 40), (65, 60, 95, 90)), ("no_lungs", SIDE_BY_SIDE)),  # diagonal
+        (_blobs((20, 35, 80, 44), (20, 46, 80, 55)), ("no_lungs", SIDE_BY_SIDE)),  # level but too close
+        (_blobs((20, 20, 80, 80)), ("lateral", ONE_LUNG)),  # one blob
+        (_blobs((20, 10, 80, 40), (45, 70, 55, 80)), ("lateral", ONE_LUNG)),  # second blob tiny
+        (np.zeros((100, 100), bool), ("lateral", ONE_LUNG)),
+    ],
+    ids=["two-lungs", "stacked", "diagonal", "close", "one-blob", "tiny-second", "empty"],
+)
+def test_shape_check_on_crafted_masks(mask: np.ndarray, expected: tuple[str, str] | None) -> None:
+    assert Pipeline._shape_problem(mask) == expected
+
+
+def test_fraction_check_bounds(pipeline: Pipeline) -> None:
+    assert pipeline._fraction_problem(0.3) is None
+    assert pipeline._fraction_problem(0.70) is None and pipeline._fraction_problem(0.05) is None  # bounds in
+    assert pipeline._fraction_problem(0.04) == (
+        "no_lungs", "no lung fields found (lung area 4.0% of the image)")
+    assert pipeline._fraction_problem(0.75) == (
+        "no_lungs", "implausible lung segmentation (lung area 75.0% of the image)")
+
+
+def test_lung_mode_feeds_stage_2_the_masked_lung_crop(pipeline: Pipeline) -> None:
+    assert pipeline.bundle.crop_mode == "lung"
+    seen: list[torch.Tensor] = []
+    handle = pipeline.classifier.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0].detach().clone()))
+    images = [_phantom(shape, seed=80 + i, opacity=0.3)[0] for i, shape in enumerate(SHAPES[:2])]
+    try:
+        results = pipeline.run(images, explain=False)
+    finally:
+        handle.remove()
+    (x,) = seen
+    size = pipeline.bundle.classifier_size
+    got = (x[:, 0] * pipeline.bundle.std + pipeline.bundle.mean).numpy()
+    for img, r, crop in zip(images, results, got, strict=True):
+        assert r.lung_mask is not None, r.reason
+        expected = lung_crop(img.pixels, r.lung_mask, size)
+        np.testing.assert_allclose(crop, expected, atol=1e-5)
+        # the mask blanks the surroundings: without it, the crop would differ
+        assert np.abs(lung_crop(img.pixels, r.lung_mask, size, apply_mask=False) - expected).max() > 0.1
+
+
+def test_cpu_threads_sets_torch_threads(phantom_bundle: Path) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        Pipeline.from_bundle(phantom_bundle, device="cpu", prep_workers=1, cpu_threads=0).close()
+        assert torch.get_num_threads() == 3  # 0 keeps the current setting
+        Pipeline.from_bundle(phantom_bundle, device="cpu", prep_workers=1, cpu_threads=1).close()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("device_preprocess", [False, True])
+def test_stage_2_runs_in_inference_mode_unless_explaining(phantom_bundle: Path,
+                                                         device_preprocess: bool) -> None:
+    p = Pipeline.from_bundle(phantom_bundle, device="cpu", device_preprocess=device_preprocess)
+    modes: list[tuple[bool, bool]] = []
+    p.classifier.register_forward_hook(
+        lambda module, args, out: modes.append((torch.is_inference_mode_enabled(), torch.is_grad_enabled())))
+    image = _phantom((320, 320), seed=90)[0]
+    try:
+        (plain,) = p.run([image], explain=False)
+        plain_modes, modes[:] = list(modes), []
+        (explained,) = p.run([image], explain=True)
+    finally:
+        p.close()
+    assert plain.probability is not None and explained.probability is not None, (plain.reason,
+                                                                                  explained.reason)
+    assert plain_modes == [(True, False)]
+    assert modes == [(False, True)]  # the CAM needs gradients
+    assert explained.heatmap is not None and plain.heatmap is None
 
 
 def test_probability_is_the_same_without_explanation(pipeline: Pipeline) -> None:
