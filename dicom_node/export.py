@@ -87,6 +87,7 @@ def _load(item: Dataset | str | Path) -> Dataset:
 
 def _make_ae(calling_ae: str, datasets: Sequence[Dataset], timeout_s: float) -> AE:
     ae = AE(ae_title=calling_ae)
+    ae.connection_timeout = timeout_s  # TCP connect: without it a PACS dropping packets blocks for minutes
     ae.network_timeout = timeout_s
     ae.acse_timeout = timeout_s
     ae.dimse_timeout = timeout_s

@@ -55,6 +55,44 @@ def test_destination_down_then_up(storescp: Callable[..., StoreSCP]) -> None:
     assert [dcmread(f).SOPInstanceUID for f in dest.files()] == [ds.SOPInstanceUID]
 
 
+def test_a_destination_that_never_answers_the_connect_fails_within_the_timeout() -> None:
+    """A host that drops the connection request (here a socket whose accept queue is full: the kernel drops
+    further SYNs) fails the delivery after ``network_timeout_s``, not after the system's minutes of SYN
+    retries."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    queued = []
+    for _ in range(4):  # fill the accept queue; nothing is ever accepted
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        queued.append(s)
+    outcome: list[BaseException] = []
+
+    def deliver() -> None:
+        try:
+            send([make_dicom(shape=(64, 64))], Peer(ae_title="PACS", host="127.0.0.1", port=port),
+                 ExportSettings(network_timeout_s=2))
+        except BaseException as exc:  # noqa: BLE001  (recorded for the assertion below)
+            outcome.append(exc)
+
+    thread = threading.Thread(target=deliver, daemon=True)
+    try:
+        thread.start()
+        thread.join(30)  # 2 s timeout; the kernel's own SYN retries would take about two minutes
+        assert not thread.is_alive(), "send() still waiting for the TCP connection"
+        assert len(outcome) == 1 and isinstance(outcome[0], DestinationUnreachable), outcome
+    finally:
+        for s in queued:
+            s.close()
+        server.close()
+
+
 def test_wrong_called_ae_is_unreachable(orthanc: Orthanc) -> None:
     ds = make_dicom(shape=(64, 64))
     with pytest.raises(DestinationUnreachable, match="rejected"):
