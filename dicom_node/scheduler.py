@@ -2,13 +2,15 @@
 
 Only ``serve`` starts the scheduler (never ``cxr-node worker``), so on a scaled-out installation each job runs
 once per installation, on the listener's machine. Both jobs run in a background thread, never two at a time
-(``max_instances=1``), and missed runs (the node was down) are coalesced into one run at start-up when they
-are less than an hour late.
+(a job due while the other runs waits for it; ``max_instances=1`` for each), and missed runs (the node was
+down) are coalesced into one run at start-up when they are less than an hour late. Crontab lines are read as
+cron reads them: day of week 0 or 7 is Sunday.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
@@ -25,10 +27,51 @@ RETRAIN_JOB_ID = "retrain"
 _MISFIRE_GRACE_S = 3600
 
 
+_DAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+
+
+def _day(token: str) -> int:
+    token = token.strip().lower()
+    if token in _DAY_NAMES:
+        return _DAY_NAMES.index(token)
+    if not token.isdigit() or int(token) > 7:
+        raise ValueError(f"day of week {token!r} is not 0-7 or sun-sat")
+    return int(token)
+
+
+def crontab_days(field: str) -> str:
+    """Crontab's day-of-week field (0 and 7 are Sunday, 1 Monday; names, lists, ranges and steps) as the
+    comma list of day names APScheduler reads the same way: its own numbers count from Monday = 0, so
+    "0 2 * * 0" would otherwise run on Mondays."""
+    if field == "*":
+        return field
+    days: set[int] = set()
+    for part in field.split(","):
+        span, _, step_text = part.partition("/")
+        step = int(step_text) if step_text.isdigit() and int(step_text) > 0 else None
+        if step_text and step is None:
+            raise ValueError(f"day-of-week step {step_text!r} is not a positive number")
+        if span == "*":
+            first, last = 0, 6
+        elif "-" in span:
+            first, last = (_day(t) for t in span.split("-", 1))
+        else:
+            first = _day(span)
+            last = 7 if step else first
+        if last < first:
+            raise ValueError(f"day-of-week range {span!r} runs backwards")
+        days.update(d % 7 for d in range(first, last + 1, step or 1))
+    return ",".join(_DAY_NAMES[d] for d in sorted(days))
+
+
 def cron_trigger(expression: str, key: str) -> CronTrigger:
-    """A trigger from a five-field crontab line; a bad line raises :class:`ConfigError` naming ``key``."""
+    """A trigger from a five-field crontab line, read as cron reads it (day of week 0 or 7 = Sunday); a bad
+    line raises :class:`ConfigError` naming ``key``."""
     try:
-        return CronTrigger.from_crontab(expression)
+        fields = expression.split()
+        if len(fields) == 5:
+            fields[4] = crontab_days(fields[4])
+        return CronTrigger.from_crontab(" ".join(fields))
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"config key '{key}': invalid crontab expression {expression!r}: {exc}") from None
 
@@ -49,12 +92,17 @@ def run_retrain(settings: Settings, engine: Engine | None = None) -> dict[str, A
     return outcome
 
 
+_ONE_AT_A_TIME = threading.Lock()  # retention must not delete the files a retraining run is reading
+
+
 def _guarded(name: str, func: Any, *args: Any) -> None:
-    """Run a scheduled job so that a failure is logged with its traceback and the scheduler keeps going."""
-    try:
-        func(*args)
-    except Exception:  # a failed run must not stop later runs; the traceback goes to the log
-        log.exception("scheduled job %s failed", name, extra={"action": f"{name}_failed"})
+    """Run a scheduled job, never beside another one (a job due while another runs waits for it), so that a
+    failure is logged with its traceback and the scheduler keeps going."""
+    with _ONE_AT_A_TIME:
+        try:
+            func(*args)
+        except Exception:  # a failed run must not stop later runs; the traceback goes to the log
+            log.exception("scheduled job %s failed", name, extra={"action": f"{name}_failed"})
 
 
 def start_scheduler(settings: Settings, engine: Engine) -> BackgroundScheduler:

@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -169,6 +170,49 @@ def test_scheduler_retrain_cron_and_bad_expressions(db: NodeDb) -> None:
     s.retrain.cron = "61 * * * *"
     with pytest.raises(ConfigError, match="retrain.cron"):
         start_scheduler(s, db.engine)
+
+
+@pytest.mark.parametrize(("days", "fires_on"), [
+    ("0", {"Sun"}), ("7", {"Sun"}), ("sun", {"Sun"}), ("1-5", {"Mon", "Tue", "Wed", "Thu", "Fri"}),
+    ("5-7", {"Fri", "Sat", "Sun"}), ("*/2", {"Sun", "Tue", "Thu", "Sat"}), ("6,0", {"Sat", "Sun"}),
+    ("*", {"Sun", "Mon", "Tue", "Wed", "Thu", "Fri", "Sat"}), ("mon-fri/2", {"Mon", "Wed", "Fri"}),
+])
+def test_crontab_days_of_week_are_read_as_cron_reads_them(days: str, fires_on: set[str]) -> None:
+    """Day of week 0 and 7 are Sunday, 1 Monday, as in crontab(5); APScheduler's own numbers start at Monday,
+    so "0 2 * * 0" would have run on Mondays."""
+    from dicom_node.scheduler import cron_trigger
+
+    trigger = cron_trigger(f"0 2 * * {days}", "retrain.cron")
+    when = datetime(2026, 11, 1, 12, 0, tzinfo=trigger.timezone)  # a Sunday, after 02:00
+    fired = []
+    for _ in range(14):
+        when = trigger.get_next_fire_time(None, when + timedelta(seconds=1))
+        fired.append(when)
+    assert {f.strftime("%a") for f in fired} == fires_on
+    assert all((f.hour, f.minute) == (2, 0) for f in fired)
+    for bad in ("8", "5-1", "*/0", "fri-mon"):
+        with pytest.raises(ConfigError, match="retrain.cron"):
+            cron_trigger(f"0 2 * * {bad}", "retrain.cron")
+
+
+def test_scheduled_jobs_never_run_side_by_side() -> None:
+    """A job due while another runs waits for it: retention cannot delete the files a retraining run reads."""
+    from dicom_node.scheduler import _guarded
+
+    spans: dict[str, tuple[float, float]] = {}
+
+    def job(name: str) -> None:
+        start = time.monotonic()
+        time.sleep(0.3)
+        spans[name] = (start, time.monotonic())
+
+    threads = [threading.Thread(target=_guarded, args=(name, job, name)) for name in ("retrain", "retention")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    (a0, a1), (b0, b1) = spans["retrain"], spans["retention"]
+    assert a1 <= b0 or b1 <= a0, spans
 
 
 def test_scheduled_retrain_runs_and_reports_its_outcome(db: NodeDb, caplog: pytest.LogCaptureFixture) -> None:
