@@ -47,6 +47,7 @@ PipelineFactory = Callable[[Path | None], Any]
 
 RESULTS_SUFFIX = ".results"
 DB_RETRY_PAUSE_S = 5.0
+MODEL_RETRY_S = 600.0  # a promoted model that failed to load is tried again after this long
 PIXEL_DATA = pydicom.tag.Tag(0x7FE0, 0x0010)
 
 
@@ -166,39 +167,47 @@ class Worker:
         self._factory = pipeline_factory or default_pipeline_factory(settings)
         self.pipeline: Any = None
         self._model_key: str | None = None
-        self._failed_key: str | None = None
+        self._failed: tuple[str, str, float] | None = None  # failed load: key, promoted at, monotonic time
         self._stop = threading.Event()
 
     # -- model -----------------------------------------------------------------------------------
-    def _wanted_model(self) -> tuple[Path | None, str]:
-        """The bundle to serve: the configured path, else the registry's current model, else the default."""
+    def _wanted_model(self) -> tuple[Path | None, str, str]:
+        """The bundle to serve (the configured path, else the registry's current model, else the default), its
+        identity, and when it was promoted."""
         if self.settings.model.path is not None:
-            return self.settings.model.path, f"path:{self.settings.model.path}"
+            return self.settings.model.path, f"path:{self.settings.model.path}", ""
         current = self.jm.current_model()
         if current is not None:
-            return Path(current.path), f"registry:{current.version}:{current.path}"
-        return None, "default"
+            return Path(current.path), f"registry:{current.version}:{current.path}", str(current.promoted_at)
+        return None, "default", ""
 
     def load_model(self) -> bool:
         """Load the wanted model if it is not the one in use; returns True when a new one was loaded.
 
-        The first load raises (the worker cannot run without a model); a failed swap keeps the old
-        model, logs the error and is not retried until the registry changes again.
+        The first load raises (the worker cannot run without a model); a failed swap keeps the old model and
+        logs the error. It is tried again when the model is promoted again, or after ``MODEL_RETRY_S`` (the
+        cause may pass: memory held by a retraining run, a file system that was away).
         """
-        path, key = self._wanted_model()
-        if self.pipeline is not None and key in (self._model_key, self._failed_key):
-            return False
+        path, key, stamp = self._wanted_model()
+        if self.pipeline is not None:
+            if key == self._model_key:
+                self._failed = None  # e.g. rolled back to the model in use
+                return False
+            if (self._failed is not None and self._failed[:2] == (key, stamp)
+                    and time.monotonic() - self._failed[2] < MODEL_RETRY_S):
+                return False
         try:
             pipeline = self._factory(path)
         except (NodeError, OSError, ValueError, RuntimeError) as exc:
             if self.pipeline is None:
                 raise ModelBundleError(f"cannot load the model {path or '(default)'}: {exc}") from exc
-            self._failed_key = key
-            log.error("new model %s could not be loaded; still serving the previous one: %s", path, exc,
+            self._failed = (key, stamp, time.monotonic())
+            log.error("new model %s could not be loaded; still serving the previous one, trying again in "
+                      "%.0f s or when it is promoted again: %s", path, MODEL_RETRY_S, exc,
                       extra={"action": "model_swap_failed"})
             return False
         previous, old_pipeline = self._model_key, self.pipeline
-        self.pipeline, self._model_key, self._failed_key = pipeline, key, None
+        self.pipeline, self._model_key, self._failed = pipeline, key, None
         if old_pipeline is not None and hasattr(old_pipeline, "close"):
             old_pipeline.close()  # release its threads and device memory
         if previous is None and key.startswith("path:"):

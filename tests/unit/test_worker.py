@@ -200,6 +200,53 @@ def test_worker_swaps_to_the_promoted_model_between_batches(settings: Settings, 
     assert any(getattr(r, "action", "") == "model_swap_failed" for r in caplog.records)
 
 
+def test_a_model_that_failed_to_load_once_is_tried_again(settings: Settings, engine: Engine, tmp_path: Path,
+                                                        tiny_bundle: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A promoted model whose load failed for a passing cause (memory, a file system away) is not given up:
+    promoted again it is loaded, and so it is after the retry interval without a new promotion."""
+    import dicom_node.worker as worker_module
+
+    settings.model.path = None
+    real = default_pipeline_factory(settings)
+    failing: set[str] = set()
+
+    def factory(path: Path | None) -> Any:
+        if str(path) in failing:
+            raise RuntimeError("CUDA out of memory")  # what a busy GPU answers
+        return real(path)
+
+    def promote(version: str, path: Path) -> None:
+        with Session(engine) as s, s.begin():
+            s.query(ModelVersion).filter_by(status="current").update({"status": "retired"})
+            row = s.query(ModelVersion).filter_by(version=version).one_or_none()
+            if row is None:
+                s.add(ModelVersion(version=version, path=str(path), status="current", promoted_at=utcnow()))
+            else:
+                row.status, row.promoted_at = "current", utcnow()
+
+    newer = make_random_bundle(tmp_path / "v2", seg_size=64, cls_size=64, version="0.0.2-test")
+    promote("0.0.0-test", tiny_bundle)
+    worker = Worker(settings, engine, pipeline_factory=factory)
+    worker.load_model()
+    failing.add(str(newer))
+    promote("0.0.2-test", newer)
+    assert worker.load_model() is False and worker.pipeline.bundle.version == "0.0.0-test"
+    failing.clear()  # the cause has passed
+    assert worker.load_model() is False  # not tried again at every check
+    promote("0.0.0-test", tiny_bundle)  # rolled back: the model in use, nothing to load
+    assert worker.load_model() is False and worker.pipeline.bundle.version == "0.0.0-test"
+    promote("0.0.2-test", newer)  # promoted again: tried again, and served
+    assert worker.load_model() is True and worker.pipeline.bundle.version == "0.0.2-test"
+
+    failing.add(str(tiny_bundle))
+    promote("0.0.0-test", tiny_bundle)
+    assert worker.load_model() is False and worker.pipeline.bundle.version == "0.0.2-test"
+    failing.clear()
+    monkeypatch.setattr(worker_module, "MODEL_RETRY_S", 0.0)  # the retry interval has passed
+    assert worker.load_model() is True and worker.pipeline.bundle.version == "0.0.0-test"
+
+
 class SlowPipeline:
     """The real pipeline, but each batch takes at least ``delay`` seconds (a slow CPU)."""
 
