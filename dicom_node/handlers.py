@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -136,7 +137,10 @@ class StoreContext:
         self.min_free_mb = min_free_mb
         self.audit = audit
         self._lock = threading.Lock()
-        self._assocs: dict[int, _AssocState] = {}
+        # keyed by the association itself, held weakly: an association that ends without a release or abort
+        # event (a peer's malformed PDU stops pynetdicom's state machine) leaves nothing behind, and a later
+        # association can never inherit its caller (an id() could be reused)
+        self._assocs: weakref.WeakKeyDictionary[Any, _AssocState] = weakref.WeakKeyDictionary()
 
     def disk_low(self) -> bool:
         """True while the spool volume has less free space than the watermark."""
@@ -144,18 +148,22 @@ class StoreContext:
 
     def state(self, assoc: Any) -> _AssocState:
         """Per-association state, created on first use."""
-        key = id(assoc)
         with self._lock:
-            st = self._assocs.get(key)
+            st = self._assocs.get(assoc)
             if st is None:
                 st = _AssocState(calling_ae=_calling_ae(assoc), calling_host=_calling_host(assoc),
                                  calling_port=_calling_port(assoc))
-                self._assocs[key] = st
+                self._assocs[assoc] = st
             return st
 
     def pop(self, assoc: Any) -> _AssocState | None:
         with self._lock:
-            return self._assocs.pop(id(assoc), None)
+            return self._assocs.pop(assoc, None)
+
+    def open_associations(self) -> int:
+        """Associations with state held (open ones; ended ones once collected)."""
+        with self._lock:
+            return len(self._assocs)
 
 
 def _calling_ae(assoc: Any) -> str:

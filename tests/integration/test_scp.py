@@ -313,6 +313,57 @@ def test_a_listener_whose_results_can_go_nowhere_says_so_at_start(node_listener:
     assert len(warned) == 1 and "no job can be delivered" in warned[0].getMessage()
 
 
+def test_associations_ended_by_a_malformed_pdu_leave_no_state(node_listener: Callable[..., Listener],
+                                                               tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer's malformed P-DATA stops pynetdicom's state machine: no release or abort event follows. The
+    listener's per-association state (caller, counts) must not stay behind, or pile up, or pass to a later
+    association that happens to get the same object id."""
+    import gc
+    import struct
+    import threading
+    import time
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    from dicom_node.scp import start_scp
+
+    # pynetdicom's thread dies with the error and its log record goes out, as in production, where nothing
+    # keeps them; pytest's thread hook and log capture would hold their tracebacks, and the associations
+    # with them, until the test ends
+    monkeypatch.setattr(threading, "excepthook", lambda args: None)
+    monkeypatch.setattr(logging.getLogger("pynetdicom"), "propagate", False)
+    node = node_listener()
+    port = free_port()
+    settings = node.settings.model_copy(update={"listener": node.settings.listener.model_copy(
+        update={"port": port})})
+    server = start_scp(settings, node.jobs, node.engine)
+    try:
+        _, (ctx,) = server.get_handlers(evt.EVT_C_STORE)
+        for _ in range(5):
+            ae = AE(ae_title="BROKEN")
+            ae.add_requested_context(Verification)
+            assoc = ae.associate("127.0.0.1", port, ae_title="CXRNODE")
+            assert assoc.is_established
+            pdv = b"\x01\x03" + b"\x00" * 10  # presentation context 1, command, last fragment: no command set
+            item = struct.pack(">I", len(pdv)) + pdv
+            assoc.dul.socket.socket.sendall(b"\x04\x00" + struct.pack(">I", len(item)) + item)
+            time.sleep(0.2)
+            assoc.abort()
+        deadline = time.monotonic() + 10
+        while ctx.open_associations() and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.1)
+        assert ctx.open_associations() == 0
+        make_dicom(tmp_path / "a.dcm", shape=(128, 128))
+        out = storescu(port, [tmp_path / "a.dcm"], calling_ae="GOOD", extra=["-v"])
+        assert "Received Store Response (Success)" in out.stdout + out.stderr
+        assert [job.calling_ae for job in node.job_rows()] == ["GOOD"]
+    finally:
+        server.shutdown()
+
+
 def test_database_unreachable_gives_failure_status(node_listener: Callable[..., Listener], tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     # A PostgreSQL URL on a port where nothing listens: every enqueue fails.
