@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dicom_node.config import load_settings
+from dicom_node.service import WORKER_JOIN_TIMEOUT_S
 
 pytestmark = pytest.mark.integration
 
@@ -57,6 +58,9 @@ def test_compose_file_has_the_expected_services() -> None:
         assert svc["environment"]["CXRNODE_DATABASE_URL"].startswith("postgresql+psycopg://")
         assert "@postgres:5432/" in svc["environment"]["CXRNODE_DATABASE_URL"]
         assert svc["depends_on"]["postgres"]["condition"] == "service_healthy"
+        # a stop waits longer than the node waits for the batch in hand, so it is never killed mid-batch
+        assert int(svc["stop_grace_period"].rstrip("s")) > WORKER_JOIN_TIMEOUT_S
+        assert svc["logging"]["options"]["max-size"] and svc["logging"]["options"]["max-file"]
     assert (DEPLOY / node["build"]["context"]).resolve() == ROOT
     assert any(str(p).startswith("11112:") for p in node["ports"])
     assert any(str(p).startswith("127.0.0.1:8080:") for p in node["ports"])  # admin on host loopback only
@@ -73,7 +77,7 @@ def test_compose_file_has_the_expected_services() -> None:
 
 
 def compose_command() -> list[str]:
-    """``docker compose`` (v2 plugin) or ``docker-compose`` (v1, Debian package); skips when neither."""
+    """``docker compose`` (v2 plugin) or ``docker-compose`` (v1, Debian package); fails when neither."""
     docker = shutil.which("docker")
     if docker is not None:
         probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=30)
@@ -111,6 +115,8 @@ def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
     assert re.search(rf"^ExecStart=/opt/cxr-node/\.venv/bin/cxr-node {command} --config /etc/cxr-node/",
                      text, re.M)
     assert "EnvironmentFile=-/etc/cxr-node/cxr-node.env" in text and "User=cxrnode" in text
+    stop = re.search(r"^TimeoutStopSec=(\d+)$", text, re.M)
+    assert stop and int(stop[1]) > WORKER_JOIN_TIMEOUT_S  # never killed while finishing the batch in hand
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.fail("systemd-analyze not installed (Debian package systemd)")
