@@ -47,6 +47,7 @@ PipelineFactory = Callable[[Path | None], Any]
 
 RESULTS_SUFFIX = ".results"
 DB_RETRY_PAUSE_S = 5.0
+DB_ERROR_LOG_EVERY_S = 60.0  # in a database outage: one error line a minute, the first with its traceback
 MODEL_RETRY_S = 600.0  # a promoted model that failed to load is tried again after this long
 PIXEL_DATA = pydicom.tag.Tag(0x7FE0, 0x0010)
 
@@ -232,6 +233,7 @@ class Worker:
         if self.pipeline is None:
             self.load_model()
         last_maintenance = 0.0
+        outage: tuple[float, float, int] | None = None  # started, last logged, failed tries
         while not stop.is_set() and not self._stop.is_set():
             try:
                 if time.monotonic() - last_maintenance >= self.model_check_interval_s:
@@ -239,14 +241,29 @@ class Worker:
                     self.load_model()
                     last_maintenance = time.monotonic()
                 handled = self.run_once()
-            except SQLAlchemyError:
-                log.error("database unavailable; retrying in %.0f s", DB_RETRY_PAUSE_S, exc_info=True,
-                          extra={"action": "worker_db_error"})
+            except SQLAlchemyError as exc:
+                now = time.monotonic()
+                if outage is None:  # the first failure with its traceback, then a line a minute
+                    outage = (now, now, 1)
+                    log.error("database unavailable; retrying every %.0f s", DB_RETRY_PAUSE_S, exc_info=True,
+                              extra={"action": "worker_db_error"})
+                else:
+                    started, logged, tries = outage
+                    outage = (started, logged, tries + 1)
+                    if now - logged >= DB_ERROR_LOG_EVERY_S:
+                        outage = (started, now, tries + 1)
+                        log.error("database still unavailable after %.0f s (%d tries): %s: %s", now - started,
+                                  tries + 1, type(exc).__name__, str(exc).splitlines()[0][:200],
+                                  extra={"action": "worker_db_error"})
                 stop.wait(DB_RETRY_PAUSE_S)
                 continue
             except Exception:
                 log.exception("worker %s crashed", self.worker_id, extra={"action": "worker_crashed"})
                 raise
+            if outage is not None:
+                log.warning("database available again after %.0f s (%d failed tries)",
+                            time.monotonic() - outage[0], outage[2], extra={"action": "worker_db_back"})
+                outage = None
             if handled == 0:
                 stop.wait(self.settings.worker.poll_interval_s)
         log.info("worker %s stopped", self.worker_id, extra={"action": "worker_stopped"})

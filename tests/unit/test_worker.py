@@ -422,3 +422,43 @@ def test_stored_outputs_on_a_volume_missing_here_are_not_computed_again(settings
     assert job.state == "exporting" and job.attempts == 2 and job.output_dir == before.output_dir
     assert "is not available on worker" in (job.last_error or "")
     assert sum(1 for h in jm.history(job_id) if h["to_state"] == "processing") == 1  # no second inference
+
+
+def test_a_database_outage_is_logged_once_with_its_traceback_then_once_a_minute(
+        settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A worker retries every few seconds while the database is away; its log gets the first failure with
+    the traceback, then one line a minute (not one traceback per try), and a line when it is back."""
+    from sqlalchemy.exc import OperationalError
+
+    import dicom_node.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "DB_RETRY_PAUSE_S", 0.01)
+    monkeypatch.setattr(worker_module, "DB_ERROR_LOG_EVERY_S", 3600.0)
+    jm = JobManager(engine, settings.worker)
+    job_id = spool(settings, jm, "after-the-outage")
+    worker = Worker(settings, engine, job_manager=jm)
+    worker.load_model()
+    real_claim, failures = jm.claim, [20]
+
+    def claim(worker_id: str, limit: int = 1) -> Any:
+        if failures[0]:
+            failures[0] -= 1
+            raise OperationalError("SELECT ...", {}, Exception("server closed the connection unexpectedly"))
+        return real_claim(worker_id, limit)
+
+    monkeypatch.setattr(jm, "claim", claim)
+    caplog.set_level(logging.INFO, logger="dicom_node.worker")
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    deadline = time.monotonic() + 60
+    while job_row(engine, job_id).result is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(60)
+    assert job_row(engine, job_id).result is not None  # processed once the database was back
+    errors = [r for r in caplog.records if getattr(r, "action", "") == "worker_db_error"]
+    assert len(errors) == 1 and errors[0].exc_info is not None
+    [back] = [r for r in caplog.records if getattr(r, "action", "") == "worker_db_back"]
+    assert "(20 failed tries)" in back.getMessage()
