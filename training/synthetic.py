@@ -48,7 +48,12 @@ def make_phantom_dataset(out: str | Path, *, patients: int = 20, images_per_pati
                          "mask_file": "", **common})
             rows.append({"file": f"images/{name}.png", "label": "mask", "task": "segmentation",
                          "mask_file": f"masks/{name}_mask.png", **common})
-    path = out / "manifest.csv"
+    return write_manifest(out, rows)
+
+
+def write_manifest(out: str | Path, rows: list[dict[str, str]]) -> Path:
+    """Write ``rows`` (the manifest's columns) as ``out/manifest.csv``; returns its path."""
+    path = Path(out) / "manifest.csv"
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
         w.writeheader()

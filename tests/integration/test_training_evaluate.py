@@ -90,14 +90,9 @@ def one_thread() -> Iterator[None]:
 
 
 def _write_manifest(root: Path, rows: list[dict[str, str]]) -> Path:
-    from training.synthetic import COLUMNS
+    from training.synthetic import write_manifest
 
-    path = root / "manifest.csv"
-    with path.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    return path
+    return write_manifest(root, rows)
 
 
 def _read_rows(manifest: Path) -> list[dict[str, str]]:

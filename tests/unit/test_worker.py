@@ -63,6 +63,19 @@ def spool(settings: Settings, jm: JobManager, name: str, *, garbage: bool = Fals
     return job_id
 
 
+def run_until_processed(worker: Worker, engine: Engine, job_id: int, timeout: float = 60) -> None:
+    """Run ``worker`` in its own thread, as the service does, until the job has a result; then stop it."""
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    deadline = time.monotonic() + timeout
+    while job_row(engine, job_id).result is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(60)
+    assert not thread.is_alive()
+
+
 def test_undecodable_fails_permanently_and_good_images_get_stored_outputs(settings: Settings,
                                                                            engine: Engine) -> None:
     jm = JobManager(engine, settings.worker)
@@ -176,15 +189,7 @@ def test_worker_swaps_to_the_promoted_model_between_batches(settings: Settings, 
         s.query(ModelVersion).filter_by(status="current").update({"status": "retired"})
         s.add(ModelVersion(version="0.0.2-test", path=str(newer), status="current", promoted_at=utcnow()))
     job_id = spool(settings, jm, "after-promotion")
-
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,))
-    thread.start()
-    deadline = time.monotonic() + 60
-    while job_row(engine, job_id).result is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stop.set()
-    thread.join(60)
+    run_until_processed(worker, engine, job_id)
     assert loaded == [tiny_bundle, newer]
     assert worker.pipeline.bundle.version == "0.0.2-test"
     assert job_row(engine, job_id).result["model_version"] == "0.0.2-test"
@@ -449,14 +454,7 @@ def test_a_database_outage_is_logged_once_with_its_traceback_then_once_a_minute(
 
     monkeypatch.setattr(jm, "claim", claim)
     caplog.set_level(logging.INFO, logger="dicom_node.worker")
-    stop = threading.Event()
-    thread = threading.Thread(target=worker.run, args=(stop,))
-    thread.start()
-    deadline = time.monotonic() + 60
-    while job_row(engine, job_id).result is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stop.set()
-    thread.join(60)
+    run_until_processed(worker, engine, job_id)
     assert job_row(engine, job_id).result is not None  # processed once the database was back
     errors = [r for r in caplog.records if getattr(r, "action", "") == "worker_db_error"]
     assert len(errors) == 1 and errors[0].exc_info is not None
