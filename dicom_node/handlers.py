@@ -77,6 +77,8 @@ class JobQueue(Protocol):
 
     def counts(self) -> dict[str, int]: ...
 
+    def uses_file(self, job_id: int, spool_path: str) -> bool: ...
+
 
 class AssociationAudit:
     """The association audit trail (``dicom_node.audit``) bound to the process's engine."""
@@ -301,6 +303,8 @@ def _store(event: Any, ctx: StoreContext) -> int:
                   extra={"action": "store_failed", "reason": "database", **info})
         return OUT_OF_RESOURCES
 
+    if written and not created:
+        _drop_unused(ctx, job_id, path, info)
     st.instances += 1
     metrics.record_received(sop_class.keyword or str(sop_class))
     if created:
@@ -310,6 +314,21 @@ def _store(event: Any, ctx: StoreContext) -> int:
         log.info("duplicate instance acknowledged; already queued", extra={
             "action": "store_duplicate", "job_id": job_id, "file_written": written, **info})
     return SUCCESS
+
+
+def _drop_unused(ctx: StoreContext, job_id: int, path: Path, info: dict[str, Any]) -> None:
+    """A re-sent instance was written to the spool for a job that does not use that file (its files were
+    deleted by retention, or it came under another Study Instance UID): delete it, or no one ever would."""
+    try:
+        if ctx.job_manager.uses_file(job_id, str(path)):
+            return  # e.g. a queued job whose file had gone: the resend restored it
+        path.unlink(missing_ok=True)
+    except Exception as exc:  # the instance is acknowledged either way; a stray file is the worst case
+        log.warning("cannot tell whether job %s uses %s (%s: %s)", job_id, path.name, type(exc).__name__, exc,
+                    extra={"action": "spool_unused_check_failed", "job_id": job_id, **info})
+        return
+    log.info("job %s: the re-sent instance's file is not used by the job; deleted", job_id,
+             extra={"action": "spool_unused_deleted", "job_id": job_id, **info})
 
 
 def handle_accepted(event: Any, ctx: StoreContext) -> None:

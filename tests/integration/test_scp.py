@@ -364,6 +364,52 @@ def test_associations_ended_by_a_malformed_pdu_leave_no_state(node_listener: Cal
         server.shutdown()
 
 
+def test_a_resent_instance_leaves_no_file_its_job_does_not_use(node_listener: Callable[..., Listener],
+                                                                tmp_path: Path) -> None:
+    """Re-sent instances are acknowledged and not queued twice; the file the resend wrote is kept only when
+    the job uses it (here: a queued job whose file had gone), not after retention deleted the job's files,
+    nor under another Study Instance UID: no stray files that nothing would ever delete."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+    from sqlalchemy.orm import Session
+
+    from dicom_node.db import Job, utcnow
+    from dicom_node.retention import purge
+
+    node = node_listener()
+    spool_dir = node.settings.storage.spool_dir
+
+    def send(ds: Dataset, name: str) -> None:
+        path = tmp_path / f"{name}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        out = storescu(node.port, [path], extra=["-v"])
+        assert "Received Store Response (Success)" in out.stdout + out.stderr, name
+
+    delivered, queued, moved = (make_dicom(shape=(128, 128), seed=s) for s in (1, 2, 3))
+    for i, ds in enumerate((delivered, queued, moved)):
+        send(ds, f"first{i}")
+    files = {str(j.sop_instance_uid): Path(j.spool_path) for j in node.job_rows()}
+    assert all(f.is_file() for f in files.values())
+    # the first was delivered long ago and retention deleted its files
+    with Session(node.engine) as s, s.begin():
+        s.execute(update(Job).where(Job.sop_instance_uid == str(delivered.SOPInstanceUID))
+                  .values(state="done", finished_at=utcnow() - timedelta(days=40)))
+    assert purge(node.engine, node.settings.storage.data_dir, 30).jobs == 1
+    files[str(queued.SOPInstanceUID)].unlink()  # the second's file went missing while it waited
+
+    send(delivered, "again0")
+    send(queued, "again1")
+    moved.StudyInstanceUID = generate_uid()  # the third again, under another study
+    send(moved, "again2")
+    assert len(node.job_rows()) == 3  # acknowledged, not queued twice
+    assert not files[str(delivered.SOPInstanceUID)].exists()  # retention's deletion stands
+    assert files[str(queued.SOPInstanceUID)].is_file()  # restored for the job that needs it
+    assert files[str(moved.SOPInstanceUID)].is_file()
+    assert sorted(spool_dir.rglob("*.dcm")) == sorted([files[str(queued.SOPInstanceUID)],
+                                                      files[str(moved.SOPInstanceUID)]])
+
+
 def test_database_unreachable_gives_failure_status(node_listener: Callable[..., Listener], tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     # A PostgreSQL URL on a port where nothing listens: every enqueue fails.
