@@ -1,6 +1,6 @@
 """Retraining on the node's own received instances: labels imported, fine-tune, compare, promote or refuse,
 registry, roll back; the promoted bundle runs in the pipeline. And the whole loop with one trained bundle:
-train, evaluate, predict, retrain, roll back."""
+train, evaluate, predict, retrain, roll back; and training on a DICOM folder with a labels CSV."""
 
 from __future__ import annotations
 
@@ -309,3 +309,39 @@ def test_the_whole_loop_train_evaluate_predict_retrain_roll_back(tmp_path: Path,
     assert registry.rollback(engine) == {"rolled_back": out["version"], "current": trained}
     assert registry.current(engine)["path"] == str(run / "bundle")
     engine.dispose()
+
+
+def test_train_on_a_dicom_folder_with_a_labels_csv(tmp_path: Path, phantom_bundle_whole: Path) -> None:
+    """`cxr-node train --data DICOM_FOLDER --labels CSV`: rows by file path and by SOP Instance UID, patients
+    from the headers; every labelled image is used once, no patient on two sides, and the bundle serves."""
+    import torch
+
+    from dicom_node.cli import main
+    from inference.bundle import ModelBundle
+    from inference.phantom import make_dicom
+
+    torch.set_num_threads(1)
+    folder = tmp_path / "dicoms"
+    (folder / "sub").mkdir(parents=True)
+    rows = ["file,sop_instance_uid,label"]
+    for p in range(12):
+        label = "covid" if p % 2 else "normal"
+        for k in range(2):
+            uid = f"1.2.826.0.1.3680043.10.998.{p}.{k}"
+            name = f"sub/p{p}_{k}.dcm"
+            make_dicom(folder / name, shape=(288, 272), opacity=0.8 if label == "covid" else 0.0,
+                       seed=10 * p + k, sop_instance_uid=uid, PatientID=f"PAT{p}")
+            rows.append(f"{name},,{label}" if k else f",{uid},{label}")
+    (folder / "notes.txt").write_text("not an image")  # ignored: only labelled files are read
+    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(folder), "--labels", str(tmp_path / "labels.csv"), "--stage", "2",
+                 "--base-model", str(phantom_bundle_whole), "--arch", "resnet18", "--mode", "whole",
+                 "--size", "64", "--epochs", "1", "--quick", "--device", "cpu", "--out", str(run)]) == 0
+    split = json.loads((run / "split.json").read_text())
+    sides = [set(split[s]) for s in ("train", "val", "test")]
+    assert set.union(*sides) == {f"PAT{p}" for p in range(12)}  # patients from the DICOM headers
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    counts = json.loads((run / "results.json").read_text())["split"]
+    assert sum(n for side in counts.values() for label, n in side.items() if label != "mask") == 24
+    assert ModelBundle.load(run / "bundle").classifier_arch == "resnet18"
