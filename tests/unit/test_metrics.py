@@ -160,3 +160,26 @@ def test_paired_auc_difference_resamples_both_scores_together() -> None:
     assert close["ci"][0] < 0 < close["ci"][1]  # nearly the same scores: validation cannot tell them apart
     with pytest.raises(ValueError, match="same cases"):
         M.paired_auc_difference(y, good, good[:-1])
+
+
+def test_bootstrap_interval_has_the_width_of_its_level() -> None:
+    """For accuracy on n cases the 95% percentile interval is close to the normal one,
+    2 * 1.96 * sqrt(p(1-p)/n), and a 50% interval to 2 * 0.674 * sqrt(p(1-p)/n): a 90% or 99% interval
+    (16% and 31% off), or a resample of the wrong size, would miss the 10% allowed here."""
+    from training.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(7)
+    n = 400
+    y = rng.integers(0, 2, n)
+    right = rng.random(n) < 0.8
+    prob = np.where(right, y, 1 - y).astype(float)
+    accuracy = float(right.mean())
+    se = math.sqrt(accuracy * (1 - accuracy) / n)
+
+    def acc(yy: np.ndarray, pp: np.ndarray) -> float:
+        return float(((pp >= 0.5) == yy).mean())
+
+    for alpha, z in ((0.05, 1.96), (0.5, 0.674)):
+        lo, hi = bootstrap_ci(y, prob, acc, n_boot=2000, alpha=alpha, seed=1)
+        assert lo < accuracy < hi
+        assert (hi - lo) == pytest.approx(2 * z * se, rel=0.10), alpha
