@@ -10,6 +10,8 @@ import logging
 import sys
 import time
 
+import pydicom
+
 _STD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
@@ -37,7 +39,15 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def keep_values_out_of_logs() -> None:
+    """pydicom reports an invalid value it reads by logging and warning it verbatim, so a birth date in an
+    old format (``1950.03.07``) would reach the log. The node checks the values it uses itself and names
+    only the attribute; pydicom's own check is turned off."""
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
+    keep_values_out_of_logs()
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

@@ -171,8 +171,9 @@ def _date(ds: Dataset, keyword: str) -> _dt.date | None:
         return None
     try:
         return _dt.datetime.strptime(raw[:8], "%Y%m%d").date()
-    except ValueError:
-        logger.warning("invalid %s %r ignored", keyword, raw[:16], extra={"action": "dicom_header_invalid"})
+    except ValueError:  # the value stays out of the log: a birth date identifies a patient
+        logger.warning("invalid %s ignored (%d characters, not YYYYMMDD)", keyword, len(raw),
+                       extra={"action": "dicom_header_invalid"})
         return None
 
 
@@ -184,8 +185,9 @@ def _age(ds: Dataset) -> tuple[float, str] | None:
     if raw:
         match = _AGE.match(raw)
         if match:
-            return int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2)], f"PatientAge {raw}"
-        logger.warning("invalid PatientAge %r ignored", raw[:16], extra={"action": "dicom_header_invalid"})
+            return int(match.group(1)) * _AGE_UNIT_YEARS[match.group(2)], "PatientAge"
+        logger.warning("invalid PatientAge ignored (not nnnD/W/M/Y)",
+                       extra={"action": "dicom_header_invalid"})
     birth = _date(ds, "PatientBirthDate")
     if birth is None:
         return None
@@ -197,7 +199,7 @@ def _age(ds: Dataset) -> tuple[float, str] | None:
                                extra={"action": "dicom_header_invalid"})
                 return None
             years = taken.year - birth.year - ((taken.month, taken.day) < (birth.month, birth.day))
-            return float(years), f"PatientBirthDate {birth:%Y%m%d}, {keyword} {taken:%Y%m%d}"
+            return float(years), f"PatientBirthDate and {keyword}"
     return None
 
 
@@ -804,8 +806,9 @@ def header_reason(image: XrayImage, *, min_size: int = MIN_SIZE) -> tuple[str, s
     age = meta.get("age_years")
     if age is not None and age < ADULT_AGE:
         told = f"{age:.1f} years" if age < 2 else f"{int(age)} years"
-        return "child", (f"patient aged {told} ({meta.get('age_source') or 'header'}); the model was trained "
-                         f"on adults (at least {ADULT_AGE} years) only")
+        source = meta.get("age_source") or "the header"
+        return "child", (f"patient aged {told} (from {source}); the model was trained on adults (at least "
+                         f"{ADULT_AGE} years) only")
     view = str(meta.get("view_position") or "").upper()
     if view in LATERAL_VIEWS:
         return "lateral", f"{LATERAL_VIEWS[view]} view (ViewPosition {view})"

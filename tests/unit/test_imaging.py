@@ -729,18 +729,18 @@ def image_with(**meta: object) -> XrayImage:
          ("not_chest", "non-human subject (PatientSpeciesDescription Canis lupus familiaris)")),
         ({"view_hints": "CANINE THORAX"},
          ("not_chest", "veterinary image (CANINE in the protocol or series description)")),
-        ({"age_years": 12.0, "age_source": "PatientAge 012Y"},
-         ("child", "patient aged 12 years (PatientAge 012Y); the model was trained on adults (at least 18 "
+        ({"age_years": 12.0, "age_source": "PatientAge"},
+         ("child", "patient aged 12 years (from PatientAge); the model was trained on adults (at least 18 "
                    "years) only")),
-        ({"age_years": 0.5, "age_source": "PatientAge 006M"},
-         ("child", "patient aged 0.5 years (PatientAge 006M); the model was trained on adults (at least 18 "
-                   "years) only")),
-        ({"age_years": 18.0, "age_source": "PatientAge 018Y"}, None),
+        ({"age_years": 0.5, "age_source": "PatientBirthDate and StudyDate"},
+         ("child", "patient aged 0.5 years (from PatientBirthDate and StudyDate); the model was trained on "
+                   "adults (at least 18 years) only")),
+        ({"age_years": 18.0, "age_source": "PatientAge"}, None),
         ({"age_years": None, "age_source": ""}, None),
         ({"age_years": 9.0, "body_part": "HAND"}, ("not_chest", "BodyPartExamined is HAND, not CHEST")),
-        ({"age_years": 9.0, "age_source": "x", "view_position": "LL"}, ("child", "patient aged 9 years (x); "
-                                                                       "the model was trained on adults (at "
-                                                                       "least 18 years) only")),
+        ({"age_years": 9.0, "age_source": "x", "view_position": "LL"}, ("child", "patient aged 9 years (from "
+                                                                       "x); the model was trained on adults "
+                                                                       "(at least 18 years) only")),
     ],
 )  # fmt: skip
 def test_header_reasons(meta: dict, expected: tuple[str, str] | None) -> None:
@@ -750,21 +750,21 @@ def test_header_reasons(meta: dict, expected: tuple[str, str] | None) -> None:
 @pytest.mark.parametrize(
     ("header", "age"),
     [
-        ({"PatientAge": "045Y"}, (45.0, "PatientAge 045Y")),
-        ({"PatientAge": "017Y"}, (17.0, "PatientAge 017Y")),
-        ({"PatientAge": "030M"}, (2.5, "PatientAge 030M")),
-        ({"PatientAge": "026W"}, (26 * 7 / 365.25, "PatientAge 026W")),
-        ({"PatientAge": "100D"}, (100 / 365.25, "PatientAge 100D")),
+        ({"PatientAge": "045Y"}, (45.0, "PatientAge")),
+        ({"PatientAge": "017Y"}, (17.0, "PatientAge")),
+        ({"PatientAge": "030M"}, (2.5, "PatientAge")),
+        ({"PatientAge": "026W"}, (26 * 7 / 365.25, "PatientAge")),
+        ({"PatientAge": "100D"}, (100 / 365.25, "PatientAge")),
         # Patient Age wins over the dates; the study was on 2024-01-15 (make_dicom)
-        ({"PatientAge": "040Y", "PatientBirthDate": "20200101"}, (40.0, "PatientAge 040Y")),
-        ({"PatientBirthDate": "20060116"}, (17.0, "PatientBirthDate 20060116, StudyDate 20240115")),
-        ({"PatientBirthDate": "20060115"}, (18.0, "PatientBirthDate 20060115, StudyDate 20240115")),
+        ({"PatientAge": "040Y", "PatientBirthDate": "20200101"}, (40.0, "PatientAge")),
+        ({"PatientBirthDate": "20060116"}, (17.0, "PatientBirthDate and StudyDate")),
+        ({"PatientBirthDate": "20060115"}, (18.0, "PatientBirthDate and StudyDate")),
         ({"PatientBirthDate": "20060115", "StudyDate": ""},
-         (18.0, "PatientBirthDate 20060115, AcquisitionDate 20240115")),
+         (18.0, "PatientBirthDate and AcquisitionDate")),
         ({}, (None, "")),
         ({"PatientAge": "12"}, (None, "")),  # invalid (not nnnY): ignored, and no birth date
         ({"PatientAge": "12", "PatientBirthDate": "19800301"},
-         (43.0, "PatientBirthDate 19800301, StudyDate 20240115")),
+         (43.0, "PatientBirthDate and StudyDate")),
         ({"PatientBirthDate": "1970-01-01"}, (None, "")),
         ({"PatientBirthDate": "20250101"}, (None, "")),  # born after the study: ignored
     ],

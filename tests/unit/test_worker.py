@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -380,6 +381,47 @@ def test_patient_names_never_reach_the_logs(settings: Settings, engine: Engine,
         for record in caplog.records:
             assert part not in record.getMessage(), record.getMessage()
             assert part not in repr(vars(record)), record.name
+
+
+def test_birth_dates_and_ages_never_reach_the_logs_or_the_results(settings: Settings, engine: Engine,
+                                                                  caplog: pytest.LogCaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An invalid birth date or age (old formats are common in real data) is named, not quoted, in the log;
+    a child's reason gives the age and where it came from, not the birth date."""
+    import warnings
+
+    import pydicom
+
+    from dicom_node.logs import keep_values_out_of_logs
+
+    monkeypatch.setattr(pydicom.config.settings, "reading_validation_mode",
+                        pydicom.config.settings.reading_validation_mode)  # restored afterwards
+    keep_values_out_of_logs()  # as every cxr-node command does when it sets up logging
+    caplog.set_level(logging.DEBUG)
+    jm = JobManager(engine, settings.worker)
+    cases = {"adult": {"PatientBirthDate": "1950.03.07", "PatientAge": "72 Y"},
+             "child": {"PatientBirthDate": "20100307"}}
+    ids = {}
+    for name, header in cases.items():
+        path = settings.storage.spool_dir / "1.2.3" / f"{name}.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        uid = f"1.2.826.0.1.3680043.8.498.79.{len(ids)}"
+        make_dicom(path, shape=(256, 256), sop_instance_uid=uid, **header)
+        ids[name], _ = jm.enqueue(sop_instance_uid=uid, study_instance_uid="1.2.3",
+                                  series_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                                  calling_ae="MODALITY", calling_host="127.0.0.1", spool_path=str(path))
+    with warnings.catch_warnings(record=True) as warned:
+        warnings.simplefilter("always")
+        assert Worker(settings, engine, job_manager=jm).run_once() == 2
+    child = job_row(engine, ids["child"]).result
+    assert child["reason_code"] == "child"
+    assert child["reason"].startswith("patient aged 13 years (from PatientBirthDate and StudyDate)")
+    invalid = [r.getMessage() for r in caplog.records if getattr(r, "action", "") == "dicom_header_invalid"]
+    assert any("PatientBirthDate" in m for m in invalid) and any("PatientAge" in m for m in invalid)
+    texts = [r.getMessage() + repr(vars(r)) for r in caplog.records] + [str(w.message) for w in warned]
+    texts += [json.dumps(job_row(engine, i).result) for i in ids.values()]
+    for value in ("1950.03.07", "19500307", "72 Y", "20100307"):
+        assert not [t for t in texts if value in t], value
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")  # pydicom, on the invalid UID
