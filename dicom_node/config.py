@@ -82,6 +82,8 @@ class ListenerSettings(_Section):
     # Empty list: every calling AE is accepted (a warning is logged at start-up).
     allowed_callers: list[Peer] = Field(default_factory=list)
     network_timeout_s: float = Field(default=60.0, gt=0)
+    # An instance larger than this (deflated ones: once inflated) is refused: a chest film is tens of MB.
+    max_instance_mb: int = Field(default=512, ge=1)
     tls: TLSSettings = Field(default_factory=TLSSettings)
 
     _aet = field_validator("ae_title")(classmethod(lambda cls, v: _check_aet(v)))

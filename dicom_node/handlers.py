@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 import weakref
+import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -35,6 +36,7 @@ from sqlalchemy import Engine
 
 from dicom_node import audit, metrics, spool
 from dicom_node.outputs import is_own_output
+from inference.imaging import MAX_PIXELS
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +63,7 @@ OWN_OUTPUT_SOP_CLASSES: tuple[UID, ...] = (
     EnhancedSRStorage,
 )
 
-_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"]
+_HEADER_TAGS = ["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID", "Rows", "Columns"]
 
 
 class JobQueue(Protocol):
@@ -126,10 +128,12 @@ class StoreContext:
         A C-STORE is answered ``OUT_OF_RESOURCES`` while less than this is free on the spool volume.
     audit
         Optional association audit trail.
+    max_instance_mb
+        A larger instance (a deflated one: once inflated) is refused.
     """
 
     def __init__(self, spool_dir: Path, job_manager: JobQueue, *, min_free_mb: int = 0,
-                 audit: AssociationAudit | None = None) -> None:
+                 audit: AssociationAudit | None = None, max_instance_mb: int = 512) -> None:
         if not hasattr(job_manager, "enqueue"):
             raise TypeError('Argument "job_manager" must have an enqueue() method.')
         if min_free_mb < 0:
@@ -137,6 +141,7 @@ class StoreContext:
         self.spool_dir = Path(spool_dir)
         self.job_manager = job_manager
         self.min_free_mb = min_free_mb
+        self.max_instance_bytes = max_instance_mb * 2**20
         self.audit = audit
         self._lock = threading.Lock()
         # keyed by the association itself, held weakly: an association that ends without a release or abort
@@ -202,6 +207,23 @@ def handle_store(event: Any, ctx: StoreContext) -> int:
         return OUT_OF_RESOURCES
 
 
+def _decoded_size(event: Any, size: int, limit: int) -> int:
+    """The data set's size as pydicom will hold it: inflated for Deflated Explicit VR Little Endian, counted
+    in 1 MiB steps and stopped past ``limit``, so that a small deflate bomb is never inflated whole."""
+    if not getattr(getattr(event.context, "transfer_syntax", None), "is_deflated", False):
+        return size
+    inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+    pending = event.encoded_dataset(include_meta=False)
+    total = 0
+    try:
+        while pending and total <= limit:
+            total += len(inflate.decompress(pending, 2**20))
+            pending = inflate.unconsumed_tail
+    except zlib.error:
+        return size  # damaged: the parse below refuses it
+    return total
+
+
 def _invalid_uids(uids: dict[str, str]) -> str:
     """'' when every value is a valid UID (digits and dots, no leading zeros, at most 64 characters), else
     what is wrong, naming the attributes."""
@@ -229,12 +251,20 @@ def _store(event: Any, ctx: StoreContext) -> int:
 
     data = event.encoded_dataset()
     is_image = sop_class in IMAGE_SOP_CLASSES
+    size = _decoded_size(event, len(data), ctx.max_instance_bytes)
+    if size > ctx.max_instance_bytes:  # a deflated one is measured while inflating, never held whole
+        _refused(st, "too_large")
+        log.warning("C-STORE refused: the data set is larger than listener.max_instance_mb (%d MiB)",
+                    ctx.max_instance_bytes // 2**20,
+                    extra={"action": "store_refused", "reason": "too_large", **info})
+        return CANNOT_UNDERSTAND
     try:
         header = _read_header(data, full=not is_image)
         # values are converted on first access: a damaged element fails here, not later
         study_uid = str(header.get("StudyInstanceUID", "") or "")
         series_uid = str(header.get("SeriesInstanceUID", "") or "")
         ds_sop_uid = str(header.get("SOPInstanceUID", "") or "")
+        pixels = int(header.get("Rows") or 0) * int(header.get("Columns") or 0)
     except Exception as exc:  # pydicom's errors, zlib's for a damaged deflated stream...: never transient
         _refused(st, "unparsable")
         log.warning("C-STORE refused: dataset cannot be parsed (%s)", exc,
@@ -275,6 +305,12 @@ def _store(event: Any, ctx: StoreContext) -> int:
         _refused(st, "bad_header")
         log.warning("C-STORE refused: %s", invalid, extra={"action": "store_refused", "reason": "bad_header",
                                                           **info})
+        return CANNOT_UNDERSTAND
+
+    if pixels > MAX_PIXELS:  # a few kB of JPEG-LS can claim gigabytes of pixels: never decoded
+        _refused(st, "too_large")
+        log.warning("C-STORE refused: image of %d pixels, more than the %d megapixels decoded here", pixels,
+                    MAX_PIXELS // 2**20, extra={"action": "store_refused", "reason": "too_large", **info})
         return CANNOT_UNDERSTAND
 
     if ctx.disk_low():

@@ -247,7 +247,8 @@ def start_scp(settings: Settings, job_manager: JobQueue, engine: Engine | None) 
                 str(spool_dir))
         spool_dir.mkdir(parents=True, exist_ok=True)
     audit = AssociationAudit(engine) if engine is not None else None
-    store = StoreContext(spool_dir, job_manager, min_free_mb=settings.storage.min_free_mb, audit=audit)
+    store = StoreContext(spool_dir, job_manager, min_free_mb=settings.storage.min_free_mb, audit=audit,
+                         max_instance_mb=settings.listener.max_instance_mb)
     ae = build_ae(settings, store)
     ssl_context = server_context(settings.listener.tls)
     handlers: list[Any] = [

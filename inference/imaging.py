@@ -96,6 +96,9 @@ and the pixels are written there."""
 STORED_DTYPES = frozenset(np.dtype(t) for t in (np.uint8, np.int8, np.uint16, np.int16))
 
 MIN_SIZE = 256  # shortest side, in pixels, below which header_reason says "too_small"
+# Rows x Columns above which an image is refused before decoding: a chest film is under 20 megapixels, and a
+# few kilobytes of JPEG-LS can claim 65535 x 65535 (gigabytes once decoded)
+MAX_PIXELS = 64 * 2**20
 ADULT_AGE = 18  # years; the models were trained on adults' films (children's were excluded from the data)
 PERCENTILES = (0.5, 99.5)  # VOI fallback when the header has neither a VOI LUT nor a window
 
@@ -426,6 +429,13 @@ def _decode(ds: Dataset, label: str) -> np.ndarray:
     """Stored values of the first frame as an array (grey), or InvalidInstance naming what failed."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InvalidInstance(f"{label}: no pixel data (absent, or the file is truncated)")
+    try:
+        rows, cols = int(ds.get("Rows") or 0), int(ds.get("Columns") or 0)
+    except (TypeError, ValueError):
+        rows = cols = 0  # the decoder reports it
+    if rows * cols > MAX_PIXELS:
+        raise InvalidInstance(f"{label}: image of {cols}x{rows} pixels is larger than the "
+                              f"{MAX_PIXELS // 2**20} megapixels decoded here")
     photometric = _text(ds, "PhotometricInterpretation").upper()
     if photometric not in ("MONOCHROME1", "MONOCHROME2", "RGB") and not photometric.startswith("YBR"):
         raise InvalidInstance(

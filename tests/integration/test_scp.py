@@ -410,6 +410,40 @@ def test_a_resent_instance_leaves_no_file_its_job_does_not_use(node_listener: Ca
                                                       files[str(moved.SOPInstanceUID)]])
 
 
+def test_instances_larger_than_the_limits_are_refused_before_they_are_inflated_or_decoded(
+        node_listener: Callable[..., Listener], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """listener.max_instance_mb bounds a data set, a deflated one once inflated (a few kB of zeros can inflate
+    to gigabytes); an image header claiming more than MAX_PIXELS is refused before any decoding. Each is
+    'cannot understand' (resending cannot help), logged with reason too_large, and nothing is spooled."""
+    from inference.imaging import MAX_PIXELS
+
+    node = node_listener(listener={"max_instance_mb": 1})
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    bomb = tmp_path / "bomb.dcm"  # 2048 x 2048 x 16 bit of zeros: 8 MiB inflated, a few kB deflated
+    ds = make_dicom(shape=(2048, 2048), bits_stored=16, transfer_syntax=DeflatedExplicitVRLittleEndian)
+    ds.PixelData = bytes(2048 * 2048 * 2)
+    ds.save_as(bomb, enforce_file_format=True)
+    assert bomb.stat().st_size < 64 * 1024
+    assert _send_raw(node.port, bomb, DeflatedExplicitVRLittleEndian) == 0xC000
+    big = tmp_path / "big.dcm"  # 2 MiB uncompressed
+    make_dicom(big, shape=(1024, 1024), bits_stored=16)
+    assert _send_raw(node.port, big, ExplicitVRLittleEndian) == 0xC000
+    claims = tmp_path / "claims.dcm"  # a small image whose header claims 9000 x 9000 pixels
+    ds = make_dicom(shape=(128, 128))
+    ds.Rows = ds.Columns = 9000
+    assert 9000 * 9000 > MAX_PIXELS
+    ds.save_as(claims, enforce_file_format=True)
+    assert _send_raw(node.port, claims, ExplicitVRLittleEndian) == 0xC000
+    small = tmp_path / "small.dcm"
+    make_dicom(small, shape=(128, 128), transfer_syntax=DeflatedExplicitVRLittleEndian)
+    assert _send_raw(node.port, small, DeflatedExplicitVRLittleEndian) == 0x0000  # within the limits
+    refused = [r for r in caplog.records if getattr(r, "action", "") == "store_refused"]
+    assert [r.reason for r in refused] == ["too_large"] * 3
+    assert "max_instance_mb (1 MiB)" in refused[0].getMessage() and "megapixels" in refused[2].getMessage()
+    assert [j.sop_instance_uid for j in node.job_rows()] == [str(dcmread(small).SOPInstanceUID)]
+    assert len(list(node.settings.storage.spool_dir.rglob("*.dcm"))) == 1
+
+
 def test_database_unreachable_gives_failure_status(node_listener: Callable[..., Listener], tmp_path: Path,
                                                    caplog: pytest.LogCaptureFixture) -> None:
     # A PostgreSQL URL on a port where nothing listens: every enqueue fails.

@@ -826,3 +826,15 @@ def test_mixed_inputs_fixture_through_load_any(mixed_inputs: Path) -> None:
     for name in ("corrupt.dcm", "notes.txt"):
         with pytest.raises(InvalidInstance, match=name):
             load_any(mixed_inputs / name)
+
+
+def test_an_image_claiming_more_than_max_pixels_is_not_decoded() -> None:
+    """A few kilobytes can claim 65535 x 65535 pixels: the header is checked before any decoder runs."""
+    from dicom_node.errors import InvalidInstance
+    from inference.imaging import MAX_PIXELS
+
+    ds = make_dicom(shape=(128, 128))
+    ds.Rows, ds.Columns = 65535, 65535
+    assert 65535 * 65535 > MAX_PIXELS
+    with pytest.raises(InvalidInstance, match="image of 65535x65535 pixels is larger than the 64 megapixels"):
+        load_dicom(ds)
