@@ -33,10 +33,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
 import uvicorn
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
@@ -64,6 +65,19 @@ def is_loopback(address: str) -> bool:
         return False
 
 
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+def _cross_origin(request: Request) -> bool:
+    """Whether a browser says the request comes from a page of another origin (another port of the same host
+    included, which SameSite does not stop): by Sec-Fetch-Site, else by Origin against Host."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site not in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    return origin is not None and urlsplit(origin).netloc != request.headers.get("host", "")
+
+
 class TokenMiddleware(BaseHTTPMiddleware):
     """Answer 401 to every request without the admin token, except the health endpoints."""
 
@@ -80,10 +94,22 @@ class TokenMiddleware(BaseHTTPMiddleware):
         header = request.headers.get("authorization", "")
         bearer = header[7:].strip() if header[:7].lower() == "bearer " else None
         query = request.query_params.get("token")
-        if self._valid(bearer) or self._valid(request.cookies.get(TOKEN_COOKIE)):
+        if self._valid(bearer):
+            return await call_next(request)
+        if self._valid(request.cookies.get(TOKEN_COOKIE)):
+            if request.method not in SAFE_METHODS and _cross_origin(request):
+                log.warning("admin request refused: sent by a page of another origin",
+                            extra={"action": "admin_cross_origin", "path": request.url.path})
+                return JSONResponse({"detail": "a change must come from this page, or with the bearer token"},
+                                    status_code=403)
             return await call_next(request)
         if self._valid(query):
-            response = await call_next(request)
+            if request.method in SAFE_METHODS:  # the token leaves the address bar (and the history) at once
+                rest = [(k, v) for k, v in request.query_params.multi_items() if k != "token"]
+                response: Response = RedirectResponse(
+                    request.url.path + (f"?{urlencode(rest)}" if rest else ""), status_code=303)
+            else:
+                response = await call_next(request)
             response.set_cookie(TOKEN_COOKIE, query or "", httponly=True, samesite="strict",
                                 secure=request.url.scheme == "https", path="/")
             return response

@@ -103,16 +103,32 @@ def test_health_is_open_and_reports_each_check(client: httpx.Client) -> None:
     assert client.get("/health/live").json() == {"status": "ok"}
 
 
-def test_bearer_and_browser_token(client: httpx.Client) -> None:
+def test_bearer_and_browser_token(node: Node, client: httpx.Client) -> None:
     assert client.get("/api/status", headers=AUTH).status_code == 200
-    r = client.get("/", params={"token": TOKEN})
-    assert r.status_code == 200 and "text/html" in r.headers["content-type"]
+    # the link with the token sets the cookie and sends the browser on without the token in the address bar
+    r = client.get("/", params={"token": TOKEN, "state": "failed"})
+    assert r.status_code == 303 and r.headers["location"] == "/?state=failed"
     cookie = r.headers["set-cookie"]
     assert "cxrnode_token=" in cookie and "HttpOnly" in cookie and "SameSite=strict" in cookie
-    # The cookie alone now opens the page's resources (what a browser sends for images and styles).
+    # The cookie alone now opens the page and its resources (what a browser sends for images and styles).
     with httpx.Client(base_url=str(client.base_url), cookies={"cxrnode_token": TOKEN}) as browser:
+        page = browser.get("/")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
         assert browser.get("/static/style.css").status_code == 200
         assert browser.get("/api/jobs").status_code == 200
+        # a change sent with the cookie by a page of another origin (another port of this host: SameSite lets
+        # it through) is refused before it reaches the job; from this origin it reaches it (409: not failed)
+        queued = node[0].ids["queued"][0]
+        here = str(client.base_url).rstrip("/")
+        elsewhere = {"Origin": here.rsplit(":", 1)[0] + ":8042"}
+        assert browser.post(f"/api/jobs/{queued}/retry", headers=elsewhere).status_code == 403
+        assert browser.post(f"/api/jobs/{queued}/retry",
+                            headers={"Sec-Fetch-Site": "same-site"}).status_code == 403
+        assert browser.post(f"/api/jobs/{queued}/retry", headers={"Origin": here}).status_code == 409
+        assert browser.post(f"/api/jobs/{queued}/retry",
+                            headers={"Sec-Fetch-Site": "same-origin"}).status_code == 409
+    # the bearer token is not a browser's: no origin check
+    assert client.post(f"/api/jobs/{queued}/retry", headers={**AUTH, **elsewhere}).status_code == 409
 
 
 def test_jobs_paging_and_state_filter(node: Node, client: httpx.Client) -> None:

@@ -72,7 +72,7 @@ def test_serve_exposes_admin_api_and_metrics(node_process: Callable[..., NodePro
         assert 'cxrnode_stage_seconds_count{stage="export"}' in text
         assert f'cxrnode_exports_total{{destination="PACS@127.0.0.1:{pacs.port}"}} 1.0' in text
         assert "cxrnode_model_info{" in text
-        page = c.get("/", params={"token": TOKEN})
+        page = c.get("/", params={"token": TOKEN}, follow_redirects=True)  # as a browser follows the link
         assert page.status_code == 200 and f'id="job-{job["id"]}"' in page.text
         assoc = c.get("/api/associations", headers=auth).json()["items"]
         assert assoc and assoc[0]["calling_ae"] == "TESTSCU"
