@@ -161,15 +161,11 @@ class JobManager:
     def uses_file(self, job_id: int, spool_path: str) -> bool:
         """Whether job ``job_id`` still needs the spooled file at ``spool_path``: it points there and
         retention has not deleted its files. A re-sent instance's new file is kept only then."""
-        from dicom_node.retention import EVENT_PREFIX
+        from dicom_node.retention import files_purged
 
         with self._session() as session:
-            job = session.get(Job, job_id)
-            if job is None or job.spool_path != spool_path:
-                return False
-            purged = session.execute(select(JobEvent.id).where(
-                JobEvent.job_id == job_id, JobEvent.message.startswith(EVENT_PREFIX)).limit(1)).scalar()
-            return purged is None
+            return session.execute(select(Job.id).where(
+                Job.id == job_id, Job.spool_path == spool_path, ~files_purged())).scalar() is not None
 
     def record_ignored(self, *, sop_instance_uid: str, study_instance_uid: str, series_instance_uid: str,
                        sop_class_uid: str, calling_ae: str, calling_host: str, reason: str,

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import Engine, exists, or_, select
+from sqlalchemy import ColumnElement, Engine, exists, or_, select
 from sqlalchemy.orm import Session
 
 from dicom_node import metrics
@@ -31,7 +31,7 @@ from dicom_node.spool import free_mb
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EVENT_PREFIX", "PURGEABLE_STATES", "PurgeReport", "free_mb", "has_room", "purge"]
+__all__ = ["EVENT_PREFIX", "PURGEABLE_STATES", "PurgeReport", "files_purged", "free_mb", "has_room", "purge"]
 
 #: Job states whose files may go: results delivered, or nothing to deliver. Never failed or in flight.
 PURGEABLE_STATES: tuple[str, ...] = ("done", "ignored")
@@ -116,6 +116,11 @@ def _prune_empty_parent(path: Path, stop: Path) -> None:
         log.debug("study folder not removed", exc_info=True, extra={"action": "retention_prune"})
 
 
+def files_purged() -> ColumnElement[bool]:
+    """SQL condition on ``Job``: retention has deleted the job's files (its ``retention:`` event exists)."""
+    return exists().where(JobEvent.job_id == Job.id, JobEvent.message.startswith(EVENT_PREFIX))
+
+
 def purge(engine: Engine, data_dir: str | os.PathLike[str], retention_days: int, *,
           now: datetime | None = None) -> PurgeReport:
     """Delete the files of delivered jobs that finished more than ``retention_days`` days before ``now``.
@@ -132,7 +137,7 @@ def purge(engine: Engine, data_dir: str | os.PathLike[str], retention_days: int,
         return report
     root = Path(data_dir).expanduser().resolve()
     spool_root = root / "spool"
-    purged = exists().where(JobEvent.job_id == Job.id, JobEvent.message.startswith(EVENT_PREFIX))
+    purged = files_purged()
     last_id = 0
     while True:
         stmt = (select(Job.id, Job.spool_path, Job.output_dir)

@@ -350,23 +350,20 @@ def _percentile_range(arr: np.ndarray, keep: np.ndarray | None = None) -> tuple[
 def _padding_range(ds: Dataset) -> tuple[int, int] | None:
     """The stored values that mark padding: Pixel Padding Value, up to Pixel Padding Range Limit when that is
     present (inclusive, either order; PS3.3 C.7.5.1.1.2); None when absent or invalid (logged)."""
-    if "PixelPaddingValue" not in ds:
+    value = _one_integer(ds, "PixelPaddingValue")
+    if value is None:
         return None
-    values = _numbers(ds, "PixelPaddingValue")
-    if values is None or len(values) != 1 or values[0] != int(values[0]):
-        if values is not None:
-            logger.warning("invalid PixelPaddingValue %r ignored", values[:4],
-                           extra={"action": "dicom_header_invalid"})
-        return None
-    low = high = int(values[0])
-    if "PixelPaddingRangeLimit" in ds:
-        limit = _numbers(ds, "PixelPaddingRangeLimit")
-        if limit is not None and len(limit) == 1 and limit[0] == int(limit[0]):
-            low, high = sorted((low, int(limit[0])))
-        elif limit is not None:
-            logger.warning("invalid PixelPaddingRangeLimit %r ignored", limit[:4],
-                           extra={"action": "dicom_header_invalid"})
-    return low, high
+    limit = _one_integer(ds, "PixelPaddingRangeLimit")
+    return (value, value) if limit is None else (min(value, limit), max(value, limit))
+
+
+def _one_integer(ds: Dataset, keyword: str) -> int | None:
+    """A single-valued integer attribute; None when absent, or when not one integer (logged)."""
+    values = _numbers(ds, keyword)
+    if values is None or (len(values) == 1 and values[0] == int(values[0])):
+        return None if values is None else int(values[0])
+    logger.warning("invalid %s %r ignored", keyword, values[:4], extra={"action": "dicom_header_invalid"})
+    return None
 
 
 def _scale(arr: np.ndarray, low: float, high: float, dest: np.ndarray | None = None) -> np.ndarray:
