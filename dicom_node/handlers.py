@@ -112,6 +112,8 @@ class _AssocState:
     association_id: int | None = None
     instances: int = 0
     refused: int = 0
+    incoming: int = 0  # data set bytes of the message being received
+    cut_off: bool = False  # aborted for an instance over listener.max_instance_mb
     started: float = field(default_factory=time.monotonic)
 
 
@@ -162,6 +164,11 @@ class StoreContext:
                                  calling_port=_calling_port(assoc))
                 self._assocs[assoc] = st
             return st
+
+    def get(self, assoc: Any) -> _AssocState | None:
+        """The state of an open association; ``None`` once it has ended."""
+        with self._lock:
+            return self._assocs.get(assoc)
 
     def pop(self, assoc: Any) -> _AssocState | None:
         with self._lock:
@@ -222,6 +229,33 @@ def _decoded_size(event: Any, size: int, limit: int) -> int:
     except zlib.error:
         return size  # damaged: the parse below refuses it
     return total
+
+
+def handle_pdu(event: Any, ctx: StoreContext) -> None:
+    """EVT_PDU_RECV: count each message's data set bytes as its P-DATA fragments arrive. Past
+    ``listener.max_instance_mb`` the association is aborted: pynetdicom would otherwise hold the whole
+    instance in memory before ``handle_store`` could refuse it (a status answers a complete message only)."""
+    items = getattr(event.pdu, "presentation_data_value_items", None)
+    if not items:
+        return
+    st = ctx.get(event.assoc)  # made at EVT_ACCEPTED; gone after the abort, while its last PDUs still arrive
+    if st is None or st.cut_off:
+        return
+    for item in items:
+        value = item.presentation_data_value or b""
+        if value[:1] and value[0] & 0x01:  # a command fragment (PS3.8 E.2): the next message begins
+            st.incoming = 0
+        else:
+            st.incoming += max(len(value) - 1, 0)
+    if st.incoming <= ctx.max_instance_bytes:
+        return
+    st.cut_off = True
+    _refused(st, "too_large")
+    log.warning("C-STORE refused: more than listener.max_instance_mb (%d MiB) of data set received; "
+                "association aborted", ctx.max_instance_bytes // 2**20, extra={
+                    "action": "store_refused", "reason": "too_large", "bytes": st.incoming,
+                    "calling_ae": st.calling_ae, "calling_host": st.calling_host})
+    event.assoc.abort(block=False)  # this is pynetdicom's reader thread: queue the A-ABORT, never wait here
 
 
 def _invalid_uids(uids: dict[str, str]) -> str:

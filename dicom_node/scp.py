@@ -46,6 +46,7 @@ from dicom_node.handlers import (
     handle_accepted,
     handle_closed,
     handle_echo,
+    handle_pdu,
     handle_store,
 )
 from dicom_node.tls import server_context
@@ -254,6 +255,7 @@ def start_scp(settings: Settings, job_manager: JobQueue, engine: Engine | None) 
     handlers: list[Any] = [
         (evt.EVT_C_ECHO, handle_echo),
         (evt.EVT_C_STORE, handle_store, [store]),
+        (evt.EVT_PDU_RECV, handle_pdu, [store]),
         (evt.EVT_ACCEPTED, _handle_accepted, [store]),
         (evt.EVT_REJECTED, _handle_rejected, [ae.admission, audit]),
         (evt.EVT_RELEASED, handle_closed, [store]),

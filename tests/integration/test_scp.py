@@ -425,9 +425,6 @@ def test_instances_larger_than_the_limits_are_refused_before_they_are_inflated_o
     ds.save_as(bomb, enforce_file_format=True)
     assert bomb.stat().st_size < 64 * 1024
     assert _send_raw(node.port, bomb, DeflatedExplicitVRLittleEndian) == 0xC000
-    big = tmp_path / "big.dcm"  # 2 MiB uncompressed
-    make_dicom(big, shape=(1024, 1024), bits_stored=16)
-    assert _send_raw(node.port, big, ExplicitVRLittleEndian) == 0xC000
     claims = tmp_path / "claims.dcm"  # a small image whose header claims 9000 x 9000 pixels
     ds = make_dicom(shape=(128, 128))
     ds.Rows = ds.Columns = 9000
@@ -438,10 +435,35 @@ def test_instances_larger_than_the_limits_are_refused_before_they_are_inflated_o
     make_dicom(small, shape=(128, 128), transfer_syntax=DeflatedExplicitVRLittleEndian)
     assert _send_raw(node.port, small, DeflatedExplicitVRLittleEndian) == 0x0000  # within the limits
     refused = [r for r in caplog.records if getattr(r, "action", "") == "store_refused"]
-    assert [r.reason for r in refused] == ["too_large"] * 3
-    assert "max_instance_mb (1 MiB)" in refused[0].getMessage() and "megapixels" in refused[2].getMessage()
+    assert [r.reason for r in refused] == ["too_large"] * 2
+    assert "max_instance_mb (1 MiB)" in refused[0].getMessage() and "megapixels" in refused[1].getMessage()
     assert [j.sop_instance_uid for j in node.job_rows()] == [str(dcmread(small).SOPInstanceUID)]
     assert len(list(node.settings.storage.spool_dir.rglob("*.dcm"))) == 1
+
+
+def test_an_instance_over_the_limit_is_cut_off_while_it_arrives(node_listener: Callable[..., Listener],
+                                                                 tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """An uncompressed instance larger than listener.max_instance_mb is not received whole before it is
+    refused: its bytes are counted as they arrive and the association is aborted once past the limit (within
+    one PDU of it), so memory never holds more than that. The sender's next association works."""
+    from dicom_node.scp import MAX_PDU_BYTES
+
+    node = node_listener(listener={"max_instance_mb": 1})
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    big = tmp_path / "big.dcm"  # 32 MiB uncompressed
+    make_dicom(big, shape=(4096, 4096), bits_stored=16)
+    result = storescu(node.port, [big])
+    assert result.returncode != 0, result.stdout + result.stderr
+    refused = [r for r in caplog.records if getattr(r, "action", "") == "store_refused"]
+    assert [r.reason for r in refused] == ["too_large"]
+    assert "association aborted" in refused[0].getMessage()
+    assert 2**20 < refused[0].bytes <= 2**20 + MAX_PDU_BYTES
+    assert not node.job_rows() and not list(node.settings.storage.spool_dir.rglob("*.dcm"))
+    small = tmp_path / "small.dcm"  # a second instance of a message after a cut-off one starts from zero
+    make_dicom(small, shape=(600, 600), bits_stored=16)
+    _ok(storescu(node.port, [small, tmp_path / "small.dcm"]))
+    assert [j.sop_instance_uid for j in node.job_rows()] == [str(dcmread(small).SOPInstanceUID)]
 
 
 def test_database_unreachable_gives_failure_status(node_listener: Callable[..., Listener], tmp_path: Path,
