@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from pydicom import config as pydicom_config
 from pydicom import dcmread
@@ -114,6 +114,7 @@ class _AssocState:
     refused: int = 0
     incoming: int = 0  # data set bytes of the message being received
     cut_off: bool = False  # aborted for an instance over listener.max_instance_mb
+    thread: Any = None  # a weak reference to the association (a thread)
     started: float = field(default_factory=time.monotonic)
 
 
@@ -150,6 +151,7 @@ class StoreContext:
         # event (a peer's malformed PDU stops pynetdicom's state machine) leaves nothing behind, and a later
         # association can never inherit its caller (an id() could be reused)
         self._assocs: weakref.WeakKeyDictionary[Any, _AssocState] = weakref.WeakKeyDictionary()
+        self._audited: dict[int, _AssocState] = {}
 
     def disk_low(self) -> bool:
         """True while the spool volume has less free space than the watermark."""
@@ -161,9 +163,24 @@ class StoreContext:
             st = self._assocs.get(assoc)
             if st is None:
                 st = _AssocState(calling_ae=_calling_ae(assoc), calling_host=_calling_host(assoc),
-                                 calling_port=_calling_port(assoc))
+                                 calling_port=_calling_port(assoc), thread=weakref.ref(assoc))
                 self._assocs[assoc] = st
             return st
+
+    def audited(self, st: _AssocState) -> None:
+        """Remember an association whose audit record is open, until it is closed."""
+        with self._lock:
+            self._audited[id(st)] = st
+
+    def ended_unclosed(self) -> list[_AssocState]:
+        """Forget and return the associations with an open audit record whose thread has ended without a
+        release or abort event (a peer's malformed PDU stops pynetdicom's state machine without one)."""
+        with self._lock:
+            gone = [st for st in self._audited.values()
+                    if (assoc := st.thread()) is None or not assoc.is_alive()]
+            for st in gone:
+                del self._audited[id(st)]
+            return gone
 
     def get(self, assoc: Any) -> _AssocState | None:
         """The state of an open association; ``None`` once it has ended."""
@@ -172,7 +189,10 @@ class StoreContext:
 
     def pop(self, assoc: Any) -> _AssocState | None:
         with self._lock:
-            return self._assocs.pop(assoc, None)
+            st = self._assocs.pop(assoc, None)
+            if st is not None:
+                self._audited.pop(id(st), None)
+            return st
 
     def open_associations(self) -> int:
         """Associations with state held (open ones; ended ones once collected)."""
@@ -422,10 +442,27 @@ def handle_accepted(event: Any, ctx: StoreContext) -> None:
     log.info("association accepted", extra={"action": "association_accepted", "calling_ae": st.calling_ae,
                                             "calling_host": st.calling_host})
     if ctx.audit is not None:
+        _close_ended(ctx, ctx.audit)
         try:
             st.association_id = ctx.audit.opened(calling_ae=st.calling_ae, host=st.calling_host,
                                                  port=st.calling_port)
+            ctx.audited(st)
         except Exception as exc:  # the audit never breaks reception; each C-STORE still checks the DB
+            log.error("association audit failed (%s: %s)", type(exc).__name__, exc,
+                      extra={"action": "audit_failed"})
+
+
+def _close_ended(ctx: StoreContext, audit: AssociationAudit) -> None:
+    """Close the audit records of associations that ended without a release or abort event, with the
+    instances they stored; checked as each association is accepted."""
+    for st in ctx.ended_unclosed():
+        log.warning("association ended without release or abort (malformed PDU or lost connection)", extra={
+            "action": "association_lost", "calling_ae": st.calling_ae, "calling_host": st.calling_host,
+            "instances": st.instances, "refused": st.refused})
+        try:
+            audit.closed(cast(int, st.association_id), instances=st.instances,
+                         outcome="ended without release or abort (malformed PDU or lost connection)")
+        except Exception as exc:
             log.error("association audit failed (%s: %s)", type(exc).__name__, exc,
                       extra={"action": "audit_failed"})
 

@@ -362,6 +362,12 @@ def test_associations_ended_by_a_malformed_pdu_leave_no_state(node_listener: Cal
         assert [job.calling_ae for job in node.job_rows()] == ["GOOD"]
     finally:
         server.shutdown()
+    # their audit records were closed when the next association came, saying how they ended
+    from dicom_node.audit import recent_associations
+
+    broken = [a for a in recent_associations(node.engine) if a["calling_ae"] == "BROKEN"]
+    assert len(broken) == 5
+    assert all(a["ended_at"] and "without release or abort" in a["reason"] for a in broken), broken
 
 
 def test_a_resent_instance_leaves_no_file_its_job_does_not_use(node_listener: Callable[..., Listener],
