@@ -33,6 +33,7 @@ Saliency (heatmap derivation)                DCM         130404       SC Derivat
 
 from __future__ import annotations
 
+import copy
 import datetime
 import logging
 import re
@@ -42,12 +43,12 @@ from typing import Any
 
 from highdicom import ContributingEquipment
 from pydicom import Dataset, config
-from pydicom.datadict import dictionary_VR
+from pydicom.datadict import dictionary_VM, dictionary_VR
 from pydicom.errors import BytesLengthException
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
-from pydicom.uid import UID
+from pydicom.uid import UID, JPEGBaseline8Bit, JPEGExtended12Bit
 from pydicom.valuerep import validate_value
 
 from dicom_node import __version__
@@ -58,6 +59,8 @@ MANUFACTURER = "cxr-node"
 CODING_SCHEME = "99CXRNODE"
 CODING_SCHEME_NAME = "cxr-node private codes"
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+DISCLAIMER = (f"{NOT_FOR_DIAGNOSTIC_USE}. Research software, not a medical device: this result comes from "
+              "an AI model trained on public research data and has not been verified by a physician.")
 SR_SERIES_DESCRIPTION = "cxr-node AI result (not for diagnostic use)"
 SC_SERIES_DESCRIPTION = "cxr-node heatmap (not for diagnostic use)"
 SR_SERIES_NUMBER = 9901
@@ -88,14 +91,27 @@ FINDING_VALUES: dict[str, Code] = {
 # source image's identity, and what the SC needs). Everything else in the source is ignored.
 _REFERENCE_KEYWORDS = (
     "SpecificCharacterSet", "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID",
-    "Modality", "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-    "OtherPatientIDs", "PatientAge", "PatientSize", "PatientWeight", "EthnicGroup", "PatientComments",
-    "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName", "StudyDescription",
-    "Manufacturer", "ManufacturerModelName", "SoftwareVersions", "DeviceSerialNumber", "InstitutionName",
-    "InstitutionalDepartmentName", "StationName", "BodyPartExamined", "ViewPosition", "PatientOrientation",
-    "ImageLaterality", "Laterality", "Rows", "Columns", "PixelSpacing", "ImagerPixelSpacing",
-    "SeriesNumber", "InstanceNumber", "ContentDate", "ContentTime",
+    "Modality", "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence", "PatientBirthDate", "PatientBirthTime", "PatientSex", "PatientAge",
+    "PatientSize", "PatientWeight", "EthnicGroup", "PatientComments", "StudyDate", "StudyTime",
+    "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID", "ReferringPhysicianName",
+    "StudyDescription", "TimezoneOffsetFromUTC", "Manufacturer", "ManufacturerModelName", "SoftwareVersions",
+    "DeviceSerialNumber", "InstitutionName", "InstitutionalDepartmentName", "StationName", "BodyPartExamined",
+    "ViewPosition", "PatientOrientation", "ImageLaterality", "Laterality", "Rows", "Columns", "PixelSpacing",
+    "ImagerPixelSpacing", "SeriesNumber", "InstanceNumber", "ContentDate", "ContentTime",
+    "LossyImageCompression", "LossyImageCompressionRatio", "LossyImageCompressionMethod",
 )
+# The patient's and the study's identity: each output carries exactly the cleaned source's values, so that a
+# PACS files it with the study and matches the patient (an issuer of patient ID included).
+PATIENT_STUDY_KEYWORDS = (
+    "PatientName", "PatientID", "IssuerOfPatientID", "IssuerOfPatientIDQualifiersSequence",
+    "OtherPatientIDsSequence", "PatientBirthDate", "PatientBirthTime", "PatientSex", "PatientAge",
+    "PatientSize", "PatientWeight", "EthnicGroup", "PatientComments", "StudyDate", "StudyTime",
+    "AccessionNumber", "IssuerOfAccessionNumberSequence", "StudyID", "ReferringPhysicianName",
+    "StudyDescription",
+)
+# Always lossy transfer syntaxes: an image received in one is marked lossy even without the attribute.
+_LOSSY_SYNTAXES = {JPEGBaseline8Bit, JPEGExtended12Bit}
 _TYPE1 = {"SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Rows", "Columns"}
 _TYPE2 = {"PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
           "AccessionNumber", "StudyID", "ReferringPhysicianName", "Manufacturer"}
@@ -167,6 +183,14 @@ def clean_reference(source: Dataset) -> Dataset:
             continue  # chosen below for the values actually copied
         elem = source[keyword]
         value, vr = elem.value, elem.VR
+        if vr == "SQ":
+            ref.add_new(elem.tag, vr, copy.deepcopy(value))
+            continue
+        if isinstance(value, MultiValue) and dictionary_VM(keyword) == "1":
+            # one value allowed: the first is the one a PACS matches on; highdicom refuses two names
+            value = value[0] if len(value) else None
+            logger.info("invalid source attribute repaired", extra={
+                "action": "source_attribute_repaired", "attribute": keyword, "repair": "first value kept"})
         if vr in _TEXT_VRS and value is not None:
             value = [str(v) for v in value] if isinstance(value, MultiValue) else str(value)
             texts.extend(value if isinstance(value, list) else [value])
@@ -189,10 +213,36 @@ def clean_reference(source: Dataset) -> Dataset:
     for keyword in _TYPE2:
         if keyword not in ref:
             ref.add_new(keyword, dictionary_VR(keyword), None)
+    file_meta = getattr(source, "file_meta", None)
+    syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if "LossyImageCompression" not in ref and syntax in _LOSSY_SYNTAXES:
+        ref.LossyImageCompression = "01"  # received lossy-compressed: the outputs' pixels derive from it
     charset = character_set(texts)
     if charset:
         ref.SpecificCharacterSet = charset
     return ref
+
+
+def copy_patient_study(reference: Dataset, output: Dataset) -> None:
+    """Give ``output`` the patient and study attributes of ``reference`` (the cleaned source) exactly, and
+    the source's Timezone Offset From UTC with the output's own dates and times expressed in it."""
+    for keyword in PATIENT_STUDY_KEYWORDS:
+        if keyword in reference:
+            output[keyword] = copy.deepcopy(reference[keyword])
+        elif keyword in output and keyword not in _TYPE2:
+            del output[keyword]
+    offset = str(reference.get("TimezoneOffsetFromUTC") or "")
+    match = re.fullmatch(r"([+-])(\d\d)(\d\d)", offset)
+    hours, minutes = (int(match.group(2)), int(match.group(3))) if match else (99, 99)
+    if hours > 14 or minutes > 59:  # absent or invalid (PS3.3 C.12.1.1.8: -1200 to +1400)
+        return  # the node's local time, as the source's own times presumably are
+    sign = -1 if match and match.group(1) == "-" else 1
+    zone = datetime.timezone(sign * datetime.timedelta(hours=hours, minutes=minutes))
+    now = datetime.datetime.now(zone)
+    output.TimezoneOffsetFromUTC = offset
+    for prefix in ("Content", "InstanceCreation"):
+        output[f"{prefix}Date"].value = now.strftime("%Y%m%d")
+        output[f"{prefix}Time"].value = now.strftime("%H%M%S.%f")
 
 
 def character_set(texts: list[str]) -> str | None:
@@ -233,7 +283,7 @@ def node_equipment(card: Mapping[str, Any], description: str) -> ContributingEqu
         purpose_of_reference=codes.DCM.ProcessingEquipment,
         manufacturer_model_name=model_label(card)[:64],
         software_versions=software_versions(card),
-        contribution_datetime=datetime.datetime.now(),
+        contribution_datetime=datetime.datetime.now().astimezone(),  # with its UTC offset: never ambiguous
         contribution_description=description[:64],
     )
 
@@ -273,9 +323,11 @@ def element_text(ds: Dataset, keyword: str) -> str:
     return str(value)
 
 
-def pixel_spacing(reference: Dataset) -> tuple[float, float] | None:
-    """The source pixel spacing in mm (PixelSpacing, else ImagerPixelSpacing); None if absent or not > 0."""
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+def pixel_spacing(reference: Dataset, keywords: tuple[str, ...] = ("PixelSpacing", "ImagerPixelSpacing")
+                  ) -> tuple[float, float] | None:
+    """The source pixel spacing in mm (the first of ``keywords`` present: PixelSpacing, in the patient, else
+    ImagerPixelSpacing, at the detector); None if absent or not > 0."""
+    for keyword in keywords:
         value = reference.get(keyword)
         try:
             if value is not None and len(value) == 2 and all(float(v) > 0 for v in value):

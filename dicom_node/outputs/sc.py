@@ -13,6 +13,7 @@ shown turned, as the model saw it: Patient Orientation L\\F, the pixel spacing s
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -31,6 +32,7 @@ from dicom_node.outputs.common import (
     SC_SERIES_DESCRIPTION,
     SC_SERIES_NUMBER,
     check_card,
+    copy_patient_study,
     derived_uid,
     model_label,
     node_equipment,
@@ -48,11 +50,22 @@ _FRONTAL_ORIENTATION = ("L", "F")
 _FINDING_TEXT = {"positive": "YES", "negative": "NO", "not_assessable": "NOT ASSESSABLE"}
 
 
+def distinct(value: float, other: float) -> tuple[str, str]:
+    """``value`` and ``other`` with two decimals, or as many more (up to six) as tell them apart: a
+    probability just under the threshold never reads as equal to it."""
+    for digits in range(2, 7):
+        shown = f"{value:.{digits}f}", f"{other:.{digits}f}"
+        if shown[0] != shown[1]:
+            break
+    return shown
+
+
 def caption_lines(result: Result, card: Mapping[str, Any]) -> list[str]:
     """The caption's text lines under the warning: model, finding with probability, lung attention."""
     finding = f"COVID-19 pneumonia suspected: {_FINDING_TEXT[result.finding]}"
     if result.probability is not None:
-        finding += f"  (p = {result.probability:.2f}, threshold {result.threshold:.2f})"
+        probability, threshold = distinct(result.probability, result.threshold)
+        finding += f"  (p = {probability}, threshold {threshold})"
     lines = [f"Model {model_label(card)}", finding]
     if result.lung_attention is not None:
         lines.append(f"Lung attention {result.lung_attention:.2f}")
@@ -61,15 +74,16 @@ def caption_lines(result: Result, card: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _orientation(reference: Dataset) -> tuple[str, str]:
+def _orientation(reference: Dataset) -> tuple[str, str] | None:
     value = reference.get("PatientOrientation")
     if value is not None and len(value) == 2 and all(str(v) in _BIPED for v in value):
         return str(value[0]), str(value[1])
-    return _FRONTAL_ORIENTATION
+    return None
 
 
 def _spacing(reference: Dataset, scale: float, transposed: bool) -> tuple[float, float] | None:
-    spacing = pixel_spacing(reference)
+    # Pixel Spacing is in the patient (PS3.3 10.7.1.3): a detector's Imager Pixel Spacing is not one
+    spacing = pixel_spacing(reference, ("PixelSpacing",))
     if spacing is None:
         return None
     if transposed:
@@ -107,6 +121,7 @@ def build_heatmap_sc(
         lines.append(f"Turned to L\\F as chest films are read; stored {turned}")
     rgb, _ = add_caption(rgb, lines, NOT_FOR_DIAGNOSTIC_USE)
     spacing = _spacing(reference, scale, transposed=steps is not None and steps[0])
+    orientation = _FRONTAL_ORIENTATION if steps is not None else _orientation(reference)
 
     sc = SCImage.from_ref_dataset(
         ref_dataset=reference,
@@ -120,16 +135,25 @@ def build_heatmap_sc(
         instance_number=1,
         manufacturer=MANUFACTURER,
         pixel_spacing=spacing,  # type: ignore[arg-type]  # highdicom annotates int; mm values are float
-        patient_orientation=_FRONTAL_ORIENTATION if steps is not None else _orientation(reference),
+        patient_orientation=orientation or _FRONTAL_ORIENTATION,  # highdicom needs one; emptied below
         series_description=SC_SERIES_DESCRIPTION,
         manufacturer_model_name=model_label(card)[:64],
         software_versions=software_versions(card),
         contributing_equipment=[node_equipment(card, "Grad-CAM heatmap overlay")],
     )
+    if orientation is None:  # not stated by the source: Type 2, empty rather than invented
+        sc.add_new("PatientOrientation", "CS", None)
+    copy_patient_study(reference, sc)
     sc.ImageType = ["DERIVED", "SECONDARY"]
+    sc.ConversionType = "WSD"  # made on a workstation (PS3.3 C.8.6.1), not captured from a video interface
     sc.BurnedInAnnotation = "YES"
     sc.RecognizableVisualFeatures = "NO"
     sc.LossyImageCompression = "00"
+    if str(reference.get("LossyImageCompression", "")) == "01":  # once lossy, never reset (C.7.6.1.1.5)
+        sc.LossyImageCompression = "01"
+        for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
+            if reference.get(keyword):
+                sc[keyword] = copy.deepcopy(reference[keyword])
     if reference.get("BodyPartExamined"):
         sc.BodyPartExamined = reference.BodyPartExamined
     else:

@@ -49,12 +49,14 @@ from dicom_node.outputs.common import (
     CODE_SUSPECTED,
     CODING_SCHEME,
     CODING_SCHEME_NAME,
+    DISCLAIMER,
     FINDING_VALUES,
     MANUFACTURER,
     REASON_CODES,
     SR_SERIES_DESCRIPTION,
     SR_SERIES_NUMBER,
     check_card,
+    copy_patient_study,
     derived_uid,
     model_label,
     node_equipment,
@@ -184,6 +186,9 @@ def build_sr(
         imaging_measurements=[group],
         referenced_images=[_library_view(reference)] + library[1:],
     )
+    # in the report's body too, where a viewer shows the content (the series description is easy to miss)
+    report[0].ContentSequence.append(TextContentItem(
+        name=codes.DCM.Comment, value=DISCLAIMER, relationship_type=RelationshipTypeValues.CONTAINS))
     sr = SR_CLASSES[sop_class](
         evidence=library,
         content=report,
@@ -202,6 +207,7 @@ def build_sr(
     )
     sr.ManufacturerModelName = model_label(card)[:64]
     sr.SoftwareVersions = software_versions(card)
+    copy_patient_study(reference, sr)
     logger.debug("SR built", extra={"action": "sr_built", "finding": result.finding})
     return sr
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+from pydicom import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from dicom_node.config import ExportSettings
@@ -27,6 +28,13 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.filterwarnings("ignore:.*(exceeds the maximum|Invalid value for VR):UserWarning"),
 ]
+
+def _item(**values: str) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
 
 # Source headers with what real PACS data carries: invalid optional values, empty Type 2 values,
 # non-ASCII text. Each is (make_dicom arguments, the source itself fails dciodvfy).
@@ -49,6 +57,18 @@ SOURCES = {
     "no_body_part": ({"body_part": ""}, False),
     "stored_mirrored_dx": ({"modality": "DX", "PatientOrientation": ["R", "H"],
                             "ImagerPixelSpacing": [0.143, 0.143]}, False),
+    "multi_valued": ({"PatientName": ["Doe^Jane", "Roe^Jane"], "PatientID": ["ID-1", "ID-2"],
+                      "ReferringPhysicianName": ["Who^Dr", "Else^Dr"], "AccessionNumber": ["A1", "A2"],
+                      "StudyID": ["S1", "S2"], "StudyDescription": ["XR CHEST", "PA"]}, True),
+    "identity_sequences_zone_lossy": ({
+        "IssuerOfPatientID": "HOSP-A", "PatientBirthTime": "081500", "TimezoneOffsetFromUTC": "+0100",
+        "IssuerOfPatientIDQualifiersSequence": [_item(UniversalEntityID="1.2.3.4",
+                                                      UniversalEntityIDType="ISO")],
+        "OtherPatientIDsSequence": [_item(PatientID="OTHER-7", IssuerOfPatientID="HOSP-B",
+                                          TypeOfPatientID="TEXT")],
+        "IssuerOfAccessionNumberSequence": [_item(LocalNamespaceEntityID="RIS-A")],
+        "LossyImageCompression": "01", "LossyImageCompressionRatio": "12.5",
+        "LossyImageCompressionMethod": "ISO_10918_1"}, False),
 }
 # Without BodyPartExamined the SC's Laterality (Type 2C) is sent empty, meaning "unknown", which is the
 # truth; dciodvfy notes that an empty value is only for that case.

@@ -328,3 +328,112 @@ def test_zero_pixel_spacing_is_not_reported_as_a_measurement() -> None:
     assert "PixelSpacing" not in sc
     text = str(received(sr))
     assert "Horizontal Pixel Spacing" not in text and "Vertical Pixel Spacing" not in text
+
+
+def _identity_item(**values: str) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def test_outputs_carry_the_patient_and_study_identity_of_the_source_exactly() -> None:
+    """The SC as well as the SR: a PACS matches the patient with the issuer of the ID, and files by study."""
+    extra = {
+        "IssuerOfPatientID": "HOSP-A", "PatientBirthTime": "081500", "PatientAge": "054Y",
+        "StudyDescription": "XR CHEST PA",
+        "IssuerOfPatientIDQualifiersSequence": [_identity_item(UniversalEntityID="1.2.3.4",
+                                                               UniversalEntityIDType="ISO")],
+        "OtherPatientIDsSequence": [_identity_item(PatientID="OTHER-7", IssuerOfPatientID="HOSP-B",
+                                                   TypeOfPatientID="TEXT")],
+        "IssuerOfAccessionNumberSequence": [_identity_item(LocalNamespaceEntityID="RIS-A")],
+    }
+    source, image, result = output_inputs("positive", **extra)
+    outputs = [received(o) for o in build_outputs(source, image, result, CARD, ExportSettings())]
+    assert len(outputs) == 2
+    for obj in outputs:
+        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate",
+                        "StudyTime", "AccessionNumber", "StudyID", "ReferringPhysicianName", *extra):
+            assert obj[keyword].value == source[keyword].value, (obj.Modality, keyword)
+
+
+def test_a_multi_valued_single_value_attribute_keeps_its_first_value() -> None:
+    """Two names in Patient Name made highdicom refuse the SR and SC (the job failed after inference); two IDs
+    made invalid objects. The first value is the one a PACS matches on."""
+    source, image, result = output_inputs(
+        "positive", PatientName=["Doe^Jane", "Roe^Jane"], ReferringPhysicianName=["Who^Dr", "Else^Dr"],
+        PatientID=["ID-1", "ID-2"], AccessionNumber=["A1", "A2"], StudyID=["S1", "S2"])
+    for obj in (received(o) for o in build_outputs(source, image, result, CARD, ExportSettings())):
+        assert (str(obj.PatientName), str(obj.ReferringPhysicianName)) == ("Doe^Jane", "Who^Dr")
+        assert (obj.PatientID, obj.AccessionNumber, obj.StudyID) == ("ID-1", "A1", "S1")
+
+
+def test_outputs_keep_the_source_time_zone_and_say_theirs() -> None:
+    """With the source's Timezone Offset From UTC the outputs carry it, their own dates and times in it; the
+    node's contribution time always states its UTC offset."""
+    import datetime
+
+    source, image, result = output_inputs("positive", TimezoneOffsetFromUTC="+0530")
+    before = datetime.datetime.now(datetime.UTC)
+    for obj in (received(o) for o in build_outputs(source, image, result, CARD, ExportSettings())):
+        assert obj.TimezoneOffsetFromUTC == "+0530"
+        for prefix in ("Content", "InstanceCreation"):
+            stated = datetime.datetime.strptime(
+                f"{obj[prefix + 'Date'].value}{str(obj[prefix + 'Time'].value)[:6]}+0530", "%Y%m%d%H%M%S%z")
+            assert abs((stated - before).total_seconds()) < 60, (obj.Modality, prefix, stated, before)
+        (ours,) = [e for e in obj.ContributingEquipmentSequence if e.Manufacturer == MANUFACTURER]
+        stamp = str(ours.ContributionDateTime)
+        assert stamp[-5] in "+-" and stamp[-4:].isdigit(), stamp
+
+
+def test_sc_marks_lossy_sources_and_invents_no_geometry() -> None:
+    """A heatmap over a lossy image is lossy (C.7.6.1.1.5: never reset to 00); a detector's Imager Pixel
+    Spacing is not a Pixel Spacing in the patient; an orientation the source did not state stays empty."""
+    from pydicom.uid import JPEGBaseline8Bit
+
+    source, image, result = output_inputs("positive", LossyImageCompression="01",
+                                          LossyImageCompressionRatio="12.5",
+                                          LossyImageCompressionMethod="ISO_10918_1")
+    sc = received(build_heatmap_sc(clean_reference(source), image, result, CARD))
+    assert (sc.LossyImageCompression, float(sc.LossyImageCompressionRatio), sc.LossyImageCompressionMethod) \
+        == ("01", 12.5, "ISO_10918_1")
+    received_as_jpeg = copy.deepcopy(source)
+    del received_as_jpeg.LossyImageCompression
+    received_as_jpeg.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    assert received(build_heatmap_sc(clean_reference(received_as_jpeg), image, result, CARD)
+                    ).LossyImageCompression == "01"
+
+    source, image, result = output_inputs("positive", modality="DX", ImagerPixelSpacing=[0.15, 0.15])
+    del source.PatientOrientation
+    assert "PixelSpacing" not in source
+    sc = received(build_heatmap_sc(clean_reference(source), image, result, CARD))
+    assert "PixelSpacing" not in sc and sc.PatientOrientation in (None, "", [])
+    assert sc.ConversionType == "WSD" and sc.LossyImageCompression == "00"
+
+
+@pytest.mark.parametrize(("probability", "threshold", "shown"), [
+    (0.496, 0.499, "p = 0.496, threshold 0.499"),
+    (0.501, 0.499, "p = 0.501, threshold 0.499"),
+    (0.73362, 0.73412, "p = 0.7336, threshold 0.7341"),
+    (0.8125, 0.7341195, "p = 0.81, threshold 0.73"),
+])
+def test_the_caption_never_shows_a_probability_equal_to_a_threshold_it_differs_from(
+        probability: float, threshold: float, shown: str) -> None:
+    from dicom_node.outputs.sc import caption_lines
+
+    result = Result(finding="positive" if probability >= threshold else "negative", probability=probability,
+                    threshold=threshold, model_name=CARD["name"], model_version=CARD["version"])
+    assert shown in caption_lines(result, CARD)[1]
+
+
+def test_the_sr_body_says_not_for_diagnostic_use() -> None:
+    from highdicom.sr.utils import find_content_items
+    from pydicom.sr.codedict import codes
+
+    from dicom_node.outputs.common import DISCLAIMER
+
+    _, _, _, outputs = _build("negative")
+    sr = outputs[-1]
+    texts = [str(item.TextValue) for item in find_content_items(sr, name=codes.DCM.Comment)]
+    assert texts == [DISCLAIMER] and DISCLAIMER.startswith("NOT FOR DIAGNOSTIC USE")
+    assert read_result(sr)["reason"] == ""  # the reason of a not assessable result is another comment
