@@ -22,6 +22,7 @@ from dicom_node.outputs.common import (
     MANUFACTURER,
     SC_SERIES_DESCRIPTION,
     SR_SERIES_DESCRIPTION,
+    check_card,
     clean_reference,
     element_text,
 )
@@ -62,7 +63,10 @@ def build_outputs(
         raise TypeError('Argument "source" must be a pydicom Dataset.')
     if not isinstance(export_settings, ExportSettings):
         raise TypeError('Argument "export_settings" must be dicom_node.config.ExportSettings.')
-    reference = clean_reference(source)
+    check_card(card)
+    # the node's own text decides the character set too (a locally trained model may have a non-ASCII name)
+    reference = clean_reference(source, (str(card["name"]), str(card["version"]),
+                                         str(getattr(result, "reason", "") or "")))
     outputs: list[Dataset] = []
     heatmap_sc = None
     if result.heatmap is not None and export_settings.send_heatmap:
@@ -104,7 +108,7 @@ def is_own_output(ds: Dataset) -> bool:
         return False
     return (
         element_text(ds, "Manufacturer") == MANUFACTURER
-        or element_text(ds, "SeriesDescription") in (SR_SERIES_DESCRIPTION, SC_SERIES_DESCRIPTION)
+        or element_text(ds, "SeriesDescription").startswith((SR_SERIES_DESCRIPTION, SC_SERIES_DESCRIPTION))
         or _has_own_equipment(ds)
         or _has_own_codes(ds)
     )

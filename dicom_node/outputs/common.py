@@ -156,13 +156,14 @@ def _repair(keyword: str, vr: str, value: Any) -> Any:
     return None
 
 
-def clean_reference(source: Dataset) -> Dataset:
+def clean_reference(source: Dataset, own_texts: tuple[str, ...] = ()) -> Dataset:
     """A header-only copy of ``source`` holding the attributes the outputs copy, each one valid.
 
     Real PACS data carries invalid optional values (over-long names, dates with dashes, codes in lower
     case); copied verbatim they would make the node's own objects invalid. Over-long strings and name
     components are truncated, code strings upper-cased, other invalid Type 2 values emptied and invalid
-    Type 3 values dropped. Text is re-encoded in the simplest character set that holds it.
+    Type 3 values dropped. Text is re-encoded in the simplest character set that holds it and the node's own
+    ``own_texts`` that the outputs will carry (the model's name, a reason).
 
     Raises
     ------
@@ -173,7 +174,7 @@ def clean_reference(source: Dataset) -> Dataset:
     if not isinstance(source, Dataset):
         raise TypeError('Argument "source" must be a pydicom Dataset.')
     ref = Dataset()
-    texts: list[str] = []
+    texts = list(own_texts)
     for keyword in _REFERENCE_KEYWORDS:
         if keyword not in source:
             if keyword in _TYPE1:
@@ -221,6 +222,15 @@ def clean_reference(source: Dataset) -> Dataset:
     if charset:
         ref.SpecificCharacterSet = charset
     return ref
+
+
+def series_description(base: str, reference: Dataset) -> str:
+    """``base``, followed by the source image's series and instance numbers when it has them: the results of
+    several images of one study (or of one image by two models) are told apart in the viewer's series list."""
+    series, instance = element_text(reference, "SeriesNumber"), element_text(reference, "InstanceNumber")
+    if series and instance:
+        base += f", series {series} image {instance}"
+    return base[:64]
 
 
 def copy_patient_study(reference: Dataset, output: Dataset) -> None:

@@ -37,6 +37,7 @@ from dicom_node.outputs.common import (
     model_label,
     node_equipment,
     pixel_spacing,
+    series_description,
     software_versions,
 )
 from inference.imaging import conventional_steps
@@ -136,7 +137,7 @@ def build_heatmap_sc(
         manufacturer=MANUFACTURER,
         pixel_spacing=spacing,  # type: ignore[arg-type]  # highdicom annotates int; mm values are float
         patient_orientation=orientation or _FRONTAL_ORIENTATION,  # highdicom needs one; emptied below
-        series_description=SC_SERIES_DESCRIPTION,
+        series_description=series_description(SC_SERIES_DESCRIPTION, reference),
         manufacturer_model_name=model_label(card)[:64],
         software_versions=software_versions(card),
         contributing_equipment=[node_equipment(card, "Grad-CAM heatmap overlay")],

@@ -61,6 +61,7 @@ from dicom_node.outputs.common import (
     model_label,
     node_equipment,
     pixel_spacing,
+    series_description,
     software_versions,
 )
 from inference.types import Result
@@ -200,7 +201,7 @@ def build_sr(
         is_complete=True,
         is_final=False,
         is_verified=False,
-        series_description=SR_SERIES_DESCRIPTION,
+        series_description=series_description(SR_SERIES_DESCRIPTION, reference),
         contributing_equipment=[node_equipment(card, "AI result (TID 1500)")],
         coding_schemes=[CodingSchemeIdentificationItem(
             designator=CODING_SCHEME, name=CODING_SCHEME_NAME)],

@@ -13,7 +13,7 @@ from pydicom import Dataset
 from pydicom.uid import Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage
 
 from dicom_node.config import ExportSettings
-from dicom_node.outputs import build_outputs, read_result
+from dicom_node.outputs import build_outputs, clean_reference, read_result
 from tests.fixtures.validators import (
     CARD,
     DSRDUMP_CHARSET_NOTICE,
@@ -141,6 +141,20 @@ def test_non_latin_names_valid_with_utf8() -> None:
     _dciodvfy_clean(sr)
     _dsrdump_clean(sr, allowed=(DSRDUMP_CHARSET_NOTICE,))
     assert "Иванов^Иван" in run_dsrdump(sr).output
+
+
+def test_a_model_with_a_non_ascii_name_gives_valid_objects() -> None:
+    """The character set covers the node's own text too: a locally trained model named in French over an
+    ASCII-only source wrote Latin-1 bytes under no declared character set."""
+    card = {**CARD, "name": "cxr-modèle-local"}
+    source, image, result = output_inputs("positive")
+    assert "SpecificCharacterSet" not in clean_reference(source)  # the source's text alone is ASCII
+    sc, sr = (received(o) for o in build_outputs(source, image, result, card, ExportSettings()))
+    for obj in (sc, sr):
+        assert obj.SpecificCharacterSet == "ISO_IR 100"
+        _dciodvfy_clean(obj)
+    _dsrdump_clean(sr)
+    assert read_result(sr)["model_name"] == "cxr-modèle-local"
 
 
 def test_the_validators_catch_a_broken_object() -> None:

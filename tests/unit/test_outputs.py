@@ -231,9 +231,27 @@ def test_non_latin_names_keep_utf8() -> None:
     assert str(sr.PatientName) == str(sc.PatientName) == "Иванов^Иван"
 
 
+def test_series_descriptions_name_the_source_image() -> None:
+    """Several images of one study each get an SR and an SC series: the series list tells them apart."""
+    source, image, result = output_inputs("positive", SeriesNumber=12, InstanceNumber=3)
+    sc, sr = build_outputs(source, image, result, CARD, ExportSettings())
+    assert sc.SeriesDescription == "cxr-node heatmap (not for diagnostic use), series 12 image 3"
+    assert sr.SeriesDescription == "cxr-node AI result (not for diagnostic use), series 12 image 3"
+    del source.SeriesNumber
+    assert build_outputs(source, image, result, CARD, ExportSettings())[1].SeriesDescription \
+        == "cxr-node AI result (not for diagnostic use)"
+
+
 def test_is_own_output_recognises_ours_only() -> None:
     source, _, _, (sc, sr) = _build()
     assert is_own_output(sc) and is_own_output(sr)
+    for ds in (sc, sr):  # by the series description alone
+        only = copy.deepcopy(ds)
+        only.Manufacturer = "Other"
+        del only.ContributingEquipmentSequence
+        if "CodingSchemeIdentificationSequence" in only:
+            del only.CodingSchemeIdentificationSequence
+        assert ", series 1 image 1" in only.SeriesDescription and is_own_output(only)
     assert not is_own_output(source)
     # ours with the Manufacturer blanked by a PACS: still recognised by equipment / coding scheme
     for ds in (sc, sr):
