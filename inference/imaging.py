@@ -14,7 +14,8 @@ float32 in [0, 1] displayed the usual way (bright bone, dark air):
   and the head up (L\\F); ``meta`` records the original (``source_orientation``). Every
   transfer syntax pydicom can decode with the installed plugins (uncompressed, deflated, JPEG
   baseline/extended/lossless, JPEG-LS, JPEG 2000, HTJ2K, RLE). Multi-frame: the first frame. RGB/YBR:
-  converted to grey (ITU-R 601 luma).
+  converted to grey (ITU-R 601 luma). Stored values above bit 0 (High Bit above Bits Stored - 1, an old
+  layout) are shifted down when uncompressed; compressed, they are refused (``InvalidInstance``).
 * PNG/JPEG: 8-bit greyscale divided by 255; 16-bit and float images scaled min..max; colour converted to grey
   after flattening any alpha channel on black.
 
@@ -44,9 +45,9 @@ import pydicom
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 from pydicom import Dataset, FileMetaDataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut
+from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as _pixel_array
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from dicom_node.errors import InvalidInstance
 from inference import j2k
@@ -311,24 +312,89 @@ def _into(dest: np.ndarray | None, values: np.ndarray) -> np.ndarray:
     return dest
 
 
+class _InvalidLUT(ValueError):
+    """A VOI LUT that cannot be applied; the message names the problem briefly, never the LUT's data."""
+
+
+def _little_endian(ds: Dataset) -> bool | None:
+    """The byte order of the data set's OW values: its file meta Transfer Syntax UID, else the encoding it
+    was read with (as pydicom's own ``apply_voi_lut`` decides); None when neither tells."""
+    meta = getattr(ds, "file_meta", None)
+    syntax = None if meta is None else meta.get("TransferSyntaxUID")
+    if syntax:
+        try:
+            return bool(UID(str(syntax)).is_little_endian)
+        except ValueError:  # not a (known) transfer syntax
+            pass
+    little = getattr(ds, "original_encoding", (None, None))[1]
+    return None if little is None else bool(little)
+
+
+def _voi_table(ds: Dataset) -> tuple[int, np.ndarray]:
+    """The first VOI LUT Sequence item as (first mapped input value, entries as float64), read per PS3.3
+    C.11.2.1.1: a LUT Descriptor count of 0 means 65536 entries; the first mapped value is signed when the
+    image is (a negative value written with VR US reads as 65536 more); LUT Data is a list of US values or OW
+    bytes, 16-bit words in the data set's byte order (8-bit entries too, one per word). Raises _InvalidLUT
+    (or a pydicom error for an unreadable element)."""
+    item = ds.VOILUTSequence[0]
+    descriptor = item.get("LUTDescriptor")
+    values = [] if descriptor is None else [descriptor] if isinstance(descriptor, int) else list(descriptor)
+    if len(values) != 3 or not all(isinstance(v, int) for v in values):
+        raise _InvalidLUT("LUT Descriptor is not three integers")
+    count = (values[0] & 0xFFFF) or 1 << 16  # the count is US even when the element was written as SS
+    first = values[1]
+    if first > 32767 and (_numbers(ds, "PixelRepresentation") or [0])[0] == 1:
+        first -= 1 << 16  # SS written as US: two's complement
+    if "LUTData" not in item:
+        raise _InvalidLUT("LUT Data is missing")
+    data = item["LUTData"].value
+    if isinstance(data, bytes | bytearray | memoryview):
+        little = _little_endian(ds)
+        if little is None:
+            raise _InvalidLUT("LUT Data is OW and the data set's byte order is unknown")
+        entries = np.frombuffer(data, dtype="<u2" if little else ">u2", count=len(data) // 2)
+    elif isinstance(data, int):
+        entries = np.asarray([data])
+    else:
+        entries = np.asarray(list(data or []))
+        if entries.size and not np.issubdtype(entries.dtype, np.integer):
+            raise _InvalidLUT("LUT Data values are not integers")
+    if entries.size < count:
+        raise _InvalidLUT(f"LUT Data has {entries.size} entries, its LUT Descriptor says {count}")
+    return first, entries[:count].astype(np.float64)
+
+
 def _voi_lut(arr: np.ndarray, ds: Dataset, dest: np.ndarray | None = None) -> np.ndarray | None:
-    """The first VOI LUT Sequence item, scaled so the LUT's lowest..highest output is 0..1 (into ``dest``)."""
+    """The first VOI LUT Sequence item, scaled so the LUT's lowest..highest output is 0..1 (into ``dest``).
+
+    Modality values are rounded to the LUT's integer inputs; those below the first mapped value give the
+    first entry, those past the last the last entry. None when there is no VOI LUT, or it is invalid (logged)
+    or constant.
+    """
     if "VOILUTSequence" not in ds or not ds.VOILUTSequence:
         return None
     try:
-        item = ds.VOILUTSequence[0]
-        # LUT inputs are integers; modality values are whole numbers for every CR/DX with a VOI LUT.
-        out = apply_voi_lut(np.rint(arr).astype(np.int32), ds, prefer_lut=True).astype(np.float32)
-        lut = np.asarray(item.LUTData, dtype=np.float32)
-        low, high = float(lut.min()), float(lut.max())
-    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as exc:
+        first, entries = _voi_table(ds)
+    except _InvalidLUT as exc:
         logger.warning("invalid VOI LUT Sequence ignored: %s", exc, extra={"action": "dicom_header_invalid"})
         return None
+    # pydicom's messages for an unreadable element may quote its value: only its type is logged
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError,
+            NotImplementedError) as exc:
+        logger.warning("invalid VOI LUT Sequence ignored: unreadable (%s)", type(exc).__name__,
+                       extra={"action": "dicom_header_invalid"})
+        return None
+    low, high = float(entries.min()), float(entries.max())
     if high <= low:
         return None
-    out -= np.float32(low)
-    out /= np.float32(high - low)
-    return np.clip(out, 0.0, 1.0, out=out if dest is None else dest)
+    # the same float32 arithmetic as scaling each looked-up value
+    table = (entries.astype(np.float32) - np.float32(low)) / np.float32(high - low)
+    np.clip(table, 0.0, 1.0, out=table)
+    # Clipped to the mapped inputs before the cast, so any modality value gives an index in the table.
+    index = np.clip(arr, np.float32(first), np.float32(first + len(table) - 1), dtype=np.float32)
+    np.rint(index, out=index)
+    index -= np.float32(first)
+    return np.take(table, index.astype(np.intp), out=dest, mode="clip")
 
 
 def _percentile_range(arr: np.ndarray, keep: np.ndarray | None = None) -> tuple[float, float]:
@@ -422,6 +488,34 @@ def _decode_first_frame(ds: Dataset, multiframe: bool) -> np.ndarray:
     return _pixel_array(ds, index=0) if multiframe else ds.pixel_array
 
 
+def _high_bit_shift(ds: Dataset, label: str) -> int:
+    """How far the stored values lie above bit 0: High Bit - (Bits Stored - 1), when that is above 0 and
+    within Bits Allocated (an old layout, e.g. 12 bits stored in bits 4..15); 0 otherwise (an inconsistent
+    High Bit is logged and ignored). Compressed pixel data in that layout raises InvalidInstance: whether
+    its decoder gives the values shifted or not cannot be told."""
+    if "PixelData" not in ds or "HighBit" not in ds:
+        return 0
+    stored, high, allocated = (_one_integer(ds, k) for k in ("BitsStored", "HighBit", "BitsAllocated"))
+    if stored is None or high is None or allocated is None or high == stored - 1:
+        return 0
+    if not stored - 1 < high < allocated:
+        logger.warning("invalid HighBit %d ignored (BitsStored %d, BitsAllocated %d)", high, stored,
+                       allocated, extra={"action": "dicom_header_invalid"})
+        return 0
+    meta = getattr(ds, "file_meta", None)
+    syntax = None if meta is None else meta.get("TransferSyntaxUID")
+    try:
+        native = syntax is not None and not UID(str(syntax)).is_encapsulated
+    except ValueError:
+        native = False
+    if not native:
+        raise InvalidInstance(
+            f"{label}: HighBit {high} with BitsStored {stored} (stored values above bit 0) is not supported "
+            f"for compressed pixel data ({_describe(ds)})"
+        )
+    return high - (stored - 1)
+
+
 def _decode(ds: Dataset, label: str) -> np.ndarray:
     """Stored values of the first frame as an array (grey), or InvalidInstance naming what failed."""
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
@@ -440,11 +534,17 @@ def _decode(ds: Dataset, label: str) -> np.ndarray:
         )
     frames = _numbers(ds, "NumberOfFrames")
     if frames is None and "NumberOfFrames" in ds:
-        # An unreadable frame count would stop pydicom's decoder: decode a shallow copy without it.
-        ds = copy.copy(ds)
+        # An unreadable frame count would stop pydicom's decoder: decode a copy without it (a deep one: a
+        # shallow copy of a Dataset shares its elements, and the caller's data set would lose the attribute)
+        ds = copy.deepcopy(ds)
         del ds.NumberOfFrames
+    shift = _high_bit_shift(ds, label)
     try:
-        arr = _decode_first_frame(ds, multiframe=bool(frames and frames[0] > 1))
+        if shift:  # pydicom keeps the low Bits Stored bits: decode the bits up to High Bit, then shift
+            high_bit = int(ds.HighBit)
+            arr = _pixel_array(ds, index=0 if frames and frames[0] > 1 else None, bits_stored=high_bit + 1)
+        else:
+            arr = _decode_first_frame(ds, multiframe=bool(frames and frames[0] > 1))
     except (KeyboardInterrupt, SystemExit, MemoryError):
         raise
     # Decoder plugins raise many types (RuntimeError, ValueError, struct.error, and Rust panics, which derive
@@ -452,6 +552,8 @@ def _decode(ds: Dataset, label: str) -> np.ndarray:
     except BaseException as exc:  # noqa: BLE001
         detail = " ".join(str(exc).split()) or type(exc).__name__
         raise InvalidInstance(f"{label}: pixel data cannot be decoded ({_describe(ds)}): {detail}") from exc
+    if shift:
+        arr = arr >> shift  # an arithmetic shift: signed values keep their sign (their sign bit is High Bit)
     if arr.ndim == 3 and arr.shape[-1] == 3:
         arr = arr.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
     if arr.ndim != 2 or arr.size == 0:

@@ -129,6 +129,112 @@ def test_voi_lut_sequence_is_applied_and_preferred(dicom_factory, photometric: s
     assert np.abs(load_dicom(ds).pixels - ref).max() > 0.1
 
 
+def _reread(ds: pydicom.Dataset, path: Path) -> pydicom.Dataset:
+    """``ds`` written (in its file meta's transfer syntax) and read back, so VRs resolve as in production."""
+    ds.save_as(path, enforce_file_format=True)
+    return pydicom.dcmread(path)
+
+
+def _with_values(ds: pydicom.Dataset, values: np.ndarray, syntax: str = ExplicitVRLittleEndian) -> None:
+    """Give ``ds`` these stored values (its shape, 16-bit words) in ``syntax``'s byte order."""
+    dtype = np.dtype(np.int16 if ds.PixelRepresentation else np.uint16)
+    dtype = dtype.newbyteorder(">" if syntax == ExplicitVRBigEndian else "<")
+    ds.PixelData = values.astype(dtype).reshape(ds.Rows, ds.Columns).tobytes()
+    ds.file_meta.TransferSyntaxUID = syntax
+
+
+def _lut_item(descriptor: list[int], entries: np.ndarray, vr: str = "US", *, descriptor_vr: str = "US",
+              big_endian: bool = False) -> pydicom.Dataset:
+    """A VOI LUT Sequence item; OW data as 16-bit words in the given byte order."""
+    item = pydicom.Dataset()
+    item.add_new("LUTDescriptor", descriptor_vr, descriptor)
+    if vr == "OW":
+        item.add_new("LUTData", "OW", np.asarray(entries).astype(">u2" if big_endian else "<u2").tobytes())
+    else:
+        item.add_new("LUTData", "US", [int(v) for v in entries])
+    return item
+
+
+def test_voi_lut_data_read_as_ow_in_implicit_vr(dicom_factory, caplog) -> None:
+    # Implicit VR Little Endian leaves LUT Data's VR (US or OW) to the reader: pydicom takes OW (raw bytes).
+    explicit = dicom_factory(shape=SHAPE, voi_lut=True, seed=1)
+    implicit = dicom_factory(shape=SHAPE, voi_lut=True, seed=1, transfer_syntax=ImplicitVRLittleEndian)
+    ds = pydicom.dcmread(implicit)
+    assert ds.VOILUTSequence[0]["LUTData"].VR == "OW"
+    assert pydicom.dcmread(explicit).VOILUTSequence[0]["LUTData"].VR == "US"
+    with caplog.at_level(logging.WARNING, logger="inference.imaging"):
+        image = load_dicom(implicit)
+    assert not caplog.records
+    np.testing.assert_array_equal(image.pixels, load_dicom(explicit).pixels)
+    # make_dicom's LUT: 4096 entries from 0, round(sqrt(i / 4095) * 65535), scaled by its range 0..65535
+    entries = np.rint(np.sqrt(np.arange(4096) / 4095) * 65535)
+    expected = entries[ds.pixel_array] / 65535
+    assert np.abs(image.pixels - expected).max() < 1e-6
+    assert np.abs(image.pixels - phantom()).max() < 0.02
+
+
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ExplicitVRBigEndian, ImplicitVRLittleEndian])
+def test_voi_lut_of_65536_entries_in_ow(dicom_factory, tmp_path: Path, syntax: str) -> None:
+    # 65536 entries (LUT Descriptor count 0) do not fit a US element: OW, in the data set's byte order.
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, bits_stored=16, seed=1, transfer_syntax=syntax))
+    values = np.arange(SHAPE[0] * SHAPE[1]) * 7 % 65536
+    _with_values(ds, values, syntax)
+    inverting = 65535 - np.arange(65536)
+    ds.VOILUTSequence = [_lut_item([0, 0, 16], inverting, "OW", big_endian=syntax == ExplicitVRBigEndian)]
+    image = load_dicom(_reread(ds, tmp_path / "lut65536.dcm"))
+    expected = (65535 - values.reshape(SHAPE)) / 65535
+    assert np.abs(image.pixels - expected).max() < 1e-6
+
+
+@pytest.mark.parametrize("vr", ["US", "OW"])
+def test_8_bit_voi_lut_with_4096_entries(dicom_factory, tmp_path: Path, vr: str) -> None:
+    # 8-bit entries (one per 16-bit word) for a 12-bit image: the inputs above 255 index the table as well.
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1))
+    values = np.arange(SHAPE[0] * SHAPE[1]) % 4096
+    _with_values(ds, values)
+    ds.VOILUTSequence = [_lut_item([4096, 0, 8], np.arange(4096) // 16, vr)]  # entries 0..255
+    pixels = load_dicom(_reread(ds, tmp_path / "lut8.dcm")).pixels.ravel()
+    for value, entry in ((0, 0), (15, 0), (16, 1), (255, 15), (256, 16), (300, 18), (1000, 62),
+                         (2048, 128), (4000, 250), (4095, 255)):
+        assert pixels[value] == pytest.approx(entry / 255, abs=1e-6), value
+    assert np.all(np.diff(pixels[:4096]) >= 0)  # the LUT is monotonic: so is the image of a ramp
+
+
+def test_signed_image_voi_lut_with_a_negative_first_value_written_as_us(dicom_factory, tmp_path) -> None:
+    # PS3.3 C.11.2.1.1: the first mapped value is US or SS as the input is; -1024 written with VR US is 64512.
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1))
+    ds.PixelRepresentation = 1
+    values = np.arange(SHAPE[0] * SHAPE[1]) % 4096 - 2048  # -2048..2047
+    _with_values(ds, values)
+    entries = 2 * np.arange(2048)  # inputs -1024..1023 -> 0..4094
+    decoded = {}
+    for descriptor_vr, first in (("US", 64512), ("SS", -1024)):
+        ds.VOILUTSequence = [_lut_item([2048, first, 12], entries, descriptor_vr=descriptor_vr)]
+        reread = _reread(ds, tmp_path / f"signed_{descriptor_vr}.dcm")
+        assert list(reread.VOILUTSequence[0].LUTDescriptor) == [2048, first, 12]
+        decoded[descriptor_vr] = load_dicom(reread)
+    pixels = decoded["US"].pixels.ravel()
+    for value, expected in ((-2048, 0.0), (-1025, 0.0), (-1024, 0.0), (-1023, 2 / 4094), (0, 2048 / 4094),
+                            (1000, 4048 / 4094), (1023, 1.0), (2047, 1.0)):
+        assert pixels[value + 2048] == pytest.approx(expected, abs=1e-6), value
+    np.testing.assert_array_equal(decoded["US"].pixels, decoded["SS"].pixels)
+    # the table of every stored level (the GPU path) maps them the same
+    image = load_dicom(reread, allocate=lambda shape, dtype: np.empty(shape, dtype))
+    assert image.stored is not None and image.stored.values.dtype == np.int16
+    np.testing.assert_array_equal(image.stored.pixels(), decoded["SS"].pixels)
+
+
+def test_invalid_voi_lut_is_ignored_with_a_brief_warning(dicom_factory, tmp_path: Path, caplog) -> None:
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1, window=full_window(12)))
+    ds.VOILUTSequence = [_lut_item([4096, 0, 16], np.arange(2048), "OW")]  # half the entries it claims
+    with caplog.at_level(logging.WARNING, logger="inference.imaging"):
+        image = load_dicom(_reread(ds, tmp_path / "short.dcm"))
+    assert np.abs(image.pixels - phantom()).max() < 1e-3  # the window applies instead
+    assert [r.getMessage() for r in caplog.records] == [
+        "invalid VOI LUT Sequence ignored: LUT Data has 2048 entries, its LUT Descriptor says 4096"
+    ]
+
+
 def test_without_voi_uses_percentiles(dicom_factory) -> None:
     image = load_dicom(dicom_factory(shape=SHAPE, seed=1))
     ref = phantom()
@@ -240,6 +346,16 @@ def test_multiframe_takes_first_frame(dicom_factory) -> None:
     image = load_dicom(ds)
     assert image.pixels.shape == SHAPE
     assert np.abs(image.pixels - phantom()).max() < 1e-3
+
+
+def test_an_unreadable_frame_count_is_not_removed_from_the_callers_data_set(dicom_factory) -> None:
+    """The decoder works around an unreadable Number of Frames on a copy; the worker goes on to copy the
+    caller's header into the outputs, which must still hold it."""
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, bits_stored=16, window=full_window(16), seed=1))
+    ds["NumberOfFrames"] = RawDataElement(Tag(0x00280008), "IS", 2, b"x ", 0, False, True)
+    image = load_dicom(ds)
+    assert np.abs(image.pixels - phantom()).max() < 1e-3
+    assert "NumberOfFrames" in ds
 
 
 def test_rgb_is_converted_to_grey(dicom_factory) -> None:
@@ -538,6 +654,50 @@ def test_damaged_rle_raises_invalid_instance(dicom_factory) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(InvalidInstance, match="RLE Lossless"):
         load_dicom(path)
+
+
+@pytest.mark.parametrize("signed", [False, True], ids=["unsigned", "signed"])
+def test_stored_values_above_bit_0_are_shifted_down(dicom_factory, tmp_path: Path, signed: bool) -> None:
+    # An old layout: 12 bits stored in bits 4..15 (High Bit 15), the 4 low bits holding something else.
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, seed=1))
+    values = ds.pixel_array.astype(np.int64) - (2048 if signed else 0)
+    ds.PixelRepresentation = int(signed)
+    centre, width = full_window(12, intercept=-2048.0 if signed else 0.0)
+    ds.WindowCenter, ds.WindowWidth = f"{centre:g}", f"{width:g}"
+    _with_values(ds, values)
+    reference = load_dicom(_reread(ds, tmp_path / "low_bits.dcm")).pixels
+    assert np.abs(reference - phantom()).max() < 1e-3
+    low_bits = np.random.default_rng(0).integers(0, 16, values.shape)
+    words = (((values << 4) | low_bits) & 0xFFFF).astype(np.uint16)
+    _with_values(ds, words.view(np.int16) if signed else words)
+    ds.HighBit = 15
+    shifted = _reread(ds, tmp_path / "high_bits.dcm")
+    np.testing.assert_array_equal(load_dicom(shifted).pixels, reference)
+    # the stored values kept for the GPU path are the shifted ones, and their table gives the same pixels
+    image = load_dicom(shifted, allocate=lambda shape, dtype: np.empty(shape, dtype))
+    assert image.stored is not None
+    np.testing.assert_array_equal(image.stored.values, values)
+    np.testing.assert_array_equal(image.stored.pixels(), reference)
+
+
+def test_stored_values_above_bit_0_in_compressed_pixel_data_are_refused(dicom_factory) -> None:
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, transfer_syntax=RLELossless, seed=1))
+    ds.HighBit = 15
+    with pytest.raises(InvalidInstance, match=r"HighBit 15 with BitsStored 12 .*compressed pixel data \(RLE"):
+        load_dicom(ds)
+
+
+@pytest.mark.parametrize("high_bit", [7, 16])
+def test_inconsistent_high_bit_is_ignored_and_logged(dicom_factory, caplog, high_bit: int) -> None:
+    path = dicom_factory(shape=SHAPE, window=full_window(12), seed=1)
+    ds = pydicom.dcmread(path)
+    ds.HighBit = high_bit
+    with caplog.at_level(logging.WARNING, logger="inference.imaging"):
+        image = load_dicom(ds)
+    np.testing.assert_array_equal(image.pixels, load_dicom(path).pixels)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"invalid HighBit {high_bit} ignored (BitsStored 12, BitsAllocated 16)"
+    ]
 
 
 def test_not_dicom_and_no_pixels(tmp_path: Path, dicom_factory) -> None:
