@@ -47,7 +47,13 @@ from pydicom import Dataset, FileMetaDataset
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.pixels import apply_modality_lut
 from pydicom.pixels import pixel_array as _pixel_array
-from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    UID,
+    DigitalXRayImageStorageForProcessing,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+)
 
 from dicom_node.errors import InvalidInstance
 from inference import j2k
@@ -243,6 +249,8 @@ def _meta(ds: Dataset) -> dict[str, Any]:
         "age_source": "" if age is None else age[1],
         "view_hints": " | ".join(h for h in view_hints if h),
         "transfer_syntax": str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or ""),
+        "for_processing": (_text(ds, "SOPClassUID") == DigitalXRayImageStorageForProcessing
+                           or _text(ds, "PresentationIntentType").upper() == "FOR PROCESSING"),
     }
 
 
@@ -883,6 +891,8 @@ def header_reason(image: XrayImage, *, min_size: int = MIN_SIZE) -> tuple[str, s
     Checked in this order, first match wins:
 
     * ``not_xray``: a Modality other than CR or DX (an empty Modality, as for PNG files, passes);
+    * ``for_processing``: a DX For Processing image (raw detector values, linear or logarithmic, before the
+      vendor's processing for viewing): the model reads processed images, as radiologists do;
     * ``not_chest``: a Body Part Examined with no chest word (CHEST, THORAX, LUNG, TORAX, ...; empty passes),
       or a non-human subject (Patient Species Description, or a veterinary protocol name such as CANINE);
     * ``child``: the patient was younger than ADULT_AGE at the examination (Patient Age, else Patient
@@ -902,6 +912,9 @@ def header_reason(image: XrayImage, *, min_size: int = MIN_SIZE) -> tuple[str, s
     modality = str(meta.get("modality") or "").upper()
     if modality and modality not in XRAY_MODALITIES:
         return "not_xray", f"Modality is {modality}, not CR or DX"
+    if meta.get("for_processing"):
+        return "for_processing", ("DX For Processing image (raw detector data, not processed for viewing); "
+                                  "the model reads the For Presentation image")
     body_part = str(meta.get("body_part") or "").upper()
     if body_part and not _is_chest(body_part):
         return "not_chest", f"BodyPartExamined is {body_part}, not CHEST"

@@ -18,8 +18,9 @@ Yes / No                                     SCT         373066001 /  its value 
                                                          373067005
 Undetermined                                 SCT         373068000    its value when not assessable
 Not assessable reason                        99CXRNODE   CXR002       qualitative evaluation (name)
-not_xray, not_chest, child, lateral,         99CXRNODE   (same)       its value (the pipeline's reason code)
-too_small, no_lungs, undecodable, other
+not_xray, for_processing, not_chest, child,  99CXRNODE   (same)       its value (the pipeline's reason code)
+lateral, too_small, no_lungs, undecodable,
+other
 Comment (reason as text)                     DCM         121106       TEXT item in the measurement group
 Probability                                  DCM         122157       measurement, unit UCUM ``1`` (no units)
 Threshold Value (operating threshold)        DCM         122411       measurement, unit UCUM ``1``
@@ -73,6 +74,7 @@ CODE_LUNG_FRACTION = Code("CXR004", CODING_SCHEME, "Lung area fraction")
 CODE_COVID19 = Code("840539006", "SCT", "Disease caused by SARS-CoV-2")
 REASON_CODES: dict[str, Code] = {
     "not_xray": Code("not_xray", CODING_SCHEME, "Not a CR or DX radiograph"),
+    "for_processing": Code("for_processing", CODING_SCHEME, "Raw image (DX For Processing)"),
     "not_chest": Code("not_chest", CODING_SCHEME, "Not a chest radiograph"),
     "child": Code("child", CODING_SCHEME, "Patient younger than the model's population"),
     "lateral": Code("lateral", CODING_SCHEME, "Lateral view"),

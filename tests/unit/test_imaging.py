@@ -252,11 +252,22 @@ def test_constant_image_decodes_to_zeros(dicom_factory) -> None:
 
 
 def test_dx_for_presentation_and_for_processing(dicom_factory) -> None:
+    """Both decode; a For Processing image (raw detector values, not processed for viewing: what the model
+    was trained on never looked like that) is not assessable, by its SOP class or its Presentation Intent."""
     for kwargs in ({}, {"sop_class_uid": DigitalXRayImageStorageForProcessing}):
         path = dicom_factory(shape=SHAPE, modality="DX", photometric="MONOCHROME1", seed=1, **kwargs)
         image = load_dicom(path)
         assert image.meta["modality"] == "DX"
         assert np.corrcoef(image.pixels.ravel(), phantom().ravel())[0, 1] > 0.999
+        reason = header_reason(image)
+        assert (reason or ("",))[0] == ("for_processing" if kwargs else ""), reason
+    ds = pydicom.dcmread(dicom_factory(shape=SHAPE, modality="DX", seed=1))
+    assert ds.PresentationIntentType == "FOR PRESENTATION"
+    ds.PresentationIntentType = "FOR PROCESSING"  # a For Processing image sent under the other SOP class
+    assert header_reason(load_dicom(ds)) == (
+        "for_processing",
+        "DX For Processing image (raw detector data, not processed for viewing); the model reads the For "
+        "Presentation image")
 
 
 # ---------------------------------------------------------------------------------- transfer syntaxes

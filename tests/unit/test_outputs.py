@@ -104,8 +104,8 @@ def test_not_assessable_without_heatmap_gives_only_the_sr_with_reason() -> None:
     assert got["reason"] == result.reason and got["reason_code"] == "lateral"
 
 
-@pytest.mark.parametrize("code", ["not_xray", "not_chest", "child", "lateral", "too_small", "no_lungs",
-                                  "undecodable"])
+@pytest.mark.parametrize("code", ["not_xray", "for_processing", "not_chest", "child", "lateral", "too_small",
+                                  "no_lungs", "undecodable"])
 def test_every_reason_code_of_the_pipeline_is_coded_in_the_sr(code: str) -> None:
     source, image, result = output_inputs("not_assessable")
     result = dataclasses.replace(result, reason_code=code, reason=f"because {code}")
