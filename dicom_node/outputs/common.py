@@ -148,6 +148,9 @@ def _repair(keyword: str, vr: str, value: Any) -> Any:
     if vr == "PN":
         fixed = "=".join(_shorten_name_group(group) for group in str(value).split("="))
         return fixed if _valid(vr, fixed) else None
+    if vr in ("DA", "TM") and isinstance(value, str):  # 1970-01-01, 2020/01/01, 10:30:00: separators dropped
+        fixed = re.sub(r"[^0-9.]" if vr == "TM" else r"[^0-9]", "", value)
+        return fixed if fixed and _valid(vr, fixed) else None
     if vr == "CS" and isinstance(value, str):
         fixed = re.sub(r"[^A-Z0-9 _]", "_", value.strip().upper())[:16]
         return fixed if fixed and _valid(vr, fixed) else None
@@ -205,7 +208,11 @@ def clean_reference(source: Dataset, own_texts: tuple[str, ...] = ()) -> Dataset
         if not ok:
             if keyword in _TYPE1:
                 raise ValueError(f'Argument "source" has an invalid {keyword}: {str(value)[:80]!r}.')
-            value = None if keyword in _ENUMS else _repair(keyword, vr, value)
+            if keyword in _ENUMS:  # m -> M; anything else is emptied
+                value = str(value).strip().upper()
+                value = value if value in _ENUMS[keyword] else None
+            else:
+                value = _repair(keyword, vr, value)
             logger.info("invalid source attribute repaired", extra={
                 "action": "source_attribute_repaired", "attribute": keyword,
                 "repair": "emptied" if value is None and keyword in _TYPE2 else

@@ -200,15 +200,21 @@ def test_uids_repeat_for_the_same_job_and_change_with_the_model() -> None:
 def test_source_header_is_repaired_in_the_outputs_not_in_the_source() -> None:
     source, image, result = output_inputs(
         "positive", patient_name="A" * 70 + "^B", PatientBirthDate="1970-01-01", PatientSex="X",
-        body_part="chest", SpecificCharacterSet="ISO_IR 192", InstitutionName="Klinikum Göttingen")
+        StudyDate="2020/01/31", StudyTime="10:30:00", body_part="chest", SpecificCharacterSet="ISO_IR 192",
+        InstitutionName="Klinikum Göttingen")
     before = copy.deepcopy(source)
     sc, sr = (received(o) for o in build_outputs(source, image, result, CARD, ExportSettings()))
     assert source == before
     for out in (sc, sr):
         assert str(out.PatientName) == "A" * 62 + "^B"  # a PN component group holds 64 characters
-        assert out.PatientBirthDate == "" and out.PatientSex == ""
+        # dates and times keep their value without the separators; an unknown sex is emptied
+        assert (out.PatientBirthDate, out.StudyDate, out.StudyTime) == ("19700101", "20200131", "103000")
+        assert out.PatientSex == ""
         assert out.SpecificCharacterSet == "ISO_IR 100"  # Latin-1 holds every copied value
     assert sc.BodyPartExamined == "CHEST"
+    source, image, result = output_inputs("positive", PatientSex="f", StudyTime="25:61")
+    for out in build_outputs(source, image, result, CARD, ExportSettings()):
+        assert (out.PatientSex, out.StudyTime or "") == ("F", "")  # an impossible time is emptied
 
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")
