@@ -404,10 +404,13 @@ class Worker:
                 continue
             except SQLAlchemyError:
                 raise
-            except Exception as exc:  # unexpected: recorded as a retryable failure of this job
+            except Exception as exc:  # unexpected: its traceback in the log, its message in the job
                 log.exception("job %s: building outputs crashed", job.id,
                               extra={"action": "worker_outputs_crashed", "job_id": job.id})
-                self._fail(job, f"building outputs failed: {type(exc).__name__}: {exc}", retryable=True)
+                # the outputs are a function of the header and the result: such an error comes back on every
+                # attempt (each running the model again); anything else may be transient
+                again = not isinstance(exc, TypeError | ValueError | KeyError | AttributeError | IndexError)
+                self._fail(job, f"building outputs failed: {type(exc).__name__}: {exc}", retryable=again)
                 continue
             ready.append(_with(job, state=JobState.EXPORTING, output_dir=str(out_dir), result=summary))
         return ready

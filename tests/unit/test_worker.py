@@ -446,6 +446,29 @@ def test_an_invalid_study_uid_fails_the_job_once_before_inference(settings: Sett
     assert job_row(engine, good).result["finding"] in ("positive", "negative")
 
 
+def test_outputs_that_cannot_be_built_fail_the_job_once(settings: Settings, engine: Engine,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header the output builder rejects (highdicom's TypeError, say) is rejected again on every attempt,
+    each running the model again: the job fails at once with the error; others go on."""
+    import dicom_node.outputs as outputs_module
+
+    real = outputs_module.build_outputs
+
+    def build(ds: pydicom.Dataset, *args: Any, **kwargs: Any) -> Any:
+        if str(ds.SOPInstanceUID).endswith(str(zlib.crc32(b"rejected"))):
+            raise TypeError("Invalid type for a person name.")
+        return real(ds, *args, **kwargs)
+
+    monkeypatch.setattr(outputs_module, "build_outputs", build)
+    jm = JobManager(engine, settings.worker)
+    rejected, good = spool(settings, jm, "rejected"), spool(settings, jm, "fine")
+    assert Worker(settings, engine, job_manager=jm).run_once() == 2
+    job = job_row(engine, rejected)
+    assert (job.state, job.attempts) == ("failed", 1)
+    assert job.last_error == "building outputs failed: TypeError: Invalid type for a person name."
+    assert job_row(engine, good).result["finding"] in ("positive", "negative")
+
+
 def test_stored_outputs_on_a_volume_missing_here_are_not_computed_again(settings: Settings, engine: Engine,
                                                                         tmp_path: Path) -> None:
     """A delivery claimed by a worker without the shared volume is retried later (with its attempts counted),
