@@ -194,7 +194,7 @@ def create_app(settings: Settings, engine: Engine, job_manager: JobManager, *,
             raise HTTPException(409, f"job {job_id} is {job['state']}; only "
                                      f"{' or '.join(s.value for s in allowed)} jobs can be {verb}")
         try:
-            new = job_manager.retry(job_id)
+            new = job_manager.retry(job_id, from_states=allowed)
         except ValueError as exc:
             raise HTTPException(409, str(exc)) from None
         log.info("job %s %s by operator", job_id, verb, extra={"action": f"admin_{verb}", "job_id": job_id})

@@ -404,11 +404,14 @@ class JobManager:
         return count
 
     # -- operators -----------------------------------------------------------------------------
-    def retry(self, job_id: int) -> JobState:
+    def retry(self, job_id: int, *, from_states: tuple[JobState, ...] = (JobState.FAILED, JobState.DONE)
+              ) -> JobState:
         """Operator retry of a failed job (or resend of a done one) with a fresh attempt budget.
 
         Jobs whose outputs were stored only need delivery (``exporting``); others run again from the
-        start (``queued``). Returns the new state; raises ``ValueError`` for other states.
+        start (``queued``). Returns the new state; raises ``ValueError`` when the job is not in one of
+        ``from_states``, checked under the row's lock: a worker may have claimed it since the caller looked
+        (a second click on Retry), and a retry must never take a job from under its worker.
         """
         now = self.clock()
         with self._session() as session, session.begin():
@@ -417,6 +420,9 @@ class JobManager:
             if job.state == JobState.DONE and new != JobState.EXPORTING:
                 raise ValueError(f"job {job_id} has no stored outputs to resend")
             check_transition(job.state, new)
+            if job.state not in from_states:
+                raise ValueError(f"job {job_id} is {JobState(job.state).value}; only "
+                                 f"{' or '.join(s.value for s in from_states)} jobs can be retried")
             job.attempts = 0
             job.not_before = now
             job.finished_at = None

@@ -302,6 +302,10 @@ class Worker:
             log.warning("job %s: lease lost before the failure could be recorded", job.id,
                         extra={"action": "worker_lease_lost", "job_id": job.id})
             return
+        except ValueError as exc:  # moved meanwhile by someone else: never the end of the worker
+            log.error("job %s: the failure could not be recorded (%s): %s", job.id, exc, error,
+                      extra={"action": "worker_fail_not_recorded", "job_id": job.id})
+            return
         metrics.record_job_finished("failed" if state is JobState.FAILED else "retry")
 
     def _load(self, job: ClaimedJob) -> tuple[pydicom.Dataset, Any] | None:

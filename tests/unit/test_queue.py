@@ -255,6 +255,25 @@ def test_operator_retry_and_resend(jm: JobManager, clock: Clock) -> None:
         jm.retry(999)
 
 
+def test_a_retry_never_takes_a_job_from_its_worker(jm: JobManager) -> None:
+    """Two clicks on Retry: the first queues the failed job, a worker claims it, the second must not move it
+    back to queued under that worker's lease (it stayed there for good, claimed by no one, and the worker's
+    next report on it raised, ending its thread)."""
+    job_id, _ = enqueue(jm)
+    jm.claim("w1")
+    jm.fail(job_id, "undecodable", retryable=False, worker_id="w1")
+    assert jm.retry(job_id) is JobState.QUEUED
+    assert [c.id for c in jm.claim("w2")] == [job_id]
+    with pytest.raises(ValueError, match="is processing; only failed or done jobs can be retried"):
+        jm.retry(job_id)
+    row = job_row(jm.engine, job_id)
+    assert (row.state, row.lease_owner) == ("processing", "w2")
+    jm.finish_inference(job_id, result={"finding": "negative"}, output_dir="/o", worker_id="w2")
+    assert job_row(jm.engine, job_id).state == "exporting"
+    with pytest.raises(ValueError, match="is exporting; only failed jobs can be retried"):
+        jm.retry(job_id, from_states=(JobState.FAILED,))
+
+
 def test_ignored_is_terminal_whether_recorded_so_or_ignored_later(jm: JobManager, clock: Clock) -> None:
     kwargs = dict(sop_instance_uid="1.2.9", study_instance_uid="1.2.3", series_instance_uid="1.2.3.9",
                   sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", calling_ae="PACS", calling_host="127.0.0.1",

@@ -446,6 +446,24 @@ def test_an_invalid_study_uid_fails_the_job_once_before_inference(settings: Sett
     assert job_row(engine, good).result["finding"] in ("positive", "negative")
 
 
+def test_a_job_moved_under_its_worker_does_not_end_the_worker(settings: Settings, engine: Engine,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Should a job's state change under its lease (as a racing operator retry once made it), recording its
+    failure is refused by the state machine: logged, and the worker goes on (its thread used to end there,
+    and serve with it)."""
+    jm = JobManager(engine, settings.worker)
+    job_id = spool(settings, jm, "moved")
+    worker = Worker(settings, engine, job_manager=jm)
+    (claimed,) = jm.claim(worker.worker_id)
+    with Session(engine) as session, session.begin():
+        session.get(Job, job_id).state = "queued"
+    caplog.set_level(logging.ERROR, logger="dicom_node")
+    worker._fail(claimed, "building outputs failed: boom", retryable=False)
+    (record,) = [r for r in caplog.records if getattr(r, "action", "") == "worker_fail_not_recorded"]
+    assert "illegal job transition queued -> failed" in record.getMessage()
+    assert "building outputs failed: boom" in record.getMessage()
+
+
 def test_outputs_that_cannot_be_built_fail_the_job_once(settings: Settings, engine: Engine,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A header the output builder rejects (highdicom's TypeError, say) is rejected again on every attempt,
