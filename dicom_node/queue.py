@@ -364,8 +364,9 @@ class JobManager:
             job.output_dir = None
             self._move(session, job, JobState.QUEUED, reason, action="job_requeued", level=logging.WARNING)
 
-    def release(self, job_id: int, *, worker_id: str | None = None) -> None:
-        """Give a claimed job back untouched (worker shutting down): no attempt is counted."""
+    def release(self, job_id: int, *, worker_id: str | None = None,
+                why: str = "released by a stopping worker") -> None:
+        """Give a claimed job back untouched (a stopping worker, an interrupted batch): no attempt counted."""
         with self._session() as session, session.begin():
             job = self._owned(session, job_id, worker_id)
             state = JobState(job.state)
@@ -373,7 +374,7 @@ class JobManager:
             job.attempts = max(job.attempts - 1, 0)
             job.not_before = self.clock()
             new = JobState.QUEUED if state == JobState.PROCESSING else state
-            self._move(session, job, new, "released by a stopping worker", action="job_released")
+            self._move(session, job, new, why, action="job_released")
 
     def reclaim_stalled(self) -> int:
         """Give back jobs whose lease expired (their worker died); returns how many.

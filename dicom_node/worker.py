@@ -170,6 +170,7 @@ class Worker:
         self._model_key: str | None = None
         self._failed: tuple[str, str, float] | None = None  # failed load: key, promoted at, monotonic time
         self._stop = threading.Event()
+        self._stranded: list[int] = []  # jobs of a batch a database error interrupted, still leased here
 
     # -- model -----------------------------------------------------------------------------------
     def _wanted_model(self) -> tuple[Path | None, str, str]:
@@ -236,6 +237,7 @@ class Worker:
         outage: tuple[float, float, int] | None = None  # started, last logged, failed tries
         while not stop.is_set() and not self._stop.is_set():
             try:
+                self._give_back_stranded()
                 if time.monotonic() - last_maintenance >= self.model_check_interval_s:
                     self.jm.reclaim_stalled()
                     self.load_model()
@@ -275,8 +277,24 @@ class Worker:
         batch = self.jm.claim(self.worker_id, limit=self.settings.model.batch_size)
         if batch:
             with _Heartbeat(self.jm, self.worker_id, [j.id for j in batch], self.settings.worker.lease_s / 3):
-                self.process(batch)
+                try:
+                    self.process(batch)
+                except SQLAlchemyError:  # given back once the database answers, not left to their leases
+                    self._stranded = [j.id for j in batch]
+                    raise
         return len(batch)
+
+    def _give_back_stranded(self) -> None:
+        """Release the jobs of a batch a database error interrupted (those this worker still holds), so they
+        run again at once instead of waiting for their leases to expire."""
+        while self._stranded:
+            job_id = self._stranded[0]
+            try:
+                self.jm.release(job_id, worker_id=self.worker_id,
+                                why="given back: a database error interrupted its batch")
+            except (LeaseLost, KeyError, ValueError):
+                pass  # finished, reclaimed or gone meanwhile: nothing to give back
+            self._stranded.pop(0)
 
     def process(self, batch: Sequence[ClaimedJob]) -> None:
         """Run inference for the claimed ``processing`` jobs, then deliver every job that is ready."""

@@ -446,6 +446,38 @@ def test_an_invalid_study_uid_fails_the_job_once_before_inference(settings: Sett
     assert job_row(engine, good).result["finding"] in ("positive", "negative")
 
 
+def test_a_batch_interrupted_by_a_database_error_is_given_back_when_the_database_answers(
+        settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A moment's database error (a PostgreSQL restart) abandons the batch in hand; its jobs must run again
+    as soon as the database answers, not after their leases (300 s by default; 30 s here, longer than the
+    test waits), and without an attempt counted for the interruption."""
+    from sqlalchemy.exc import OperationalError
+
+    import dicom_node.worker as worker_module
+
+    monkeypatch.setattr(worker_module, "DB_RETRY_PAUSE_S", 0.05)
+    jm = JobManager(engine, settings.worker)
+    first, second = spool(settings, jm, "first"), spool(settings, jm, "second")
+    real = jm.finish_inference
+    calls = []
+
+    def finish_inference(job_id: int, **kwargs: Any) -> None:
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise OperationalError("UPDATE jobs", {}, Exception("server closed the connection unexpectedly"))
+        real(job_id, **kwargs)
+
+    monkeypatch.setattr(jm, "finish_inference", finish_inference)
+    worker = Worker(settings, engine, job_manager=jm)
+    run_until_processed(worker, engine, first, timeout=15)
+    run_until_processed(worker, engine, second, timeout=15)
+    for job_id in (first, second):
+        row = job_row(engine, job_id)
+        assert row.result is not None and row.attempts == 1, (job_id, row.state, row.attempts)
+    assert any("given back: a database error interrupted its batch" in message
+               for message in [e["message"] for e in jm.history(first)])
+
+
 def test_a_job_moved_under_its_worker_does_not_end_the_worker(settings: Settings, engine: Engine,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     """Should a job's state change under its lease (as a racing operator retry once made it), recording its
