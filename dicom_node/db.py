@@ -201,15 +201,32 @@ def init_db(engine: Engine) -> None:
 
     Runs from the migrations shipped inside the package; no ``alembic.ini`` is needed. On
     PostgreSQL an advisory lock lets several processes start at once safely.
+
+    Raises
+    ------
+    dicom_node.errors.SchemaTooNew
+        The database is at a revision this version does not know: a newer cxr-node upgraded it.
     """
     from alembic import command
     from alembic.config import Config
+    from alembic.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
+    from dicom_node import __version__
+    from dicom_node.errors import SchemaTooNew
 
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    script = ScriptDirectory.from_config(cfg)
     with engine.begin() as conn:
         if engine.dialect.name == "postgresql":
             conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _MIGRATION_LOCK_KEY})
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current is not None and current not in {r.revision for r in script.walk_revisions()}:
+            raise SchemaTooNew(
+                f"the database's schema is at revision {current}, which cxr-node {__version__} does not know "
+                f"(its newest is {script.get_current_head()}): a newer cxr-node upgraded it; run that "
+                "version, or restore the backup taken before the upgrade")
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
     log.info("database schema is up to date", extra={"action": "db_ready", "db": safe_url(str(engine.url))})

@@ -37,6 +37,10 @@ class NotAssessable(PermanentError):
     """The image cannot be assessed by the model (the reason says why)."""
 
 
+class SchemaTooNew(PermanentError):
+    """The database's schema was upgraded by a newer cxr-node."""
+
+
 class InvalidInstance(PermanentError):
     """The stored instance cannot be read or decoded."""
 

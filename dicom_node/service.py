@@ -161,6 +161,10 @@ def _run(settings: Settings, *, listener: bool, once: bool = False) -> int:
         log.error("cannot start: database %s: %s", safe_url(settings.db_url), exc.__class__.__name__,
                   exc_info=True, extra={"action": "node_start_failed"})
         return EXIT_STARTUP_FAILED
+    except NodeError as exc:  # e.g. a schema upgraded by a newer version: said in one line
+        log.error("cannot start: database %s: %s", safe_url(settings.db_url), exc,
+                  extra={"action": "node_start_failed"})
+        return EXIT_STARTUP_FAILED
     restore = _install_signal_handlers(node.stop_event)
     try:
         try:

@@ -101,3 +101,30 @@ def test_worker_without_spool_or_model_stops_with_a_message(tmp_path: Path,
     assert run_worker(argparse.Namespace(once=False), settings) == 1
     [record] = [r for r in caplog.records if getattr(r, "action", "") == "node_start_failed"]
     assert "cannot load the model" in record.getMessage() and "no-model" in record.getMessage()
+
+
+def test_a_database_upgraded_by_a_newer_version_stops_the_node_with_one_clear_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An older node meeting a schema it does not know (a newer one upgraded the database) refuses to start,
+    saying so, instead of two tracebacks ending in alembic's "Can't locate revision"."""
+    from sqlalchemy import text
+
+    from dicom_node.config import Settings
+    from dicom_node.db import init_db, make_engine
+    from dicom_node.errors import SchemaTooNew
+    from dicom_node.service import run_worker
+
+    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
+                                        "model": {"device": "cpu"}})
+    settings.storage.spool_dir.mkdir(parents=True)
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    with pytest.raises(SchemaTooNew, match="revision 9999, which cxr-node .* does not know"):
+        init_db(engine)
+    engine.dispose()
+    caplog.set_level(logging.ERROR, logger="dicom_node.service")
+    assert run_worker(argparse.Namespace(once=True), settings) == 1
+    [record] = [r for r in caplog.records if getattr(r, "action", "") == "node_start_failed"]
+    assert "a newer cxr-node upgraded it" in record.getMessage() and record.exc_info is None
