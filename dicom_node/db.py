@@ -48,6 +48,10 @@ class Base(DeclarativeBase):
     """Declarative base of every table of the node."""
 
 
+_UNPURGED = ("purged_at IS NULL AND finished_at IS NOT NULL "
+             "AND (spool_path != '' OR output_dir IS NOT NULL)")
+
+
 class Job(Base):
     """One received instance and what became of it. State changes only through ``dicom_node.queue``."""
 
@@ -55,6 +59,8 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_claim", "state", "not_before"),
         Index("ix_jobs_lease", "state", "lease_expires_at"),
+        # the finished jobs whose files retention has not deleted yet: all a retention run has to look at
+        Index("ix_jobs_unpurged", "id", sqlite_where=text(_UNPURGED), postgresql_where=text(_UNPURGED)),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
@@ -79,6 +85,7 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    purged_at: Mapped[datetime | None] = mapped_column(DateTime)  # retention deleted the job's files
     association_id: Mapped[int | None] = mapped_column(
         ForeignKey("associations.id", ondelete="SET NULL"), index=True)
 
@@ -122,7 +129,7 @@ class Delivery(Base):
     destination: Mapped[str] = mapped_column(String(300))  # AET@HOST:PORT
     status: Mapped[str] = mapped_column(String(16))  # sent | failed
     error: Mapped[str | None] = mapped_column(Text)
-    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
 
 
 class ModelVersion(Base):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import ColumnElement, Engine, exists, or_, select
+from sqlalchemy import ColumnElement, Engine, Select, or_, select
 from sqlalchemy.orm import Session
 
 from dicom_node import metrics
@@ -117,8 +117,21 @@ def _prune_empty_parent(path: Path, stop: Path) -> None:
 
 
 def files_purged() -> ColumnElement[bool]:
-    """SQL condition on ``Job``: retention has deleted the job's files (its ``retention:`` event exists)."""
-    return exists().where(JobEvent.job_id == Job.id, JobEvent.message.startswith(EVENT_PREFIX))
+    """SQL condition on ``Job``: retention has deleted the job's files (``purged_at`` is set)."""
+    return Job.purged_at.is_not(None)
+
+
+def candidates(cutoff: datetime, after_id: int) -> Select[int, str, str | None]:
+    """The next batch of finished jobs with files left, finished before ``cutoff``, by id after ``after_id``.
+
+    Its condition is ix_jobs_unpurged's, so the jobs are read through that index, never the purged history;
+    the state (failed jobs keep their files) is checked per job, with its row locked.
+    """
+    return (select(Job.id, Job.spool_path, Job.output_dir)
+            .where(Job.purged_at.is_(None), Job.finished_at.is_not(None),
+                   or_(Job.spool_path != "", Job.output_dir.is_not(None)),
+                   Job.finished_at < cutoff, Job.id > after_id)
+            .order_by(Job.id).limit(_BATCH))
 
 
 def purge(engine: Engine, data_dir: str | os.PathLike[str], retention_days: int, *,
@@ -137,16 +150,10 @@ def purge(engine: Engine, data_dir: str | os.PathLike[str], retention_days: int,
         return report
     root = Path(data_dir).expanduser().resolve()
     spool_root = root / "spool"
-    purged = files_purged()
     last_id = 0
     while True:
-        stmt = (select(Job.id, Job.spool_path, Job.output_dir)
-                .where(Job.state.in_(PURGEABLE_STATES), Job.finished_at.is_not(None),
-                       Job.finished_at < report.cutoff, Job.id > last_id, ~purged,
-                       or_(Job.spool_path != "", Job.output_dir.is_not(None)))  # files to delete
-                .order_by(Job.id).limit(_BATCH))
         with Session(engine) as session:
-            rows = session.execute(stmt).all()
+            rows = session.execute(candidates(report.cutoff, last_id)).all()
         if not rows:
             break
         for job_id, spool_path, output_dir in rows:
@@ -179,6 +186,7 @@ def _purge_job(engine: Engine, job_id: int, spool_path: str | None, output_dir: 
             return
         if output_dir:
             job.output_dir = None  # not a state change: the job stays done / ignored
+        job.purged_at = utcnow()
         session.add(JobEvent(job_id=job_id, from_state=state, to_state=state,
                              message=f"{EVENT_PREFIX} deleted {n_spool} spooled instance file(s) and "
                                      f"{n_out} output file(s)"))

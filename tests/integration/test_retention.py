@@ -91,6 +91,64 @@ def test_only_old_delivered_jobs_lose_their_files(db: NodeDb) -> None:
         db.jobs.retry(old_done)
 
 
+def test_a_retention_run_reads_the_jobs_with_files_left_never_the_purged_history(db: NodeDb) -> None:
+    """Purged jobs are marked on their row (purged_at) and fall out of the partial index retention reads
+    through, so a daily run costs the jobs that still have files, not months of history (it used to skip the
+    purged ones by searching every job's events for the retention mark). The newest-first delivery list reads
+    its index too."""
+    from dicom_node.db import Delivery
+    from dicom_node.retention import candidates
+
+    old_done = make_done(db, 1)
+    age(db, old_done, 40)
+    before = utcnow()
+    assert purge(db.engine, db.settings.storage.data_dir, 30).jobs == 1
+    assert job(db, old_done).purged_at is not None and job(db, old_done).purged_at >= before
+    batch = candidates(utcnow(), 0)
+    with db.engine.connect() as conn:
+        sql = str(batch.compile(db.engine, compile_kwargs={"literal_binds": True}))
+        plan = " ".join(str(row) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+        assert "USING INDEX ix_jobs_unpurged" in plan, plan
+        assert conn.execute(batch).all() == []
+        newest = select(Delivery).order_by(Delivery.at.desc(), Delivery.id.desc()).limit(50)
+        sql = str(newest.compile(db.engine, compile_kwargs={"literal_binds": True}))
+        plan = " ".join(str(row) for row in conn.exec_driver_sql("EXPLAIN QUERY PLAN " + sql))
+        assert "USING INDEX ix_deliveries_at" in plan, plan
+
+
+def test_the_upgrade_marks_the_jobs_purged_before_it(tmp_path: Path) -> None:
+    """A database at revision 0001 whose retention has run: its purged jobs get purged_at from their
+    retention event, the others none."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from dicom_node.db import MIGRATIONS_DIR, init_db, make_engine
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'old.db'}")
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    with engine.begin() as conn:
+        for i in (1, 2):
+            conn.execute(text(
+                "INSERT INTO jobs (id, sop_instance_uid, study_instance_uid, series_instance_uid, "
+                "sop_class_uid, calling_ae, calling_host, spool_path, state, attempts, created_at, "
+                "updated_at, finished_at) "
+                "VALUES (:i, :uid, '1.2', '1.2', '1.2', 'A', 'h', '/s', 'done', 1, :t, :t, :t)"),
+                {"i": i, "uid": f"1.2.{i}", "t": datetime(2025, 1, 1)})
+        conn.execute(text("INSERT INTO job_events (job_id, at, from_state, to_state, message) VALUES "
+                          "(1, :t, 'done', 'done', 'retention: deleted 1 spooled instance file(s)')"),
+                     {"t": datetime(2025, 3, 1)})
+    init_db(engine)
+    with Session(engine) as s:
+        assert [(j.id, j.purged_at) for j in s.scalars(select(Job).order_by(Job.id))] == [
+            (1, datetime(2025, 3, 1)), (2, None)]
+    engine.dispose()
+
+
 def test_zero_days_keeps_everything_and_age_is_respected(db: NodeDb) -> None:
     done = make_done(db, 1)
     age(db, done, 10)
