@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node import __version__, audit
 from dicom_node.config import Settings
-from dicom_node.db import Job, ModelVersion
+from dicom_node.db import Job, ModelVersion, reading
 from dicom_node.queue import JobManager
 from dicom_node.spool import free_mb
 
@@ -67,7 +67,7 @@ def list_jobs(engine: Engine, *, state: str | None, limit: int, offset: int) -> 
     if state is not None:
         stmt = stmt.where(Job.state == state)
         count = count.where(Job.state == state)
-    with Session(engine) as session:
+    with Session(reading(engine)) as session:
         total = int(session.scalar(count) or 0)
         items = [job_summary(j) for j in session.scalars(stmt.limit(limit).offset(offset))]
     return {"total": total, "limit": limit, "offset": offset, "state": state, "items": items}
@@ -75,7 +75,7 @@ def list_jobs(engine: Engine, *, state: str | None, limit: int, offset: int) -> 
 
 def job_detail(engine: Engine, job_id: int) -> dict[str, Any] | None:
     """Every column of one job worth showing, or None when it does not exist."""
-    with Session(engine) as session:
+    with Session(reading(engine)) as session:
         job = session.get(Job, job_id)
         if job is None:
             return None
@@ -139,7 +139,7 @@ def _model_dict(row: ModelVersion) -> dict[str, Any]:
 
 def model_registry(engine: Engine) -> dict[str, Any]:
     """The model registry: ``current`` (or None), ``candidates`` and every version, newest first."""
-    with Session(engine) as session:
+    with Session(reading(engine)) as session:
         rows = list(session.scalars(select(ModelVersion).order_by(ModelVersion.created_at.desc(),
                                                                   ModelVersion.id.desc())))
         versions = [_model_dict(r) for r in rows]

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, select, update
 from sqlalchemy.orm import Session
 
-from dicom_node.db import Association, Delivery, utcnow
+from dicom_node.db import Association, Delivery, reading, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -103,14 +103,14 @@ def recent_associations(engine: Engine, *, limit: int = 50, offset: int = 0,
     stmt = select(Association).order_by(Association.started_at.desc(), Association.id.desc())
     if refused is not None:
         stmt = stmt.where(Association.refused.is_(refused))
-    with Session(engine) as session:
+    with Session(reading(engine)) as session:
         return [association_dict(r) for r in session.scalars(stmt.limit(limit).offset(offset))]
 
 
 def deliveries_for(engine: Engine, job_id: int) -> list[dict[str, Any]]:
     """Every delivery attempt of one job, oldest first."""
     stmt = select(Delivery).where(Delivery.job_id == int(job_id)).order_by(Delivery.at, Delivery.id)
-    with Session(engine) as session:
+    with Session(reading(engine)) as session:
         return [delivery_dict(r) for r in session.scalars(stmt)]
 
 
@@ -121,5 +121,5 @@ def recent_deliveries(engine: Engine, *, limit: int = 50, offset: int = 0,
     stmt = select(Delivery).order_by(Delivery.at.desc(), Delivery.id.desc())
     if failed_only:
         stmt = stmt.where(Delivery.status == DELIVERY_FAILED)
-    with Session(engine) as session:
+    with Session(reading(engine)) as session:
         return [delivery_dict(r) for r in session.scalars(stmt.limit(limit).offset(offset))]

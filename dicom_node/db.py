@@ -185,6 +185,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     raise ValueError(f'Argument "url" uses the unsupported database {backend!r} (use sqlite or postgresql).')
 
 
+_READ_ONLY = "cxr_read_only"
+
+
 def _configure_sqlite(engine: Engine) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -200,7 +203,15 @@ def _configure_sqlite(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # a writer takes the write lock at once (no deadlock upgrading a read lock); a reader of ``reading``
+        # takes none: under WAL it reads its snapshot while C-STOREs and workers go on writing
+        conn.exec_driver_sql("BEGIN" if conn.get_execution_options().get(_READ_ONLY) else "BEGIN IMMEDIATE")
+
+
+def reading(engine: Engine) -> Engine:
+    """``engine`` for transactions that only read (status, lists, metrics, retention's scan): on SQLite they
+    do not take the write lock, which every other transaction takes at its start."""
+    return engine.execution_options(**{_READ_ONLY: True})
 
 
 def init_db(engine: Engine) -> None:

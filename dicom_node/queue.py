@@ -29,7 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from dicom_node.config import WorkerSettings
-from dicom_node.db import Delivery, Job, JobEvent, ModelVersion, utcnow
+from dicom_node.db import Delivery, Job, JobEvent, ModelVersion, reading, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,10 @@ class JobManager:
     def _session(self) -> Session:
         return Session(self.engine, expire_on_commit=False)
 
+    def _reading(self) -> Session:
+        """A session that only reads (no write lock on SQLite)."""
+        return Session(reading(self.engine), expire_on_commit=False)
+
     def _move(self, session: Session, job: Job, new: JobState, message: str = "",
               action: str | None = None, level: int = logging.INFO) -> None:
         old = job.state
@@ -163,7 +167,7 @@ class JobManager:
         retention has not deleted its files. A re-sent instance's new file is kept only then."""
         from dicom_node.retention import files_purged
 
-        with self._session() as session:
+        with self._reading() as session:
             return session.execute(select(Job.id).where(
                 Job.id == job_id, Job.spool_path == spool_path, ~files_purged())).scalar() is not None
 
@@ -297,7 +301,7 @@ class JobManager:
 
         Deliveries from before an operator's resend of a done job do not count: a resend sends again.
         """
-        with self._session() as session:
+        with self._reading() as session:
             resent_at = session.execute(select(func.max(JobEvent.at)).where(
                 JobEvent.job_id == job_id, JobEvent.from_state == JobState.DONE.value,
                 JobEvent.to_state == JobState.EXPORTING.value)).scalar()
@@ -434,14 +438,14 @@ class JobManager:
     def counts(self) -> dict[str, int]:
         """Number of jobs per state (every state present, zero included)."""
         out = {s.value: 0 for s in JobState}
-        with self._session() as session:
+        with self._reading() as session:
             for state, n in session.execute(select(Job.state, func.count()).group_by(Job.state)):
                 out[state] = int(n)
         return out
 
     def oldest_waiting(self) -> dict[str, Any] | None:
         """The oldest job not yet finished (queued, processing or exporting), or None."""
-        with self._session() as session:
+        with self._reading() as session:
             job = session.execute(
                 select(Job).where(Job.state.in_([JobState.QUEUED.value, *[s.value for s in LEASED_STATES]]))
                 .order_by(Job.created_at, Job.id).limit(1)).scalar()
@@ -453,7 +457,7 @@ class JobManager:
 
     def recent_failures(self, limit: int = 10) -> list[dict[str, Any]]:
         """The newest failed jobs with their reasons."""
-        with self._session() as session:
+        with self._reading() as session:
             jobs = session.execute(select(Job).where(Job.state == JobState.FAILED.value)
                                    .order_by(Job.updated_at.desc(), Job.id.desc()).limit(limit)).scalars()
             return [{"job_id": j.id, "sop_instance_uid": j.sop_instance_uid, "calling_ae": j.calling_ae,
@@ -462,7 +466,7 @@ class JobManager:
 
     def history(self, job_id: int) -> list[dict[str, Any]]:
         """The job's transitions, oldest first."""
-        with self._session() as session:
+        with self._reading() as session:
             events: Sequence[JobEvent] = session.execute(
                 select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).scalars().all()
             return [{"at": e.at, "from_state": e.from_state, "to_state": e.to_state, "message": e.message}
@@ -470,7 +474,7 @@ class JobManager:
 
     def current_model(self) -> ModelVersion | None:
         """The registry's current model version, or None when the registry is empty."""
-        with self._session() as session:
+        with self._reading() as session:
             return session.execute(select(ModelVersion).where(ModelVersion.status == "current")
                                    .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc())
                                    .limit(1)).scalar()

@@ -26,7 +26,7 @@ from sqlalchemy import ColumnElement, Engine, Select, or_, select
 from sqlalchemy.orm import Session
 
 from dicom_node import metrics
-from dicom_node.db import Job, JobEvent, utcnow
+from dicom_node.db import Job, JobEvent, reading, utcnow
 from dicom_node.spool import free_mb
 
 log = logging.getLogger(__name__)
@@ -152,7 +152,7 @@ def purge(engine: Engine, data_dir: str | os.PathLike[str], retention_days: int,
     spool_root = root / "spool"
     last_id = 0
     while True:
-        with Session(engine) as session:
+        with Session(reading(engine)) as session:
             rows = session.execute(candidates(report.cutoff, last_id)).all()
         if not rows:
             break

@@ -23,7 +23,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
-from dicom_node.db import ModelVersion, utcnow
+from dicom_node.db import ModelVersion, reading, utcnow
 from dicom_node.errors import NodeError
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ def as_dict(row: ModelVersion) -> dict[str, Any]:
 
 def list_versions(engine: Engine) -> list[dict[str, Any]]:
     """Every registered version, newest first."""
-    with Session(engine) as s:
+    with Session(reading(engine)) as s:
         rows = s.execute(select(ModelVersion).order_by(ModelVersion.created_at.desc(),
                                                        ModelVersion.id.desc())).scalars()
         return [as_dict(r) for r in rows]
@@ -49,7 +49,7 @@ def list_versions(engine: Engine) -> list[dict[str, Any]]:
 
 def current(engine: Engine) -> dict[str, Any] | None:
     """The current version, or None when the registry holds none."""
-    with Session(engine) as s:
+    with Session(reading(engine)) as s:
         row = s.execute(select(ModelVersion).where(ModelVersion.status == "current")
                         .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc()).limit(1)).scalar()
         return as_dict(row) if row else None

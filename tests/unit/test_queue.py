@@ -6,13 +6,15 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from dicom_node.config import WorkerSettings
-from dicom_node.db import JobEvent, init_db, make_engine
+from dicom_node.db import Job, JobEvent, init_db, make_engine
 from dicom_node.queue import (
     TRANSITIONS,
     JobManager,
@@ -81,6 +83,32 @@ def test_sqlite_is_durable_and_schema_matches_models(engine: Engine) -> None:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], f"models and migrations differ: {diff}"
     init_db(engine)  # idempotent
+
+
+def test_a_reader_never_holds_up_a_writer_on_sqlite(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                    settings: WorkerSettings) -> None:
+    """Status pages, metrics scrapes, lists and retention's scan only read: on SQLite their transactions take
+    no write lock (every transaction took one), so a C-STORE's enqueue goes on while one is open; here the
+    wait for the lock is cut to half a second, so a held lock fails the enqueue."""
+    import dicom_node.db as db_module
+    from dicom_node.admin_data import list_jobs
+    from dicom_node.db import reading
+
+    monkeypatch.setattr(db_module, "SQLITE_BUSY_TIMEOUT_MS", 500)
+    engine = make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
+    init_db(engine)
+    jm = JobManager(engine, settings)
+    enqueue(jm, "1.2.1")
+    with Session(reading(engine)) as reader:  # a long read, its transaction open
+        assert reader.execute(select(Job.id)).scalars().all() == [1] and reader.in_transaction()
+        assert enqueue(jm, "1.2.2") == (2, True)
+        assert jm.counts()["queued"] == 2
+        assert list_jobs(engine, state=None, limit=10, offset=0)["total"] == 2
+    with Session(engine) as writer, writer.begin():  # a writer still locks out the next writer at once
+        writer.execute(select(Job.id)).all()
+        with pytest.raises(OperationalError, match="locked"):
+            enqueue(jm, "1.2.3")
+    engine.dispose()
 
 
 def test_make_engine_rejects_unknown_backends() -> None:
