@@ -11,9 +11,10 @@ Times are naive UTC ``datetime`` values everywhere (the same on SQLite and Postg
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import (
     JSON,
@@ -42,6 +43,18 @@ _MIGRATION_LOCK_KEY = 0x6378726E6F6465  # "cxrnode"
 def utcnow() -> datetime:
     """The current time as naive UTC, the form every timestamp column holds."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def database_clock(engine: Engine) -> Callable[[], datetime]:
+    """The database server's clock as naive UTC: on a PostgreSQL queue shared by several machines, one
+    clock stamps and judges every lease and backoff, whatever each machine's own clock says."""
+    query = text("SELECT statement_timestamp() AT TIME ZONE 'UTC'")
+
+    def now() -> datetime:
+        with engine.connect() as conn:
+            return cast(datetime, conn.execute(query).scalar_one())
+
+    return now
 
 
 class Base(DeclarativeBase):

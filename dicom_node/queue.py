@@ -29,7 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from dicom_node.config import WorkerSettings
-from dicom_node.db import Delivery, Job, JobEvent, ModelVersion, reading, utcnow
+from dicom_node.db import Delivery, Job, JobEvent, ModelVersion, database_clock, reading, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -96,18 +96,21 @@ def backoff_delay(attempts: int, settings: WorkerSettings) -> float:
 class JobManager:
     """All reads and writes of jobs. Thread-safe; share one per process (it holds only the engine).
 
-    ``clock`` returns naive UTC ``datetime`` values; tests pass a controllable one.
+    ``clock`` returns naive UTC ``datetime`` values; tests pass a controllable one. By default it is the
+    database server's clock on PostgreSQL (several machines share the queue: a worker whose clock runs ahead
+    must not take live workers' jobs) and this machine's on SQLite (one machine).
     """
 
     def __init__(self, engine: Engine, worker_settings: WorkerSettings | None = None,
-                 *, clock: Callable[[], datetime] = utcnow, export_max_attempts: int | None = None) -> None:
+                 *, clock: Callable[[], datetime] | None = None,
+                 export_max_attempts: int | None = None) -> None:
         if not isinstance(engine, Engine):
             raise TypeError('Argument "engine" must be a sqlalchemy Engine.')
         if export_max_attempts is not None and export_max_attempts < 1:
             raise ValueError('Argument "export_max_attempts" must be at least 1.')
         self.engine = engine
         self.settings = worker_settings or WorkerSettings()
-        self.clock = clock
+        self.clock = clock or (database_clock(engine) if engine.dialect.name == "postgresql" else utcnow)
         # Delivery tries before a job fails (a PACS down for maintenance must not fail jobs quickly);
         # None: the same limit as inference, worker.max_attempts.
         self.export_max_attempts = export_max_attempts or self.settings.max_attempts

@@ -139,3 +139,34 @@ def test_worker_on_postgres_processes_and_delivers(postgres_url: str, tmp_path: 
         sr_uid = job.sr_sop_instance_uid
     assert sr_uid in {str(pydicom.dcmread(f).SOPInstanceUID) for f in dest.files()}
     engine.dispose()
+
+
+def test_leases_follow_the_database_clock_not_each_machines(postgres_url: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several machines share a PostgreSQL queue: one whose clock runs 301 s ahead (lease 300 s) must not take
+    a live worker's job as stalled, nor see its own backoff end early; the database server's clock judges."""
+    from datetime import datetime, timedelta
+
+    import dicom_node.db as db_module
+
+    engine = make_engine(postgres_url)
+    init_db(engine)
+    a = JobManager(engine, WorkerSettings(lease_s=300))
+    job_id, _ = a.enqueue(sop_instance_uid=_uid(999), study_instance_uid="1.2.3",
+                          series_instance_uid="1.2.3.4", sop_class_uid="1.2.840.10008.5.1.4.1.1.1",
+                          calling_ae="MOD", calling_host="127.0.0.1", spool_path="/spool/999.dcm")
+    assert [j.id for j in a.claim("A")] == [job_id]
+
+    class Ahead(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Any:  # type: ignore[override]
+            return datetime.now(tz) + timedelta(seconds=301)
+
+    monkeypatch.setattr(db_module, "datetime", Ahead)
+    assert db_module.utcnow() - datetime.now() > timedelta(seconds=300)  # this machine's clock is ahead now
+    b = JobManager(engine, WorkerSettings(lease_s=300))
+    assert b.reclaim_stalled() == 0 and b.claim("B") == []
+    assert a.heartbeat("A", [job_id]) == [job_id]
+    with Session(engine) as session:
+        assert session.get(Job, job_id).lease_owner == "A"
+    engine.dispose()
