@@ -32,6 +32,20 @@ def _poll(fn: Callable[[], Any], timeout: float, what: str, node: NodeProcess) -
     raise AssertionError(f"{what} not seen after {timeout} s; node log:\n{node.log_text()[-4000:]}")
 
 
+def test_serve_without_a_worker_is_healthy(node_process: Callable[..., NodeProcess]) -> None:
+    """The scale-out layout (compose, the production example): serve runs the listener and no worker, so
+    its /health has no model to wait for (it answered 503 "no model loaded yet" for ever, the container
+    unhealthy)."""
+    admin_port = free_port()
+    node = node_process({"admin": {"port": admin_port, "bind_address": "127.0.0.1"},
+                         "worker": {"run_in_serve": False}}, env={"CXRNODE_ADMIN_TOKEN": TOKEN})
+    with httpx.Client(base_url=f"http://127.0.0.1:{admin_port}", timeout=30) as c:
+        health = _poll(lambda: _get_ok(c, "/health"), 60, "admin /health", node)
+        assert health["checks"]["model"] == {"ok": True, "loaded": None,
+                                             "detail": "this process runs no worker"}
+    assert node.stop() == 0
+
+
 def test_serve_exposes_admin_api_and_metrics(node_process: Callable[..., NodeProcess],
                                              storescp: Callable[..., StoreSCP], tmp_path: Path) -> None:
     pacs = storescp("PACS")
