@@ -24,13 +24,29 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v '^WARNING: Location' || true
+root=$(pwd)
+# pip's own output, less its noise; its exit status stands (a failed install must not read as "installed")
+pip_quiet() {
+  local out rc=0
+  out=$(.venv/bin/python -m pip "$@" 2>&1) || rc=$?
+  printf '%s\n' "$out" | grep -vE '^WARNING: Location|^\s*$' || true
+  return $rc
+}
+if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # none yet, or one left half-made
+  "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || {
+    echo "install.sh: cxr-node needs Python 3.11 or newer; '$PY' is not (set PYTHON=python3.11 or newer)" >&2
+    exit 1; }
+  "$PY" -m venv --clear .venv || {
+    echo "install.sh: '$PY -m venv' failed: install the python3-venv package (apt-get install python3-venv)" >&2
+    exit 1; }
+fi
+pip_quiet install -q --upgrade pip || { echo "install.sh: pip could not upgrade itself (see above)" >&2; exit 1; }
 # torch/torchvision pinned to the versions this project is tested with.
 extra=""
 [ $want_test = 1 ] && extra="[test]"
-.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1" -e ".${extra}" 2>&1 \
-  | grep -vE '^WARNING: Location|^\s*$' || true
-.venv/bin/python -c "import dicom_node, inference, training, torch, pynetdicom, highdicom" \
+pip_quiet install -q "torch==2.14.1" "torchvision==0.29.1" -e ".${extra}" \
+  || { echo "install.sh: pip could not install cxr-node and its dependencies (see above)" >&2; exit 1; }
+# checked from outside the checkout, so that its folders do not stand in for the installed packages
+(cd / && "$root/.venv/bin/python" -c "import dicom_node, inference, training, torch, pynetdicom, highdicom") \
   || { echo "install.sh: the installation is incomplete" >&2; exit 1; }
-echo "cxr-node installed in $(pwd)/.venv (run: .venv/bin/cxr-node serve)"
+echo "cxr-node installed in $root/.venv (run: .venv/bin/cxr-node serve)"

@@ -144,3 +144,38 @@ def test_dockerfiles_copy_existing_paths_and_pin_torch(dockerfile: str) -> None:
         assert pin in text, f"{dockerfile} does not pin {pin} like deploy/install.sh"
     assert "USER cxrnode" in text and "HEALTHCHECK" in text and "/health" in text
     assert (DEPLOY / f"{dockerfile}.dockerignore").is_file()
+
+
+_FAKE_PYTHON = """#!/bin/sh
+# a Python whose pip cannot reach its index (a proxy, no network); everything else succeeds
+[ "$1" = "-c" ] && exit 0
+if [ "$1 $2" = "-m venv" ]; then mkdir -p .venv/bin && cp "$0" .venv/bin/python && exit 0; fi
+if [ "$1 $2" = "-m pip" ]; then
+  [ "$3" = "--version" ] && exit 1  # so the venv is (re)made with "$PY -m venv"
+  [ "$3 $4 $5" = "install -q --upgrade" ] && exit 0
+  echo "ERROR: Could not find a version that satisfies the requirement torch==2.14.1" >&2
+  exit 1
+fi
+exit 0
+"""
+
+
+@pytest.mark.parametrize("venv", ["none", "half-made"])
+def test_install_sh_fails_when_pip_fails(venv: str, tmp_path: Path) -> None:
+    """A failed pip install (here: the index unreachable) ends install.sh with an error, not with
+    "cxr-node installed"; a venv left without pip (python3-venv missing on the first try) is made again."""
+    (tmp_path / "deploy").mkdir()
+    shutil.copy(DEPLOY / "install.sh", tmp_path / "deploy" / "install.sh")
+    fake = tmp_path / "fake-python"
+    fake.write_text(_FAKE_PYTHON)
+    fake.chmod(0o755)
+    if venv == "half-made":
+        (tmp_path / ".venv" / "bin").mkdir(parents=True)
+        (tmp_path / ".venv" / "bin" / "python").symlink_to("/bin/false")
+    out = subprocess.run(["bash", str(tmp_path / "deploy" / "install.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": str(fake)}, timeout=60)
+    assert out.returncode != 0, out.stdout + out.stderr
+    assert "cxr-node installed" not in out.stdout
+    assert "Could not find a version" in out.stdout + out.stderr
+    assert "install.sh: pip could not install cxr-node and its dependencies" in out.stderr
+    assert (tmp_path / ".venv" / "bin" / "python").read_text() == _FAKE_PYTHON  # made again by "$PY -m venv"
