@@ -170,12 +170,16 @@ class ExportSettings(_Section):
     @field_validator("callers", mode="before")
     @classmethod
     def _parse_callers(cls, v: Any) -> Any:
+        if not isinstance(v, dict):
+            raise ValueError('a table of the config file: [export.callers] AET = "HOST:PORT"')
         out = {}
-        for aet, peer in dict(v).items():
+        for aet, peer in v.items():
             if isinstance(peer, str):
                 peer = Peer.parse(peer if "@" in peer else f"{aet}@{peer}")
             elif isinstance(peer, dict):
                 peer = Peer(**{"ae_title": aet, **peer})
+            if isinstance(peer, Peer) and (not peer.host or not peer.port):
+                raise ValueError(f"caller {aet}: {v[aet]!r} must be HOST:PORT (that peer's own listener)")
             out[aet] = peer
         return out
 
@@ -223,8 +227,8 @@ def _env_overrides(environ: dict[str, str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     sections = Settings.model_fields
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == "CXRNODE_CONFIG":
-            continue
+        if not name.startswith(ENV_PREFIX) or name == "CXRNODE_CONFIG" or value == "":
+            continue  # an empty variable (compose's ${VAR:-}) leaves the key to the file or its default
         rest = name[len(ENV_PREFIX):].lower()
         for section in sections:
             if rest.startswith(section + "_"):
@@ -276,6 +280,11 @@ def load_settings(
             raise ConfigError(f"config file {path} does not exist") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path}: {exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+                              ) from None
+        except OSError as exc:  # a directory, no permission, ...
+            raise ConfigError(f"config file {path} cannot be read: {exc.strerror or exc}") from None
     data = _merge(data, _env_overrides(environ))
     data = _merge(data, overrides or {})
     try:

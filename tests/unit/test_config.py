@@ -95,6 +95,7 @@ def test_config_file_from_environment_variable(tmp_path: Path) -> None:
     ("[worker]\nlease_s = -1\n", "worker.lease_s"),
     ("[export]\ndestinations = [\"PACS@nohostport\"]\n", "export.destinations"),
     ("[listener]\nprot = 104\n", "listener.prot"),
+    ("[export.callers]\nPACS = \"10.0.0.1\"\n", "export.callers"),  # no port: every delivery would fail
 ])
 def test_bad_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError, match=f"'{key}"):
@@ -113,6 +114,25 @@ def test_missing_or_broken_file(tmp_path: Path) -> None:
         load_settings(tmp_path / "nope.toml", environ={})
     with pytest.raises(ConfigError, match="cxr-node.toml"):
         load_settings(write(tmp_path, "[listener\nport = 1"), environ={})
+    # unreadable ones are named too, not a traceback
+    with pytest.raises(ConfigError, match="cannot be read: Is a directory"):
+        load_settings(tmp_path, environ={})
+    latin1 = tmp_path / "latin1.toml"
+    latin1.write_bytes("# Göttingen\n[listener]\nport = 104\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.toml is not UTF-8 text"):
+        load_settings(latin1, environ={})
+
+
+def test_empty_environment_variables_leave_the_default(tmp_path: Path) -> None:
+    """An empty variable (compose's ${VAR:-}) is unset: an empty model path became the working directory,
+    an empty data directory put the database there too."""
+    settings = load_settings(environ={"CXRNODE_MODEL_PATH": "", "CXRNODE_STORAGE_DATA_DIR": "",
+                                      "CXRNODE_LISTENER_PORT": ""})
+    defaults = load_settings(environ={})
+    assert settings.model.path == defaults.model.path and settings.db_url == defaults.db_url
+    assert settings.listener.port == defaults.listener.port
+    with pytest.raises(ConfigError, match=r"export.callers.*a table of the config file"):
+        load_settings(environ={"CXRNODE_EXPORT_CALLERS": "PACS=10.0.0.1:104"})
 
 
 def test_settings_are_typed() -> None:
