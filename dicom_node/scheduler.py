@@ -4,7 +4,9 @@ Only ``serve`` starts the scheduler (never ``cxr-node worker``), so on a scaled-
 once per installation, on the listener's machine. Both jobs run in a background thread, never two at a time
 (a job due while the other runs waits for it; ``max_instances=1`` for each), and missed runs (the node was
 down) are coalesced into one run at start-up when they are less than an hour late. Crontab lines are read as
-cron reads them: day of week 0 or 7 is Sunday.
+cron reads them: day of week 0 or 7 is Sunday. A run in progress never holds up the node's exit (its thread
+is a daemon): both are safe to cut short (retention commits job by job; a retraining candidate is registered
+at its end only).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 import threading
 from typing import Any
 
+from apscheduler.executors.base import BaseExecutor, run_job
+from apscheduler.job import Job as SchedulerJob
 from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.cron import CronTrigger
 from sqlalchemy import Engine
@@ -105,6 +109,27 @@ def _guarded(name: str, func: Any, *args: Any) -> None:
             log.exception("scheduled job %s failed", name, extra={"action": f"{name}_failed"})
 
 
+class DaemonThreadExecutor(BaseExecutor):
+    """Runs each job in a daemon thread of its own. APScheduler's thread pool is joined when the interpreter
+    exits, so a stop during a retraining run waited for it until systemd or Docker killed the process."""
+
+    def _do_submit_job(self, job: SchedulerJob, run_times: list[Any]) -> None:
+        def target() -> None:
+            try:
+                events = run_job(job, job._jobstore_alias, run_times, self._logger.name)
+            except BaseException as exc:
+                self._run_job_error(job.id, exc, exc.__traceback__)
+            else:
+                self._run_job_success(job.id, events)
+
+        threading.Thread(target=target, name=f"cxr-{job.id}", daemon=True).start()
+
+
+def running() -> bool:
+    """Whether a scheduled run (retention or retraining) is in progress in this process."""
+    return _ONE_AT_A_TIME.locked()
+
+
 def start_scheduler(settings: Settings, engine: Engine) -> BackgroundScheduler:
     """Start the background scheduler with the retention and (if ``retrain.cron`` is set) retrain jobs.
 
@@ -118,7 +143,7 @@ def start_scheduler(settings: Settings, engine: Engine) -> BackgroundScheduler:
     """
     if not isinstance(settings, Settings):
         raise TypeError('Argument "settings" must be a dicom_node.config.Settings.')
-    scheduler = BackgroundScheduler(timezone=None, daemon=True)
+    scheduler = BackgroundScheduler(timezone=None, daemon=True, executors={"default": DaemonThreadExecutor()})
     common = {"max_instances": 1, "coalesce": True, "misfire_grace_time": _MISFIRE_GRACE_S,
               "replace_existing": True}
     if settings.storage.retention_days > 0:

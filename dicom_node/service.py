@@ -152,6 +152,11 @@ class _Node:
         if self.admin is not None:
             self.admin.stop()
         if self.scheduler is not None:
+            from dicom_node.scheduler import running
+
+            if running():
+                log.warning("a scheduled retention or retraining run stops with the node; the next run takes "
+                            "up what is left", extra={"action": "scheduled_run_cut_short"})
             self.scheduler.shutdown(wait=False)
         self.engine.dispose()
         log.info("cxr-node stopped", extra={"action": "node_stopped"})

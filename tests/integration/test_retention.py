@@ -208,6 +208,40 @@ def test_scheduler_registers_and_runs_retention(db: NodeDb) -> None:
     assert not Path(job(db, done).spool_path).exists()
 
 
+_SLOW_RUN = '''
+import sys, threading, time
+from datetime import UTC, datetime
+import dicom_node.scheduler as scheduler_module
+from dicom_node.config import Settings
+
+started = threading.Event()
+def slow(settings, engine):
+    started.set()
+    time.sleep(120)
+scheduler_module.run_retention = slow
+settings = Settings.model_validate({"storage": {"data_dir": sys.argv[1], "retention_days": 30}})
+scheduler = scheduler_module.start_scheduler(settings, None)
+scheduler.modify_job(scheduler_module.RETENTION_JOB_ID, next_run_time=datetime.now(UTC))
+assert started.wait(30), "the run did not start"
+assert scheduler_module.running()
+scheduler.shutdown(wait=False)
+print("stopping", flush=True)
+'''
+
+
+def test_a_scheduled_run_never_holds_up_the_exit(tmp_path: Path) -> None:
+    """Stopping the node during a long retention or retraining run: the process ends at once. APScheduler's
+    thread pool is joined at exit, so it waited for the run until systemd (90 s) or Docker killed it."""
+    import subprocess
+    import sys
+
+    started = time.monotonic()
+    out = subprocess.run([sys.executable, "-c", _SLOW_RUN, str(tmp_path)], capture_output=True, text=True,
+                         timeout=150)
+    assert out.returncode == 0 and "stopping" in out.stdout, out.stderr
+    assert time.monotonic() - started < 60, "the exit waited for the scheduled run"
+
+
 def test_scheduler_retrain_cron_and_bad_expressions(db: NodeDb) -> None:
     data_dir = db.settings.storage.data_dir
     s = make_settings(data_dir)
