@@ -33,6 +33,13 @@ class DestinationUnreachable(ExportError):
     """The destination did not accept an association."""
 
 
+class ExportRefused(ExportError):
+    """The destination refuses these results for good: sending again cannot help until its settings or the
+    node's change (a SOP class or data set it does not take, a permanent rejection, unusable TLS settings)."""
+
+    retryable = False
+
+
 class NotAssessable(PermanentError):
     """The image cannot be assessed by the model (the reason says why)."""
 

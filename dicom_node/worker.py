@@ -29,6 +29,7 @@ from typing import Any
 
 import pydicom
 from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.uid import UID, Comprehensive3DSRStorage, ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -38,6 +39,7 @@ from dicom_node.errors import ExportError, InvalidInstance, ModelBundleError, No
 from dicom_node.export import NoDestination, destinations_for, send
 from dicom_node.queue import ClaimedJob, JobManager, JobState, LeaseLost
 from dicom_node.spool import write_atomic
+from dicom_node.tls import client_context
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +163,7 @@ class Worker:
             raise ValueError('Argument "model_check_interval_s" must be positive.')
         self.settings = settings
         self.engine = engine
+        client_context(settings.export.tls)  # a TLS mistake stops the start, not each delivery later
         self.jm = job_manager or JobManager(
             engine, settings.worker, export_max_attempts=settings.worker.export_max_attempts)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
@@ -450,6 +453,23 @@ class Worker:
                          replace=True)
         return out_dir
 
+    def _current_outputs(self, files: list[Path]) -> tuple[list[Path], str]:
+        """The stored outputs to send under the export settings now in force, and why they must be built
+        again ('' when they need not): the heatmap is left out when ``send_heatmap`` is now off; an SR of
+        another SOP class than ``sr_sop_class`` asks for is built anew (retried after the setting changed)."""
+        srs = {"comprehensive3d": Comprehensive3DSRStorage, "comprehensive": ComprehensiveSRStorage}
+        wanted = srs[self.settings.export.sr_sop_class]
+        keep: list[Path] = []
+        for path in files:
+            sop_class = _sop_class(path)
+            if sop_class == SecondaryCaptureImageStorage and not self.settings.export.send_heatmap:
+                continue
+            if sop_class in srs.values() and sop_class != wanted:
+                return files, (f"the stored SR is {UID(sop_class).name}, export.sr_sop_class asks for "
+                               f"{wanted.name}")
+            keep.append(path)
+        return keep, ""
+
     def _export(self, job: ClaimedJob) -> None:
         files = sorted(Path(job.output_dir).glob("*.dcm")) if job.output_dir else []
         spool_dir = self.settings.storage.spool_dir
@@ -459,6 +479,11 @@ class Worker:
             return
         if not files:
             self.jm.requeue_for_inference(job.id, "stored outputs are missing; computing them again",
+                                          worker_id=self.worker_id)
+            return
+        files, stale = self._current_outputs(files)
+        if stale:  # e.g. export.sr_sop_class changed for a PACS without 3D SR: a retry must send the new kind
+            self.jm.requeue_for_inference(job.id, f"{stale}; building the outputs again",
                                           worker_id=self.worker_id)
             return
         try:
@@ -477,12 +502,14 @@ class Worker:
                 raise LeaseLost(f"job {job.id} is no longer leased by {self.worker_id}; not sent to {dest}")
             try:
                 with metrics.time_stage("export"):
-                    send(files, dest, self.settings.export, calling_ae=self.settings.listener.ae_title)
+                    warnings = send(files, dest, self.settings.export,
+                                    calling_ae=self.settings.listener.ae_title)
             except ExportError as exc:
                 errors.append(exc)
                 self.jm.record_delivery(job.id, str(dest), "failed", str(exc))
                 continue
-            self.jm.record_delivery(job.id, str(dest), "sent")
+            # stored, but the destination said something (coerced, not validated...): kept with the delivery
+            self.jm.record_delivery(job.id, str(dest), "sent", "; ".join(warnings) or None)
             log.info("job %s: results sent to %s", job.id, dest,
                      extra={"action": "job_delivered", "job_id": job.id, "destination": str(dest)})
         if errors:
@@ -491,6 +518,10 @@ class Worker:
         seconds = self.jm.complete(job.id, worker_id=self.worker_id,
                                    message=f"sent to {', '.join(str(d) for d in destinations)}")
         metrics.record_job_finished("done", seconds)
+
+
+def _sop_class(path: Path) -> str:
+    return str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"]).SOPClassUID)
 
 
 def _uid_of(datasets: Sequence[pydicom.Dataset], *, sr: bool) -> str | None:

@@ -10,7 +10,7 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000Lossless
 
 from dicom_node.config import ExportSettings, Peer, load_settings
-from dicom_node.errors import DestinationUnreachable, ExportError
+from dicom_node.errors import DestinationUnreachable, ExportError, ExportRefused
 from dicom_node.export import NoDestination, destinations_for, send
 from inference.phantom import make_dicom
 from tests.fixtures.common import free_port
@@ -93,10 +93,14 @@ def test_a_destination_that_never_answers_the_connect_fails_within_the_timeout()
         server.close()
 
 
-def test_wrong_called_ae_is_unreachable(orthanc: Orthanc) -> None:
+def test_wrong_called_ae_is_refused_for_good_with_the_reason(orthanc: Orthanc) -> None:
+    """A permanent A-ASSOCIATE-RJ names its reason (it said "association rejected", like a PACS that is
+    down) and is not retried."""
     ds = make_dicom(shape=(64, 64))
-    with pytest.raises(DestinationUnreachable, match="rejected"):
+    with pytest.raises(ExportRefused, match="rejected permanently by the Service User: Called AE title not "
+                                            "recognised") as err:
         send([ds], Peer(ae_title="NOTORTHANC", host="127.0.0.1", port=orthanc.dicom_port), EXPORT)
+    assert not err.value.retryable
     send([ds], Peer(ae_title=orthanc.aet, host="127.0.0.1", port=orthanc.dicom_port), EXPORT)
     [instance] = orthanc.instances()
     assert orthanc.tags(instance)["SOPInstanceUID"] == ds.SOPInstanceUID
@@ -110,6 +114,41 @@ def test_failure_status_raises_export_error(node_listener: Callable[..., Listene
         send([ds], Peer(ae_title="CXRNODE", host="127.0.0.1", port=node.port), EXPORT, calling_ae="EXPORTER")
     assert not isinstance(err.value, DestinationUnreachable)
     assert err.value.retryable
+
+
+def test_a_status_the_same_object_gets_again_is_permanent_and_the_next_object_still_goes(
+        node_listener: Callable[..., Listener]) -> None:
+    """0xC000 (cannot understand) will come back on every attempt: permanent, and the objects after it are
+    still offered on the same association. Here the node's own listener refuses an invalid Study UID."""
+    node = node_listener()
+    refused = make_dicom(shape=(64, 64))
+    refused.StudyInstanceUID = "1.2.03.4"  # a leading zero: not a valid UID
+    fine = make_dicom(shape=(64, 64))
+    with pytest.raises(ExportRefused, match="0xC000") as err:
+        send([refused, fine], Peer(ae_title="CXRNODE", host="127.0.0.1", port=node.port), EXPORT,
+             calling_ae="EXPORTER")
+    assert not err.value.retryable
+    assert [j.sop_instance_uid for j in node.job_rows()] == [str(fine.SOPInstanceUID)]
+
+
+def test_warning_statuses_come_back_to_be_recorded() -> None:
+    """A warning (0xB000: coercion of data elements) is a success, but what the destination said is returned
+    for the delivery record, not only logged. No DICOM peer installed here answers warnings on demand, so a
+    pynetdicom SCP does."""
+    from pydicom.uid import ComputedRadiographyImageStorage
+    from pynetdicom import AE, evt
+
+    scp = AE(ae_title="WARNS")
+    scp.add_supported_context(ComputedRadiographyImageStorage, ExplicitVRLittleEndian)
+    server = scp.start_server(("127.0.0.1", 0), block=False,
+                              evt_handlers=[(evt.EVT_C_STORE, lambda event: 0xB000)])
+    try:
+        ds = make_dicom(shape=(64, 64))
+        warnings = send([ds], Peer(ae_title="WARNS", host="127.0.0.1", port=server.server_address[1]), EXPORT)
+    finally:
+        server.shutdown()
+    assert warnings == [f"Computed Radiography Image Storage {ds.SOPInstanceUID} stored with warning "
+                        "0xB000 Warning: Coercion of Data Elements"]
 
 
 def test_destinations_for() -> None:
@@ -130,3 +169,62 @@ def test_send_checks_arguments(tmp_path: Path) -> None:
         send([make_dicom(shape=(32, 32))], Peer(ae_title="X"), EXPORT)
     with pytest.raises(TypeError, match='"export_settings"'):
         send([], Peer.parse("X@127.0.0.1:104"), None)  # type: ignore[arg-type]
+
+
+def _stalling_proxy(target_port: int, forward: int) -> int:
+    """A TCP proxy in front of ``target_port`` that passes the first ``forward`` bytes towards it, then stops
+    reading: a PACS whose storage hangs mid-transfer. Returns its port."""
+    import socket
+    import threading
+    import time
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def run() -> None:
+        client, _ = listener.accept()
+        upstream = socket.create_connection(("127.0.0.1", target_port))
+
+        def down() -> None:
+            while data := upstream.recv(65536):
+                client.sendall(data)
+
+        threading.Thread(target=down, daemon=True).start()
+        passed = 0
+        while passed < forward and (data := client.recv(min(4096, forward - passed))):
+            upstream.sendall(data)
+            passed += len(data)
+        time.sleep(120)  # reads nothing more; the node's send blocks once the buffers are full
+
+    threading.Thread(target=run, daemon=True).start()
+    return int(listener.getsockname()[1])
+
+
+def test_a_pacs_that_stops_reading_mid_transfer_fails_the_send_within_the_timeout(
+        storescp: Callable[..., StoreSCP]) -> None:
+    """pynetdicom clears the socket's timeout once connected: a destination that stopped reading held the
+    worker's send for ever (and its heartbeat kept the job leased, so no other worker took it over)."""
+    import threading
+
+    dest = storescp()
+    port = _stalling_proxy(dest.port, 64 * 1024)
+    big = make_dicom(shape=(2900, 2900), bits_stored=16)  # 16 MiB: more than the socket buffers hold
+    outcome: list[BaseException | None] = []
+
+    def deliver() -> None:
+        try:
+            send([big], Peer(ae_title=dest.ae_title, host="127.0.0.1", port=port),
+                 ExportSettings(network_timeout_s=2))
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            outcome.append(exc)
+
+    sender = threading.Thread(target=deliver, daemon=True)  # a hang must fail the test, not block it
+    sender.start()
+    sender.join(30)
+    assert not sender.is_alive(), "the send still blocks 30 s after a 2 s network_timeout_s"
+    (error,) = outcome
+    assert isinstance(error, ExportError) and error.retryable and "no C-STORE response" in str(error)
+    assert dest.files() == []

@@ -88,3 +88,25 @@ def test_tls_settings_errors_name_the_key(tmp_path: Path, tls_files: TLSFiles) -
     with pytest.raises(TLSConfigError, match="certificate/key"):
         server_context(TLSSettings(enabled=True, cert_file=tls_files.server_cert,
                                    key_file=tls_files.client_key))
+
+
+def test_unusable_export_tls_settings_stop_the_worker_start_and_are_never_retried(tmp_path: Path,
+                                                                                   tiny_bundle: Path) -> None:
+    """A typo in export.tls.ca_file was found only at the first delivery, after the model had run, logged as a
+    crash and retried twenty times; now the worker does not start, and a send names it as permanent."""
+    from dicom_node.config import Settings
+    from dicom_node.db import make_engine
+    from dicom_node.errors import ExportRefused
+    from dicom_node.worker import Worker
+
+    tls = {"enabled": True, "ca_file": str(tmp_path / "typo.crt")}
+    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
+                                        "model": {"path": str(tiny_bundle), "device": "cpu"},
+                                        "export": {"destinations": ["PACS@127.0.0.1:104"], "tls": tls}})
+    engine = make_engine(settings.db_url)
+    with pytest.raises(TLSConfigError, match=r"export.tls.ca_file.*typo.crt.*does not exist"):
+        Worker(settings, engine)
+    engine.dispose()
+    with pytest.raises(ExportRefused, match="export TLS settings") as err:
+        send([make_dicom(shape=(32, 32))], Peer.parse("PACS@127.0.0.1:104"), settings.export)
+    assert not err.value.retryable

@@ -228,3 +228,99 @@ def test_sigkilled_worker_job_finishes_after_restart(tmp_path: Path, tiny_bundle
     log_text = second_log.read_text()
     assert "cxr-node worker starting" in log_text and "stopped" in log_text
     engine.dispose()
+
+
+STORESCP_PROFILES = """[[TransferSyntaxes]]
+[Uncompressed]
+TransferSyntax1 = LocalEndianExplicit
+TransferSyntax2 = LittleEndianImplicit
+
+[[PresentationContexts]]
+[No3D]
+PresentationContext1 = VerificationSOPClass\\Uncompressed
+PresentationContext2 = SecondaryCaptureImageStorage\\Uncompressed
+PresentationContext3 = ComprehensiveSRStorage\\Uncompressed
+[NoSC]
+PresentationContext1 = VerificationSOPClass\\Uncompressed
+PresentationContext2 = Comprehensive3DSRStorage\\Uncompressed
+PresentationContext3 = ComprehensiveSRStorage\\Uncompressed
+
+[[Profiles]]
+[No3D]
+PresentationContexts = No3D
+[NoSC]
+PresentationContexts = NoSC
+"""
+
+
+def _pacs_without(profile: str, tmp_path: Path, storescp: Callable[..., StoreSCP]) -> StoreSCP:
+    """A real storescp whose configuration lacks a SOP class, as some PACS do."""
+    config = tmp_path / "storescp.cfg"
+    config.write_text(STORESCP_PROFILES)
+    return storescp("PACS", extra=["-xf", str(config), profile])
+
+
+def _worker_for(settings: dict[str, Any], tmp_path: Path, tiny_bundle: Path, dest: StoreSCP,
+                engine: Any = None) -> Worker:
+    merged = {"storage": {"data_dir": str(tmp_path / "data")},
+              "model": {"path": str(tiny_bundle), "device": "cpu", "cpu_threads": 1},
+              "worker": {"backoff_base_s": 0.1, "backoff_max_s": 0.2, "max_attempts": 10},
+              **settings}
+    merged["export"] = {"destinations": [dest.address], "network_timeout_s": 5, **settings.get("export", {})}
+    parsed = Settings.model_validate(merged)
+    if engine is None:
+        engine = make_engine(parsed.db_url)
+        init_db(engine)
+    return Worker(parsed, engine)
+
+
+def test_a_pacs_without_3d_sr_fails_the_job_once_and_the_fixed_setting_delivers_on_retry(
+        tmp_path: Path, tiny_bundle: Path, storescp: Callable[..., StoreSCP]) -> None:
+    """A refused SOP class is refused again on every attempt: the job fails at once (it was retried for hours,
+    the heatmap sent each time), saying which setting helps; after the setting is changed an operator retry
+    builds the outputs anew in the SR class the PACS takes (it resent the stored 3D SR, failing again)."""
+    dest = _pacs_without("No3D", tmp_path, storescp)
+    worker = _worker_for({}, tmp_path, tiny_bundle, dest)
+    job_id = queue_instance(worker.settings, worker.jm)
+    assert worker.run_once() == 1
+    job = job_row(worker.engine, job_id)
+    assert (job.state, job.attempts) == ("failed", 1), job.last_error
+    assert "does not accept Comprehensive 3D SR Storage" in job.last_error
+    assert 'set export.sr_sop_class = "comprehensive"' in job.last_error
+    assert [pydicom.dcmread(f).Modality for f in dest.files()] == ["OT"]  # the heatmap went, once
+
+    fixed = _worker_for({"export": {"sr_sop_class": "comprehensive"}}, tmp_path, tiny_bundle, dest,
+                        engine=worker.engine)
+    assert fixed.jm.retry(job_id).value == "exporting"
+    deadline = time.monotonic() + 60
+    while job_row(worker.engine, job_id).state != "done" and time.monotonic() < deadline:
+        fixed.run_once() or time.sleep(0.1)
+    job = job_row(worker.engine, job_id)
+    assert job.state == "done", job.last_error
+    assert inference_runs(fixed.jm, job_id) == 2  # built anew
+    srs = [ds for ds in map(pydicom.dcmread, dest.files()) if ds.Modality == "SR"]
+    assert [ds.SOPClassUID.name for ds in srs] == ["Comprehensive SR Storage"]
+    worker.engine.dispose()
+
+
+def test_a_pacs_without_secondary_capture_still_gets_the_sr(tmp_path: Path, tiny_bundle: Path,
+                                                             storescp: Callable[..., StoreSCP]) -> None:
+    """The SR is offered after the refused heatmap (it was never sent: the radiologist got nothing); with
+    send_heatmap turned off a retry sends the stored SR without running the model again."""
+    dest = _pacs_without("NoSC", tmp_path, storescp)
+    worker = _worker_for({}, tmp_path, tiny_bundle, dest)
+    job_id = queue_instance(worker.settings, worker.jm)
+    assert worker.run_once() == 1
+    job = job_row(worker.engine, job_id)
+    assert (job.state, job.attempts) == ("failed", 1), job.last_error
+    assert "set export.send_heatmap = false" in job.last_error
+    assert received_sr_uids(dest) == {job.sr_sop_instance_uid}
+
+    without_heatmap = _worker_for({"export": {"send_heatmap": False}}, tmp_path, tiny_bundle, dest,
+                                  engine=worker.engine)
+    without_heatmap.jm.retry(job_id)
+    assert without_heatmap.run_once() == 1
+    assert job_row(worker.engine, job_id).state == "done"
+    assert inference_runs(worker.jm, job_id) == 1
+    assert [pydicom.dcmread(f).Modality for f in dest.files()] == ["SR"]  # sent again; no heatmap ever
+    worker.engine.dispose()
