@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -78,18 +79,29 @@ def register(engine: Engine, bundle_path: str | Path, *, status: str = "candidat
     return out
 
 
-def ensure_current(engine: Engine) -> dict[str, Any]:
-    """The current version; when the registry is empty, the node's default bundle is registered as current."""
+def ensure_current(engine: Engine, models_dir: str | Path) -> dict[str, Any]:
+    """The current version; when the registry is empty, the node's default bundle is registered as current.
+
+    The default bundle is copied into ``models_dir`` first (``<name>-<version>``) and registered there: the
+    installed package's own folder changes with the next upgrade, while a registered bundle never may.
+    """
     from inference.bundle import ModelBundle, default_bundle_path
 
     found = current(engine)
     if found is not None:
         return found
     bundle = ModelBundle.load(default_bundle_path())
+    kept = Path(models_dir) / f"{bundle.name}-{bundle.version}"
+    if not kept.is_dir():
+        staging = kept.with_name(f".{kept.name}.part")
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(default_bundle_path(), staging)
+        staging.replace(kept)
+    ModelBundle.load(kept)  # the copy is whole
     with Session(engine) as s, s.begin():
         row = s.execute(select(ModelVersion).where(ModelVersion.version == bundle.version)).scalar()
         if row is None:
-            row = ModelVersion(version=bundle.version, path=str(default_bundle_path()), status="current",
+            row = ModelVersion(version=bundle.version, path=str(kept.resolve()), status="current",
                                metrics={"source": "shipped default model"}, device_uid=bundle.device_uid)
             s.add(row)
         row.status, row.promoted_at = "current", utcnow()

@@ -158,7 +158,9 @@ def retrain_once(settings: Any, *, engine: Any = None, device: str | None = None
             out = {"status": "skipped", "reason": f"{len(samples)} labelled local instances, {need} needed"}
             log.info("retraining skipped", extra={"action": "retrain_skipped", **out})
             return out
-        cur = registry.ensure_current(engine)
+        models_dir = Path(settings.storage.data_dir) / "models"
+        models_dir.mkdir(parents=True, exist_ok=True)
+        cur = registry.ensure_current(engine, models_dir)
         from inference.bundle import ModelBundle
 
         base = ModelBundle.load(cur["path"])
@@ -171,8 +173,6 @@ def retrain_once(settings: Any, *, engine: Any = None, device: str | None = None
             archs=(base.classifier_arch,), modes=(base.crop_mode,), base_bundle=Path(cur["path"]),
             fine_tune=True, epochs_cls=settings.retrain.epochs, lr=lr, seed=seed, quick=quick,
             version=version, cls_size=base.classifier_size, int8_classifier=True)
-        models_dir = Path(settings.storage.data_dir) / "models"
-        models_dir.mkdir(parents=True, exist_ok=True)
         bundle = Path(built["bundle"]).replace(models_dir / version)
         split = json.loads((run_dir / "split.json").read_text())
         test = [s for s in samples if s.patient_id in set(split["test"])]

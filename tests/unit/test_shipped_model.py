@@ -83,3 +83,22 @@ def test_the_reports_and_the_card_figures_belong_to_the_shipped_bundle(tmp_path:
     assert (f"ROC AUC {test['roc_auc']:.3f} against {before['roc_auc']:.3f}, sensitivity "
             f"{test['sensitivity']:.3f} against {before['sensitivity']:.3f}, the same specificity "
             f"{test['specificity']:.3f}") in card
+
+
+def test_the_registry_keeps_its_own_copy_of_the_shipped_model(tmp_path: Path) -> None:
+    """Registered by its installed folder, the shipped model changed under the registry at the next upgrade
+    (the registry said 1.5.0 while workers served the new one); a registered bundle must never change."""
+    from dicom_node.db import init_db, make_engine
+    from training import registry
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'registry.db'}")
+    init_db(engine)
+    current = registry.ensure_current(engine, tmp_path / "models")
+    shipped = ModelBundle.load(default_bundle_path())
+    kept = Path(current["path"])
+    assert kept == (tmp_path / "models" / f"{shipped.name}-{shipped.version}").resolve()
+    assert current["version"] == shipped.version == ModelBundle.load(kept).version
+    assert (kept / "classifier.safetensors").read_bytes() == \
+        (default_bundle_path() / "classifier.safetensors").read_bytes()
+    assert registry.ensure_current(engine, tmp_path / "models") == current  # registered once
+    engine.dispose()
