@@ -178,7 +178,7 @@ class ExportSettings(_Section):
                 peer = Peer.parse(peer if "@" in peer else f"{aet}@{peer}")
             elif isinstance(peer, dict):
                 peer = Peer(**{"ae_title": aet, **peer})
-            if isinstance(peer, Peer) and (not peer.host or not peer.port):
+            if isinstance(peer, Peer) and not peer.port:  # no host: the host the instance came from
                 raise ValueError(f"caller {aet}: {v[aet]!r} must be HOST:PORT (that peer's own listener)")
             out[aet] = peer
         return out
