@@ -24,11 +24,13 @@ from sqlalchemy.orm import Session
 
 from dicom_node import __version__, audit
 from dicom_node.config import Settings
-from dicom_node.db import Job, ModelVersion, reading
+from dicom_node.db import Job, ModelVersion, reading, within
 from dicom_node.queue import JobManager
 from dicom_node.spool import free_mb
 
 log = logging.getLogger(__name__)
+
+HEALTH_DB_TIMEOUT_S = 5.0  # a database that does not answer SELECT 1 by then is reported down
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
@@ -95,9 +97,13 @@ def health_checks(settings: Settings, engine: Engine,
                   model_info: Callable[[], dict[str, Any] | None] | None) -> dict[str, dict[str, Any]]:
     """Each readiness check as ``{"ok": bool, ...details}``: database, spool_disk, model."""
     checks: dict[str, dict[str, Any]] = {}
-    try:
+
+    def ping() -> None:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
+
+    try:
+        within(HEALTH_DB_TIMEOUT_S, ping, "health check")
         checks["database"] = {"ok": True, "dialect": engine.dialect.name}
     except Exception as exc:  # any driver error means "not ready"; the reason is reported
         checks["database"] = {"ok": False, "error": f"{type(exc).__name__}: {str(exc)[:200]}"}

@@ -11,10 +11,11 @@ Times are naive UTC ``datetime`` values everywhere (the same on SQLite and Postg
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import (
     JSON,
@@ -36,6 +37,8 @@ log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+PG_CONNECT_TIMEOUT_S = 10
+T = TypeVar("T")
 # Key of the PostgreSQL advisory lock that serialises concurrent schema upgrades (several workers starting).
 _MIGRATION_LOCK_KEY = 0x6378726E6F6465  # "cxrnode"
 
@@ -43,6 +46,29 @@ _MIGRATION_LOCK_KEY = 0x6378726E6F6465  # "cxrnode"
 def utcnow() -> datetime:
     """The current time as naive UTC, the form every timestamp column holds."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def within(seconds: float, call: Callable[[], T], what: str) -> T:
+    """``call()``, waited for at most ``seconds`` in a daemon thread: ``TimeoutError`` naming ``what`` when it
+    has not returned by then. A database server that accepts connections but no longer answers holds a query
+    for ever (no client-side timeout covers it): health checks, metrics scrapes and ``cxr-node status`` must
+    report the outage instead of hanging with it."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name=f"cxr-db-{what}", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"{what}: the database did not answer within {seconds:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return cast(T, outcome["value"])
 
 
 def database_clock(engine: Engine) -> Callable[[], datetime]:
@@ -194,6 +220,8 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         if parsed.get_driver_name() in ("", "psycopg2", "psycopg"):
             parsed = parsed.set(drivername="postgresql+psycopg")
         kwargs.setdefault("pool_pre_ping", True)
+        if "connect_timeout" not in parsed.query:  # a server that never answers: 10 s, not for ever
+            kwargs.setdefault("connect_args", {}).setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
         return create_engine(parsed, **kwargs)
     raise ValueError(f'Argument "url" uses the unsupported database {backend!r} (use sqlite or postgresql).')
 

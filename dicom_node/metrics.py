@@ -40,8 +40,11 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from dicom_node.db import within
+
 log = logging.getLogger(__name__)
 
+QUEUE_COUNT_TIMEOUT_S = 5.0  # a scrape waits no longer for the queue counts (cxrnode_queue_up 0)
 REGISTRY = CollectorRegistry(auto_describe=True)
 
 #: The job states the queue gauge always reports (0 when a state has no job), in display order.
@@ -106,8 +109,8 @@ class QueueCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         up = GaugeMetricFamily("cxrnode_queue_up", "1 when the queue could be counted.")
         jobs = GaugeMetricFamily("cxrnode_queue_jobs", "Jobs per state.", labels=["state"])
-        try:
-            raw = self._counts()
+        try:  # bounded: a hung database must read as cxrnode_queue_up 0, not as a scrape that times out
+            raw = within(QUEUE_COUNT_TIMEOUT_S, self._counts, "queue counts")
         except Exception:  # the database may be down: report it, keep the scrape alive
             log.warning("queue counts unavailable for metrics", exc_info=True,
                         extra={"action": "metrics_queue_failed"})

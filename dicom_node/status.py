@@ -20,12 +20,13 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import Settings
-from dicom_node.db import make_engine, safe_url
+from dicom_node.db import make_engine, safe_url, within
 from dicom_node.queue import JobManager, JobState
 
 CARD_FILE = "model.json"
 EXIT_OK = 0
 EXIT_UNAVAILABLE = 1
+STATUS_TIMEOUT_S = 30.0  # a database that does not answer by then is reported unavailable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -162,7 +163,11 @@ def _json_default(value: Any) -> Any:
 def run(args: argparse.Namespace, settings: Settings) -> int:
     """Print the status; returns the exit status."""
     try:
-        report = collect(settings, max(int(getattr(args, "failures", 10)), 0))
+        failures = max(int(getattr(args, "failures", 10)), 0)
+        report = within(STATUS_TIMEOUT_S, lambda: collect(settings, failures), "status")
+    except TimeoutError as exc:
+        sys.stderr.write(f"cxr-node status: database {safe_url(settings.db_url)} unavailable: {exc}\n")
+        return EXIT_UNAVAILABLE
     except LookupError as exc:
         sys.stderr.write(f"cxr-node status: {exc}\n")
         return EXIT_UNAVAILABLE

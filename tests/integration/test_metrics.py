@@ -124,3 +124,53 @@ def test_the_latest_admin_server_owns_the_queue_gauge(tmp_path: Path) -> None:
     finally:
         s2.stop()
     assert metrics._queue_collector is None
+
+
+def _bounded(call: object, seconds: float = 25.0) -> tuple[object, float]:
+    """``call()`` in a daemon thread, so that a hang fails the test instead of blocking the suite."""
+    import threading
+    import time
+
+    out: list[object] = []
+    started = time.monotonic()
+    thread = threading.Thread(target=lambda: out.append(call()), daemon=True)  # type: ignore[operator]
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"still waiting after {seconds} s"
+    return out[0], time.monotonic() - started
+
+
+def test_a_database_that_never_answers_is_reported_down_not_waited_for(tmp_path: Path) -> None:
+    """A PostgreSQL server that accepts connections and never answers (hung, or a half-open firewall): the
+    health check, the metrics scrape and `cxr-node status` said nothing for ever, so cxrnode_queue_up never
+    became 0 (the scrape timed out and the series vanished) and the on-call's status command hung."""
+    import argparse
+    import socket
+
+    from dicom_node.admin_data import HEALTH_DB_TIMEOUT_S, health_checks
+    from dicom_node.config import Settings
+    from dicom_node.db import make_engine
+    from dicom_node.queue import JobManager
+    from dicom_node.status import run as status_run
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)  # the kernel completes the handshakes; nobody ever answers
+    url = f"postgresql+psycopg://cxr:pw@127.0.0.1:{silent.getsockname()[1]}/cxr"
+    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
+                                        "database": {"url": url}})
+    engine = make_engine(url)
+    try:
+        checks, seconds = _bounded(lambda: health_checks(settings, engine, None))
+        assert checks["database"]["ok"] is False and "did not answer within" in checks["database"]["error"]
+        assert seconds < HEALTH_DB_TIMEOUT_S + 3
+        collector = metrics.QueueCollector(JobManager(engine).counts)
+        families, seconds = _bounded(lambda: list(collector.collect()))
+        assert [(f.name, [s.value for s in f.samples]) for f in families] == [("cxrnode_queue_up", [0.0])]
+        assert seconds < metrics.QUEUE_COUNT_TIMEOUT_S + 3
+        args = argparse.Namespace(failures=10, json=False)
+        code, seconds = _bounded(lambda: status_run(args, settings), 45)
+        assert code == 1
+    finally:
+        engine.dispose()
+        silent.close()
