@@ -282,12 +282,13 @@ class AdminServer:
 
 def start_admin(settings: Settings, engine: Engine, job_manager: JobManager, *,
                 model_info: ModelInfo | None = None, startup_timeout_s: float = 15.0,
-                port: int | None = None) -> AdminServer:
+                port: int | None = None, queue_gauge: bool = True) -> AdminServer:
     """Serve the admin API on ``admin.bind_address``:``port`` (default ``admin.port``) in a daemon thread.
 
     Port 0 binds a free port (``.port`` tells which); ``cxr-node serve`` calls this only when ``admin.port``
-    is set, ``cxr-node worker`` with ``admin.worker_port``. The queue-depth metric is bound to
-    ``job_manager.counts``.
+    is set, ``cxr-node worker`` with ``admin.worker_port``. With ``queue_gauge`` the queue-depth metric
+    (installation-wide) is bound to ``job_manager.counts``: one process of the installation (``serve``)
+    exports it, or summing the targets of a scale-out counts the queue once per worker.
 
     Raises
     ------
@@ -321,7 +322,7 @@ def start_admin(settings: Settings, engine: Engine, job_manager: JobManager, *,
             raise OSError(f"admin API could not listen on {host}:{wanted}")
         time.sleep(0.02)
     bound = int(server.servers[0].sockets[0].getsockname()[1])
-    collector = metrics.bind_queue(job_manager.counts)
+    collector = metrics.bind_queue(job_manager.counts) if queue_gauge else None
     if not settings.admin.token:
         log.warning("admin API has no token: open to every local user of %s", host,
                     extra={"action": "admin_open"})

@@ -128,7 +128,11 @@ def health_checks(settings: Settings, engine: Engine,
 
 
 def status_summary(engine: Engine, job_manager: JobManager, model: dict[str, Any] | None) -> dict[str, Any]:
-    """What ``cxr-node status --json`` shows, plus the registry's current model."""
+    """``/api/status``: the node's version, counts per state, the oldest waiting job and the ten newest
+    failures (as ``cxr-node status --json`` has them), the model this process's worker serves
+    (``model_loaded``; None without a worker in the process) and the registry's current one
+    (``model_current``). ``cxr-node status --json`` has ``database`` and ``model`` (the model a worker started
+    now would serve) instead of the last two."""
     current = model_registry(engine)["current"]
     return jsonable({
         "version": __version__, "counts": job_manager.counts(),

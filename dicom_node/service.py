@@ -122,7 +122,8 @@ class _Node:
             # without a worker in this process (serve with worker.run_in_serve = false) there is no model to
             # wait for: /health must not stay 503 ("no model loaded yet") for ever
             self.admin = start_admin(s, self.engine, self.jm, port=admin_port,
-                                     model_info=self._model_info if self.worker is not None else None)
+                                     model_info=self._model_info if self.worker is not None else None,
+                                     queue_gauge=self.want_listener)
         if self.worker is not None and not once:
             self.worker_thread = threading.Thread(target=self.worker.run, args=(self.stop_event,),
                                                   name="cxr-worker", daemon=True)

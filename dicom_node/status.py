@@ -146,7 +146,8 @@ def format_text(report: dict[str, Any]) -> str:
     else:
         lines.append(f"model: {model['name']} {model['version']} ({model['source']}) at {model['path']}")
     failures = report["recent_failures"]
-    lines.append(f"recent failures: {len(failures) if failures else 'none'}")
+    failed = report["counts"].get("failed", 0)
+    lines.append(f"recent failures: {f'the newest {len(failures)} of {failed}' if failures else 'none'}")
     for f in failures:
         when = f["failed_at"].strftime("%Y-%m-%d %H:%M:%S") if isinstance(f["failed_at"], datetime) else ""
         lines.append(f"  job {f['job_id']}  {when} UTC  from {f['calling_ae']}  after {f['attempts']} "

@@ -111,6 +111,20 @@ def test_helpers_validate_their_arguments() -> None:
         metrics.QueueCollector(42)  # type: ignore[arg-type]
 
 
+def test_only_the_listener_process_exports_the_queue_gauge(tmp_path: Path) -> None:
+    """The queue is installation-wide: a worker's own /metrics (admin.worker_port) leaves it out, or a sum
+    over the scraped targets counts every job once per worker."""
+    db = new_node_db(tmp_path / "w", admin_port=free_port())
+    enqueue(db, 1)
+    server = start_admin(db.settings, db.engine, db.jobs, queue_gauge=False)
+    try:
+        text = httpx.get(f"http://127.0.0.1:{server.port}/metrics",
+                         headers={"Authorization": f"Bearer {TOKEN}"}, timeout=10).text
+    finally:
+        server.stop()
+    assert "cxrnode_stage_seconds" in text and "cxrnode_queue_jobs" not in text
+
+
 def test_the_latest_admin_server_owns_the_queue_gauge(tmp_path: Path) -> None:
     first = new_node_db(tmp_path / "a", admin_port=free_port())
     second = new_node_db(tmp_path / "b", admin_port=free_port())

@@ -49,6 +49,10 @@ def test_text_report(settings: Settings, tiny_bundle: Path) -> None:
     assert "oldest waiting job: 2 (processing" in text
     assert "undecodable instance: JPEG stream truncated" in text and "from MODALITY" in text
     assert f"model: cxr-node-random 0.0.0-test (registry) at {tiny_bundle}" in text
+    assert "recent failures: the newest 1 of 1" in text
+    # listing fewer than have failed says so (it read "recent failures: 1" with 2 failed)
+    jm.fail(jm.claim("w")[0].id, "pixel data cannot be decoded", retryable=False, worker_id="w")
+    assert "recent failures: the newest 1 of 2" in format_text(collect(settings, failures=1))
 
 
 def test_json_report(settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
