@@ -81,6 +81,8 @@ class JobQueue(Protocol):
 
     def uses_file(self, job_id: int, spool_path: str) -> bool: ...
 
+    def references(self, spool_path: str) -> bool: ...
+
 
 class AssociationAudit:
     """The association audit trail (``dicom_node.audit``) bound to the process's engine."""
@@ -98,10 +100,13 @@ class AssociationAudit:
         """Record an association refused at negotiation."""
         audit.refuse_association(self.engine, calling_ae=calling_ae[:16], host=host, port=port, reason=reason)
 
-    def closed(self, association_id: int, *, instances: int, outcome: str) -> None:
-        """Close an association's record with the number of instances queued."""
-        audit.close_association(self.engine, association_id, instances=instances,
-                                reason="" if outcome == "released" else outcome)
+    def closed(self, association_id: int, *, instances: int, outcome: str, refused: int = 0) -> None:
+        """Close an association's record with the number of instances acknowledged, how it ended when not by
+        a release, and how many C-STOREs were refused (their reasons are in the log)."""
+        reason = [] if outcome == "released" else [outcome]
+        if refused:
+            reason.append(f"{refused} C-STORE(s) refused")
+        audit.close_association(self.engine, association_id, instances=instances, reason="; ".join(reason))
 
 
 @dataclass
@@ -391,6 +396,8 @@ def _store(event: Any, ctx: StoreContext) -> int:
         _refused(st, "database")
         log.error("C-STORE failed: cannot record the job (%s: %s)", type(exc).__name__, exc,
                   extra={"action": "store_failed", "reason": "database", **info})
+        if written:
+            _drop_unqueued(ctx, path, info)
         return OUT_OF_RESOURCES
 
     if written and not created:
@@ -404,6 +411,22 @@ def _store(event: Any, ctx: StoreContext) -> int:
         log.info("duplicate instance acknowledged; already queued", extra={
             "action": "store_duplicate", "job_id": job_id, "file_written": written, **info})
     return SUCCESS
+
+
+def _drop_unqueued(ctx: StoreContext, path: Path, info: dict[str, Any]) -> None:
+    """The file of an instance refused after it was written (the database failed): nothing would ever delete
+    it (retention deletes jobs' files) and the peer sends the instance again. It goes, unless a job already
+    points at it (the same instance, acknowledged meanwhile on another association)."""
+    try:
+        if ctx.job_manager.references(str(path)):
+            return
+        path.unlink(missing_ok=True)
+    except Exception as exc:  # the database is still down: the file stays; its name says which instance
+        log.warning("the spool file of a refused instance is left on disk: %s (%s)", path, type(exc).__name__,
+                    extra={"action": "spool_unqueued_kept", **info})
+        return
+    log.info("the spool file of the refused instance was deleted", extra={"action": "spool_unqueued_deleted",
+                                                                          **info})
 
 
 def _drop_unused(ctx: StoreContext, job_id: int, path: Path, info: dict[str, Any]) -> None:
@@ -460,7 +483,7 @@ def _close_ended(ctx: StoreContext, audit: AssociationAudit) -> None:
             "action": "association_lost", "calling_ae": st.calling_ae, "calling_host": st.calling_host,
             "instances": st.instances, "refused": st.refused})
         try:
-            audit.closed(cast(int, st.association_id), instances=st.instances,
+            audit.closed(cast(int, st.association_id), instances=st.instances, refused=st.refused,
                          outcome="ended without release or abort (malformed PDU or lost connection)")
         except Exception as exc:
             log.error("association audit failed (%s: %s)", type(exc).__name__, exc,
@@ -479,7 +502,7 @@ def handle_closed(event: Any, ctx: StoreContext) -> None:
         "duration_s": round(time.monotonic() - st.started, 3)})
     if ctx.audit is not None and st.association_id is not None:
         try:
-            ctx.audit.closed(st.association_id, instances=st.instances, outcome=outcome)
+            ctx.audit.closed(st.association_id, instances=st.instances, outcome=outcome, refused=st.refused)
         except Exception as exc:
             log.error("association audit failed (%s: %s)", type(exc).__name__, exc,
                       extra={"action": "audit_failed"})

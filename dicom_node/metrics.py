@@ -3,7 +3,8 @@
 The listener, the worker and the exporter increment the objects below; the admin API only renders them.
 Every name starts with ``cxrnode_`` (type, labels, who updates it):
 
-- ``cxrnode_instances_received_total`` counter {sop_class}: listener, per instance spooled and queued
+- ``cxrnode_instances_received_total`` counter {sop_class}: listener, per instance acknowledged (spooled and
+  queued; a re-sent instance already queued counts again)
 - ``cxrnode_instances_refused_total`` counter {reason}: listener, per C-STORE answered with a failure
 - ``cxrnode_associations_total`` counter {result}: listener, ``accepted`` / ``rejected_<why>``
 - ``cxrnode_queue_jobs`` gauge {state}: read from the database at scrape time
@@ -56,7 +57,7 @@ _STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 _JOB_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 900.0, 3600.0, 14400.0)
 
 INSTANCES_RECEIVED = Counter(
-    "cxrnode_instances_received", "Instances received by C-STORE, spooled and queued.",
+    "cxrnode_instances_received", "Instances acknowledged by C-STORE (spooled and queued; re-sent ones too).",
     ["sop_class"], registry=REGISTRY)
 INSTANCES_REFUSED = Counter(
     "cxrnode_instances_refused",
@@ -152,7 +153,7 @@ def unbind_queue(collector: QueueCollector | None) -> None:
 
 
 def record_received(sop_class: str = "") -> None:
-    """Count one instance that was spooled and queued (label: SOP Class UID or its keyword)."""
+    """Count one acknowledged instance, re-sent ones too (label: SOP Class UID or its keyword)."""
     INSTANCES_RECEIVED.labels(sop_class=sop_class or "unknown").inc()
 
 

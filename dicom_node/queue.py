@@ -174,6 +174,12 @@ class JobManager:
             return session.execute(select(Job.id).where(
                 Job.id == job_id, Job.spool_path == spool_path, ~files_purged())).scalar() is not None
 
+    def references(self, spool_path: str) -> bool:
+        """Whether any job points at the spooled file ``spool_path``."""
+        with self._reading() as session:
+            return session.execute(select(Job.id).where(Job.spool_path == spool_path).limit(1)).first() \
+                is not None
+
     def record_ignored(self, *, sop_instance_uid: str, study_instance_uid: str, series_instance_uid: str,
                        sop_class_uid: str, calling_ae: str, calling_host: str, reason: str,
                        association_id: int | None = None) -> tuple[int, bool]:

@@ -445,6 +445,11 @@ def test_instances_larger_than_the_limits_are_refused_before_they_are_inflated_o
     assert "max_instance_mb (1 MiB)" in refused[0].getMessage() and "megapixels" in refused[1].getMessage()
     assert [j.sop_instance_uid for j in node.job_rows()] == [str(dcmread(small).SOPInstanceUID)]
     assert len(list(node.settings.storage.spool_dir.rglob("*.dcm"))) == 1
+    # each refusal is on its association's audit record too (it said nothing of them)
+    from dicom_node.audit import recent_associations
+
+    reasons = [a["reason"] for a in reversed(recent_associations(node.engine))]
+    assert reasons == ["1 C-STORE(s) refused", "1 C-STORE(s) refused", ""], reasons
 
 
 def test_an_instance_over_the_limit_is_cut_off_while_it_arrives(node_listener: Callable[..., Listener],
@@ -484,6 +489,32 @@ def test_database_unreachable_gives_failure_status(node_listener: Callable[..., 
     assert "Received Store Response (Success)" not in out
     failures = [r for r in caplog.records if getattr(r, "action", "") == "store_failed"]
     assert failures and failures[0].reason == "database"
+
+
+def test_an_instance_refused_for_a_database_failure_leaves_no_file(node_listener: Callable[..., Listener],
+                                                                   tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The file was written, the job could not be recorded (here SQLite's write lock is held elsewhere past
+    the busy timeout), the peer got 0xA700: the file stayed for ever (retention deletes jobs' files only),
+    patient data outside any retention. The resend, once the database is free, is stored and queued."""
+    import sqlite3
+
+    import dicom_node.db as db_module
+
+    monkeypatch.setattr(db_module, "SQLITE_BUSY_TIMEOUT_MS", 500)
+    node = node_listener()
+    make_dicom(tmp_path / "a.dcm", shape=(128, 128))
+    lock = sqlite3.connect(str(node.settings.storage.data_dir / "cxr-node.db"), isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")  # another writer holds the database
+    try:
+        out = storescu(node.port, [tmp_path / "a.dcm"], extra=["-v"])
+        assert "Received Store Response (Refused: OutOfResources)" in out.stdout + out.stderr
+        assert list(node.settings.storage.spool_dir.rglob("*.dcm")) == []
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    _ok(storescu(node.port, [tmp_path / "a.dcm"]))
+    assert len(node.job_rows()) == 1 and len(list(node.settings.storage.spool_dir.rglob("*.dcm"))) == 1
 
 
 def test_disk_watermark_refuses_associations(node_listener: Callable[..., Listener],
