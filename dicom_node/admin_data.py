@@ -133,10 +133,15 @@ def status_summary(engine: Engine, job_manager: JobManager, model: dict[str, Any
     (``model_loaded``; None without a worker in the process) and the registry's current one
     (``model_current``). ``cxr-node status --json`` has ``database`` and ``model`` (the model a worker started
     now would serve) instead of the last two."""
+    from dicom_node.status import age_text
+
     current = model_registry(engine)["current"]
+    oldest = job_manager.oldest_waiting()
+    if oldest is not None:
+        oldest["age"] = age_text(oldest["age_s"])  # 2 d 3 h, not 183600 s
     return jsonable({
         "version": __version__, "counts": job_manager.counts(),
-        "oldest_waiting": job_manager.oldest_waiting(),
+        "oldest_waiting": oldest,
         "recent_failures": job_manager.recent_failures(10), "model_loaded": model, "model_current": current,
     })
 

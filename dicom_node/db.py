@@ -123,6 +123,8 @@ class Job(Base):
     sc_sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+    # reception, or an operator's retry / resend: the waiting and time-to-delivery ages count from here
+    waiting_since: Mapped[datetime | None] = mapped_column(DateTime, default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
     purged_at: Mapped[datetime | None] = mapped_column(DateTime)  # retention deleted the job's files
     association_id: Mapped[int | None] = mapped_column(

@@ -206,7 +206,7 @@ class JobManager:
             sop_instance_uid=sop_instance_uid, study_instance_uid=study_instance_uid or "",
             series_instance_uid=series_instance_uid or "", sop_class_uid=sop_class_uid or "",
             calling_ae=calling_ae or "", calling_host=calling_host or "", spool_path=spool_path,
-            state=state.value, attempts=0, not_before=now, created_at=now, updated_at=now,
+            state=state.value, attempts=0, not_before=now, created_at=now, updated_at=now, waiting_since=now,
             association_id=association_id)
         if state is JobState.IGNORED:
             values.update(finished_at=now, last_error=(reason or "")[:MAX_ERROR_CHARS])
@@ -321,7 +321,7 @@ class JobManager:
 
     def complete(self, job_id: int, *, worker_id: str | None = None, message: str = "") -> float:
         """``exporting -> done``: results delivered everywhere; the lease is released. Returns the seconds
-        from reception to now (the job's whole life, retries included)."""
+        from reception (or from an operator's retry or resend) to now, automatic retries included."""
         now = self.clock()
         with self._session() as session, session.begin():
             job = self._owned(session, job_id, worker_id)
@@ -329,7 +329,7 @@ class JobManager:
             job.finished_at = now
             job.last_error = None
             self._move(session, job, JobState.DONE, message or "results delivered", action="job_done")
-            return (now - job.created_at).total_seconds()
+            return max((now - (job.waiting_since or job.created_at)).total_seconds(), 0.0)
 
     def ignore(self, job_id: int, reason: str, *, worker_id: str | None = None) -> None:
         """Mark a job as deliberately not processed (terminal), e.g. the node's own output."""
@@ -438,7 +438,7 @@ class JobManager:
                 raise ValueError(f"job {job_id} is {JobState(job.state).value}; only "
                                  f"{' or '.join(s.value for s in from_states)} jobs can be retried")
             job.attempts = 0
-            job.not_before = now
+            job.not_before = job.waiting_since = now
             job.finished_at = None
             self._move(session, job, new, "retried by operator", action="job_retried")
             return new
@@ -457,11 +457,12 @@ class JobManager:
         with self._reading() as session:
             job = session.execute(
                 select(Job).where(Job.state.in_([JobState.QUEUED.value, *[s.value for s in LEASED_STATES]]))
-                .order_by(Job.created_at, Job.id).limit(1)).scalar()
+                .order_by(func.coalesce(Job.waiting_since, Job.created_at), Job.id).limit(1)).scalar()
             if job is None:
                 return None
+            since = job.waiting_since or job.created_at
             return {"job_id": job.id, "state": job.state, "created_at": job.created_at,
-                    "age_s": max((self.clock() - job.created_at).total_seconds(), 0.0),
+                    "waiting_since": since, "age_s": max((self.clock() - since).total_seconds(), 0.0),
                     "attempts": job.attempts, "last_error": job.last_error}
 
     def recent_failures(self, limit: int = 10) -> list[dict[str, Any]]:

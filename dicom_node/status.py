@@ -115,7 +115,8 @@ def collect(settings: Settings, failures: int = 10) -> dict[str, Any]:
         engine.dispose()
 
 
-def _age(seconds: float) -> str:
+def age_text(seconds: float) -> str:
+    """``seconds`` as a person reads an age: 42 s, 3 min 5 s, 2 h 10 min, 4 d 6 h."""
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds} s"
@@ -136,7 +137,7 @@ def format_text(report: dict[str, Any]) -> str:
         lines.append("oldest waiting job: none (queue empty)")
     else:
         line = (f"oldest waiting job: {oldest['job_id']} ({oldest['state']}, waiting "
-                f"{_age(oldest['age_s'])}, attempts {oldest['attempts']})")
+                f"{age_text(oldest['age_s'])}, attempts {oldest['attempts']})")
         if oldest["last_error"]:
             line += f": {oldest['last_error']}"
         lines.append(line)

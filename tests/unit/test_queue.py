@@ -340,6 +340,25 @@ def test_counts_and_oldest_waiting(jm: JobManager, clock: Clock) -> None:
     assert jm.counts() == {"queued": 2, "processing": 0, "exporting": 0, "done": 0, "failed": 0, "ignored": 0}
 
 
+def test_a_resent_job_waits_and_lives_from_the_resend_not_from_its_reception(jm: JobManager,
+                                                                             clock: Clock) -> None:
+    """A job received 30 days ago and resent now is not a queue stuck for 30 days, and its delivery is not
+    a 30-day job in the time-to-delivery histogram."""
+    old, _ = enqueue(jm, "4.1")
+    jm.claim("w")
+    jm.finish_inference(old, result={"finding": "negative"}, output_dir="/o/old", worker_id="w")
+    jm.complete(old, worker_id="w")
+    clock.advance(30 * 86400)
+    assert jm.retry(old) is JobState.EXPORTING
+    clock.advance(5)
+    oldest = jm.oldest_waiting()
+    assert oldest is not None and (oldest["job_id"], oldest["age_s"]) == (old, 5)
+    jm.claim("w")
+    clock.advance(2)
+    assert jm.complete(old, worker_id="w") == 7
+    assert jm.oldest_waiting() is None
+
+
 def test_concurrent_claims_on_sqlite_hand_out_each_job_once(engine: Engine) -> None:
     jm = JobManager(engine, WorkerSettings())
     n_jobs = 60
