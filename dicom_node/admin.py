@@ -172,7 +172,7 @@ def create_app(settings: Settings, engine: Engine, job_manager: JobManager, *,
     @app.get("/api/status", tags=["status"])
     def status() -> dict[str, Any]:
         """Queue counts, the oldest waiting job, recent failures and the model in use."""
-        return data.status_summary(engine, job_manager, loaded_model())
+        return data.status_summary(engine, job_manager, loaded_model(), settings)
 
     @app.get("/api/jobs", tags=["jobs"])
     def list_jobs(state: JobState | None = None, limit: int = Query(50, ge=1, le=500),

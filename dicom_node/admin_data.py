@@ -127,13 +127,15 @@ def health_checks(settings: Settings, engine: Engine,
     return checks
 
 
-def status_summary(engine: Engine, job_manager: JobManager, model: dict[str, Any] | None) -> dict[str, Any]:
+def status_summary(engine: Engine, job_manager: JobManager, model: dict[str, Any] | None,
+                   settings: Settings | None = None) -> dict[str, Any]:
     """``/api/status``: the node's version, counts per state, the oldest waiting job and the ten newest
     failures (as ``cxr-node status --json`` has them), the model this process's worker serves
     (``model_loaded``; None without a worker in the process) and the registry's current one
-    (``model_current``). ``cxr-node status --json`` has ``database`` and ``model`` (the model a worker started
-    now would serve) instead of the last two."""
-    from dicom_node.status import age_text
+    (``model_current``), and, given ``settings``, the model a worker of this configuration serves
+    (``model_served``: ``source`` config when ``model.path`` pins it, registry, or default), which is what
+    ``cxr-node status --json`` calls ``model``; it has ``database`` instead of the version."""
+    from dicom_node.status import age_text, model_in_use
 
     current = model_registry(engine)["current"]
     oldest = job_manager.oldest_waiting()
@@ -143,6 +145,7 @@ def status_summary(engine: Engine, job_manager: JobManager, model: dict[str, Any
         "version": __version__, "counts": job_manager.counts(),
         "oldest_waiting": oldest,
         "recent_failures": job_manager.recent_failures(10), "model_loaded": model, "model_current": current,
+        "model_served": None if settings is None else model_in_use(settings, job_manager),
     })
 
 
@@ -233,7 +236,7 @@ def _templates() -> Environment:
 def render_status_page(settings: Settings, engine: Engine, job_manager: JobManager,
                        model: dict[str, Any] | None) -> str:
     """The status page: queue counts, model in use, recent jobs with thumbnails, failures, associations."""
-    summary = status_summary(engine, job_manager, model)
+    summary = status_summary(engine, job_manager, model, settings)
     jobs = list_jobs(engine, state=None, limit=PAGE_JOBS, offset=0)
     assocs = audit.recent_associations(engine, limit=10)
     return _templates().get_template("status.html").render(

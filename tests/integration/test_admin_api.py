@@ -256,3 +256,28 @@ def test_port_in_use_is_an_error(tmp_path: Path) -> None:
         db = new_node_db(tmp_path, admin_port=s.getsockname()[1])
         with pytest.raises(OSError, match="admin API could not listen"):
             start_admin(db.settings, db.engine, db.jobs, startup_timeout_s=10)
+
+
+def test_without_a_worker_the_model_shown_is_the_one_workers_of_this_configuration_serve(
+        tmp_path: Path, tiny_bundle: Path) -> None:
+    """serve without a worker showed the registry's current model even when model.path pins another one,
+    which every worker then serves: on-call read the wrong model after a promotion."""
+    from dicom_node.admin import start_admin
+    from inference.bundle import ModelBundle
+
+    db = new_node_db(tmp_path / "node", admin_port=free_port())
+    add_models(db.engine)  # 1.1.0 is the registry's current
+    model = db.settings.model.model_copy(update={"path": tiny_bundle})
+    pinned = db.settings.model_copy(update={"model": model})
+    served = ModelBundle.load(tiny_bundle).version
+    assert served != "1.1.0"
+    server = start_admin(pinned, db.engine, db.jobs)  # no model_info: this process runs no worker
+    try:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=30) as client:
+            status = client.get("/api/status").json()
+            page = client.get("/").text
+    finally:
+        server.stop()
+    assert status["model_loaded"] is None and status["model_current"]["version"] == "1.1.0"
+    assert (status["model_served"]["source"], status["model_served"]["version"]) == ("config", served)
+    assert f'id="model-version">{served}<' in page and "pinned by model.path" in page
