@@ -41,7 +41,13 @@ if ! .venv/bin/python -m pip --version >/dev/null 2>&1; then  # none yet, or one
     exit 1; }
 fi
 pip_quiet install -q --upgrade pip || { echo "install.sh: pip could not upgrade itself (see above)" >&2; exit 1; }
-# torch/torchvision pinned to the versions this project is tested with.
+# torch/torchvision pinned to the versions this project is tested with. TORCH_INDEX_URL picks their build, e.g.
+# https://download.pytorch.org/whl/cpu on a machine without an NVIDIA GPU (some hundred MB instead of gigabytes
+# of CUDA libraries), as deploy/Dockerfile does.
+if [ -n "${TORCH_INDEX_URL:-}" ]; then
+  pip_quiet install -q --index-url "$TORCH_INDEX_URL" "torch==2.14.1" "torchvision==0.29.1" \
+    || { echo "install.sh: pip could not install torch from $TORCH_INDEX_URL (see above)" >&2; exit 1; }
+fi
 extra=""
 [ $want_test = 1 ] && extra="[test]"
 pip_quiet install -q "torch==2.14.1" "torchvision==0.29.1" -e ".${extra}" \

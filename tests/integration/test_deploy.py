@@ -179,3 +179,21 @@ def test_install_sh_fails_when_pip_fails(venv: str, tmp_path: Path) -> None:
     assert "Could not find a version" in out.stdout + out.stderr
     assert "install.sh: pip could not install cxr-node and its dependencies" in out.stderr
     assert (tmp_path / ".venv" / "bin" / "python").read_text() == _FAKE_PYTHON  # made again by "$PY -m venv"
+
+
+def test_install_sh_takes_torch_from_the_index_it_is_given(tmp_path: Path) -> None:
+    """TORCH_INDEX_URL (e.g. PyTorch's CPU wheels on a machine without a GPU) is where torch comes from;
+    a failure there is named with the index."""
+    (tmp_path / "deploy").mkdir()
+    shutil.copy(DEPLOY / "install.sh", tmp_path / "deploy" / "install.sh")
+    fake = tmp_path / "fake-python"
+    record = 'echo "$@" >> "$(dirname "$0")/calls"\n'  # each call, in the folder the fake runs from
+    fake.write_text(_FAKE_PYTHON.replace('[ "$1" = "-c" ]', record + '[ "$1" = "-c" ]'))
+    fake.chmod(0o755)
+    index = "https://download.pytorch.org/whl/cpu"
+    out = subprocess.run(["bash", str(tmp_path / "deploy" / "install.sh")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": str(fake), "TORCH_INDEX_URL": index}, timeout=60)
+    assert out.returncode != 0
+    assert f"install.sh: pip could not install torch from {index}" in out.stderr
+    calls = (tmp_path / ".venv" / "bin" / "calls").read_text().splitlines()
+    assert f"-m pip install -q --index-url {index} torch==2.14.1 torchvision==0.29.1" in calls
