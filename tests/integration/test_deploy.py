@@ -138,7 +138,7 @@ def test_dockerfiles_copy_existing_paths_and_pin_torch(dockerfile: str) -> None:
         for src in sources:
             assert (ROOT / src).exists(), f"{dockerfile}: COPY source {src} missing"
     install = (DEPLOY / "install.sh").read_text()
-    pins = re.findall(r'"(torch(?:vision)?==[\d.]+)"', install)
+    pins = sorted(set(re.findall(r"\"(torch(?:vision)?==[\d.]+)\"", install)))
     assert len(pins) == 2, pins  # torch and torchvision
     for pin in pins:
         assert pin in text, f"{dockerfile} does not pin {pin} like deploy/install.sh"
