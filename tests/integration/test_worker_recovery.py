@@ -274,17 +274,23 @@ def _worker_for(settings: dict[str, Any], tmp_path: Path, tiny_bundle: Path, des
     return Worker(parsed, engine)
 
 
+def _failed_once(dest: StoreSCP, tmp_path: Path, tiny_bundle: Path) -> tuple[Worker, int, Any]:
+    """One image through a worker delivering to ``dest``: its job fails on the first attempt."""
+    worker = _worker_for({}, tmp_path, tiny_bundle, dest)
+    job_id = queue_instance(worker.settings, worker.jm)
+    assert worker.run_once() == 1
+    job = job_row(worker.engine, job_id)
+    assert (job.state, job.attempts) == ("failed", 1), job.last_error
+    return worker, job_id, job
+
+
 def test_a_pacs_without_3d_sr_fails_the_job_once_and_the_fixed_setting_delivers_on_retry(
         tmp_path: Path, tiny_bundle: Path, storescp: Callable[..., StoreSCP]) -> None:
     """A refused SOP class is refused again on every attempt: the job fails at once (it was retried for hours,
     the heatmap sent each time), saying which setting helps; after the setting is changed an operator retry
     builds the outputs anew in the SR class the PACS takes (it resent the stored 3D SR, failing again)."""
     dest = _pacs_without("No3D", tmp_path, storescp)
-    worker = _worker_for({}, tmp_path, tiny_bundle, dest)
-    job_id = queue_instance(worker.settings, worker.jm)
-    assert worker.run_once() == 1
-    job = job_row(worker.engine, job_id)
-    assert (job.state, job.attempts) == ("failed", 1), job.last_error
+    worker, job_id, job = _failed_once(dest, tmp_path, tiny_bundle)
     assert "does not accept Comprehensive 3D SR Storage" in job.last_error
     assert 'set export.sr_sop_class = "comprehensive"' in job.last_error
     assert [pydicom.dcmread(f).Modality for f in dest.files()] == ["OT"]  # the heatmap went, once
@@ -308,11 +314,7 @@ def test_a_pacs_without_secondary_capture_still_gets_the_sr(tmp_path: Path, tiny
     """The SR is offered after the refused heatmap (it was never sent: the radiologist got nothing); with
     send_heatmap turned off a retry sends the stored SR without running the model again."""
     dest = _pacs_without("NoSC", tmp_path, storescp)
-    worker = _worker_for({}, tmp_path, tiny_bundle, dest)
-    job_id = queue_instance(worker.settings, worker.jm)
-    assert worker.run_once() == 1
-    job = job_row(worker.engine, job_id)
-    assert (job.state, job.attempts) == ("failed", 1), job.last_error
+    worker, job_id, job = _failed_once(dest, tmp_path, tiny_bundle)
     assert "set export.send_heatmap = false" in job.last_error
     assert received_sr_uids(dest) == {job.sr_sop_instance_uid}
 
