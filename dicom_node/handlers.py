@@ -13,6 +13,8 @@ import threading
 import time
 import weakref
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
 from pathlib import Path
@@ -157,6 +159,7 @@ class StoreContext:
         # association can never inherit its caller (an id() could be reused)
         self._assocs: weakref.WeakKeyDictionary[Any, _AssocState] = weakref.WeakKeyDictionary()
         self._audited: dict[int, _AssocState] = {}
+        self._storing: dict[str, int] = {}  # spool paths being stored, with how many C-STOREs store each
 
     def disk_low(self) -> bool:
         """True while the spool volume has less free space than the watermark."""
@@ -186,6 +189,27 @@ class StoreContext:
             for st in gone:
                 del self._audited[id(st)]
             return gone
+
+    @contextmanager
+    def storing(self, path: Path) -> Iterator[None]:
+        """Mark ``path`` as being stored by this C-STORE until the block ends (see :meth:`shared`)."""
+        key = str(path)
+        with self._lock:
+            self._storing[key] = self._storing.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._storing[key] - 1
+                if left:
+                    self._storing[key] = left
+                else:
+                    del self._storing[key]
+
+    def shared(self, path: Path) -> bool:
+        """Whether another C-STORE (the same instance on another association) is storing ``path`` now."""
+        with self._lock:
+            return self._storing.get(str(path), 0) > 1
 
     def get(self, assoc: Any) -> _AssocState | None:
         """The state of an open association; ``None`` once it has ended."""
@@ -379,46 +403,48 @@ def _store(event: Any, ctx: StoreContext) -> int:
         return OUT_OF_RESOURCES
 
     path = spool.spool_path(ctx.spool_dir, study_uid, sop_uid)
-    try:
-        written = spool.write_atomic(path, data, root=ctx.spool_dir)
-    except OSError as exc:
-        _refused(st, "spool")
-        log.error("C-STORE failed: cannot write the spool file (%s)", exc,
-                  extra={"action": "store_failed", "reason": "spool", **info})
-        return OUT_OF_RESOURCES
+    with ctx.storing(path):  # so that a failed store never deletes a file a concurrent one stores
+        try:
+            written = spool.write_atomic(path, data, root=ctx.spool_dir)
+        except OSError as exc:
+            _refused(st, "spool")
+            log.error("C-STORE failed: cannot write the spool file (%s)", exc,
+                      extra={"action": "store_failed", "reason": "spool", **info})
+            return OUT_OF_RESOURCES
 
-    try:
-        job_id, created = ctx.job_manager.enqueue(
-            sop_instance_uid=sop_uid, study_instance_uid=study_uid, series_instance_uid=series_uid,
-            sop_class_uid=str(sop_class), calling_ae=st.calling_ae, calling_host=st.calling_host,
-            spool_path=str(path), association_id=st.association_id)
-    except Exception as exc:  # database down, locked, full...: the peer must retry
-        _refused(st, "database")
-        log.error("C-STORE failed: cannot record the job (%s: %s)", type(exc).__name__, exc,
-                  extra={"action": "store_failed", "reason": "database", **info})
-        if written:
-            _drop_unqueued(ctx, path, info)
-        return OUT_OF_RESOURCES
+        try:
+            job_id, created = ctx.job_manager.enqueue(
+                sop_instance_uid=sop_uid, study_instance_uid=study_uid, series_instance_uid=series_uid,
+                sop_class_uid=str(sop_class), calling_ae=st.calling_ae, calling_host=st.calling_host,
+                spool_path=str(path), association_id=st.association_id)
+        except Exception as exc:  # database down, locked, full...: the peer must retry
+            _refused(st, "database")
+            log.error("C-STORE failed: cannot record the job (%s: %s)", type(exc).__name__, exc,
+                      extra={"action": "store_failed", "reason": "database", **info})
+            if written:
+                _drop_unqueued(ctx, path, info)
+            return OUT_OF_RESOURCES
 
-    if written and not created:
-        _drop_unused(ctx, job_id, path, info)
-    st.instances += 1
-    metrics.record_received(sop_class.keyword or str(sop_class))
-    if created:
-        log.info("instance received and queued", extra={"action": "store_queued", "job_id": job_id,
-                                                        "bytes": len(data), **info})
-    else:
-        log.info("duplicate instance acknowledged; already queued", extra={
-            "action": "store_duplicate", "job_id": job_id, "file_written": written, **info})
-    return SUCCESS
+        if written and not created:
+            _drop_unused(ctx, job_id, path, info)
+        st.instances += 1
+        metrics.record_received(sop_class.keyword or str(sop_class))
+        if created:
+            log.info("instance received and queued", extra={"action": "store_queued", "job_id": job_id,
+                                                            "bytes": len(data), **info})
+        else:
+            log.info("duplicate instance acknowledged; already queued", extra={
+                "action": "store_duplicate", "job_id": job_id, "file_written": written, **info})
+        return SUCCESS
 
 
 def _drop_unqueued(ctx: StoreContext, path: Path, info: dict[str, Any]) -> None:
     """The file of an instance refused after it was written (the database failed): nothing would ever delete
     it (retention deletes jobs' files) and the peer sends the instance again. It goes, unless a job already
-    points at it (the same instance, acknowledged meanwhile on another association)."""
+    points at it or another association is storing the same instance now (its job may not be committed yet:
+    the file would go from under an acknowledged instance)."""
     try:
-        if ctx.job_manager.references(str(path)):
+        if ctx.shared(path) or ctx.job_manager.references(str(path)):
             return
         path.unlink(missing_ok=True)
     except Exception as exc:  # the database is still down: the file stays; its name says which instance

@@ -606,3 +606,69 @@ def test_spool_names_and_atomic_writes(tmp_path: Path) -> None:
     blocker.write_bytes(b"")
     with pytest.raises(NotADirectoryError):
         spool.write_atomic(blocker / "sub" / "x.dcm", b"data")  # a parent that is a file: nothing written
+
+
+def test_a_failed_store_never_deletes_the_file_of_the_same_instance_acknowledged_meanwhile(
+        tmp_path: Path) -> None:
+    """Two associations store the same instance at once: the first writes the file, its job insert fails
+    (database locked), the second found the file there and its insert commits just after the first cleans up.
+    The first must not delete the file, or the second's acknowledged job points at nothing."""
+    import io
+    import threading
+    from types import SimpleNamespace
+    from typing import Any
+
+    from sqlalchemy.exc import OperationalError
+
+    from dicom_node.db import init_db, make_engine
+    from dicom_node.handlers import StoreContext, _store
+    from dicom_node.queue import JobManager
+
+    engine = make_engine(f"sqlite:///{tmp_path / 'queue.db'}")
+    init_db(engine)
+    real = JobManager(engine)
+    ds = make_dicom(shape=(64, 64))
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    second_wrote, first_done = threading.Event(), threading.Event()
+
+    class Jobs:  # the real queue, with the two inserts forced into the racing order
+        def enqueue(self, **kwargs: Any) -> tuple[int, bool]:
+            if threading.current_thread().name == "first":
+                second.start()
+                assert second_wrote.wait(10)
+                raise OperationalError("INSERT INTO jobs", {}, Exception("database is locked"))
+            second_wrote.set()
+            assert first_done.wait(10)
+            return real.enqueue(**kwargs)
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    ctx = StoreContext(spool_dir, Jobs())  # one listener, two associations
+
+    class Association:  # what the handler reads of pynetdicom's (held weakly, as pynetdicom's are)
+        requestor = SimpleNamespace(ae_title="MOD", address="127.0.0.1", port=1)
+
+    def event() -> Any:
+        return SimpleNamespace(
+            assoc=Association(),
+            request=SimpleNamespace(AffectedSOPClassUID=ds.SOPClassUID,
+                                    AffectedSOPInstanceUID=ds.SOPInstanceUID),
+            context=SimpleNamespace(transfer_syntax=ExplicitVRLittleEndian),
+            encoded_dataset=lambda include_meta=True: buffer.getvalue())
+
+    statuses: dict[str, int] = {}
+    second = threading.Thread(target=lambda: statuses.__setitem__("second", _store(event(), ctx)),
+                              name="second")
+    first = threading.Thread(target=lambda: (statuses.__setitem__("first", _store(event(), ctx)),
+                                             first_done.set()), name="first")
+    first.start()
+    first.join(20)
+    second.join(20)
+    assert statuses == {"first": 0xA700, "second": 0x0000}
+    (job,) = real.claim("w")
+    assert Path(job.spool_path).is_file(), "the acknowledged instance's file was deleted"
+    engine.dispose()
