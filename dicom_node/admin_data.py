@@ -98,8 +98,8 @@ def health_checks(settings: Settings, engine: Engine,
     """Each readiness check as ``{"ok": bool, ...details}``: database, spool_disk, model."""
     checks: dict[str, dict[str, Any]] = {}
 
-    def ping() -> None:
-        with engine.connect() as conn:
+    def ping() -> None:  # a reader: on SQLite it must not wait for the write lock a writer holds
+        with reading(engine).connect() as conn:
             conn.execute(text("SELECT 1"))
 
     try:

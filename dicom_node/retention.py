@@ -121,13 +121,13 @@ def files_purged() -> ColumnElement[bool]:
     return Job.purged_at.is_not(None)
 
 
-def candidates(cutoff: datetime, after_id: int) -> Select[int, str, str | None]:
+def candidates(cutoff: datetime, after_id: int) -> Select[int, str, str, str | None]:
     """The next batch of finished jobs with files left, finished before ``cutoff``, by id after ``after_id``.
 
     Its condition is ix_jobs_unpurged's, so the jobs are read through that index, never the purged history;
-    the state (failed jobs keep their files) is checked per job, with its row locked.
+    the state (failed jobs keep their files) is read here and checked again per job, with its row locked.
     """
-    return (select(Job.id, Job.spool_path, Job.output_dir)
+    return (select(Job.id, Job.state, Job.spool_path, Job.output_dir)
             .where(Job.purged_at.is_(None), Job.finished_at.is_not(None),
                    or_(Job.spool_path != "", Job.output_dir.is_not(None)),
                    Job.finished_at < cutoff, Job.id > after_id)
@@ -156,8 +156,10 @@ def purge(engine: Engine, data_dir: str | os.PathLike[str], retention_days: int,
             rows = session.execute(candidates(report.cutoff, last_id)).all()
         if not rows:
             break
-        for job_id, spool_path, output_dir in rows:
+        for job_id, state, spool_path, output_dir in rows:
             last_id = job_id
+            if state not in PURGEABLE_STATES:  # a failed job keeps its files: no transaction, no lock
+                continue
             _purge_job(engine, job_id, spool_path, output_dir, root, spool_root, report)
     log.info("retention run finished", extra={"action": "retention_done", **report.as_dict()})
     return report

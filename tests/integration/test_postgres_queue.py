@@ -145,7 +145,7 @@ def test_leases_follow_the_database_clock_not_each_machines(postgres_url: str,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """Several machines share a PostgreSQL queue: one whose clock runs 301 s ahead (lease 300 s) must not take
     a live worker's job as stalled, nor see its own backoff end early; the database server's clock judges."""
-    from datetime import datetime, timedelta
+    from datetime import UTC, datetime, timedelta
 
     import dicom_node.db as db_module
 
@@ -163,7 +163,8 @@ def test_leases_follow_the_database_clock_not_each_machines(postgres_url: str,
             return datetime.now(tz) + timedelta(seconds=301)
 
     monkeypatch.setattr(db_module, "datetime", Ahead)
-    assert db_module.utcnow() - datetime.now() > timedelta(seconds=300)  # this machine's clock is ahead now
+    real_utc = datetime.now(UTC).replace(tzinfo=None)
+    assert db_module.utcnow() - real_utc > timedelta(seconds=300)  # this machine's clock is ahead now
     b = JobManager(engine, WorkerSettings(lease_s=300))
     assert b.reclaim_stalled() == 0 and b.claim("B") == []
     assert a.heartbeat("A", [job_id]) == [job_id]

@@ -330,3 +330,47 @@ def test_scheduled_retrain_runs_and_reports_its_outcome(db: NodeDb, caplog: pyte
     assert len(finished) == 1
     outcome = finished[0].outcome  # type: ignore[attr-defined]
     assert outcome["status"] == "skipped" and "needed" in outcome["reason"]  # no local labels yet
+
+
+def test_failed_jobs_keep_their_files_without_retention_locking_them(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Failed jobs keep their files, so retention reads them and moves on: it opened a write transaction for
+    each of them on every run (SQLite's write lock, over a history that only grows). Here another writer holds
+    the lock and the wait for it is cut to half a second: a write attempt would fail the run."""
+    import sqlite3
+
+    import dicom_node.db as db_module
+
+    monkeypatch.setattr(db_module, "SQLITE_BUSY_TIMEOUT_MS", 500)
+    db = new_node_db(tmp_path / "node")
+    failed = make_failed(db, 1)
+    age(db, failed, 40)
+    lock = sqlite3.connect(str(db.settings.storage.data_dir / "cxr-node.db"), isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        report = purge(db.engine, db.settings.storage.data_dir, 30)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert report.jobs == 0 and report.errors == []
+    assert Path(job(db, failed).spool_path).is_file()
+
+
+def test_health_reads_the_database_without_waiting_for_a_writer(tmp_path: Path) -> None:
+    """/health's database check is a reader: a long write transaction elsewhere (a retention batch, a
+    migration) must not read as the database being down."""
+    import sqlite3
+
+    from dicom_node.admin_data import health_checks
+
+    db = new_node_db(tmp_path / "node")
+    lock = sqlite3.connect(str(db.settings.storage.data_dir / "cxr-node.db"), isolation_level=None)
+    lock.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        checks = health_checks(db.settings, db.engine, None)
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert checks["database"]["ok"] is True, checks
+    assert time.monotonic() - started < 2
