@@ -189,7 +189,8 @@ def clean_reference(source: Dataset, own_texts: tuple[str, ...] = ()) -> Dataset
             continue  # chosen below for the values actually copied
         elem = source[keyword]
         value, vr = elem.value, elem.VR
-        if vr == "SQ":
+        if vr == "SQ":  # its text decides the character set too (read first: that decodes it)
+            texts.extend(_sequence_texts(value or []))
             ref.add_new(elem.tag, vr, copy.deepcopy(value))
             continue
         if isinstance(value, MultiValue) and dictionary_VM(keyword) == "1":
@@ -262,6 +263,19 @@ def copy_patient_study(reference: Dataset, output: Dataset) -> None:
     for prefix in ("Content", "InstanceCreation"):
         output[f"{prefix}Date"].value = now.strftime("%Y%m%d")
         output[f"{prefix}Time"].value = now.strftime("%H%M%S.%f")
+
+
+def _sequence_texts(items: Any) -> list[str]:
+    """The text values inside sequence items, nested ones included."""
+    out: list[str] = []
+    for item in items:
+        for elem in item:
+            if elem.VR == "SQ":
+                out.extend(_sequence_texts(elem.value or []))
+            elif elem.VR in _TEXT_VRS and elem.value is not None:
+                values = elem.value if isinstance(elem.value, MultiValue | list) else [elem.value]
+                out.extend(str(v) for v in values)
+    return out
 
 
 def character_set(texts: list[str]) -> str | None:

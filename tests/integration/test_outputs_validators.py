@@ -69,6 +69,10 @@ SOURCES = {
         "IssuerOfAccessionNumberSequence": [_item(LocalNamespaceEntityID="RIS-A")],
         "LossyImageCompression": "01", "LossyImageCompressionRatio": "12.5",
         "LossyImageCompressionMethod": "ISO_10918_1"}, False),
+    "non_ascii_only_in_sequences": ({  # the top-level text is ASCII: the items' text decides the charset
+        "SpecificCharacterSet": "ISO_IR 192",
+        "OtherPatientIDsSequence": [_item(PatientID="Zoë-42", IssuerOfPatientID="Hôpital Érasme",
+                                          TypeOfPatientID="TEXT")]}, False),
 }
 # Without BodyPartExamined the SC's Laterality (Type 2C) is sent empty, meaning "unknown", which is the
 # truth; dciodvfy notes that an empty value is only for that case.
