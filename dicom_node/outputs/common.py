@@ -50,7 +50,7 @@ from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, JPEGBaseline8Bit, JPEGExtended12Bit
-from pydicom.valuerep import validate_value
+from pydicom.valuerep import DT, validate_value
 
 from dicom_node import __version__
 
@@ -259,10 +259,18 @@ def copy_patient_study(reference: Dataset, output: Dataset) -> None:
     sign = -1 if match and match.group(1) == "-" else 1
     zone = datetime.timezone(sign * datetime.timedelta(hours=hours, minutes=minutes))
     now = datetime.datetime.now(zone)
-    output.TimezoneOffsetFromUTC = offset
-    for prefix in ("Content", "InstanceCreation"):
-        output[f"{prefix}Date"].value = now.strftime("%Y%m%d")
-        output[f"{prefix}Time"].value = now.strftime("%H%M%S.%f")
+    output.TimezoneOffsetFromUTC = offset  # it covers every date and time of the object: all of ours follow
+    for date, time in (("ContentDate", "ContentTime"), ("InstanceCreationDate", "InstanceCreationTime"),
+                       ("DateOfSecondaryCapture", "TimeOfSecondaryCapture")):
+        if date in output:
+            output[date].value = now.strftime("%Y%m%d")
+            output[time].value = now.strftime("%H%M%S.%f")
+    for item in output.get("ContributingEquipmentSequence") or []:
+        stamp = item.get("ContributionDateTime")
+        if stamp:  # the same instant in that offset (highdicom writes its own entry in the node's local time)
+            when = DT(str(stamp))
+            when = when if when.tzinfo is not None else when.astimezone()
+            item.ContributionDateTime = when.astimezone(zone).strftime("%Y%m%d%H%M%S.%f%z")
 
 
 def _sequence_texts(items: Any) -> list[str]:
