@@ -43,10 +43,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Drop them again."""
-    with op.batch_alter_table('deliveries', schema=None) as batch_op:
-        batch_op.drop_index(batch_op.f('ix_deliveries_at'))
-    with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.drop_index('ix_jobs_unpurged', sqlite_where=sa.text(_UNPURGED),
-                            postgresql_where=sa.text(_UNPURGED))
-        batch_op.drop_column('purged_at')
+    """Not supported: restore the database backup taken before the upgrade (deploy/README.md, Upgrade). On
+    SQLite, dropping a column rebuilds the jobs table, and its foreign keys would empty job_events and
+    deliveries with it."""
+    raise NotImplementedError("going back to an older release means restoring the database backup taken "
+                              "before the upgrade")

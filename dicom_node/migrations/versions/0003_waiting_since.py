@@ -30,6 +30,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    """Drop it again."""
-    with op.batch_alter_table('jobs', schema=None) as batch_op:
-        batch_op.drop_column('waiting_since')
+    """Not supported: restore the database backup taken before the upgrade (deploy/README.md, Upgrade). On
+    SQLite, dropping a column rebuilds the jobs table, and its foreign keys would empty job_events and
+    deliveries with it."""
+    raise NotImplementedError("going back to an older release means restoring the database backup taken "
+                              "before the upgrade")
