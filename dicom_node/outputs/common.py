@@ -22,6 +22,8 @@ not_xray, for_processing, not_chest, child,  99CXRNODE   (same)       its value 
 lateral, too_small, no_lungs, undecodable,
 other
 Comment (reason as text)                     DCM         121106       TEXT item in the measurement group
+Qualitative Evaluations                      UMLS        C0034375     SR root container: the disclaimer
+Comment (NOT FOR DIAGNOSTIC USE)             DCM         121106       TEXT item in that container
 Probability                                  DCM         122157       measurement, unit UCUM ``1`` (no units)
 Threshold Value (operating threshold)        DCM         122411       measurement, unit UCUM ``1``
 Lung attention ratio                         99CXRNODE   CXR003       measurement, unit UCUM ``{ratio}``
@@ -72,6 +74,7 @@ CODE_REASON = Code("CXR002", CODING_SCHEME, "Not assessable reason")
 CODE_LUNG_ATTENTION = Code("CXR003", CODING_SCHEME, "Lung attention ratio")
 CODE_LUNG_FRACTION = Code("CXR004", CODING_SCHEME, "Lung area fraction")
 CODE_COVID19 = Code("840539006", "SCT", "Disease caused by SARS-CoV-2")
+CODE_QUALITATIVE_EVALUATIONS = Code("C0034375", "UMLS", "Qualitative Evaluations")  # TID 1500 row 13
 REASON_CODES: dict[str, Code] = {
     "not_xray": Code("not_xray", CODING_SCHEME, "Not a CR or DX radiograph"),
     "for_processing": Code("for_processing", CODING_SCHEME, "Raw image (DX For Processing)"),

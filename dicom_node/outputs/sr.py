@@ -21,6 +21,8 @@ from highdicom.sr import (
     CodedConcept,
     Comprehensive3DSR,
     ComprehensiveSR,
+    ContainerContentItem,
+    ContentSequence,
     DeviceObserverIdentifyingAttributes,
     FindingSite,
     ImageContentItem,
@@ -45,6 +47,7 @@ from dicom_node.outputs.common import (
     CODE_COVID19,
     CODE_LUNG_ATTENTION,
     CODE_LUNG_FRACTION,
+    CODE_QUALITATIVE_EVALUATIONS,
     CODE_REASON,
     CODE_SUSPECTED,
     CODING_SCHEME,
@@ -187,9 +190,13 @@ def build_sr(
         imaging_measurements=[group],
         referenced_images=[_library_view(reference)] + library[1:],
     )
-    # in the report's body too, where a viewer shows the content (the series description is easy to miss)
-    report[0].ContentSequence.append(TextContentItem(
-        name=codes.DCM.Comment, value=DISCLAIMER, relationship_type=RelationshipTypeValues.CONTAINS))
+    # in the report's body too, where a viewer shows the content (the series description is easy to miss):
+    # TID 1500's Qualitative Evaluations container, the one place at the top of the report that takes text
+    evaluations_container = ContainerContentItem(name=CODE_QUALITATIVE_EVALUATIONS,
+                                                 relationship_type=RelationshipTypeValues.CONTAINS)
+    evaluations_container.ContentSequence = ContentSequence([TextContentItem(
+        name=codes.DCM.Comment, value=DISCLAIMER, relationship_type=RelationshipTypeValues.CONTAINS)])
+    report[0].ContentSequence.append(evaluations_container)
     sr = SR_CLASSES[sop_class](
         evidence=library,
         content=report,

@@ -462,6 +462,9 @@ def test_the_sr_body_says_not_for_diagnostic_use() -> None:
 
     _, _, _, outputs = _build("negative")
     sr = outputs[-1]
-    texts = [str(item.TextValue) for item in find_content_items(sr, name=codes.DCM.Comment)]
+    texts = [str(item.TextValue) for item in find_content_items(sr, name=codes.DCM.Comment, recursive=True)]
     assert texts == [DISCLAIMER] and DISCLAIMER.startswith("NOT FOR DIAGNOSTIC USE")
+    (container,) = [item for item in sr.ContentSequence if item.ValueType == "CONTAINER"
+                    and item.ConceptNameCodeSequence[0].CodeValue == "C0034375"]  # TID 1500's own slot for it
+    assert container.ContentSequence[0].TextValue == DISCLAIMER
     assert read_result(sr)["reason"] == ""  # the reason of a not assessable result is another comment
