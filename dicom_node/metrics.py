@@ -11,7 +11,8 @@ Every name starts with ``cxrnode_`` (type, labels, who updates it):
 - ``cxrnode_queue_up`` gauge: 1 when the scrape could count the queue
 - ``cxrnode_stage_seconds`` histogram {stage}: worker; decode, stage1, stage2, cam, outputs, export
   (and any other key of ``Result.timings``)
-- ``cxrnode_job_seconds`` histogram: worker, reception to delivered results
+- ``cxrnode_job_seconds`` histogram: worker, from reception (or an operator's retry or resend) to delivered
+  results
 - ``cxrnode_jobs_finished_total`` counter {outcome}: worker; ``done``, ``failed``, or ``retry`` (a failure
   tried again after a backoff); ``ignored`` jobs never reach a worker: see ``cxrnode_queue_jobs``
 - ``cxrnode_exports_total`` counter {destination}: exporter, per successful delivery
@@ -19,8 +20,8 @@ Every name starts with ``cxrnode_`` (type, labels, who updates it):
 - ``cxrnode_model_info`` info {name, version, device_uid, path}: worker, when a model (re)loads
 - ``cxrnode_retention_deleted_files_total`` counter {kind}: retention job (spool / output)
 
-Queue depth is collected at scrape time through :func:`bind_queue`, so several processes (serve + workers)
-never disagree about it.
+Queue depth is collected at scrape time through :func:`bind_queue`, in the listener's process only (a sum over
+a scale-out's targets then counts the queue once).
 """
 
 from __future__ import annotations
@@ -71,7 +72,7 @@ STAGE_SECONDS = Histogram(
     "cxrnode_stage_seconds", "Time spent per processing stage of one job (or one batch item).",
     ["stage"], buckets=_STAGE_BUCKETS, registry=REGISTRY)
 JOB_SECONDS = Histogram(
-    "cxrnode_job_seconds", "Time from reception to delivered results, per job.",
+    "cxrnode_job_seconds", "Time from reception (or an operator's retry or resend) to delivered results.",
     buckets=_JOB_BUCKETS, registry=REGISTRY)
 JOBS_FINISHED = Counter(
     "cxrnode_jobs_finished", "Jobs leaving the worker, by outcome (done, failed, retry).",
