@@ -116,6 +116,7 @@ def test_failure_status_raises_export_error(node_listener: Callable[..., Listene
     assert err.value.retryable
 
 
+@pytest.mark.filterwarnings("ignore:Invalid value for VR UI:UserWarning")
 def test_a_status_the_same_object_gets_again_is_permanent_and_the_next_object_still_goes(
         node_listener: Callable[..., Listener]) -> None:
     """0xC000 (cannot understand) will come back on every attempt: permanent, and the objects after it are
