@@ -374,3 +374,24 @@ def test_health_reads_the_database_without_waiting_for_a_writer(tmp_path: Path) 
         lock.close()
     assert checks["database"]["ok"] is True, checks
     assert time.monotonic() - started < 2
+
+
+def test_revisions_from_0002_refuse_to_downgrade_and_keep_the_history(tmp_path: Path) -> None:
+    """On SQLite, dropping 0002's or 0003's columns rebuilt the jobs table, and its foreign keys emptied
+    job_events and deliveries with it: a downgrade is refused, and the history stays."""
+    from alembic import command
+    from alembic.config import Config
+
+    from dicom_node.db import MIGRATIONS_DIR
+
+    db = new_node_db(tmp_path / "node")
+    done = make_done(db, 1)
+    events = len(db.jobs.history(done))
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    for target in ("0002", "0001"):
+        with pytest.raises(NotImplementedError, match="restoring the database backup"), \
+                db.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.downgrade(cfg, target)
+    assert len(db.jobs.history(done)) == events > 0
