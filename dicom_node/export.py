@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import logging
 import socket
+import ssl
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -176,6 +177,21 @@ def _send_timeout(seconds: float) -> Any:
     return handler
 
 
+def _no_association(destination: Peer, ssl_context: Any, timeout_s: float) -> str:
+    """Why no association came about, as far as a plain connection (and TLS handshake) tells: pynetdicom only
+    logs the cause, and "certificate verify failed" or "connection refused" is what IT needs to act on."""
+    try:
+        with socket.create_connection((destination.host, destination.port), timeout=timeout_s) as sock:
+            if ssl_context is None:
+                return "no association (the destination took the connection and gave no answer)"
+            with ssl_context.wrap_socket(sock, server_hostname=destination.host):
+                return "no association (the TLS handshake succeeded; the destination gave no answer)"
+    except ssl.SSLError as exc:
+        return f"no association: TLS handshake failed ({exc.reason or exc})"
+    except OSError as exc:
+        return f"no association: {exc.strerror or type(exc).__name__}"
+
+
 def send(datasets: Sequence[Dataset | str | Path], destination: Peer, export_settings: ExportSettings, *,
          calling_ae: str = DEFAULT_CALLING_AE) -> list[str]:
     """C-STORE ``datasets`` to ``destination`` over one association; returns the warnings the destination
@@ -229,7 +245,7 @@ def send(datasets: Sequence[Dataset | str | Path], destination: Peer, export_set
             kind = "permanently" if rejection.result == 0x01 else "for now"
             why = f"association rejected {kind} by the {rejection.source_str}: {rejection.reason_str}"
         else:
-            why = "no association (down, refused or TLS failure)"
+            why = _no_association(destination, ssl_context, export_settings.network_timeout_s)
         log.warning("export to %s failed: %s", dest, why, extra={"action": "export_unreachable",
                                                                 "destination": dest})
         if rejection is not None and rejection.result == 0x01:

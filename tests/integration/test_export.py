@@ -47,7 +47,7 @@ def test_decompressed_keeping_uid_when_only_uncompressed(storescp: Callable[...,
 def test_destination_down_then_up(storescp: Callable[..., StoreSCP]) -> None:
     dest = storescp(start=False)
     ds = make_dicom(shape=(64, 64))
-    with pytest.raises(DestinationUnreachable) as err:
+    with pytest.raises(DestinationUnreachable, match="no association: Connection refused") as err:
         send([ds], Peer.parse(dest.address), EXPORT)
     assert err.value.retryable
     dest.start()
