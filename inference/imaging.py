@@ -324,16 +324,21 @@ class _InvalidLUT(ValueError):
     """A VOI LUT that cannot be applied; the message names the problem briefly, never the LUT's data."""
 
 
-def _little_endian(ds: Dataset) -> bool | None:
-    """The byte order of the data set's OW values: its file meta Transfer Syntax UID, else the encoding it
-    was read with (as pydicom's own ``apply_voi_lut`` decides); None when neither tells."""
+def _transfer_syntax(ds: Dataset) -> UID | None:
+    """The file meta's Transfer Syntax UID when it names a known one, else None."""
     meta = getattr(ds, "file_meta", None)
-    syntax = None if meta is None else meta.get("TransferSyntaxUID")
-    if syntax:
-        try:
-            return bool(UID(str(syntax)).is_little_endian)
-        except ValueError:  # not a (known) transfer syntax
-            pass
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if not syntax or not UID(str(syntax)).is_transfer_syntax:
+        return None
+    return UID(str(syntax))
+
+
+def _little_endian(ds: Dataset) -> bool | None:
+    """The byte order of the data set's OW values: its transfer syntax, else the encoding it was read with
+    (as pydicom's own ``apply_voi_lut`` decides); None when neither tells."""
+    syntax = _transfer_syntax(ds)
+    if syntax is not None:
+        return bool(syntax.is_little_endian)
     little = getattr(ds, "original_encoding", (None, None))[1]
     return None if little is None else bool(little)
 
@@ -510,13 +515,8 @@ def _high_bit_shift(ds: Dataset, label: str) -> int:
         logger.warning("invalid HighBit %d ignored (BitsStored %d, BitsAllocated %d)", high, stored,
                        allocated, extra={"action": "dicom_header_invalid"})
         return 0
-    meta = getattr(ds, "file_meta", None)
-    syntax = None if meta is None else meta.get("TransferSyntaxUID")
-    try:
-        native = syntax is not None and not UID(str(syntax)).is_encapsulated
-    except ValueError:
-        native = False
-    if not native:
+    syntax = _transfer_syntax(ds)
+    if syntax is None or syntax.is_encapsulated:
         raise InvalidInstance(
             f"{label}: HighBit {high} with BitsStored {stored} (stored values above bit 0) is not supported "
             f"for compressed pixel data ({_describe(ds)})"
