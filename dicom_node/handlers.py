@@ -13,7 +13,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -443,31 +443,34 @@ def _drop_unqueued(ctx: StoreContext, path: Path, info: dict[str, Any]) -> None:
     it (retention deletes jobs' files) and the peer sends the instance again. It goes, unless a job already
     points at it or another association is storing the same instance now (its job may not be committed yet:
     the file would go from under an acknowledged instance)."""
-    try:
-        if ctx.shared(path) or ctx.job_manager.references(str(path)):
-            return
-        path.unlink(missing_ok=True)
-    except Exception as exc:  # the database is still down: the file stays; its name says which instance
-        log.warning("the spool file of a refused instance is left on disk: %s (%s)", path, type(exc).__name__,
-                    extra={"action": "spool_unqueued_kept", **info})
-        return
-    log.info("the spool file of the refused instance was deleted", extra={"action": "spool_unqueued_deleted",
-                                                                          **info})
+    _drop_file(path, lambda: ctx.shared(path) or ctx.job_manager.references(str(path)), info,
+               kept=("the spool file of a refused instance is left on disk: %s", "spool_unqueued_kept"),
+               deleted=("the spool file of the refused instance was deleted", "spool_unqueued_deleted"))
 
 
 def _drop_unused(ctx: StoreContext, job_id: int, path: Path, info: dict[str, Any]) -> None:
     """A re-sent instance was written to the spool for a job that does not use that file (its files were
-    deleted by retention, or it came under another Study Instance UID): delete it, or no one ever would."""
+    deleted by retention, or it came under another Study Instance UID): delete it, or no one ever would. A
+    queued job whose file had gone keeps it: the resend restored it."""
+    _drop_file(path, lambda: ctx.job_manager.uses_file(job_id, str(path)), {"job_id": job_id, **info},
+               kept=(f"cannot tell whether job {job_id} uses %s", "spool_unused_check_failed"),
+               deleted=(f"job {job_id}: the re-sent instance's file is not used by the job; deleted",
+                        "spool_unused_deleted"))
+
+
+def _drop_file(path: Path, needed: Callable[[], bool], info: dict[str, Any], *, kept: tuple[str, str],
+               deleted: tuple[str, str]) -> None:
+    """Delete ``path`` unless ``needed()``; when that cannot be told (the database is down) the file stays,
+    logged with ``kept`` (a message with a %s for the path, an action); a deletion is logged with ``deleted``.
+    The C-STORE's answer does not depend on it: a stray file is the worst case."""
     try:
-        if ctx.job_manager.uses_file(job_id, str(path)):
-            return  # e.g. a queued job whose file had gone: the resend restored it
+        if needed():
+            return
         path.unlink(missing_ok=True)
-    except Exception as exc:  # the instance is acknowledged either way; a stray file is the worst case
-        log.warning("cannot tell whether job %s uses %s (%s: %s)", job_id, path.name, type(exc).__name__, exc,
-                    extra={"action": "spool_unused_check_failed", "job_id": job_id, **info})
+    except Exception as exc:
+        log.warning(kept[0] + " (%s: %s)", path, type(exc).__name__, exc, extra={"action": kept[1], **info})
         return
-    log.info("job %s: the re-sent instance's file is not used by the job; deleted", job_id,
-             extra={"action": "spool_unused_deleted", "job_id": job_id, **info})
+    log.info(deleted[0], extra={"action": deleted[1], **info})
 
 
 def handle_accepted(event: Any, ctx: StoreContext) -> None:
