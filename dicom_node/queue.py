@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -34,6 +34,7 @@ from dicom_node.db import Delivery, Job, JobEvent, ModelVersion, database_clock,
 log = logging.getLogger(__name__)
 
 MAX_ERROR_CHARS = 2000
+_PENDING_LOGS = "cxr_node_pending_logs"
 
 
 class JobState(enum.StrEnum):
@@ -93,6 +94,12 @@ def backoff_delay(attempts: int, settings: WorkerSettings) -> float:
     return min(settings.backoff_base_s * 2 ** min(attempts - 1, 62), settings.backoff_max_s)
 
 
+def _log_committed(session: Session) -> None:
+    """Log the transitions of a transaction once it is committed (registered by JobManager._session)."""
+    for level, args, extra in session.info.pop(_PENDING_LOGS, []):
+        log.log(level, *args, extra=extra)
+
+
 class JobManager:
     """All reads and writes of jobs. Thread-safe; share one per process (it holds only the engine).
 
@@ -120,7 +127,9 @@ class JobManager:
 
     # -- helpers -------------------------------------------------------------------------------
     def _session(self) -> Session:
-        return Session(self.engine, expire_on_commit=False)
+        session = Session(self.engine, expire_on_commit=False)
+        event.listen(session, "after_commit", _log_committed)
+        return session
 
     def _reading(self) -> Session:
         """A session that only reads (no write lock on SQLite)."""
@@ -135,8 +144,10 @@ class JobManager:
         job.updated_at = now
         session.add(JobEvent(job_id=job.id, at=now, from_state=old, to_state=new.value,
                              message=message[:MAX_ERROR_CHARS]))
-        log.log(level, "job %s: %s -> %s%s", job.id, old, new.value, f" ({message})" if message else "",
-                extra={"action": action or f"job_{new.value}", "job_id": job.id})
+        # logged once committed (_log_committed): never a line for a change the database did not keep
+        session.info.setdefault(_PENDING_LOGS, []).append(
+            (level, ("job %s: %s -> %s%s", job.id, old, new.value, f" ({message})" if message else ""),
+             {"action": action or f"job_{new.value}", "job_id": job.id}))
 
     def _owned(self, session: Session, job_id: int, worker_id: str | None) -> Job:
         job = session.get(Job, job_id, with_for_update=True)

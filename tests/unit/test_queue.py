@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, select, text
@@ -393,3 +394,29 @@ def test_delivery_has_its_own_attempt_limit(engine: Engine, settings: WorkerSett
     assert states == [JobState.EXPORTING] * 4 + [JobState.FAILED]  # inference limit is 3, delivery 5
     with pytest.raises(ValueError, match="export_max_attempts"):
         JobManager(engine, settings, export_max_attempts=0)
+
+
+def test_a_transition_is_logged_only_once_committed(jm: JobManager, engine: Engine,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A claim whose commit fails (the disk under SQLite full) changed nothing: no line may say it did."""
+    from sqlalchemy import event as sa_event
+    from sqlalchemy.exc import OperationalError
+
+    job_id, _ = enqueue(jm)
+
+    def refuse(conn: Any) -> None:
+        raise OperationalError("COMMIT", {}, Exception("database or disk is full"))
+
+    caplog.set_level(logging.INFO, logger="dicom_node.queue")
+    sa_event.listen(engine, "commit", refuse)
+    try:
+        with pytest.raises(OperationalError):
+            jm.claim("w1")
+    finally:
+        sa_event.remove(engine, "commit", refuse)
+    assert job_row(engine, job_id).state == "queued"
+    assert not [r for r in caplog.records if getattr(r, "action", "") == "job_claimed"]
+    jm.claim("w1")
+    assert [r.getMessage() for r in caplog.records if getattr(r, "action", "") == "job_claimed"] == [
+        f"job {job_id}: queued -> processing (claimed by w1, attempt 1)"]
+
