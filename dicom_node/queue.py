@@ -238,11 +238,12 @@ class JobManager:
         return job_id, True
 
     # -- workers -------------------------------------------------------------------------------
-    def claim(self, worker_id: str, limit: int = 1) -> list[ClaimedJob]:
+    def claim(self, worker_id: str, limit: int = 1, *, delivery_only: bool = False) -> list[ClaimedJob]:
         """Atomically lease up to ``limit`` due jobs to ``worker_id``, oldest first.
 
         Queued jobs become ``processing``; unleased ``exporting`` jobs stay ``exporting`` (only the
-        delivery is retried). Each claim counts as an attempt.
+        delivery is retried). Each claim counts as an attempt. ``delivery_only``: only ``exporting`` jobs
+        (a worker whose disk is too full to store new results can still deliver the stored ones).
         """
         if not worker_id:
             raise ValueError('Argument "worker_id" must be a non-empty string.')
@@ -250,7 +251,8 @@ class JobManager:
             raise ValueError('Argument "limit" must be at least 1.')
         now = self.clock()
         due = (select(Job)
-               .where(Job.state.in_([JobState.QUEUED.value, JobState.EXPORTING.value]),
+               .where(Job.state.in_([JobState.EXPORTING.value] if delivery_only
+                                    else [JobState.QUEUED.value, JobState.EXPORTING.value]),
                       Job.lease_owner.is_(None),
                       (Job.not_before.is_(None)) | (Job.not_before <= now))
                .order_by(Job.not_before, Job.id).limit(limit)
@@ -389,14 +391,15 @@ class JobManager:
             self._move(session, job, JobState.QUEUED, reason, action="job_requeued", level=logging.WARNING)
 
     def release(self, job_id: int, *, worker_id: str | None = None,
-                why: str = "released by a stopping worker") -> None:
-        """Give a claimed job back untouched (a stopping worker, an interrupted batch): no attempt counted."""
+                why: str = "released by a stopping worker", delay_s: float = 0.0) -> None:
+        """Give a claimed job back untouched (a stopping worker, an interrupted batch, a full disk): no
+        attempt counted; due again after ``delay_s`` seconds."""
         with self._session() as session, session.begin():
             job = self._owned(session, job_id, worker_id)
             state = JobState(job.state)
             job.lease_owner = job.lease_expires_at = None
             job.attempts = max(job.attempts - 1, 0)
-            job.not_before = self.clock()
+            job.not_before = self.clock() + timedelta(seconds=max(delay_s, 0.0))
             new = JobState.QUEUED if state == JobState.PROCESSING else state
             self._move(session, job, new, why, action="job_released")
 

@@ -16,6 +16,7 @@ killed mid-job leaves a lease that expires, and any worker then reclaims the job
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import os
@@ -38,7 +39,7 @@ from dicom_node.config import Settings
 from dicom_node.errors import ExportError, InvalidInstance, ModelBundleError, NodeError
 from dicom_node.export import NoDestination, destinations_for, send
 from dicom_node.queue import ClaimedJob, JobManager, JobState, LeaseLost
-from dicom_node.spool import write_atomic
+from dicom_node.spool import free_mb, write_atomic
 from dicom_node.tls import client_context
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,9 @@ RESULTS_SUFFIX = ".results"
 DB_RETRY_PAUSE_S = 5.0
 DB_ERROR_LOG_EVERY_S = 60.0  # in a database outage: one error line a minute, the first with its traceback
 MODEL_RETRY_S = 600.0  # a promoted model that failed to load is tried again after this long
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_RETRY_S = 60.0  # a job given back for a full disk is due again after this long
+DISK_LOW_LOG_EVERY_S = 60.0
 PIXEL_DATA = pydicom.tag.Tag(0x7FE0, 0x0010)
 
 
@@ -174,6 +178,7 @@ class Worker:
         self._failed: tuple[str, str, float] | None = None  # failed load: key, promoted at, monotonic time
         self._stop = threading.Event()
         self._stranded: list[int] = []  # jobs of a batch a database error interrupted, still leased here
+        self._disk_low_logged: float | None = None  # while the spool volume is too full: when last logged
 
     # -- model -----------------------------------------------------------------------------------
     def _wanted_model(self) -> tuple[Path | None, str, str]:
@@ -277,7 +282,8 @@ class Worker:
         """Claim and handle one batch; returns the number of jobs handled (0: nothing was due)."""
         if self.pipeline is None:
             self.load_model()
-        batch = self.jm.claim(self.worker_id, limit=self.settings.model.batch_size)
+        batch = self.jm.claim(self.worker_id, limit=self.settings.model.batch_size,
+                              delivery_only=self._disk_low())
         if batch:
             with _Heartbeat(self.jm, self.worker_id, [j.id for j in batch], self.settings.worker.lease_s / 3):
                 try:
@@ -286,6 +292,39 @@ class Worker:
                     self._stranded = [j.id for j in batch]
                     raise
         return len(batch)
+
+    def _disk_low(self) -> bool:
+        """Whether the spool volume has less than ``storage.min_free_mb`` free: then no model is run (its
+        results could not be stored, and every job would use up its attempts on the full disk), but stored
+        results are still delivered. Logged once a minute while it lasts."""
+        storage = self.settings.storage
+        try:
+            free = free_mb(storage.spool_dir)
+        except OSError:  # cannot tell: the load of the spooled file says what is wrong
+            return False
+        low = free < storage.min_free_mb
+        now = time.monotonic()
+        if low and (self._disk_low_logged is None or now - self._disk_low_logged >= DISK_LOW_LOG_EVERY_S):
+            self._disk_low_logged = now
+            log.error("spool volume %s has %.0f MiB free, less than storage.min_free_mb = %d: no new images "
+                      "are processed (results are still delivered) until space is freed", storage.spool_dir,
+                      free, storage.min_free_mb, extra={"action": "worker_disk_low"})
+        elif not low and self._disk_low_logged is not None:
+            self._disk_low_logged = None
+            log.warning("spool volume %s has %.0f MiB free again: processing resumes", storage.spool_dir,
+                        free, extra={"action": "worker_disk_ok"})
+        return low
+
+    def _hold(self, job: ClaimedJob, why: str) -> None:
+        """Give ``job`` back without counting the attempt, due again in a minute: its failure was the
+        volume's (disk full), and would otherwise use up every attempt and fail the job for good."""
+        log.error("job %s: %s; given back, due again in %.0f s", job.id, why, DISK_FULL_RETRY_S,
+                  extra={"action": "worker_disk_full", "job_id": job.id})
+        try:
+            self.jm.release(job.id, worker_id=self.worker_id, why=f"given back: {why}",
+                            delay_s=DISK_FULL_RETRY_S)
+        except (LeaseLost, KeyError, ValueError):
+            pass  # reclaimed or moved meanwhile: nothing to give back
 
     def _give_back_stranded(self) -> None:
         """Release the jobs of a batch a database error interrupted (those this worker still holds), so they
@@ -425,7 +464,10 @@ class Worker:
                 self._fail(job, f"building outputs failed: {exc}", exc.retryable)
                 continue
             except OSError as exc:
-                self._fail(job, f"storing outputs failed: {exc}", retryable=True)
+                if exc.errno in DISK_FULL_ERRNOS:
+                    self._hold(job, f"storing outputs failed: {exc}")
+                else:
+                    self._fail(job, f"storing outputs failed: {exc}", retryable=True)
                 continue
             except SQLAlchemyError:
                 raise

@@ -420,3 +420,26 @@ def test_a_transition_is_logged_only_once_committed(jm: JobManager, engine: Engi
     assert [r.getMessage() for r in caplog.records if getattr(r, "action", "") == "job_claimed"] == [
         f"job {job_id}: queued -> processing (claimed by w1, attempt 1)"]
 
+
+def test_delivery_only_claims_leave_queued_jobs_alone(jm: JobManager, clock: Clock) -> None:
+    queued, _ = enqueue(jm, "1.1")
+    ready, _ = enqueue(jm, "1.2")
+    jm.claim("w", limit=2)
+    jm.release(queued, worker_id="w")
+    jm.finish_inference(ready, result={"finding": "negative"}, output_dir="/o", worker_id="w")
+    jm.fail(ready, "PACS down", retryable=True, worker_id="w")
+    clock.advance(60)
+    assert [(j.id, j.state) for j in jm.claim("w2", limit=5, delivery_only=True)] == [
+        (ready, JobState.EXPORTING)]
+    assert [j.id for j in jm.claim("w3", limit=5)] == [queued]
+
+
+def test_a_release_can_set_when_the_job_is_due_again(jm: JobManager, clock: Clock) -> None:
+    job_id, _ = enqueue(jm)
+    jm.claim("w1")
+    jm.release(job_id, worker_id="w1", why="given back: disk full", delay_s=60)
+    clock.advance(59)
+    assert jm.claim("w2") == []
+    clock.advance(1)
+    [job] = jm.claim("w2")
+    assert (job.id, job.attempts) == (job_id, 1)

@@ -561,11 +561,11 @@ def test_a_database_outage_is_logged_once_with_its_traceback_then_once_a_minute(
     worker.load_model()
     real_claim, failures = jm.claim, [20]
 
-    def claim(worker_id: str, limit: int = 1) -> Any:
+    def claim(worker_id: str, limit: int = 1, **kwargs: Any) -> Any:
         if failures[0]:
             failures[0] -= 1
             raise OperationalError("SELECT ...", {}, Exception("server closed the connection unexpectedly"))
-        return real_claim(worker_id, limit)
+        return real_claim(worker_id, limit, **kwargs)
 
     monkeypatch.setattr(jm, "claim", claim)
     caplog.set_level(logging.INFO, logger="dicom_node.worker")
@@ -575,3 +575,54 @@ def test_a_database_outage_is_logged_once_with_its_traceback_then_once_a_minute(
     assert len(errors) == 1 and errors[0].exc_info is not None
     [back] = [r for r in caplog.records if getattr(r, "action", "") == "worker_db_back"]
     assert "(20 failed tries)" in back.getMessage()
+
+
+def test_a_full_disk_gives_the_job_back_instead_of_using_up_its_attempts(
+        settings: Settings, engine: Engine, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """ENOSPC while storing the outputs is the volume's fault: with the attempts counted, every queued job
+    failed for good a few minutes into a full disk and stayed failed when space came back."""
+    import errno
+
+    import dicom_node.worker as worker_module
+
+    jm = JobManager(engine, settings.worker)
+    job_id = spool(settings, jm, "full")
+    worker = Worker(settings, engine, job_manager=jm)
+
+    def full(*args: Any, **kwargs: Any) -> bool:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(worker_module, "write_atomic", full)
+    monkeypatch.setattr(worker_module, "DISK_FULL_RETRY_S", 0.0)
+    caplog.set_level(logging.ERROR, logger="dicom_node.worker")
+    for _ in range(settings.worker.max_attempts + 2):
+        assert worker.run_once() == 1
+    job = job_row(engine, job_id)
+    assert (job.state, job.attempts, job.result) == ("queued", 0, None)
+    assert [r.action for r in caplog.records].count("worker_disk_full") == settings.worker.max_attempts + 2
+    monkeypatch.undo()
+    run_until_processed(worker, engine, job_id)
+    assert job_row(engine, job_id).result is not None
+
+
+def test_a_spool_volume_below_min_free_runs_no_model_but_still_delivers(
+        settings: Settings, engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    jm = JobManager(engine, settings.worker)
+    waiting = spool(settings, jm, "waiting")
+    ready = spool(settings, jm, "ready")
+    jm.claim("other", limit=2)
+    jm.release(waiting, worker_id="other")
+    jm.finish_inference(ready, result={"finding": "negative"},
+                        output_dir=str(settings.storage.data_dir / "gone"), worker_id="other")
+    jm.release(ready, worker_id="other")
+    full = settings.model_copy(update={"storage": settings.storage.model_copy(update={"min_free_mb": 10**9})})
+    worker = Worker(full, engine, job_manager=jm)
+    caplog.set_level(logging.INFO, logger="dicom_node.worker")
+    assert worker.run_once() == 1  # the delivery only: its outputs are gone, so it is queued to be rebuilt
+    assert worker.run_once() == 0
+    assert [job_row(engine, j).state for j in (waiting, ready)] == ["queued", "queued"]
+    assert [r.action for r in caplog.records].count("worker_disk_low") == 1  # once a minute, not per poll
+    worker.settings = settings
+    assert worker.run_once() == 2
+    assert "worker_disk_ok" in [r.action for r in caplog.records]
