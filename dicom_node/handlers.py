@@ -38,6 +38,7 @@ from sqlalchemy import Engine
 
 from dicom_node import audit, metrics, spool
 from dicom_node.outputs import is_own_output
+from dicom_node.queue import JobState
 from inference.imaging import MAX_PIXELS
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class JobQueue(Protocol):
     def uses_file(self, job_id: int, spool_path: str) -> bool: ...
 
     def references(self, spool_path: str) -> bool: ...
+
+    def restore(self, job_id: int, spool_path: str) -> JobState | None: ...
 
 
 class AssociationAudit:
@@ -425,17 +428,37 @@ def _store(event: Any, ctx: StoreContext) -> int:
                 _drop_unqueued(ctx, path, info)
             return OUT_OF_RESOURCES
 
+        state = None
         if written and not created:
             _drop_unused(ctx, job_id, path, info)
+            state = _restore(ctx, job_id, path, info)
         st.instances += 1
         metrics.record_received(sop_class.keyword or str(sop_class))
         if created:
             log.info("instance received and queued", extra={"action": "store_queued", "job_id": job_id,
                                                             "bytes": len(data), **info})
+        elif state is JobState.QUEUED:
+            log.warning("duplicate instance acknowledged; its job had failed for want of the spooled file, "
+                        "which this resend restored: queued again", extra={
+                            "action": "store_restored", "job_id": job_id, **info})
         else:
-            log.info("duplicate instance acknowledged; already queued", extra={
-                "action": "store_duplicate", "job_id": job_id, "file_written": written, **info})
+            log.info("duplicate instance acknowledged; its job exists already%s",
+                     f" ({state.value})" if state else "", extra={
+                         "action": "store_duplicate", "job_id": job_id, "file_written": written, **info})
         return SUCCESS
+
+
+def _restore(ctx: StoreContext, job_id: int, path: Path, info: dict[str, Any]) -> JobState | None:
+    """The resend wrote the instance's file again: a job that failed because that file was missing runs
+    again (JobManager.restore). Its state afterwards; None when it cannot be told (the instance is on disk and
+    its job exists, so the C-STORE still succeeds)."""
+    try:
+        return ctx.job_manager.restore(job_id, str(path))
+    except Exception as exc:
+        log.warning("job %s: cannot check whether the re-sent instance restores it (%s: %s)", job_id,
+                    type(exc).__name__, exc, extra={"action": "store_restore_failed", "job_id": job_id,
+                                                    **info})
+        return None
 
 
 def _drop_unqueued(ctx: StoreContext, path: Path, info: dict[str, Any]) -> None:

@@ -94,6 +94,11 @@ def backoff_delay(attempts: int, settings: WorkerSettings) -> float:
     return min(settings.backoff_base_s * 2 ** min(attempts - 1, 62), settings.backoff_max_s)
 
 
+def missing_file_error(spool_path: str) -> str:
+    """A job's failure reason when its spooled file is gone (a resend brings it back: JobManager.restore)."""
+    return f"spooled file {spool_path} is missing"
+
+
 def _log_committed(session: Session) -> None:
     """Log the transitions of a transaction once it is committed (registered by JobManager._session)."""
     for level, args, extra in session.info.pop(_PENDING_LOGS, []):
@@ -402,6 +407,24 @@ class JobManager:
             job.not_before = self.clock() + timedelta(seconds=max(delay_s, 0.0))
             new = JobState.QUEUED if state == JobState.PROCESSING else state
             self._move(session, job, new, why, action="job_released")
+
+    def restore(self, job_id: int, spool_path: str) -> JobState | None:
+        """A resend wrote job ``job_id``'s spooled file ``spool_path`` again: a job that failed because that
+        file was missing (lost from the spool, e.g. restored from an older backup) is queued again with a
+        fresh attempt budget. Returns the job's state afterwards; None when there is no such job."""
+        now = self.clock()
+        with self._session() as session, session.begin():
+            job = session.get(Job, job_id, with_for_update=True)
+            if job is None:
+                return None
+            if (job.state == JobState.FAILED and job.spool_path == spool_path and job.purged_at is None
+                    and job.last_error == missing_file_error(spool_path)):
+                job.attempts = 0
+                job.not_before = job.waiting_since = now
+                job.finished_at = None
+                self._move(session, job, JobState.QUEUED, "instance received again: its spooled file is back",
+                           action="job_restored", level=logging.WARNING)
+            return JobState(job.state)
 
     def reclaim_stalled(self) -> int:
         """Give back jobs whose lease expired (their worker died); returns how many.

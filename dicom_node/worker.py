@@ -38,7 +38,7 @@ from dicom_node import metrics
 from dicom_node.config import Settings
 from dicom_node.errors import ExportError, InvalidInstance, ModelBundleError, NodeError
 from dicom_node.export import NoDestination, destinations_for, send
-from dicom_node.queue import ClaimedJob, JobManager, JobState, LeaseLost
+from dicom_node.queue import ClaimedJob, JobManager, JobState, LeaseLost, missing_file_error
 from dicom_node.spool import free_mb, write_atomic
 from dicom_node.tls import client_context
 
@@ -397,7 +397,7 @@ class Worker:
                 self._fail(job, f"spool directory {spool_dir} is not available on worker {self.worker_id}",
                            retryable=True)
             else:
-                self._fail(job, f"spooled file {job.spool_path} is missing", retryable=False)
+                self._fail(job, missing_file_error(job.spool_path), retryable=False)
         except (InvalidDicomError, InvalidInstance) as exc:
             self._fail(job, f"undecodable instance: {exc}", retryable=False)
         except (ValueError, NotImplementedError, BytesLengthException, EOFError, KeyError, TypeError) as exc:

@@ -416,6 +416,30 @@ def test_a_resent_instance_leaves_no_file_its_job_does_not_use(node_listener: Ca
                                                       files[str(moved.SOPInstanceUID)]])
 
 
+def test_a_resend_brings_back_a_job_that_failed_for_its_missing_file(node_listener: Callable[..., Listener],
+                                                                     tmp_path: Path) -> None:
+    """After a restore from an older backup, jobs whose files are gone fail with that reason; the PACS's resend
+    writes the file again, and the job must run again (it stayed failed, the log saying "already queued")."""
+    from dicom_node.queue import JobManager, missing_file_error
+
+    node = node_listener()
+    ds = make_dicom(shape=(128, 128), seed=4)
+    path = tmp_path / "lost.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    _ok(storescu(node.port, [path]))
+    [job] = node.job_rows()
+    Path(job.spool_path).unlink()
+    jm = JobManager(node.engine)
+    jm.claim("w")
+    jm.fail(job.id, missing_file_error(job.spool_path), retryable=False, worker_id="w")
+    out = storescu(node.port, [path], extra=["-v"])
+    assert "Received Store Response (Success)" in out.stdout + out.stderr
+    [again] = node.job_rows()
+    assert (again.id, again.state, again.attempts) == (job.id, "queued", 0)
+    assert Path(again.spool_path).is_file()
+    assert [j.id for j in jm.claim("w")] == [job.id]
+
+
 def test_instances_larger_than_the_limits_are_refused_before_they_are_inflated_or_decoded(
         node_listener: Callable[..., Listener], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """listener.max_instance_mb bounds a data set, a deflated one once inflated (a few kB of zeros can inflate

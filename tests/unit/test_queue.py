@@ -421,6 +421,27 @@ def test_a_transition_is_logged_only_once_committed(jm: JobManager, engine: Engi
         f"job {job_id}: queued -> processing (claimed by w1, attempt 1)"]
 
 
+def test_a_resend_restores_only_a_job_failed_for_its_missing_file(jm: JobManager, engine: Engine,
+                                                                   clock: Clock) -> None:
+    from dicom_node.queue import missing_file_error
+
+    lost, _ = enqueue(jm, "1.1")
+    broken, _ = enqueue(jm, "1.2")
+    jm.claim("w", limit=2)
+    lost_path = job_row(engine, lost).spool_path
+    jm.fail(lost, missing_file_error(lost_path), retryable=False, worker_id="w")
+    jm.fail(broken, "undecodable instance: JPEG stream truncated", retryable=False, worker_id="w")
+    clock.advance(60)
+    assert jm.restore(lost, "/elsewhere/1.1.dcm") is JobState.FAILED  # not the job's file
+    assert jm.restore(broken, job_row(engine, broken).spool_path) is JobState.FAILED
+    assert jm.restore(lost, lost_path) is JobState.QUEUED
+    row = job_row(engine, lost)
+    assert (row.attempts, row.finished_at, row.waiting_since) == (0, None, clock.now)
+    assert jm.restore(lost, lost_path) is JobState.QUEUED  # idempotent
+    assert jm.restore(999, lost_path) is None
+    assert [j.id for j in jm.claim("w2")] == [lost]
+
+
 def test_delivery_only_claims_leave_queued_jobs_alone(jm: JobManager, clock: Clock) -> None:
     queued, _ = enqueue(jm, "1.1")
     ready, _ = enqueue(jm, "1.2")
