@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
+import warnings
+from typing import TextIO
 
 import pydicom
 
@@ -46,8 +49,27 @@ def keep_values_out_of_logs() -> None:
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
+_QUOTED = re.compile(r"(\"[^\"]*\"|'[^']*')")
+
+
+def redact_quoted(text: str) -> str:
+    """``text`` with every quoted string replaced by ``"..."``: libraries quote the values they warn about."""
+    return _QUOTED.sub('"..."', text)
+
+
+def _log_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:
+    """Python warnings go to the log, in its format, with quoted values removed: highdicom, for one, quotes
+    a patient's or physician's name it finds odd ('The string "SMITH JOHN" is unlikely to represent ...'),
+    and such a line went to stderr verbatim."""
+    logging.getLogger("py.warnings").warning(
+        "%s: %s (%s:%s)", category.__name__, redact_quoted(str(message)), filename.rsplit("/", 1)[-1], lineno,
+        extra={"action": "library_warning"})
+
+
 def setup_logging(level: str = "INFO", fmt: str = "text") -> None:
     keep_values_out_of_logs()
+    warnings.showwarning = _log_warning
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())

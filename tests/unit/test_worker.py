@@ -626,3 +626,38 @@ def test_a_spool_volume_below_min_free_runs_no_model_but_still_delivers(
     worker.settings = settings
     assert worker.run_once() == 2
     assert "worker_disk_ok" in [r.action for r in caplog.records]
+
+
+def test_names_a_library_warns_about_never_reach_the_log_output(settings: Settings, engine: Engine,
+                                                                 capfd: pytest.CaptureFixture[str]) -> None:
+    """A one-component name ('SMITH JOHN', usual from older CR systems) makes highdicom warn with the name
+    quoted; under the node's logging set-up that warning must reach the log without the name."""
+    import warnings
+
+    from dicom_node.logs import setup_logging
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level, warnings.showwarning)
+    try:
+        setup_logging("INFO", "json")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            jm = JobManager(engine, settings.worker)
+            path = settings.storage.spool_dir / "1.2.3" / "oneword.dcm"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            uid = "1.2.826.0.1.3680043.8.498.77.434343"
+            make_dicom(path, shape=(256, 256), sop_instance_uid=uid, patient_name="QUIXOTE ZEBULON",
+                       ReferringPhysicianName="HOUSE GREGORY")
+            job_id, _ = jm.enqueue(
+                sop_instance_uid=uid, study_instance_uid="1.2.3", series_instance_uid="1.2.3.4",
+                sop_class_uid="1.2.840.10008.5.1.4.1.1.1", calling_ae="MODALITY", calling_host="127.0.0.1",
+                spool_path=str(path))
+            assert Worker(settings, engine, job_manager=jm).run_once() == 1
+        assert job_row(engine, job_id).result is not None
+    finally:
+        root.handlers[:], level, warnings.showwarning = saved
+        root.setLevel(level)
+    err = capfd.readouterr().err
+    assert "library_warning" in err  # the warning was logged, as a JSON line
+    for part in ("QUIXOTE", "ZEBULON", "HOUSE", "GREGORY"):
+        assert part not in err
