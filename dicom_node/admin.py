@@ -88,9 +88,29 @@ class TokenMiddleware(BaseHTTPMiddleware):
     def _valid(self, candidate: str | None) -> bool:
         return candidate is not None and hmac.compare_digest(candidate.encode("utf-8"), self._token)
 
+    @staticmethod
+    async def _local(request: Request, call_next: RequestResponseEndpoint) -> Response:
+        """Without a token the API listens on loopback for the machine's own users; a web page open in a
+        browser there must not use it: a change sent by a page of another origin is refused, and so is any
+        request naming a host other than a loopback one (a page of another site whose name was pointed at
+        127.0.0.1, DNS rebinding, would otherwise read and change everything)."""
+        host = urlsplit(f"//{request.headers.get('host', '')}").hostname or ""
+        if not is_loopback(host):
+            log.warning("admin request refused: Host %r is not a loopback name", host[:100],
+                        extra={"action": "admin_foreign_host", "path": request.url.path})
+            return JSONResponse({"detail": "without admin.token the API answers only to localhost or a "
+                                           "loopback address"}, status_code=403)
+        if request.method not in SAFE_METHODS and _cross_origin(request):
+            log.warning("admin request refused: sent by a page of another origin",
+                        extra={"action": "admin_cross_origin", "path": request.url.path})
+            return JSONResponse({"detail": "a change must come from this page"}, status_code=403)
+        return await call_next(request)
+
     async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
-        if not self._token or request.url.path in OPEN_PATHS:
+        if request.url.path in OPEN_PATHS:
             return await call_next(request)
+        if not self._token:  # loopback only (start_admin): any local user, but no web page
+            return await self._local(request, call_next)
         header = request.headers.get("authorization", "")
         bearer = header[7:].strip() if header[:7].lower() == "bearer " else None
         query = request.query_params.get("token")

@@ -245,6 +245,19 @@ def test_empty_token_only_on_loopback(tmp_path: Path) -> None:
     try:
         assert server.port > 0
         assert httpx.get(f"{server.url}/api/jobs", timeout=30).status_code == 200  # open on loopback
+        assert httpx.get(f"{server.url}/api/jobs", headers={"Host": f"localhost:{server.port}"},
+                         timeout=30).status_code == 200
+        # but not to a web page in a browser on this machine: another site's name pointed at 127.0.0.1 (DNS
+        # rebinding), or a change sent by a page of another origin
+        assert httpx.get(f"{server.url}/api/jobs", headers={"Host": "evil.example"},
+                         timeout=30).status_code == 403
+        assert httpx.post(f"{server.url}/api/jobs/1/retry", headers={"Origin": "https://evil.example"},
+                          timeout=30).status_code == 403
+        assert httpx.post(f"{server.url}/api/jobs/1/retry", headers={"Sec-Fetch-Site": "cross-site"},
+                          timeout=30).status_code == 403
+        assert httpx.post(f"{server.url}/api/jobs/1/retry", timeout=30).status_code == 404  # reaches the API
+        assert httpx.get(f"{server.url}/health", headers={"Host": "evil.example"}, timeout=30).status_code in (
+            200, 503)  # the health checks stay open to probes
     finally:
         server.stop()
 
