@@ -91,8 +91,8 @@ class ListenerSettings(_Section):
     @field_validator("allowed_callers", mode="before")
     @classmethod
     def _parse_callers(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [p for p in re.split(r"[,\s]+", v) if p]
+        if isinstance(v, str):  # from the environment: comma-separated (an AE title may contain spaces)
+            v = [p.strip() for p in v.split(",") if p.strip()]
         return [Peer.parse(p) if isinstance(p, str) else p for p in v]
 
 
@@ -157,8 +157,8 @@ class ExportSettings(_Section):
     @field_validator("destinations", mode="before")
     @classmethod
     def _parse_dest(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [p for p in re.split(r"[,\s]+", v) if p]
+        if isinstance(v, str):  # from the environment: comma-separated (an AE title may contain spaces)
+            v = [p.strip() for p in v.split(",") if p.strip()]
         out = []
         for p in v:
             peer = Peer.parse(p) if isinstance(p, str) else Peer.model_validate(p)

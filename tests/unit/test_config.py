@@ -139,3 +139,12 @@ def test_settings_are_typed() -> None:
     s = Settings.model_validate({"worker": {"backoff_base_s": "2.5"}, "storage": {"data_dir": "/srv/cxr"}})
     assert s.worker.backoff_base_s == 2.5
     assert s.storage.spool_dir == Path("/srv/cxr/spool")
+
+
+def test_peers_from_the_environment_are_separated_by_commas_only() -> None:
+    """An AE title may contain spaces: split at them, 'CT SCANNER 1@10.0.0.5' admitted two host-less titles
+    from any machine and refused the scanner itself."""
+    s = load_settings(environ={"CXRNODE_LISTENER_ALLOWED_CALLERS": "CT SCANNER 1@10.0.0.5, PACS",
+                               "CXRNODE_EXPORT_DESTINATIONS": "MAIN PACS@10.0.0.9:104,QA@10.0.0.8:11112"})
+    assert [str(p) for p in s.listener.allowed_callers] == ["CT SCANNER 1@10.0.0.5", "PACS"]
+    assert [str(p) for p in s.export.destinations] == ["MAIN PACS@10.0.0.9:104", "QA@10.0.0.8:11112"]
