@@ -18,9 +18,12 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from alembic.util.exc import CommandError
+from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import ConfigError, Settings
@@ -71,6 +74,7 @@ class _Node:
 
     def __init__(self, settings: Settings, *, listener: bool, worker: bool) -> None:
         self.settings = settings
+        _check_new_sqlite_file(settings)
         self.engine = make_engine(settings.db_url)
         init_db(self.engine)
         self.jm = JobManager(
@@ -89,8 +93,8 @@ class _Node:
         s = self.settings
         if self.want_worker and not self.want_listener and not s.storage.spool_dir.is_dir():
             raise ConfigError(f"storage.data_dir: spool directory {s.storage.spool_dir} does not exist on "
-                              "this machine (a scale-out worker needs the shared spool volume mounted at the "
-                              "same path)")
+                              "this machine: the listener creates it at its first start, and a scale-out "
+                              "worker needs the shared spool volume mounted at the same path")
         if self.want_worker:
             from dicom_node.worker import Worker
 
@@ -163,6 +167,27 @@ class _Node:
         log.info("cxr-node stopped", extra={"action": "node_stopped"})
 
 
+def _check_new_sqlite_file(settings: Settings) -> None:
+    """Before a SQLite database is created: refuse when the spool already holds instances (the database's
+    volume is not mounted, or the file was deleted: a new empty queue would never process them), else say that
+    a new database is being created, so that a start on an empty mount point shows in the log."""
+    url = make_url(settings.db_url)
+    database = url.database or ""
+    if url.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith(
+            "file:"):
+        return
+    path = Path(database).expanduser()
+    if path.exists():
+        return
+    spool_dir = settings.storage.spool_dir
+    if spool_dir.is_dir() and next(spool_dir.glob("*/*.dcm"), None) is not None:
+        raise NodeError(f"database file {path} is missing while the spool {spool_dir} holds instances (is "
+                        "the database's volume mounted? if the database is gone for good, restore it from "
+                        "the backup; a new empty one would leave those instances unprocessed)")
+    log.warning("creating a new database %s: a first start (if this node has run before, its data volume is "
+                "probably not mounted)", path, extra={"action": "database_created"})
+
+
 def _run(settings: Settings, *, listener: bool, once: bool = False) -> int:
     try:
         node = _Node(settings, listener=listener, worker=settings.worker.run_in_serve or not listener)
@@ -170,7 +195,7 @@ def _run(settings: Settings, *, listener: bool, once: bool = False) -> int:
         log.error("cannot start: database %s: %s", safe_url(settings.db_url), exc.__class__.__name__,
                   exc_info=True, extra={"action": "node_start_failed"})
         return EXIT_STARTUP_FAILED
-    except NodeError as exc:  # e.g. a schema upgraded by a newer version: said in one line
+    except (NodeError, CommandError) as exc:  # e.g. a schema upgraded by a newer version: said in one line
         log.error("cannot start: database %s: %s", safe_url(settings.db_url), exc,
                   extra={"action": "node_start_failed"})
         return EXIT_STARTUP_FAILED

@@ -128,3 +128,51 @@ def test_a_database_upgraded_by_a_newer_version_stops_the_node_with_one_clear_li
     assert run_worker(argparse.Namespace(once=True), settings) == 1
     [record] = [r for r in caplog.records if getattr(r, "action", "") == "node_start_failed"]
     assert "a newer cxr-node upgraded it" in record.getMessage() and record.exc_info is None
+
+
+def test_a_missing_sqlite_file_beside_a_spool_with_instances_stops_the_node(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The database's volume not mounted (or the file deleted) while instances wait in the spool: a new empty
+    queue would never process them, so the node does not start; a first start is logged as one."""
+    from dicom_node.config import Settings
+    from dicom_node.service import run_worker
+
+    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
+                                        "model": {"path": str(tmp_path / "no-model"), "device": "cpu"}})
+    waiting = settings.storage.spool_dir / "1.2.3" / "1.2.3.4.dcm"
+    waiting.parent.mkdir(parents=True)
+    waiting.write_bytes(b"\x00" * 132)
+    caplog.set_level(logging.WARNING, logger="dicom_node.service")
+    assert run_worker(argparse.Namespace(once=True), settings) == 1
+    [record] = [r for r in caplog.records if getattr(r, "action", "") == "node_start_failed"]
+    assert "cxr-node.db is missing while the spool" in record.getMessage()
+    assert not (tmp_path / "data" / "cxr-node.db").exists()  # no new empty database
+
+    caplog.clear()
+    waiting.unlink()
+    assert run_worker(argparse.Namespace(once=True), settings) == 1  # now it stops at the model
+    assert [r.action for r in caplog.records][:1] == ["database_created"]
+
+
+def test_a_database_with_two_schema_heads_stops_the_node_with_one_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """pg_restore into a database upgraded since the dump leaves two rows in alembic_version: one line saying
+    so, not a traceback (a restart loop under systemd)."""
+    from sqlalchemy import text
+
+    from dicom_node.config import Settings
+    from dicom_node.db import init_db, make_engine
+    from dicom_node.service import run_worker
+
+    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
+                                        "model": {"device": "cpu"}})
+    settings.storage.spool_dir.mkdir(parents=True)
+    engine = make_engine(settings.db_url)
+    init_db(engine)
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('0002')"))
+    engine.dispose()
+    caplog.set_level(logging.ERROR, logger="dicom_node.service")
+    assert run_worker(argparse.Namespace(once=True), settings) == 1
+    [record] = [r for r in caplog.records if getattr(r, "action", "") == "node_start_failed"]
+    assert record.exc_info is None and "cannot start: database" in record.getMessage()
