@@ -9,6 +9,11 @@ adds a job event (``retention: ...``) so the admin API shows when the files went
 ``output_dir`` so a later re-send says plainly that there is nothing left to send. Only paths inside
 ``storage.data_dir`` are ever deleted.
 
+Each run also removes the spool's strays, files no job owns and nothing else would ever delete: temporary
+files of writes a killed process left (``.tmp-*.part``, after an hour), and instance files older than a day
+whose SOP Instance UID has no job (instances refused after they were written, e.g. in a database outage, and
+never sent again).
+
 :func:`free_mb` (from :mod:`dicom_node.spool`, re-exported here) and :func:`has_room` are the disk watermark
 helpers: the listener refuses associations below ``storage.min_free_mb``, ``/health`` reports it.
 """
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -27,7 +33,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node import metrics
 from dicom_node.db import Job, JobEvent, reading, utcnow
-from dicom_node.spool import free_mb
+from dicom_node.spool import free_mb, safe_name
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +43,9 @@ __all__ = ["EVENT_PREFIX", "PURGEABLE_STATES", "PurgeReport", "files_purged", "f
 PURGEABLE_STATES: tuple[str, ...] = ("done", "ignored")
 #: Prefix of the job event written when a job's files are deleted (also how a purged job is recognised).
 EVENT_PREFIX = "retention:"
+#: Age after which a temporary file of an interrupted write, and an instance file no job owns, are strays.
+PART_AGE_S = 3600.0
+UNOWNED_AGE_S = 86400.0
 _BATCH = 200
 
 
@@ -50,12 +59,14 @@ class PurgeReport:
     output_files: int = 0
     bytes_freed: int = 0
     skipped_outside: int = 0  # paths not under data_dir, left alone
+    stray_files: int = 0  # temporary files of interrupted writes, instance files without a job
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {"cutoff": self.cutoff.isoformat() + "Z", "jobs": self.jobs, "spool_files": self.spool_files,
                 "output_files": self.output_files, "bytes_freed": self.bytes_freed,
-                "skipped_outside": self.skipped_outside, "errors": list(self.errors)}
+                "skipped_outside": self.skipped_outside, "stray_files": self.stray_files,
+                "errors": list(self.errors)}
 
 
 def has_room(path: str | os.PathLike[str], min_free_mb: int) -> bool:
@@ -146,10 +157,11 @@ def purge(engine: Engine, data_dir: str | os.PathLike[str], retention_days: int,
         raise ValueError('Argument "retention_days" must be an int >= 0.')
     now = now or utcnow()
     report = PurgeReport(cutoff=now - timedelta(days=retention_days))
-    if retention_days == 0:
-        return report
     root = Path(data_dir).expanduser().resolve()
     spool_root = root / "spool"
+    sweep_strays(engine, spool_root, report)
+    if retention_days == 0:
+        return report
     last_id = 0
     while True:
         with Session(reading(engine)) as session:
@@ -163,6 +175,48 @@ def purge(engine: Engine, data_dir: str | os.PathLike[str], retention_days: int,
             _purge_job(engine, job_id, spool_path, output_dir, root, spool_root, report)
     log.info("retention run finished", extra={"action": "retention_done", **report.as_dict()})
     return report
+
+
+def sweep_strays(engine: Engine, spool_root: Path, report: PurgeReport, *,
+                 now_s: float | None = None) -> None:
+    """Delete the spool's temporary files older than an hour and its instance files older than a day whose
+    SOP Instance UID has no job (looked up by that unique key, so a file is never taken for a stray because
+    its path was written differently). Files named by a hash (an invalid UID) are left alone."""
+    if not spool_root.is_dir():
+        return
+    now_s = time.time() if now_s is None else now_s
+    strays: list[Path] = []
+    unowned: dict[str, Path] = {}
+    for dirpath, _dirs, names in os.walk(spool_root):
+        folder = Path(dirpath)
+        for name in names:
+            path = folder / name
+            try:
+                age = now_s - path.lstat().st_mtime
+            except OSError:
+                continue
+            if name.startswith(".tmp-") and name.endswith(".part"):
+                if age > PART_AGE_S:
+                    strays.append(path)
+            elif (folder.parent == spool_root and name.endswith(".dcm") and age > UNOWNED_AGE_S
+                  and safe_name(name[:-4]) == name[:-4]):
+                unowned[name[:-4]] = path
+    uids = list(unowned)
+    for start in range(0, len(uids), _BATCH):
+        batch = uids[start:start + _BATCH]
+        with Session(reading(engine)) as session:
+            owned = set(session.execute(select(Job.sop_instance_uid)
+                                        .where(Job.sop_instance_uid.in_(batch))).scalars())
+        strays.extend(unowned[uid] for uid in batch if uid not in owned)
+    for path in strays:
+        try:
+            report.stray_files += _remove_file(path, spool_root, report)
+        except OSError as exc:
+            report.errors.append(f"{path.name}: {exc}")
+    if strays:
+        log.warning("retention deleted %d stray file(s) from the spool (interrupted writes, instances "
+                    "refused after they were written and never sent again)", report.stray_files,
+                    extra={"action": "retention_strays", "files": report.stray_files})
 
 
 def _purge_job(engine: Engine, job_id: int, spool_path: str | None, output_dir: str | None,

@@ -17,9 +17,17 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import ConfigError
 from dicom_node.db import Job, JobEvent, utcnow
-from dicom_node.retention import EVENT_PREFIX, free_mb, has_room, purge
+from dicom_node.retention import EVENT_PREFIX, PurgeReport, free_mb, has_room, purge
 from dicom_node.scheduler import RETENTION_JOB_ID, RETRAIN_JOB_ID, start_scheduler
-from tests.integration.ops_support import NodeDb, enqueue, make_done, make_failed, make_settings, new_node_db
+from tests.integration.ops_support import (
+    NodeDb,
+    enqueue,
+    make_done,
+    make_failed,
+    make_settings,
+    new_node_db,
+    spool_instance,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -159,6 +167,36 @@ def test_zero_days_keeps_everything_and_age_is_respected(db: NodeDb) -> None:
     assert not Path(job(db, done).spool_path).exists()
     with pytest.raises(ValueError, match="retention_days"):
         purge(db.engine, db.settings.storage.data_dir, -1)
+
+
+def test_strays_no_job_owns_are_deleted_and_nothing_else(db: NodeDb) -> None:
+    """Temporary files of writes a killed listener left, and instances refused after they were written (the
+    database was down) and never sent again: nothing else would ever delete them (patient data, and space
+    counted against min_free_mb). Young ones, and every file a job owns whatever its age, stay."""
+    from dicom_node.retention import sweep_strays
+
+    done = make_done(db, 2)
+    _, _, waiting_path = enqueue(db, 1)  # queued: a job owns it
+    _, refused_path = spool_instance(db.settings, 3)  # written, never queued
+    _, young_path = spool_instance(db.settings, 4)
+    study = waiting_path.parent
+    old_part, young_part = study / ".tmp-abc.part", study / ".tmp-def.part"
+    out_part = Path(job(db, done).output_dir or "") / ".tmp-ghi.part"
+    hashed = study / ("x" + "0" * 40 + ".dcm")  # a name the listener made from an invalid UID: left alone
+    for path in (old_part, young_part, out_part, hashed):
+        path.write_bytes(b"partial")
+    two_days_ago = time.time() - 2 * 86400
+    for path in (waiting_path, Path(job(db, done).spool_path), refused_path, old_part, out_part, hashed):
+        os.utime(path, (two_days_ago, two_days_ago))
+    os.utime(young_part, (time.time() - 600, time.time() - 600))
+    report = purge(db.engine, db.settings.storage.data_dir, 0)  # keeps every job's files, sweeps the strays
+    assert report.stray_files == 3 and report.jobs == 0
+    assert not refused_path.exists() and not old_part.exists() and not out_part.exists()
+    for kept in (waiting_path, Path(job(db, done).spool_path), young_path, young_part, hashed):
+        assert kept.is_file(), kept
+    again = PurgeReport(cutoff=utcnow())
+    sweep_strays(db.engine, db.settings.storage.data_dir.resolve() / "spool", again)
+    assert again.stray_files == 0
 
 
 def test_paths_outside_the_data_directory_are_never_deleted(db: NodeDb, tmp_path: Path) -> None:
