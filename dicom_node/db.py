@@ -39,6 +39,10 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 PG_CONNECT_TIMEOUT_S = 10
+# libpq: keepalive probes on an idle connection, and unacknowledged data given up after 30 s (milliseconds)
+PG_TCP_SETTINGS = {"keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+                   "tcp_user_timeout": 30000}
+
 T = TypeVar("T")
 # Key of the PostgreSQL advisory lock that serialises concurrent schema upgrades (several workers starting).
 _MIGRATION_LOCK_KEY = 0x6378726E6F6465  # "cxrnode"
@@ -234,6 +238,11 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
         kwargs.setdefault("pool_pre_ping", True)
         if "connect_timeout" not in parsed.query:  # a server that never answers: 10 s, not for ever
             kwargs.setdefault("connect_args", {}).setdefault("connect_timeout", PG_CONNECT_TIMEOUT_S)
+        # a database host that crashed or dropped off the network sends no reset: without these a query
+        # waits for the kernel's retransmission timeout (about 15 minutes), holding a C-STORE or a worker
+        for key, value in PG_TCP_SETTINGS.items():
+            if key not in parsed.query:
+                kwargs.setdefault("connect_args", {}).setdefault(key, value)
         return create_engine(parsed, **kwargs)
     raise ValueError(f'Argument "url" uses the unsupported database {backend!r} (use sqlite or postgresql).')
 

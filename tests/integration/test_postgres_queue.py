@@ -171,3 +171,23 @@ def test_leases_follow_the_database_clock_not_each_machines(postgres_url: str,
     with Session(engine) as session:
         assert session.get(Job, job_id).lease_owner == "A"
     engine.dispose()
+
+
+def test_connections_give_up_on_a_database_host_that_stopped_answering(postgres_url: str) -> None:
+    """A crashed database host sends no reset: without TCP keepalives and a user timeout a C-STORE or a worker
+    waits out the kernel's retransmissions (about 15 minutes). Checked on a real connection's parameters;
+    a setting in the URL wins."""
+    engine = make_engine(postgres_url)
+    try:
+        with engine.connect() as conn:
+            params = conn.connection.driver_connection.info.get_parameters()
+        assert params["tcp_user_timeout"] == "30000" and params["keepalives"] == "1"
+        assert params["keepalives_idle"] == "30" and params["connect_timeout"] == "10"
+    finally:
+        engine.dispose()
+    own = make_engine(postgres_url + ("&" if "?" in postgres_url else "?") + "tcp_user_timeout=5000")
+    try:
+        with own.connect() as conn:
+            assert conn.connection.driver_connection.info.get_parameters()["tcp_user_timeout"] == "5000"
+    finally:
+        own.dispose()
