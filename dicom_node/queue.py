@@ -293,9 +293,13 @@ class JobManager:
                 .values(lease_expires_at=now + timedelta(seconds=self.settings.lease_s), updated_at=now)
                 .returning(Job.id)).scalars().all()
         lost = set(ids) - set(rows)
-        for job_id in lost:
-            log.warning("job %s: lease lost by %s", job_id, worker_id,
-                        extra={"action": "job_lease_lost", "job_id": job_id})
+        if lost:  # only jobs another worker holds now: a job this one finished or gave back is not lost
+            with self._reading() as session:
+                taken = session.execute(select(Job.id, Job.lease_owner).where(
+                    Job.id.in_(lost), Job.lease_owner.is_not(None))).all()
+            for job_id, owner in taken:
+                log.warning("job %s: lease lost by %s (now held by %s)", job_id, worker_id, owner,
+                            extra={"action": "job_lease_lost", "job_id": job_id})
         return sorted(rows)
 
     def finish_inference(self, job_id: int, *, result: dict[str, Any], output_dir: str,

@@ -464,3 +464,23 @@ def test_a_release_can_set_when_the_job_is_due_again(jm: JobManager, clock: Cloc
     clock.advance(1)
     [job] = jm.claim("w2")
     assert (job.id, job.attempts) == (job_id, 1)
+
+
+def test_a_heartbeat_warns_only_of_jobs_another_worker_holds(jm: JobManager, clock: Clock,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """The worker's heartbeat covers its whole batch; a job it already finished or failed is not lost (the
+    warning came for every such job, misleading alerts on job_lease_lost)."""
+    done, _ = enqueue(jm, "1.1")
+    failed, _ = enqueue(jm, "1.2")
+    taken, _ = enqueue(jm, "1.3")
+    jm.claim("w1", limit=3)
+    jm.finish_inference(done, result={"finding": "negative"}, output_dir="/o", worker_id="w1")
+    jm.complete(done, worker_id="w1")
+    jm.fail(failed, "undecodable", retryable=False, worker_id="w1")
+    clock.advance(120)  # w1 stalled past its lease: taken over
+    jm.reclaim_stalled()
+    assert [j.id for j in jm.claim("w2", limit=1)] == [taken]
+    caplog.set_level(logging.WARNING, logger="dicom_node.queue")
+    assert jm.heartbeat("w1", [done, failed, taken]) == []
+    assert [(r.job_id, r.getMessage()) for r in caplog.records if r.action == "job_lease_lost"] == [
+        (taken, f"job {taken}: lease lost by w1 (now held by w2)")]
