@@ -450,6 +450,10 @@ class Worker:
                 metrics.observe_timings(result.timings or {})
                 with metrics.time_stage("outputs"):
                     datasets = build_outputs(ds, image, result, bundle.card, self.settings.export)
+                # still this worker's? after a stall past the lease another worker may have built, stored and
+                # sent the outputs: rewriting them would leave files that differ from the PACS's copies
+                if job.id not in self.jm.heartbeat(self.worker_id, [job.id]):
+                    raise LeaseLost(f"job {job.id} is no longer leased by {self.worker_id}")
                 out_dir = self._store_outputs(job, datasets)
                 summary = result_to_dict(result, bundle)
                 self.jm.finish_inference(

@@ -661,3 +661,37 @@ def test_names_a_library_warns_about_never_reach_the_log_output(settings: Settin
     assert "library_warning" in err  # the warning was logged, as a JSON line
     for part in ("QUIXOTE", "ZEBULON", "HOUSE", "GREGORY"):
         assert part not in err
+
+
+class StolenLeasePipeline:
+    """The real pipeline; while it runs, the batch's jobs are taken over by another worker (this one stalled
+    past its lease: a stopped process, a database outage longer than the lease)."""
+
+    def __init__(self, inner: Any, engine: Engine) -> None:
+        self.inner, self.bundle, self.engine = inner, inner.bundle, engine
+
+    def run(self, images: Any, explain: bool = True) -> Any:
+        out = self.inner.run(images, explain=explain)
+        with Session(self.engine) as s, s.begin():
+            for job in s.query(Job).filter(Job.lease_owner.is_not(None)):
+                job.lease_owner = "the-other-worker"
+        return out
+
+
+def test_a_worker_whose_lease_was_taken_leaves_the_stored_outputs_alone(
+        settings: Settings, engine: Engine, caplog: pytest.LogCaptureFixture) -> None:
+    """The stalled worker rewrote the outputs the new holder had built and sent (the stored results then
+    differed from the PACS's copies) before its report was refused."""
+    real = default_pipeline_factory(settings)
+    worker = Worker(settings, engine, pipeline_factory=lambda p: StolenLeasePipeline(real(p), engine))
+    job_id = spool(settings, worker.jm, "stolen")
+    out_dir = output_dir_for(job_row(engine, job_id).spool_path)
+    out_dir.mkdir(parents=True)
+    theirs = out_dir / "00_SR.dcm"
+    theirs.write_bytes(b"the new holder's SR")
+    caplog.set_level(logging.WARNING, logger="dicom_node.worker")
+    assert worker.run_once() == 1
+    assert theirs.read_bytes() == b"the new holder's SR" and sorted(out_dir.iterdir()) == [theirs]
+    row = job_row(engine, job_id)
+    assert (row.state, row.lease_owner, row.result) == ("processing", "the-other-worker", None)
+    assert "worker_lease_lost" in [r.action for r in caplog.records]
