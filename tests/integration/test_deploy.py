@@ -203,3 +203,38 @@ def test_install_sh_takes_torch_from_the_index_it_is_given(tmp_path: Path) -> No
     assert f"install.sh: pip could not install torch from {index}" in out.stderr
     calls = (tmp_path / ".venv" / "bin" / "calls").read_text().splitlines()
     assert f"-m pip install -q --index-url {index} torch==2.14.1 torchvision==0.29.1" in calls
+
+
+def test_the_demo_pacs_takes_results_from_the_node_only_and_answers_no_queries(tmp_path: Path) -> None:
+    """The compose stack's Orthanc, with its own configuration file (paths and ports moved here): its DICOM
+    port is published on the host's loopback only, and a caller claiming the node's AE title may store
+    results but not query or retrieve the demo PACS's patients; unknown callers may not store."""
+    import json
+
+    from inference.phantom import make_dicom
+    from tests.fixtures.peers import Orthanc, run_dcmtk, storescu
+
+    compose = COMPOSE.read_text()
+    assert '"127.0.0.1:4242:4242"' in compose and '"4242:4242"' not in compose
+    pacs = Orthanc(tmp_path)
+    config = json.loads((DEPLOY / "compose" / "orthanc.json").read_text())
+    config.update({key: value for key, value in json.loads(pacs.config_path.read_text()).items()
+                   if key in ("StorageDirectory", "IndexDirectory", "DicomPort", "HttpPort")})
+    config["DicomModalities"]["CXRNODE"]["Host"] = "127.0.0.1"
+    pacs.config_path.write_text(json.dumps(config))
+    image, other = tmp_path / "cr.dcm", tmp_path / "other.dcm"
+    make_dicom(image, shape=(64, 64), patient_name="QUERYABLE^PATIENT")
+    make_dicom(other, shape=(64, 64), seed=2)
+    pacs.start()
+    try:
+        node = storescu(pacs.dicom_port, [image], calling_ae="CXRNODE", called_ae="ORTHANC")
+        assert node.returncode == 0, node.stderr
+        stranger = storescu(pacs.dicom_port, [other], calling_ae="INTRUDER", called_ae="ORTHANC", extra=["-v"])
+        assert "Store Response (Success)" not in stranger.stdout + stranger.stderr
+        query = run_dcmtk(["findscu", "-P", "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientName",
+                           "-aet", "CXRNODE", "-aec", "ORTHANC", "-to", "10", "127.0.0.1",
+                           str(pacs.dicom_port)], 30)
+        assert "QUERYABLE" not in query.stdout + query.stderr  # no patient came back
+        assert len(pacs.instances()) == 1
+    finally:
+        pacs.stop()
