@@ -229,7 +229,8 @@ def test_the_demo_pacs_takes_results_from_the_node_only_and_answers_no_queries(t
     try:
         node = storescu(pacs.dicom_port, [image], calling_ae="CXRNODE", called_ae="ORTHANC")
         assert node.returncode == 0, node.stderr
-        stranger = storescu(pacs.dicom_port, [other], calling_ae="INTRUDER", called_ae="ORTHANC", extra=["-v"])
+        stranger = storescu(pacs.dicom_port, [other], calling_ae="INTRUDER", called_ae="ORTHANC",
+                            extra=["-v"])
         assert "Store Response (Success)" not in stranger.stdout + stranger.stderr
         query = run_dcmtk(["findscu", "-P", "-k", "QueryRetrieveLevel=PATIENT", "-k", "PatientName",
                            "-aet", "CXRNODE", "-aec", "ORTHANC", "-to", "10", "127.0.0.1",

@@ -418,8 +418,9 @@ def test_a_resent_instance_leaves_no_file_its_job_does_not_use(node_listener: Ca
 
 def test_a_resend_brings_back_a_job_that_failed_for_its_missing_file(node_listener: Callable[..., Listener],
                                                                      tmp_path: Path) -> None:
-    """After a restore from an older backup, jobs whose files are gone fail with that reason; the PACS's resend
-    writes the file again, and the job must run again (it stayed failed, the log saying "already queued")."""
+    """After a restore from an older backup, jobs whose files are gone fail with that reason; the PACS's
+    resend writes the file again, and the job must run again (it stayed failed, the log saying "already
+    queued")."""
     from dicom_node.queue import JobManager, missing_file_error
 
     node = node_listener()
