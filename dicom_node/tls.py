@@ -59,7 +59,8 @@ def server_context(tls: TLSSettings) -> ssl.SSLContext | None:
 def client_context(tls: TLSSettings) -> ssl.SSLContext | None:
     """The export side's context, or ``None`` when ``tls.enabled`` is false.
 
-    Without ``ca_file`` the system trust store verifies the destination.
+    With ``ca_file`` only that CA verifies the destination (a hospital CA: a certificate from any public CA
+    must not pass for the PACS); without it, the system trust store.
 
     Raises
     ------
@@ -70,11 +71,13 @@ def client_context(tls: TLSSettings) -> ssl.SSLContext | None:
         raise TypeError('Argument "tls" must be a TLSSettings.')
     if not tls.enabled:
         return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         if tls.ca_file is not None:
-            ctx.load_verify_locations(cafile=_check_file(tls.ca_file, "export.tls.ca_file"))
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
+                                             cafile=_check_file(tls.ca_file, "export.tls.ca_file"))
+        else:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         if (tls.cert_file is None) != (tls.key_file is None):
             raise TLSConfigError("'export.tls.cert_file' and 'export.tls.key_file' must be set together")
         if tls.cert_file is not None:

@@ -73,6 +73,17 @@ def test_export_refuses_untrusted_server(storescp: Callable[..., StoreSCP], tls_
     assert len(dest.files()) == 1
 
 
+def test_export_trusts_only_the_configured_ca(tls_files: TLSFiles) -> None:
+    """With export.tls.ca_file set, a destination's certificate from any public CA must not pass for the
+    PACS: the system trust store (145 certificates on a Debian machine) was loaded as well."""
+    import ssl
+
+    ctx = client_context(TLSSettings(enabled=True, ca_file=tls_files.ca_cert))
+    assert ctx is not None and ctx.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert len(ctx.get_ca_certs()) == 1
+
+
 def test_tls_settings_errors_name_the_key(tmp_path: Path, tls_files: TLSFiles) -> None:
     assert server_context(TLSSettings()) is None and client_context(TLSSettings()) is None
     with pytest.raises(TLSConfigError, match="listener.tls.cert_file"):
