@@ -181,15 +181,16 @@ class Worker:
         self._disk_low_logged: float | None = None  # while the spool volume is too full: when last logged
 
     # -- model -----------------------------------------------------------------------------------
-    def _wanted_model(self) -> tuple[Path | None, str, str]:
+    def _wanted_model(self) -> tuple[Path | None, str, str, tuple[str, str | None] | None]:
         """The bundle to serve (the configured path, else the registry's current model, else the default), its
-        identity, and when it was promoted."""
+        identity, when it was promoted, and the version and device UID the registry recorded for it."""
         if self.settings.model.path is not None:
-            return self.settings.model.path, f"path:{self.settings.model.path}", ""
+            return self.settings.model.path, f"path:{self.settings.model.path}", "", None
         current = self.jm.current_model()
         if current is not None:
-            return Path(current.path), f"registry:{current.version}:{current.path}", str(current.promoted_at)
-        return None, "default", ""
+            key = f"registry:{current.version}:{current.path}"
+            return Path(current.path), key, str(current.promoted_at), (current.version, current.device_uid)
+        return None, "default", "", None
 
     def load_model(self) -> bool:
         """Load the wanted model if it is not the one in use; returns True when a new one was loaded.
@@ -198,7 +199,7 @@ class Worker:
         logs the error. It is tried again when the model is promoted again, or after ``MODEL_RETRY_S`` (the
         cause may pass: memory held by a retraining run, a file system that was away).
         """
-        path, key, stamp = self._wanted_model()
+        path, key, stamp, registered = self._wanted_model()
         if self.pipeline is not None:
             if key == self._model_key:
                 self._failed = None  # e.g. rolled back to the model in use
@@ -208,6 +209,7 @@ class Worker:
                 return False
         try:
             pipeline = self._factory(path)
+            _check_identity(pipeline.bundle, registered)
         except (NodeError, OSError, ValueError, RuntimeError) as exc:
             if self.pipeline is None:
                 raise ModelBundleError(f"cannot load the model {path or '(default)'}: {exc}") from exc
@@ -564,6 +566,20 @@ class Worker:
         seconds = self.jm.complete(job.id, worker_id=self.worker_id,
                                    message=f"sent to {', '.join(str(d) for d in destinations)}")
         metrics.record_job_finished("done", seconds)
+
+
+def _check_identity(bundle: Any, registered: tuple[str, str | None] | None) -> None:
+    """A registry model must still be what was registered: a model.json edited since (another version, device
+    UID) would put an identity into the SRs the registry never recorded. Raises ValueError."""
+    if registered is None:
+        return
+    version, device_uid = registered
+    found = (str(getattr(bundle, "version", "")), str(getattr(bundle, "device_uid", "") or ""))
+    if found[0] != version or (device_uid and found[1] != device_uid):
+        raise ValueError(f"its model.json says version {found[0]}, device UID {found[1] or '-'}, but the "
+                         f"registry recorded {version}, {device_uid or '-'}: the bundle was changed after it "
+                         "was registered (a bundle never changes in place; register the change as a new "
+                         "version)")
 
 
 def _sop_class(path: Path) -> str:

@@ -695,3 +695,29 @@ def test_a_worker_whose_lease_was_taken_leaves_the_stored_outputs_alone(
     row = job_row(engine, job_id)
     assert (row.state, row.lease_owner, row.result) == ("processing", "the-other-worker", None)
     assert "worker_lease_lost" in [r.action for r in caplog.records]
+
+
+def test_a_registered_bundle_whose_card_was_edited_is_not_served(settings: Settings, engine: Engine,
+                                                                 tmp_path: Path, tiny_bundle: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """model.json edited after registration (another version, device UID, threshold): the SRs carried an
+    identity the registry never recorded. The worker keeps serving the previous model, saying why."""
+    settings.model.path = None
+    edited = make_random_bundle(tmp_path / "v3", seg_size=64, cls_size=64, version="0.0.3-test")
+    card = json.loads((edited / "model.json").read_text())
+    with Session(engine) as s, s.begin():
+        s.add(ModelVersion(version="0.0.0-test", path=str(tiny_bundle), status="current",
+                           promoted_at=utcnow()))
+    worker = Worker(settings, engine, job_manager=JobManager(engine, settings.worker))
+    worker.load_model()
+    card.update(version="9.9.9-edited", threshold=0.0001)
+    (edited / "model.json").write_text(json.dumps(card))
+    with Session(engine) as s, s.begin():
+        s.query(ModelVersion).filter_by(status="current").update({"status": "retired"})
+        s.add(ModelVersion(version="0.0.3-test", path=str(edited), status="current", promoted_at=utcnow(),
+                           device_uid=card["device_uid"]))
+    caplog.set_level(logging.ERROR, logger="dicom_node.worker")
+    assert worker.load_model() is False
+    assert worker.pipeline.bundle.version == "0.0.0-test"
+    [failed] = [r for r in caplog.records if r.action == "model_swap_failed"]
+    assert "says version 9.9.9-edited" in failed.getMessage() and "changed after it" in failed.getMessage()
