@@ -6,7 +6,8 @@ Every name starts with ``cxrnode_`` (type, labels, who updates it):
 - ``cxrnode_instances_received_total`` counter {sop_class}: listener, per instance acknowledged (spooled and
   queued; a re-sent instance already queued counts again)
 - ``cxrnode_instances_refused_total`` counter {reason}: listener, per C-STORE answered with a failure
-- ``cxrnode_associations_total`` counter {result}: listener, ``accepted`` / ``rejected_<why>``
+- ``cxrnode_associations_total`` counter {result}: listener, ``accepted`` / ``rejected_<why>`` (``caller``,
+  ``called_ae``, ``disk``, ``busy``, ``stalled``: a request cut off mid-PDU, ``tls``: a failed handshake)
 - ``cxrnode_queue_jobs`` gauge {state}: read from the database at scrape time
 - ``cxrnode_queue_up`` gauge: 1 when the scrape could count the queue
 - ``cxrnode_stage_seconds`` histogram {stage}: worker; decode, stage1, stage2, cam, outputs, export

@@ -10,6 +10,11 @@ Associations are refused with A-ASSOCIATE-RJ (and a log line) when the calling A
 where the allow-list names one, its host) is not allowed, and, as "local limit exceeded"
 (transient), while the spool volume is below ``storage.min_free_mb`` or
 ``listener.max_associations`` are already open.
+
+Every accepted connection reads under ``listener.network_timeout_s``: a peer that stops (or
+trickles) halfway through a PDU is disconnected instead of holding one of the
+``max_associations`` slots for ever, and with TLS the handshake runs in the connection's own
+thread under the same timeout, so one silent peer cannot stall the listener for everybody.
 """
 
 from __future__ import annotations
@@ -17,8 +22,12 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 import threading
-from typing import Any
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, cast
 
 from pydicom.pixels.decoders.base import get_decoder
 from pydicom.uid import (
@@ -32,7 +41,7 @@ from pydicom.uid import (
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
-from pynetdicom.transport import ThreadedAssociationServer
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 from sqlalchemy import Engine
 
 from dicom_node import metrics
@@ -57,7 +66,15 @@ UNCOMPRESSED_SYNTAXES: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLitt
                                           DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian)
 # Largest P-DATA PDU the node accepts: fewer, larger PDUs make ingest faster.
 MAX_PDU_BYTES = 1024 * 1024
+# Reading a PDU may take ``network_timeout_s`` plus one second per this many bytes received: a link that
+# delivers at least this rate is never cut, a peer trickling a byte every few seconds is.
+MIN_RECEIVE_BYTES_PER_S = 1024
+_RECV_CHUNK = 64 * 1024
 _NO_CALLER = "\x00"  # an AE title no peer can have: makes pynetdicom reject the calling AE
+# A-ASSOCIATE-RJ (result source, diagnostic) pairs (PS3.8 9.3.4)
+_RJ_CALLING_AE = (0x01, 0x03)
+_RJ_CALLED_AE = (0x01, 0x07)
+_RJ_LOCAL_LIMIT = (0x03, 0x02)
 
 
 def decodable_transfer_syntaxes() -> list[UID]:
@@ -91,16 +108,27 @@ class Admission:
         return any(aet == calling_ae and (hosts is None or host in hosts) for aet, hosts in self._rules)
 
     def reason(self, assoc: Association) -> str:
-        """Why ``assoc`` was rejected: ``called_ae``, ``caller``, ``disk`` or ``busy``."""
-        request = assoc.requestor.primitive
-        called = str(getattr(request, "called_ae_title", "") or "").strip()
-        if called != str(assoc.acceptor.ae_title).strip():
+        """Why ``assoc`` was rejected, as the A-ASSOCIATE-RJ sent to the peer says: ``called_ae``,
+        ``caller``, or, for "local limit exceeded", ``disk`` or ``busy``.
+
+        pynetdicom checks every rule and answers with the last one broken (the association limit and the
+        disk watermark over the called AE title over the calling AE title), so an unknown caller of a full
+        node is told "local limit exceeded", and logged so.
+        """
+        answer = assoc.acceptor.primitive
+        sent = (getattr(answer, "result_source", None), getattr(answer, "diagnostic", None))
+        if sent == _RJ_CALLED_AE:
             return "called_ae"
-        if not self.caller_allowed(str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address)):
+        if sent == _RJ_CALLING_AE:
             return "caller"
-        if self.store.disk_low():
-            return "disk"
-        return "busy"
+        if sent != _RJ_LOCAL_LIMIT:  # no rejection recorded: judge the request by the same rules
+            request = assoc.requestor.primitive
+            called = str(getattr(request, "called_ae_title", "") or "").strip()
+            if called != str(assoc.acceptor.ae_title).strip():
+                return "called_ae"
+            if not self.caller_allowed(str(assoc.requestor.ae_title).strip(), str(assoc.requestor.address)):
+                return "caller"
+        return "disk" if self.store.disk_low() else "busy"
 
 
 def _resolve(host: str) -> set[str]:
@@ -158,6 +186,153 @@ class NodeAE(AE):
         if value < 1:
             raise ValueError('Argument "maximum_associations" must be >= 1.')
         self._max_assoc = value
+
+    def serve(self, address: tuple[str, int], evt_handlers: list[Any],
+              ssl_context: ssl.SSLContext | None) -> NodeServer:
+        """Listen on ``address`` in a background thread, like ``start_server(block=False)``, with a
+        :class:`NodeServer`; stop it with ``.shutdown()``."""
+        made = self.make_server(address, ssl_context=ssl_context, evt_handlers=evt_handlers,
+                                server_class=NodeServer)
+        server = cast(NodeServer, made)
+        self._servers.append(server)  # as start_server does: AssociationServer.shutdown removes it
+        threading.Thread(target=server.serve_forever, name="cxr-listener", daemon=True).start()
+        return server
+
+
+class _GuardedSocket(AssociationSocket):
+    """pynetdicom's socket for one accepted connection, whose reads cannot stall for ever.
+
+    pynetdicom reads a PDU header, then its body, from a socket without timeout: a peer that stopped
+    halfway (its network lost mid-transfer, or on purpose) kept the association, and its listener slot,
+    until it closed the connection. Here each read must be complete within ``network_timeout_s`` plus
+    one second per ``MIN_RECEIVE_BYTES_PER_S`` bytes received, with no pause longer than
+    ``network_timeout_s``; otherwise it logs ``association_stalled`` and ends short, as when the peer
+    closes, which pynetdicom takes as the connection lost: an accepted association is aborted
+    (``EVT_ABORTED``, audited), a request is dropped, and the thread ends either way.
+    """
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        timeout = self.assoc.network_timeout
+        sock = self.socket
+        if not timeout or sock is None:
+            return super().recv(nr_bytes)
+        started = time.monotonic()
+        data = bytearray()
+        try:
+            while len(data) < nr_bytes:
+                left = started + timeout + len(data) / MIN_RECEIVE_BYTES_PER_S - time.monotonic()
+                if left <= 0:
+                    self._stalled(len(data), nr_bytes, started)
+                    break
+                sock.settimeout(min(left, timeout))
+                try:
+                    chunk = sock.recv(min(_RECV_CHUNK, nr_bytes - len(data)))
+                except TimeoutError:
+                    self._stalled(len(data), nr_bytes, started)
+                    break
+                if not chunk:  # closed by the peer
+                    break
+                data.extend(chunk)
+        finally:
+            if self.socket is not None:
+                sock.settimeout(timeout)  # sends stay bounded too, never by what was left of a read
+        return data
+
+    def _stalled(self, received: int, expected: int, started: float) -> None:
+        assoc = self.assoc
+        answer = assoc.acceptor.primitive
+        accepted = answer is not None and getattr(answer, "result", None) == 0x00
+        host, port = str(assoc.requestor.address), assoc.requestor.port
+        calling_ae = str(assoc.requestor.ae_title).strip() if assoc.requestor.primitive is not None else ""
+        log.warning("peer %s:%s stalled: %d of %d bytes of a PDU in %.1f s; closing its %s", host, port,
+                    received, expected, time.monotonic() - started,
+                    "association" if accepted else "connection", extra={
+                        "action": "association_stalled", "calling_ae": calling_ae, "calling_host": host,
+                        "calling_port": port, "accepted": accepted})
+        if not accepted:  # an accepted one was counted as such, and its abort is audited
+            metrics.record_association("rejected_stalled")
+
+
+class _ConnectionHandler(RequestHandler):
+    """One accepted connection, in its own thread: the TLS handshake (if any), then pynetdicom's
+    association, whose socket reads are bounded (:class:`_GuardedSocket`)."""
+
+    server: NodeServer
+
+    def handle(self) -> None:
+        if isinstance(self.request, ssl.SSLSocket) and not self._handshake(self.request):
+            return
+        super().handle()
+
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        sock = assoc.dul.socket
+        if type(sock) is AssociationSocket:
+            sock.__class__ = _GuardedSocket  # the same object (the subclass adds no state), reads bounded
+        return assoc
+
+    def _handshake(self, sock: ssl.SSLSocket) -> bool:
+        """Complete the TLS handshake within the socket's timeout; on failure log it, close, return False."""
+        host, port = str(self.client_address[0]), int(self.client_address[1])
+        try:
+            with self.server.handshaking(sock):
+                sock.do_handshake()
+            return True
+        except TimeoutError:
+            why = f"no handshake within {sock.gettimeout():g} s"
+        except ssl.SSLError as exc:
+            why = str(exc.reason or exc)
+        except (OSError, ValueError) as exc:  # reset by the peer, or cut short by the listener's shutdown
+            why = getattr(exc, "strerror", None) or type(exc).__name__
+        log.warning("TLS handshake with %s:%s failed (%s); connection closed", host, port, why, extra={
+            "action": "tls_handshake_failed", "calling_host": host, "calling_port": port, "reason": why})
+        metrics.record_association("rejected_tls")
+        self.server.shutdown_request(sock)
+        return False
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded association server, with every accepted socket under ``network_timeout_s``.
+
+    pynetdicom does the TLS handshake in its accept loop, on a socket without timeout: one peer that
+    connects and sends nothing stopped every other connection, and the listener's shutdown. Here the
+    accept loop only wraps the socket; the handshake runs in the connection's thread under the timeout,
+    and shutting the listener down cuts the handshakes still in progress.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("request_handler", _ConnectionHandler)
+        self._handshakes: set[ssl.SSLSocket] = set()
+        self._handshakes_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        client, address = cast(socket.socket, self.socket).accept()
+        client.settimeout(self.ae.network_timeout)
+        if self.ssl_context is not None:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    @contextmanager
+    def handshaking(self, sock: ssl.SSLSocket) -> Iterator[None]:
+        """Track ``sock`` as in its TLS handshake, so that :meth:`server_close` can cut it short."""
+        with self._handshakes_lock:
+            self._handshakes.add(sock)
+        try:
+            yield
+        finally:
+            with self._handshakes_lock:
+                self._handshakes.discard(sock)
+
+    def server_close(self) -> None:
+        with self._handshakes_lock:
+            pending = list(self._handshakes)
+        for sock in pending:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # its thread's handshake fails at once
+            except OSError:
+                continue
+        super().server_close()  # joins the connection threads
 
 
 def _handle_rejected(event: Any, admission: Admission, audit: AssociationAudit | None) -> None:
@@ -269,10 +444,7 @@ def start_scp(settings: Settings, job_manager: JobQueue, engine: Engine | None) 
         log.warning("export.destinations and export.callers are empty: results are built and kept, but no "
                     "job can be delivered (each fails with 'no export destination' until one is configured "
                     "and the job retried)", extra={"action": "export_unrouted"})
-    server = ae.start_server((listener.bind_address, listener.port), block=False, evt_handlers=handlers,
-                             ssl_context=ssl_context)
-    if server is None:  # only a blocking start_server returns None
-        raise RuntimeError("pynetdicom did not return a server for a non-blocking start")
+    server = ae.serve((listener.bind_address, listener.port), handlers, ssl_context)
     log.info("DICOM listener started", extra={
         "action": "scp_started", "ae_title": listener.ae_title, "bind": listener.bind_address,
         "port": server.server_address[1], "tls": ssl_context is not None,
