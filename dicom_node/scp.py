@@ -69,6 +69,10 @@ MAX_PDU_BYTES = 1024 * 1024
 # Reading a PDU may take ``network_timeout_s`` plus one second per this many bytes received: a link that
 # delivers at least this rate is never cut, a peer trickling a byte every few seconds is.
 MIN_RECEIVE_BYTES_PER_S = 1024
+# No PDU may be longer: P-DATA is bounded by the MAX_PDU_BYTES announced, and an A-ASSOCIATE-RQ with a
+# hundred presentation contexts stays far below the slack. pynetdicom would read whatever length a header
+# announces (up to 4 GiB) into memory before max_instance_mb could be checked.
+MAX_PDU_READ_BYTES = MAX_PDU_BYTES + 64 * 1024
 _RECV_CHUNK = 64 * 1024
 _NO_CALLER = "\x00"  # an AE title no peer can have: makes pynetdicom reject the calling AE
 # A-ASSOCIATE-RJ (result source, diagnostic) pairs (PS3.8 9.3.4)
@@ -212,6 +216,12 @@ class _GuardedSocket(AssociationSocket):
     """
 
     def recv(self, nr_bytes: int) -> bytearray:
+        if nr_bytes > MAX_PDU_READ_BYTES:  # read as a closed connection: pynetdicom drops it
+            host = str(self.assoc.requestor.address)
+            log.warning("peer %s:%s announced a PDU of %d bytes, more than the %d this node reads; closing "
+                        "its connection", host, self.assoc.requestor.port, nr_bytes, MAX_PDU_READ_BYTES,
+                        extra={"action": "association_oversized_pdu", "calling_host": host})
+            return bytearray()
         timeout = self.assoc.network_timeout
         sock = self.socket
         if not timeout or sock is None:

@@ -224,3 +224,21 @@ def test_full_node_logs_what_an_unknown_caller_was_told(node_listener: Callable[
     rejected = [r for r in caplog.records if getattr(r, "action", "") == "association_rejected"]
     assert [(r.calling_ae, r.reason) for r in rejected] == [("STRANGER", "busy")]
     assert "maximum number of associations" in rejected[0].getMessage()
+
+
+def test_a_pdu_longer_than_the_node_reads_closes_the_connection(node_listener: Callable[..., Listener],
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """A P-DATA header announcing 2 GiB: pynetdicom read it into memory as fast as the peer sent it, past
+    max_instance_mb, which is counted per PDU received. Now the connection is closed at the header."""
+    node = node_listener(listener={"network_timeout_s": TIMEOUT_S})
+    caplog.set_level(logging.INFO, logger="dicom_node")
+    with _peers() as opened:
+        peer = _connect(node.port, opened)
+        peer.sendall(_associate_rq(b"GREEDY"))
+        assert peer.recv(6)[:1] == b"\x02"  # A-ASSOCIATE-AC
+        time.sleep(0.2)
+        peer.sendall(b"\x04\x00" + struct.pack(">I", 2**31) + b"\x00" * 65536)
+        assert _closed_by_listener(peer, 2 * TIMEOUT_S)
+    [record] = [r for r in caplog.records if getattr(r, "action", "") == "association_oversized_pdu"]
+    assert str(2**31) in record.getMessage()
+    assert echoscu(node.port).returncode == 0
