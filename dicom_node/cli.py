@@ -30,18 +30,25 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 # Commands that share the node options (the CLI contract: keep these stable).
 NODE_COMMANDS = {"serve", "worker", "status", "retrain", "models"}
+# Commands that read the node's data (``train --data node``) and so take only where to find it.
+NODE_DATA_COMMANDS = {"train"}
 SERVICE_COMMANDS = {"serve", "worker"}
 
 log = logging.getLogger(__name__)
 
 
-def add_node_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by the node's commands; each overrides one settings key."""
+def add_node_data_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the node's data is: its configuration file, data folder and database."""
     p.add_argument("--config", metavar="FILE", help="TOML configuration file")
-    p.add_argument("--ae-title", metavar="T", help="listener.ae_title")
-    p.add_argument("--port", type=int, metavar="N", help="listener.port")
     p.add_argument("--data-dir", metavar="DIR", help="storage.data_dir")
     p.add_argument("--db-url", metavar="URL", help="database.url (SQLAlchemy URL)")
+
+
+def add_node_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by the node's commands; each overrides one settings key."""
+    add_node_data_arguments(p)
+    p.add_argument("--ae-title", metavar="T", help="listener.ae_title")
+    p.add_argument("--port", type=int, metavar="N", help="listener.port")
     p.add_argument("--model", metavar="DIR", help="model.path (model bundle directory)")
     p.add_argument("--destination", action="append", metavar="AET@HOST:PORT",
                    help="export.destinations (repeatable)")
@@ -93,6 +100,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
             continue
         if name in NODE_COMMANDS:
             add_node_arguments(p)
+        elif name in NODE_DATA_COMMANDS:
+            add_node_data_arguments(p)
         module = importlib.import_module(module_name)
         adder = getattr(module, f"add_{name}_arguments", None) or getattr(module, "add_arguments", None)
         if adder is not None:

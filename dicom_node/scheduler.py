@@ -6,7 +6,10 @@ once per installation, on the listener's machine. Both jobs run in a background 
 down) are coalesced into one run at start-up when they are less than an hour late. Crontab lines are read as
 cron reads them: day of week 0 or 7 is Sunday. A run in progress never holds up the node's exit (its thread
 is a daemon): both are safe to cut short (retention commits job by job; a retraining candidate is registered
-at its end only).
+at its end only). The lock that keeps the two jobs apart holds within this process only; a retraining round
+also takes the installation's retraining lock (``training.retrain.round_lock``: per data folder, and per
+database on PostgreSQL), so two ``serve`` processes with the same ``retrain.cron``, or a round started by
+hand meanwhile, do not train at once: the later one is skipped, saying so.
 """
 
 from __future__ import annotations

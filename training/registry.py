@@ -2,7 +2,9 @@
 
 At most one version is ``current``; the worker serves it and swaps to a new current one without restart.
 Promoting retires the previous current version; rolling back marks the current version ``rejected`` and
-makes the most recently promoted earlier version current again. Every change is one transaction.
+makes the most recently promoted earlier version current again. A version is made current only when its
+bundle loads. Every change is one transaction; on PostgreSQL the changes also take one advisory lock, so two
+of them never interleave (SQLite's write lock does that there).
 
     cxr-node models                      # table of versions
     cxr-node models --promote 1.0.0-r20261126T1500
@@ -20,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session
 
@@ -30,6 +32,29 @@ from dicom_node.errors import NodeError
 log = logging.getLogger(__name__)
 
 STATUSES = ("current", "candidate", "retired", "rejected")
+# Key of the PostgreSQL advisory lock held by each transaction that changes the registry.
+_REGISTRY_LOCK_KEY = 0x6378726E6D6F64  # "cxrnmod"
+
+
+class CurrentChanged(ValueError):
+    """The registry's current model is no longer the one a candidate was compared with."""
+
+
+def _lock(s: Session) -> None:
+    """Serialise registry changes on PostgreSQL (released when the transaction ends). Under READ COMMITTED
+    two promotions could otherwise both find the same current row and leave two versions current."""
+    if s.get_bind().dialect.name == "postgresql":
+        s.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _REGISTRY_LOCK_KEY})
+
+
+def _check_loads(row: ModelVersion) -> None:
+    """``ValueError`` naming the version, its folder and the problem when its bundle no longer loads."""
+    from inference.bundle import ModelBundle
+
+    try:
+        ModelBundle.load(row.path)
+    except (NodeError, OSError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"model version {row.version} cannot be loaded from {row.path}: {exc}") from exc
 
 
 def as_dict(row: ModelVersion) -> dict[str, Any]:
@@ -67,6 +92,7 @@ def register(engine: Engine, bundle_path: str | Path, *, status: str = "candidat
         raise ValueError('Argument "status" must be candidate, retired or rejected.')
     bundle = ModelBundle.load(bundle_path)
     with Session(engine) as s, s.begin():
+        _lock(s)
         if s.execute(select(ModelVersion).where(ModelVersion.version == bundle.version)).scalar():
             raise ValueError(f"model version {bundle.version} is already registered")
         row = ModelVersion(version=bundle.version, path=str(Path(bundle.path).resolve()), status=status,
@@ -99,34 +125,39 @@ def ensure_current(engine: Engine, models_dir: str | Path) -> dict[str, Any]:
         staging.replace(kept)
     ModelBundle.load(kept)  # the copy is whole
     with Session(engine) as s, s.begin():
-        row = s.execute(select(ModelVersion).where(ModelVersion.version == bundle.version)).scalar()
-        if row is None:
-            row = ModelVersion(version=bundle.version, path=str(kept.resolve()), status="current",
-                               metrics={"source": "shipped default model"}, device_uid=bundle.device_uid)
-            s.add(row)
-        row.status, row.promoted_at = "current", utcnow()
+        _lock(s)
+        # another retraining round may have registered it since the look above
+        if s.execute(select(ModelVersion.id).where(ModelVersion.status == "current")).first() is None:
+            row = s.execute(select(ModelVersion).where(ModelVersion.version == bundle.version)).scalar()
+            if row is None:
+                row = ModelVersion(version=bundle.version, path=str(kept.resolve()), status="current",
+                                   metrics={"source": "shipped default model"}, device_uid=bundle.device_uid)
+                s.add(row)
+            row.status, row.promoted_at = "current", utcnow()
     return current(engine) or {}
 
 
-def promote(engine: Engine, version: str) -> dict[str, Any]:
+def promote(engine: Engine, version: str, *, expected_current: str | None = None) -> dict[str, Any]:
     """Make ``version`` current and retire the previous current one.
 
-    ``LookupError`` for an unknown version, ``ValueError`` when it is current already or its bundle no longer
-    loads.
+    ``expected_current`` (a retraining round passes the version its candidate was compared with) makes the
+    change conditional: :class:`CurrentChanged` when another version is current by then, in the same
+    transaction as the change. ``LookupError`` for an unknown version, ``ValueError`` when it is current
+    already or its bundle no longer loads.
     """
-    from inference.bundle import ModelBundle
-
     with Session(engine) as s, s.begin():
+        _lock(s)
         row = s.execute(select(ModelVersion).where(ModelVersion.version == version)).scalar()
         if row is None:
             raise LookupError(f"no model version {version!r} in the registry")
         if row.status == "current":
             raise ValueError(f"model version {version} is already current")
-        try:
-            ModelBundle.load(row.path)
-        except (NodeError, OSError, ValueError, RuntimeError) as exc:
-            raise ValueError(f"model version {version} cannot be loaded from {row.path}: {exc}") from exc
         previous = list(s.execute(select(ModelVersion).where(ModelVersion.status == "current")).scalars())
+        if expected_current is not None and [r.version for r in previous] != [expected_current]:
+            now = ", ".join(r.version for r in previous) or "none"
+            raise CurrentChanged(f"model version {version} was compared with {expected_current}, but the "
+                                 f"current model is now {now}")
+        _check_loads(row)
         for r in previous:
             r.status = "retired"
         row.status, row.promoted_at = "current", utcnow()
@@ -136,12 +167,35 @@ def promote(engine: Engine, version: str) -> dict[str, Any]:
     return out
 
 
+def reject(engine: Engine, version: str, reason: str) -> dict[str, Any]:
+    """Mark candidate ``version`` ``rejected``, recording ``reason`` as its decision's reason.
+
+    ``LookupError`` for an unknown version, ``ValueError`` when it is not a candidate.
+    """
+    with Session(engine) as s, s.begin():
+        _lock(s)
+        row = s.execute(select(ModelVersion).where(ModelVersion.version == version)).scalar()
+        if row is None:
+            raise LookupError(f"no model version {version!r} in the registry")
+        if row.status != "candidate":
+            raise ValueError(f"model version {version} is {row.status}, not a candidate")
+        metrics = dict(row.metrics or {})
+        metrics["decision"] = {**metrics.get("decision", {}), "promote": False, "reason": reason}
+        row.status, row.metrics = "rejected", metrics
+        out = as_dict(row)
+    log.info("model rejected", extra={"action": "model_rejected", "version": version, "reason": reason})
+    return out
+
+
 def rollback(engine: Engine) -> dict[str, Any]:
     """Mark the current version ``rejected`` and make the most recently promoted earlier version current.
 
-    ``ValueError`` when there is no current version or nothing earlier to go back to.
+    ``ValueError`` when there is no current version, nothing earlier to go back to, or the earlier version's
+    bundle no longer loads (the registry is left as it was: the worker could not serve it and would go on
+    serving the version rolled back from).
     """
     with Session(engine) as s, s.begin():
+        _lock(s)
         cur = s.execute(select(ModelVersion).where(ModelVersion.status == "current")
                         .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc()).limit(1)).scalar()
         if cur is None:
@@ -152,6 +206,11 @@ def rollback(engine: Engine) -> dict[str, Any]:
                          .order_by(ModelVersion.promoted_at.desc(), ModelVersion.id.desc()).limit(1)).scalar()
         if prev is None:
             raise ValueError(f"no earlier promoted version to roll back to from {cur.version}")
+        try:
+            _check_loads(prev)
+        except ValueError as exc:
+            raise ValueError(f"cannot roll back from {cur.version}: {exc}; restore that bundle, or promote "
+                             "another version") from exc
         cur.status = "rejected"
         prev.status, prev.promoted_at = "current", utcnow()
         out = {"rolled_back": cur.version, "current": prev.version}

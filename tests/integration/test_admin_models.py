@@ -46,3 +46,26 @@ def test_promote_and_roll_back_over_http(tmp_path: Path) -> None:
             assert c.post("/api/models/rollback", headers={"Authorization": "Bearer x"}).status_code == 401
     finally:
         server.stop()
+
+
+def test_rollback_over_http_to_a_bundle_that_no_longer_loads_is_refused(tmp_path: Path) -> None:
+    """409 naming the missing file; the version rolled back from stays current (the worker serves it)."""
+    db = new_node_db(tmp_path / "node", admin_port=free_port())
+    for version in ("1.0.0", "1.1.0"):
+        registry.register(db.engine, make_random_bundle(tmp_path / version, seg_size=32, cls_size=32,
+                                                        version=version))
+        registry.promote(db.engine, version)
+    (tmp_path / "1.0.0" / "classifier.safetensors").unlink()
+    server = start_admin(db.settings, db.engine, db.jobs)
+    try:
+        with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+            r = c.post("/api/models/rollback")
+            assert r.status_code == 409, r.text
+            assert "model version 1.0.0 cannot be loaded" in r.text
+            assert "missing weights file classifier.safetensors" in r.text
+            models = c.get("/api/models").json()
+            assert models["current"]["version"] == "1.1.0"
+            assert {m["version"]: m["status"] for m in models["versions"]} == {"1.0.0": "retired",
+                                                                              "1.1.0": "current"}
+    finally:
+        server.stop()
