@@ -17,7 +17,8 @@ float32 in [0, 1] displayed the usual way (bright bone, dark air):
   converted to grey (ITU-R 601 luma). Stored values above bit 0 (High Bit above Bits Stored - 1, an old
   layout) are shifted down when uncompressed; compressed, they are refused (``InvalidInstance``).
 * PNG/JPEG: 8-bit greyscale divided by 255; 16-bit and float images scaled min..max; colour converted to grey
-  after flattening any alpha channel on black.
+  after flattening any alpha channel on black. Like DICOM, an image of more than MAX_PIXELS is refused before
+  it is decoded.
 
 Invalid optional header values (Pixel Spacing, View Position, window values...) never stop decoding: they
 are ignored, logged, and the next rule applies. Undecodable pixel data raises ``InvalidInstance`` naming what
@@ -35,7 +36,9 @@ import datetime as _dt
 import functools
 import logging
 import math
+import os
 import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -73,6 +76,8 @@ from inference.preprocess import (
 from inference.types import StoredValues, XrayImage
 
 __all__ = [
+    "MAX_ASPECT",
+    "MAX_PIXELS",
     "MIN_SIZE",
     "PAD_VALUE",
     "centre_box",
@@ -106,6 +111,11 @@ MIN_SIZE = 256  # shortest side, in pixels, below which header_reason says "too_
 # Rows x Columns above which an image is refused before decoding: a chest film is under 20 megapixels, and a
 # few kilobytes of JPEG-LS can claim 65535 x 65535 (gigabytes once decoded)
 MAX_PIXELS = 64 * 2**20
+# Long side / short side above which header_reason says "not_chest": chest films are at most 1.3:1 (35x43 cm,
+# 14x17 in), the most elongated image of the public training data (a figure panel) is 2.24:1, and 4:1 leaves
+# room for any cropped chest film; longer strips are other images (a spine or leg long-length image, a scan
+# of a strip), and the square they are padded to would hold mostly padding
+MAX_ASPECT = 4.0
 ADULT_AGE = 18  # years; the models were trained on adults' films (children's were excluded from the data)
 PERCENTILES = (0.5, 99.5)  # VOI fallback when the header has neither a VOI LUT nor a window
 
@@ -794,21 +804,33 @@ def load_dicom(source: str | Path | Dataset, *, allocate: Allocator | None = Non
 # --------------------------------------------------------------------------------------------- image files
 
 
+class _TooLarge(InvalidInstance):
+    """A readable image file with more than MAX_PIXELS pixels (never decoded, never tried as DICOM)."""
+
+
 def load_image_file(path: str | Path) -> XrayImage:
     """Decode a PNG or JPEG (or another format Pillow reads) into an ``XrayImage``.
 
     8-bit grey is divided by 255; 16-bit, 32-bit and float grey are scaled from their minimum to their
     maximum; palette and colour images are converted to grey (ITU-R 601 luma) after flattening any alpha on
     black. The EXIF orientation of JPEGs is applied. ``meta`` has the contract keys with empty DICOM values
-    and ``format`` (e.g. "PNG"). Raises ``InvalidInstance`` when the file cannot be read as an image.
+    and ``format`` (e.g. "PNG"). Raises ``InvalidInstance`` when the file cannot be read as an image, and,
+    before decoding, when it has more than MAX_PIXELS pixels (the limit DICOM instances have).
     """
     if not isinstance(path, str | Path):
         raise TypeError('Argument "path" must be a str or Path.')
     try:
         with Image.open(path) as opened:
             fmt = opened.format or ""
+            cols, rows = opened.size
+            if rows * cols > MAX_PIXELS:  # as for DICOM: a few megabytes of PNG can hold gigabytes of pixels
+                raise _TooLarge(f"{path}: {fmt or 'image'} of {cols}x{rows} pixels is larger than the "
+                                f"{MAX_PIXELS // 2**20} megapixels decoded here")
             opened.load()
             pixels = _grey(ImageOps.exif_transpose(opened))
+    except Image.DecompressionBombError as exc:  # Pillow's own limit, far above MAX_PIXELS
+        raise _TooLarge(f"{path}: image is larger than the {MAX_PIXELS // 2**20} megapixels decoded here "
+                        f"({exc})") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise InvalidInstance(f"{path}: not a readable image file ({exc})") from exc
     meta: dict[str, Any] = {
@@ -851,12 +873,18 @@ def load_any(path: str | Path, *, allocate: Allocator | None = None) -> XrayImag
     """Decode a DICOM, PNG or JPEG file, recognised by its content, not its name.
 
     A DICOM file is recognised by its 'DICM' prefix; files without one are tried as images, then as a
-    DICOM data set without file meta. Raises ``InvalidInstance`` when neither works. ``allocate`` is passed
-    to :func:`load_dicom` (images from PNG/JPEG files keep their own arrays).
+    DICOM data set without file meta. Raises ``InvalidInstance`` when neither works, and for anything but a
+    regular file (a FIFO or a device would block the read or never end). ``allocate`` is passed to
+    :func:`load_dicom` (images from PNG/JPEG files keep their own arrays).
     """
     if not isinstance(path, str | Path):
         raise TypeError('Argument "path" must be a str or Path.')
     try:
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else (
+                "a socket" if stat.S_ISSOCK(mode) else "a device")
+            raise InvalidInstance(f"{path}: not a regular file ({kind})")
         with open(path, "rb") as fh:
             head = fh.read(132)
     except OSError as exc:
@@ -865,6 +893,8 @@ def load_any(path: str | Path, *, allocate: Allocator | None = None) -> XrayImag
         return load_dicom(path, allocate=allocate)
     try:
         return load_image_file(path)
+    except _TooLarge:
+        raise
     except InvalidInstance as image_error:
         try:
             ds = pydicom.dcmread(path, force=True)
@@ -900,7 +930,8 @@ def header_reason(image: XrayImage, *, min_size: int = MIN_SIZE) -> tuple[str, s
     * ``lateral``: View Position LL/RL/LATERAL, decubitus (LLD/RLD) or oblique; without a View Position,
       Patient Orientation with a direction anterior/posterior (row or column), or a per-image description
       (series, protocol, view code) that says lateral and not PA/AP;
-    * ``too_small``: the short side has fewer than ``min_size`` pixels.
+    * ``too_small``: the short side has fewer than ``min_size`` pixels;
+    * ``not_chest``: the long side is more than MAX_ASPECT times the short side (a strip, not a chest film).
 
     Content-based checks (does it look like a chest? two lungs?) belong to the segmentation stage.
     """
@@ -944,4 +975,8 @@ def header_reason(image: XrayImage, *, min_size: int = MIN_SIZE) -> tuple[str, s
     rows, cols = image.pixels.shape[:2]
     if min(rows, cols) < min_size:
         return "too_small", f"image is {cols}x{rows} px; at least {min_size} px needed on the short side"
+    aspect = max(rows, cols) / min(rows, cols)
+    if aspect > MAX_ASPECT:
+        return "not_chest", (f"image is {cols}x{rows} px, its long side {aspect:.1f} times its short side; a "
+                             f"chest radiograph is at most {MAX_ASPECT:g}:1")
     return None

@@ -59,7 +59,7 @@ class Result:
     probability: float | None  # P(COVID-19 pneumonia); None when not assessable
     threshold: float  # operating threshold of the model bundle
     reason: str = ""  # why not assessable (empty otherwise)
-    # not_xray | for_processing | not_chest | child | lateral | too_small | no_lungs | undecodable
+    # not_xray | for_processing | not_chest | child | lateral | too_small | no_lungs | undecodable | error
     reason_code: str = ""
     lung_attention: float | None = None  # share of the heatmap's mass inside the lung mask
     lung_fraction: float | None = None  # lung mask area / image area

@@ -47,14 +47,14 @@ def test_predict_folder_of_mixed_files(tmp_path: Path, phantom_bundle: Path) -> 
     proc = _predict(tmp_path, "--model", str(phantom_bundle), "--device", "cpu", "--cam", "gradcam",
                     "--heatmaps", str(heat), "--out", str(out), str(data), str(tmp_path / "missing.dcm"))
     assert proc.returncode == 0, proc.stderr
-    assert "7 file(s)" in proc.stdout
+    assert "8 file(s)" in proc.stdout
 
     with out.open(newline="") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == CSV_COLUMNS
         rows = {Path(r["file"]).name: r for r in reader}
     assessable = ("cr.dcm", "dx_without_suffix", "frontal.png", "frontal.jpg")
-    assert set(rows) == {*assessable, "small.png", "corrupt.dcm", "missing.dcm"}
+    assert set(rows) == {*assessable, "small.png", "corrupt.dcm", "notes.txt", "missing.dcm"}
     # each row is the pipeline's answer for its file: the same model run here in-process agrees
     from inference.imaging import load_any
     from inference.pipeline import Pipeline
@@ -79,7 +79,7 @@ def test_predict_folder_of_mixed_files(tmp_path: Path, phantom_bundle: Path) -> 
         assert row["model_version"] == "0.0.0-test" and row["reason"] == ""
     assert rows["small.png"]["finding"] == "not_assessable"
     assert rows["small.png"]["reason_code"] == "too_small"
-    for name in ("corrupt.dcm", "missing.dcm"):
+    for name in ("corrupt.dcm", "notes.txt", "missing.dcm"):  # every file is tried, whatever its name
         assert rows[name]["finding"] == "not_assessable", rows[name]
         assert rows[name]["reason_code"] == "undecodable" and rows[name]["reason"]
         assert rows[name]["probability"] == ""
@@ -121,9 +121,10 @@ def test_predict_without_model_uses_the_shipped_default(tmp_path: Path) -> None:
 
 def test_predict_with_no_inputs_is_an_error(tmp_path: Path, tiny_bundle: Path,
                                             capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "empty" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty" / "sub").mkdir(parents=True)
+    (tmp_path / "empty" / ".hidden").write_text("left out, and said so")
     empty = str(tmp_path / "empty")
     code = _predict_in_process(tmp_path, "--model", str(tiny_bundle), "--out", str(tmp_path / "p.csv"), empty)
     assert code == 2
-    assert "no DICOM, PNG or JPEG files" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"no files found in {empty}" in err and "left out: 1 hidden entries" in err

@@ -954,7 +954,8 @@ def test_too_small_and_order() -> None:
         "image is 120x100 px; at least 256 px needed on the short side",
     )
     assert header_reason(small, min_size=64) is None
-    assert header_reason(XrayImage(np.zeros((256, 4000), np.float32), "s")) is None
+    assert header_reason(XrayImage(np.zeros((256, 1000), np.float32), "s")) is None
+    assert header_reason(XrayImage(np.zeros((256, 4000), np.float32), "s"))[0] == "not_chest"  # a strip
     # The header's verdict comes before size.
     tiny_hand = XrayImage(np.zeros((10, 10), np.float32), "s", {"body_part": "HAND"})
     assert header_reason(tiny_hand)[0] == "not_chest"
