@@ -66,7 +66,15 @@ from training.candidates import (
     stage2_inputs,
     stage2_masks,
 )
-from training.datasets import SIDES, Sample, load_data, load_split, patient_split, save_split
+from training.datasets import (
+    SIDES,
+    Sample,
+    load_data,
+    load_split,
+    patient_split,
+    require_both_classes,
+    save_split,
+)
 from training.loops import FitConfig, FitResult, fit, pick_device, predict, seed_everything
 from training.metrics import (
     dice_iou,
@@ -208,6 +216,8 @@ def build_default(data: Path, out: Path, *, device: str = "auto", epochs_seg: in
         cls = [s for s in samples if s.task == "classification"]
         seg = [s for s in samples if s.task == "segmentation"]
         split = load_split(split_file) if split_file else patient_split(cls + seg, seed=seed)
+        if split_file:  # patient_split checks its own; a given split must hold both classes on every side too
+            require_both_classes(split, cls, name=f"the split {split_file}")
         save_split(split, out / "split.json")
         centre = 256 if not quick else 64
         cls_sets = {side: build_image_set(split.select(cls, side), seg_size=seg_size, cls_size=cls_size,

@@ -27,6 +27,14 @@ log = logging.getLogger(__name__)
 
 CLASS_LABELS: tuple[str, str] = ("normal", "covid")  # index = class id; P(covid) is the model's output
 SIDES: tuple[str, str, str] = ("train", "val", "test")
+# The labels a manifest row may have, by task (the format of ../shared/data/manifest.csv): 'other' is a
+# classification label the models are not trained on (another finding, or a COVID status left open), 'mask'
+# marks a segmentation row, and a dicom row has no classification label
+MANIFEST_LABELS: dict[str, frozenset[str]] = {
+    "classification": frozenset({"covid", "normal", "other"}),
+    "segmentation": frozenset({"mask"}),
+    "dicom": frozenset({"other"}),
+}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 
 
@@ -53,7 +61,9 @@ def read_manifest(path: str | Path, *, tasks: Iterable[str] = ("classification",
     """Read a manifest CSV; keep rows of ``tasks`` and, for classification rows, of ``labels`` (all if None).
 
     Raises ``FileNotFoundError`` when the manifest is missing and ``ValueError`` when a required column is
-    absent or a row has no patient id.
+    absent, a row has no patient id, or rows have a task or a label the format does not have
+    (``MANIFEST_LABELS``; every such value is named with its number of rows): a row the code does not know
+    would otherwise be left out without a word.
     """
     path = Path(path)
     if path.is_dir():
@@ -64,6 +74,8 @@ def read_manifest(path: str | Path, *, tasks: Iterable[str] = ("classification",
     keep_labels = set(labels) if labels is not None else None
     root = path.parent.resolve()
     out: list[Sample] = []
+    unknown_tasks: Counter[str] = Counter()
+    unknown_labels: Counter[tuple[str, str]] = Counter()
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         missing = {"file", "label", "task", "patient_id"} - set(reader.fieldnames or [])
@@ -71,6 +83,12 @@ def read_manifest(path: str | Path, *, tasks: Iterable[str] = ("classification",
             raise ValueError(f"manifest {path} lacks column(s) {sorted(missing)}")
         for i, row in enumerate(reader, start=2):
             task = row["task"]
+            if task not in MANIFEST_LABELS:
+                unknown_tasks[task] += 1
+                continue
+            if row["label"] not in MANIFEST_LABELS[task]:
+                unknown_labels[(task, row["label"])] += 1
+                continue
             if task not in tasks:
                 continue
             if task == "classification" and keep_labels is not None and row["label"] not in keep_labels:
@@ -81,8 +99,24 @@ def read_manifest(path: str | Path, *, tasks: Iterable[str] = ("classification",
             out.append(Sample(file=root / row["file"], label=row["label"], patient_id=row["patient_id"],
                               source=row.get("source") or "unknown", task=task,
                               mask_file=(root / mask) if mask else None, key=row["file"]))
+    _refuse_unknown(path, unknown_tasks, unknown_labels)
     log.info("manifest read", extra={"action": "manifest_read", "rows": len(out)})
     return out
+
+
+def _refuse_unknown(path: Path, tasks: Counter[str], labels: Counter[tuple[str, str]]) -> None:
+    """``ValueError`` naming every task and label of ``path`` that the manifest format does not have."""
+    problems = []
+    if tasks:
+        found = ", ".join(f"{t!r} ({n} row{'s' * (n != 1)})" for t, n in sorted(tasks.items()))
+        problems.append(f"unknown task(s) {found}; a task is {', '.join(MANIFEST_LABELS)}")
+    if labels:
+        found = ", ".join(f"{label!r} ({n} {task} row{'s' * (n != 1)})" for (task, label), n in
+                          sorted(labels.items()))
+        allowed = "; ".join(f"{task} rows {' or '.join(sorted(ls))}" for task, ls in MANIFEST_LABELS.items())
+        problems.append(f"unknown label(s) {found}; labels are: {allowed}")
+    if problems:
+        raise ValueError(f"manifest {path}: {'. '.join(problems)}")
 
 
 def read_labelled_folder(folder: str | Path, labels_csv: str | Path, *,
@@ -223,7 +257,9 @@ def patient_split(samples: Sequence[Sample], *, ratios: Sequence[float] = (0.7, 
     A patient's label is the majority label of its classification rows (``mask`` when it has only masks), its
     source the most common one. Strata with fewer than ``min_stratum`` patients are pooled per label. Within a
     stratum, patients are shuffled with ``seed`` and cut at the cumulative ratios.
-    Same input + seed -> same split.
+    Same input + seed -> same split. When ``samples`` hold covid or normal images, ``ValueError`` unless each
+    side with a share holds both (:func:`require_both_classes`): a model is neither trained nor measured on
+    one class.
     """
     ratios = tuple(float(r) for r in ratios)
     if len(ratios) != 3 or min(ratios) < 0 or abs(sum(ratios) - 1.0) > 1e-6:
@@ -263,7 +299,35 @@ def patient_split(samples: Sequence[Sample], *, ratios: Sequence[float] = (0.7, 
     for side in SIDES:
         split.counts[side] = dict(Counter(s.label for s in split.select(samples, side)))
     log.info("patient split", extra={"action": "split", "counts": split.counts})
+    if any(s.task == "classification" and s.label in CLASS_LABELS for s in samples):
+        require_both_classes(split, samples, [side for side, r in zip(SIDES, ratios, strict=True) if r > 0],
+                             hint="label more patients of the missing class (with at least 3 patients a "
+                                  "class is on every side)")
     return split
+
+
+def require_both_classes(split: Split, samples: Sequence[Sample], sides: Iterable[str] = SIDES, *,
+                         name: str = "the patient split", hint: str = "") -> None:
+    """``ValueError``, in plain words, unless each of ``sides`` holds classification images of both classes
+    (``CLASS_LABELS``): with one class no model can be trained, no threshold set and no ROC AUC measured.
+    ``name`` says which split it is in the message, ``hint`` what to do about it."""
+    cls = [s for s in samples if s.task == "classification" and s.label in CLASS_LABELS]
+    total = Counter(s.label for s in cls)
+    absent = [label for label in CLASS_LABELS if not total[label]]
+    if absent:
+        have = ", ".join(f"{n} {label}" for label, n in sorted(total.items())) or "none"
+        raise ValueError(f"the data has no {' and no '.join(absent)} image (classification images labelled "
+                         f"covid or normal: {have}); both classes, covid and normal, are needed")
+    problems, per_side = [], []
+    for side in sides:
+        have_side = Counter(s.label for s in split.select(cls, side))
+        per_side.append(f"{side} " + (", ".join(f"{have_side[label]} {label}" for label in CLASS_LABELS)))
+        missing = [label for label in CLASS_LABELS if not have_side[label]]
+        if missing:
+            problems.append(f"{side} has no {' and no '.join(missing)} image")
+    if problems:
+        raise ValueError(f"{name} lacks a class: {'; '.join(problems)} (images: {'; '.join(per_side)}); "
+                         f"both classes, covid and normal, are needed{': ' + hint if hint else ''}")
 
 
 def save_split(split: Split, path: str | Path) -> Path:

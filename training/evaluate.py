@@ -8,6 +8,12 @@ confusion / calibration plots and a montage of heatmap overlays. Beside the plai
 gives the shortcut checks: shape-normalised copies, trivial baselines, per-source and within-source figures,
 and the counterfactual check (the test images again with marks of the COVID-19 images' sources).
 
+The test patients are those of ``--split`` (else of ``--run``'s split.json). Without either, a bundle that
+carries its training split (``split.json`` beside ``model.json``) is measured on that split's test patients
+whenever the data holds any patient of it, so that the model is never tested on the patients it was trained
+on; otherwise a new seeded patient split is made. Whatever the split, the report says how many test patients
+are in the bundle's own training or validation split (a warning when any is).
+
     cxr-node evaluate --model runs/default/bundle --data .gpudata --run runs/default --out reports/x
 """
 
@@ -24,7 +30,15 @@ from typing import Any
 import numpy as np
 
 from training.counterfactual import Probe, counterfactual_from
-from training.datasets import Sample, load_data, load_split, patient_split
+from training.datasets import (
+    CLASS_LABELS,
+    Sample,
+    Split,
+    load_data,
+    load_split,
+    patient_split,
+    require_both_classes,
+)
 from training.metrics import (
     dice_iou,
     metrics_with_ci,
@@ -52,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", help="model bundle (default: the node's default model)")
     p.add_argument("--data", required=True, help="manifest CSV / folder with manifest.csv / DICOM folder")
     p.add_argument("--labels", help="labels CSV when --data is a folder of DICOM files")
-    p.add_argument("--split", help="split.json from training (default: a new seeded patient split)")
+    p.add_argument("--split", help="split.json from training (default: the bundle's own split.json when the "
+                                   "data holds its patients, else a new seeded patient split)")
     p.add_argument("--run", help="a build_default output folder: its comparison table and baselines are "
                                  "included, its split.json used")
     p.add_argument("--out", required=True, help="report folder")
@@ -72,19 +87,87 @@ def run(args: argparse.Namespace, settings: Any) -> int:
     """Entry point of ``cxr-node evaluate``; prints where the report is."""
     from inference.bundle import default_bundle_path
 
+    bundle = Path(args.model) if args.model else default_bundle_path()
     samples = load_data(args.data, args.labels)
     split_file = args.split or (str(Path(args.run) / "split.json") if args.run else None)
-    split = load_split(split_file) if split_file else patient_split(samples, seed=args.seed)
-    res = evaluate_bundle(Path(args.model) if args.model else default_bundle_path(), samples, split,
-                          Path(args.out), device=args.device, cam=args.cam, recalibrate=args.recalibrate,
+    split, split_from = choose_split(bundle, samples, Path(split_file) if split_file else None,
+                                     seed=args.seed)
+    res = evaluate_bundle(bundle, samples, split, Path(args.out), device=args.device, cam=args.cam,
+                          recalibrate=args.recalibrate,
                           target_sensitivity=args.target_sensitivity, n_boot=args.bootstrap,
                           montage_n=args.montage, seed=args.seed,
-                          run_dir=Path(args.run) if args.run else None, counterfactual=args.counterfactual)
+                          run_dir=Path(args.run) if args.run else None, counterfactual=args.counterfactual,
+                          split_from=split_from)
     t = res["test"]
     sys.stdout.write(f"test: n={t['n']} AUC {fmt(t['roc_auc'])} {fmt(t.get('roc_auc_ci'), 2)} "
                      f"sensitivity {fmt(t['sensitivity'])} specificity {fmt(t['specificity'])} "
                      f"at {fmt(t['threshold'], 4)}\nreport: {Path(args.out) / 'report.md'}\n")
     return 0
+
+
+def choose_split(bundle: Path, samples: Sequence[Sample], split_file: Path | None, *,
+                 seed: int = 0) -> tuple[Split, str]:
+    """The split to evaluate on, and where it came from (for the report).
+
+    ``split_file`` when given; else the bundle's own ``split.json`` when the data holds any of its patients
+    (its test patients are the ones the model never saw); else a new patient split seeded with ``seed``.
+    """
+    if split_file is not None:
+        return load_split(split_file), str(split_file)
+    own = bundle / "split.json"
+    if own.is_file():
+        split = load_split(own)
+        known = split.side_of()
+        patients = {s.patient_id for s in samples if s.task == "classification" and s.label in CLASS_LABELS}
+        if patients & known.keys():
+            outside = len(patients - known.keys())  # covid or normal patients the bundle never saw
+            log.info("evaluating on the test patients of the bundle's own split %s (%d covid or normal "
+                     "patients of the data are in none of its sides)", own, outside,
+                     extra={"action": "evaluate_split", "split": str(own), "outside": outside})
+            left = f"; {outside} covid or normal patients in none of its sides, left out" if outside else ""
+            return split, f"{own} (the bundle's own split{left})"
+        log.info("no patient of the data is in the bundle's split %s: a new patient split", own,
+                 extra={"action": "evaluate_split", "split": "new"})
+    return patient_split(samples, seed=seed), f"a new patient split (seed {seed})"
+
+
+def training_overlap(bundle: Path, test: Sequence[Sample]) -> dict[str, Any]:
+    """How many of the ``test`` samples' patients are in the bundle's own training or validation split.
+
+    ``in_bundle_train`` and ``in_bundle_val`` are None when the bundle has no ``split.json`` (it cannot be
+    checked). Logs a warning when any test patient was a training or validation patient.
+    """
+    patients = sorted({s.patient_id for s in test})
+    own = bundle / "split.json"
+    res: dict[str, Any] = {"test_patients": len(patients), "bundle_split": None, "in_bundle_train": None,
+                           "in_bundle_val": None}
+    if not own.is_file():
+        return res
+    split = load_split(own)
+    train, val = set(split.train), set(split.val)
+    res.update(bundle_split=str(own), in_bundle_train=sum(p in train for p in patients),
+               in_bundle_val=sum(p in val for p in patients))
+    if res["in_bundle_train"] or res["in_bundle_val"]:
+        log.warning("%d of %d test patients are the bundle's training (%d) or validation (%d) patients: "
+                    "its test figures are not measured on unseen patients",
+                    res["in_bundle_train"] + res["in_bundle_val"], len(patients), res["in_bundle_train"],
+                    res["in_bundle_val"], extra={"action": "evaluate_test_seen_in_training", **res})
+    return res
+
+
+def _overlap_line(overlap: dict[str, Any]) -> str:
+    """The report's sentence on the test patients and the bundle's own split."""
+    n = overlap.get("test_patients", 0)
+    if overlap.get("bundle_split") is None:
+        return (f"{n} test patients. The bundle carries no split.json: whether they were among its training "
+                "patients cannot be checked.")
+    train, val = overlap["in_bundle_train"], overlap["in_bundle_val"]
+    if train + val:
+        return (f"**Warning: {train + val} of {n} test patients were seen in training** ({train} in the "
+                f"bundle's training split, {val} in its validation split): these test figures overstate "
+                "how the model does on unseen patients. Evaluate on the bundle's own test patients "
+                "(`--split` with its split.json) or on other patients.")
+    return f"{n} test patients, none of them in the bundle's training or validation split."
 
 
 def _load(sample: Sample, centre: bool = False, probe: Probe | None = None) -> Any:
@@ -127,27 +210,36 @@ def _scored(samples: Sequence[Sample], results: Sequence[Any]) -> tuple[np.ndarr
 def evaluate_bundle(bundle: Path, samples: Sequence[Sample], split: Any, out: Path, *, device: str = "auto",
                     cam: str = "gradcam++", recalibrate: bool = False, target_sensitivity: float = 0.95,
                     n_boot: int = 1000, montage_n: int = 16, seed: int = 0,
-                    run_dir: Path | None = None, counterfactual: bool = True) -> dict[str, Any]:
+                    run_dir: Path | None = None, counterfactual: bool = True,
+                    split_from: str = "") -> dict[str, Any]:
     """Evaluate ``bundle`` on the test patients of ``split``; write the report folder ``out``; return metrics.
 
     Not-assessable results (the pipeline's refusals, with their reasons) are counted apart and left out of
     the classification metrics. ``counterfactual`` runs the test images again with each mark of
     :data:`training.artefacts.PROBES` put on the decoded image (:mod:`training.counterfactual`).
+    ``ValueError`` before any image is read when the test patients (and with ``recalibrate`` the validation
+    patients) lack covid or normal images. ``split_from`` (where the split came from) and the number of test
+    patients in the bundle's own training split (:func:`training_overlap`) go into the report.
     """
     import json
 
     from inference.pipeline import Pipeline
     from training import plots
 
-    out.mkdir(parents=True, exist_ok=True)
-    pipeline = Pipeline.from_bundle(bundle, device=device, cam=cam)
     cls = [s for s in samples if s.task == "classification" and s.label in ("covid", "normal")]
     test, val = split.select(cls, "test"), split.select(cls, "val")
     if not test:
         raise ValueError("no classification images of test patients in the data")
+    require_both_classes(split, cls, ("val", "test") if recalibrate else ("test",),
+                         name=f"the split {split_from}" if split_from else "the split",
+                         hint="evaluate on data that holds test patients of both classes, or give --split")
+    out.mkdir(parents=True, exist_ok=True)
+    pipeline = Pipeline.from_bundle(bundle, device=device, cam=cam)
     threshold = pipeline.bundle.threshold
     res: dict[str, Any] = {"bundle": str(bundle), "version": pipeline.bundle.version,
-                           "bundle_threshold": threshold, "device": str(pipeline.device)}
+                           "bundle_threshold": threshold, "device": str(pipeline.device),
+                           "split": {"from": split_from or "given by the caller",
+                                     **training_overlap(bundle, test)}}
     if recalibrate:
         _, vres = _run(pipeline, val, explain=False)
         yv, pv, _ = _scored(val, vres)
@@ -254,6 +346,7 @@ def write_report(out: Path, res: dict[str, Any]) -> Path:
              + ("(recalibrated on validation)" if "recalibrated_on_validation" in res
                 else "(the bundle's, chosen on validation at training)")
              + f". Not assessable on test: `{res['not_assessable']}`.",
+             "", f"Split: {res['split']['from']}. {_overlap_line(res['split'])}" if "split" in res else "",
              "", "## Test", "",
              table([{"m": m, "v": t.get(m), "ci": t.get(f"{m}_ci")} for m in
                     ("roc_auc", "sensitivity", "specificity", "accuracy", "precision", "f1")],
