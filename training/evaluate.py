@@ -63,7 +63,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options of ``cxr-node evaluate``."""
-    p.add_argument("--model", metavar="DIR", help="model bundle (default: the node's default model)")
+    p.add_argument("--model", metavar="DIR", help="model bundle (default: the shipped model; a retrained one "
+                                                  "by its folder, listed by cxr-node models)")
     p.add_argument("--data", required=True, help="manifest CSV / folder with manifest.csv / DICOM folder")
     p.add_argument("--labels", help="labels CSV when --data is a folder of DICOM files")
     p.add_argument("--split", help="split.json from training (default: the bundle's own split.json when the "

@@ -9,7 +9,7 @@ to the configuration asked for:
     cxr-node train --stage 2 --fine-tune --data node --out runs/r4           # the node's labelled instances
     cxr-node train ... --resume                                              # continue from checkpoints
 
-``--stage 2`` takes stage 1 from ``--base-model`` (default: the node's default model); ``--stage 1`` keeps the
+``--stage 2`` takes stage 1 from ``--base-model`` (default: the shipped model); ``--stage 1`` keeps the
 base model's classifier and sets its threshold again on the new lung crops. ``--fine-tune`` starts stage 2
 from the base model's classifier. Output: ``<out>/bundle`` (a complete model bundle), ``results.json``,
 ``report.md``, ``split.json`` and ``checkpoints/``.
@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="stage 2 input: lung crop, whole image (padded to a square) or its centre square")
     p.add_argument("--seg-arch", choices=SEGMENTERS, default="unet", help="stage 1 architecture")
     p.add_argument("--base-model", metavar="DIR", help="bundle for the stage not trained (default: the "
-                                                        "node's default model)")
+                                                        "shipped model)")
     p.add_argument("--fine-tune", action="store_true", help="start stage 2 from the base model's weights")
     p.add_argument("--epochs-seg", type=int, default=40)
     p.add_argument("--epochs", type=int, default=30, help="stage 2 epochs")
