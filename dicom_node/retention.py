@@ -9,10 +9,11 @@ adds a job event (``retention: ...``) so the admin API shows when the files went
 ``output_dir`` so a later re-send says plainly that there is nothing left to send. Only paths inside
 ``storage.data_dir`` are ever deleted.
 
-Each run also removes the spool's strays, files no job owns and nothing else would ever delete: temporary
-files of writes a killed process left (``.tmp-*.part``, after an hour), and instance files older than a day
-whose SOP Instance UID has no job (instances refused after they were written, e.g. in a database outage, and
-never sent again).
+Each run also deletes the temporary files of writes a killed process left (``.tmp-*.part``, after an hour: a
+write takes seconds, since an instance is received whole before it is written), and counts and logs the
+instance files older than a day whose SOP Instance UID has no job. Those are never deleted: most are instances
+refused after they were written (a database outage) and never sent again, but an instance acknowledged after
+the database's last backup looks the same once that backup is restored, and its file is then the only copy.
 
 :func:`free_mb` (from :mod:`dicom_node.spool`, re-exported here) and :func:`has_room` are the disk watermark
 helpers: the listener refuses associations below ``storage.min_free_mb``, ``/health`` reports it.
@@ -43,9 +44,11 @@ __all__ = ["EVENT_PREFIX", "PURGEABLE_STATES", "PurgeReport", "files_purged", "f
 PURGEABLE_STATES: tuple[str, ...] = ("done", "ignored")
 #: Prefix of the job event written when a job's files are deleted (also how a purged job is recognised).
 EVENT_PREFIX = "retention:"
-#: Age after which a temporary file of an interrupted write, and an instance file no job owns, are strays.
+#: Age after which a temporary file of an interrupted write is deleted, and an instance file no job owns is
+#: reported.
 PART_AGE_S = 3600.0
 UNOWNED_AGE_S = 86400.0
+_UNOWNED_NAMED = 5  # unowned files named in the log line
 _BATCH = 200
 
 
@@ -59,14 +62,15 @@ class PurgeReport:
     output_files: int = 0
     bytes_freed: int = 0
     skipped_outside: int = 0  # paths not under data_dir, left alone
-    stray_files: int = 0  # temporary files of interrupted writes, instance files without a job
+    stray_files: int = 0  # temporary files of interrupted writes, deleted
+    unowned_files: int = 0  # instance files older than a day without a job: reported, kept
     errors: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {"cutoff": self.cutoff.isoformat() + "Z", "jobs": self.jobs, "spool_files": self.spool_files,
                 "output_files": self.output_files, "bytes_freed": self.bytes_freed,
                 "skipped_outside": self.skipped_outside, "stray_files": self.stray_files,
-                "errors": list(self.errors)}
+                "unowned_files": self.unowned_files, "errors": list(self.errors)}
 
 
 def has_room(path: str | os.PathLike[str], min_free_mb: int) -> bool:
@@ -179,14 +183,14 @@ def purge(engine: Engine, data_dir: str | os.PathLike[str], retention_days: int,
 
 def sweep_strays(engine: Engine, spool_root: Path, report: PurgeReport, *,
                  now_s: float | None = None) -> None:
-    """Delete the spool's temporary files older than an hour and its instance files older than a day whose
-    SOP Instance UID has no job (looked up by that unique key, so a file is never taken for a stray because
-    its path was written differently). Files named by a hash (an invalid UID) are left alone."""
+    """Delete the spool's temporary files older than an hour; count and log (never delete) its instance files
+    older than a day whose SOP Instance UID has no job (looked up by that unique key). Files named by a hash
+    (an invalid UID) are left out of both."""
     if not spool_root.is_dir():
         return
     now_s = time.time() if now_s is None else now_s
-    strays: list[Path] = []
-    unowned: dict[str, Path] = {}
+    parts: list[Path] = []
+    candidates: dict[str, Path] = {}
     for dirpath, _dirs, names in os.walk(spool_root):
         folder = Path(dirpath)
         for name in names:
@@ -197,26 +201,34 @@ def sweep_strays(engine: Engine, spool_root: Path, report: PurgeReport, *,
                 continue
             if name.startswith(".tmp-") and name.endswith(".part"):
                 if age > PART_AGE_S:
-                    strays.append(path)
+                    parts.append(path)
             elif (folder.parent == spool_root and name.endswith(".dcm") and age > UNOWNED_AGE_S
                   and safe_name(name[:-4]) == name[:-4]):
-                unowned[name[:-4]] = path
-    uids = list(unowned)
+                candidates[name[:-4]] = path
+    for path in parts:
+        try:
+            report.stray_files += _remove_file(path, spool_root, report)
+        except OSError as exc:
+            report.errors.append(f"{path.name}: {exc}")
+    if report.stray_files:
+        log.warning("retention deleted %d temporary file(s) that interrupted writes left in the spool",
+                    report.stray_files, extra={"action": "retention_strays", "files": report.stray_files})
+    uids = list(candidates)
+    unowned: list[Path] = []
     for start in range(0, len(uids), _BATCH):
         batch = uids[start:start + _BATCH]
         with Session(reading(engine)) as session:
             owned = set(session.execute(select(Job.sop_instance_uid)
                                         .where(Job.sop_instance_uid.in_(batch))).scalars())
-        strays.extend(unowned[uid] for uid in batch if uid not in owned)
-    for path in strays:
-        try:
-            report.stray_files += _remove_file(path, spool_root, report)
-        except OSError as exc:
-            report.errors.append(f"{path.name}: {exc}")
-    if strays:
-        log.warning("retention deleted %d stray file(s) from the spool (interrupted writes, instances "
-                    "refused after they were written and never sent again)", report.stray_files,
-                    extra={"action": "retention_strays", "files": report.stray_files})
+        unowned.extend(candidates[uid] for uid in batch if uid not in owned)
+    report.unowned_files = len(unowned)
+    if unowned:
+        named = ", ".join(str(p.relative_to(spool_root)) for p in sorted(unowned)[:_UNOWNED_NAMED])
+        log.warning("%d instance file(s) in the spool have no job (%s%s): instances refused after they were "
+                    "written and never sent again, or acknowledged after the database's last backup if it "
+                    "was restored; these are kept: send them again (storescu) or delete them",
+                    len(unowned), named, ", ..." if len(unowned) > _UNOWNED_NAMED else "",
+                    extra={"action": "retention_unowned", "files": len(unowned)})
 
 
 def _purge_job(engine: Engine, job_id: int, spool_path: str | None, output_dir: str | None,

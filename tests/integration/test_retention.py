@@ -169,10 +169,12 @@ def test_zero_days_keeps_everything_and_age_is_respected(db: NodeDb) -> None:
         purge(db.engine, db.settings.storage.data_dir, -1)
 
 
-def test_strays_no_job_owns_are_deleted_and_nothing_else(db: NodeDb) -> None:
-    """Temporary files of writes a killed listener left, and instances refused after they were written (the
-    database was down) and never sent again: nothing else would ever delete them (patient data, and space
-    counted against min_free_mb). Young ones, and every file a job owns whatever its age, stay."""
+def test_temporary_files_of_killed_writes_go_and_instances_without_a_job_are_reported_not_deleted(
+        db: NodeDb, caplog: pytest.LogCaptureFixture) -> None:
+    """Temporary files a killed listener left mid-write: nothing else would ever delete them. Instance files
+    without a job (refused after they were written in a database outage, or acknowledged after the last
+    backup of a database since restored: then the only copy) are counted and named in the log, never
+    deleted. Young temporary files, and every file a job owns whatever its age, stay."""
     from dicom_node.retention import sweep_strays
 
     done = make_done(db, 2)
@@ -189,14 +191,17 @@ def test_strays_no_job_owns_are_deleted_and_nothing_else(db: NodeDb) -> None:
     for path in (waiting_path, Path(job(db, done).spool_path), refused_path, old_part, out_part, hashed):
         os.utime(path, (two_days_ago, two_days_ago))
     os.utime(young_part, (time.time() - 600, time.time() - 600))
+    caplog.set_level(logging.WARNING, logger="dicom_node.retention")
     report = purge(db.engine, db.settings.storage.data_dir, 0)  # keeps every job's files, sweeps the strays
-    assert report.stray_files == 3 and report.jobs == 0
-    assert not refused_path.exists() and not old_part.exists() and not out_part.exists()
-    for kept in (waiting_path, Path(job(db, done).spool_path), young_path, young_part, hashed):
+    assert (report.stray_files, report.unowned_files, report.jobs) == (2, 1, 0)
+    assert not old_part.exists() and not out_part.exists()
+    for kept in (refused_path, waiting_path, Path(job(db, done).spool_path), young_path, young_part, hashed):
         assert kept.is_file(), kept
+    [unowned] = [r for r in caplog.records if r.action == "retention_unowned"]
+    assert refused_path.name in unowned.getMessage() and waiting_path.name not in unowned.getMessage()
     again = PurgeReport(cutoff=utcnow())
     sweep_strays(db.engine, db.settings.storage.data_dir.resolve() / "spool", again)
-    assert again.stray_files == 0
+    assert (again.stray_files, again.unowned_files) == (0, 1)
 
 
 def test_paths_outside_the_data_directory_are_never_deleted(db: NodeDb, tmp_path: Path) -> None:
