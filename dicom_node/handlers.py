@@ -86,7 +86,7 @@ class JobQueue(Protocol):
 
     def references(self, spool_path: str) -> bool: ...
 
-    def restore(self, job_id: int, spool_path: str) -> JobState | None: ...
+    def restore(self, job_id: int, spool_path: str) -> tuple[JobState | None, bool]: ...
 
 
 class AssociationAudit:
@@ -428,16 +428,16 @@ def _store(event: Any, ctx: StoreContext) -> int:
                 _drop_unqueued(ctx, path, info)
             return OUT_OF_RESOURCES
 
-        state = None
+        state, restored = None, False
         if written and not created:
             _drop_unused(ctx, job_id, path, info)
-            state = _restore(ctx, job_id, path, info)
+            state, restored = _restore(ctx, job_id, path, info)
         st.instances += 1
         metrics.record_received(sop_class.keyword or str(sop_class))
         if created:
             log.info("instance received and queued", extra={"action": "store_queued", "job_id": job_id,
                                                             "bytes": len(data), **info})
-        elif state is JobState.QUEUED:
+        elif restored:
             log.warning("duplicate instance acknowledged; its job had failed for want of the spooled file, "
                         "which this resend restored: queued again", extra={
                             "action": "store_restored", "job_id": job_id, **info})
@@ -448,17 +448,18 @@ def _store(event: Any, ctx: StoreContext) -> int:
         return SUCCESS
 
 
-def _restore(ctx: StoreContext, job_id: int, path: Path, info: dict[str, Any]) -> JobState | None:
+def _restore(ctx: StoreContext, job_id: int, path: Path,
+             info: dict[str, Any]) -> tuple[JobState | None, bool]:
     """The resend wrote the instance's file again: a job that failed because that file was missing runs
-    again (JobManager.restore). Its state afterwards; None when it cannot be told (the instance is on disk and
-    its job exists, so the C-STORE still succeeds)."""
+    again (JobManager.restore). Its state afterwards and whether it was queued again; (None, False) when it
+    cannot be told (the instance is on disk and its job exists, so the C-STORE still succeeds)."""
     try:
         return ctx.job_manager.restore(job_id, str(path))
     except Exception as exc:
         log.warning("job %s: cannot check whether the re-sent instance restores it (%s: %s)", job_id,
                     type(exc).__name__, exc, extra={"action": "store_restore_failed", "job_id": job_id,
                                                     **info})
-        return None
+        return None, False
 
 
 def _drop_unqueued(ctx: StoreContext, path: Path, info: dict[str, Any]) -> None:

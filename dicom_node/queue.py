@@ -412,15 +412,16 @@ class JobManager:
             new = JobState.QUEUED if state == JobState.PROCESSING else state
             self._move(session, job, new, why, action="job_released")
 
-    def restore(self, job_id: int, spool_path: str) -> JobState | None:
+    def restore(self, job_id: int, spool_path: str) -> tuple[JobState | None, bool]:
         """A resend wrote job ``job_id``'s spooled file ``spool_path`` again: a job that failed because that
         file was missing (lost from the spool, e.g. restored from an older backup) is queued again with a
-        fresh attempt budget. Returns the job's state afterwards; None when there is no such job."""
+        fresh attempt budget. Returns the job's state afterwards (None when there is no such job) and whether
+        this call queued it again."""
         now = self.clock()
         with self._session() as session, session.begin():
             job = session.get(Job, job_id, with_for_update=True)
             if job is None:
-                return None
+                return None, False
             if (job.state == JobState.FAILED and job.spool_path == spool_path and job.purged_at is None
                     and job.last_error == missing_file_error(spool_path)):
                 job.attempts = 0
@@ -428,7 +429,8 @@ class JobManager:
                 job.finished_at = None
                 self._move(session, job, JobState.QUEUED, "instance received again: its spooled file is back",
                            action="job_restored", level=logging.WARNING)
-            return JobState(job.state)
+                return JobState.QUEUED, True
+            return JobState(job.state), False
 
     def reclaim_stalled(self) -> int:
         """Give back jobs whose lease expired (their worker died); returns how many.

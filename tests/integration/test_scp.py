@@ -416,8 +416,8 @@ def test_a_resent_instance_leaves_no_file_its_job_does_not_use(node_listener: Ca
                                                       files[str(moved.SOPInstanceUID)]])
 
 
-def test_a_resend_brings_back_a_job_that_failed_for_its_missing_file(node_listener: Callable[..., Listener],
-                                                                     tmp_path: Path) -> None:
+def test_a_resend_brings_back_a_job_that_failed_for_its_missing_file(
+        node_listener: Callable[..., Listener], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """After a restore from an older backup, jobs whose files are gone fail with that reason; the PACS's
     resend writes the file again, and the job must run again (it stayed failed, the log saying "already
     queued")."""
@@ -433,10 +433,18 @@ def test_a_resend_brings_back_a_job_that_failed_for_its_missing_file(node_listen
     jm = JobManager(node.engine)
     jm.claim("w")
     jm.fail(job.id, missing_file_error(job.spool_path), retryable=False, worker_id="w")
+    caplog.set_level(logging.INFO, logger="dicom_node.handlers")
     out = storescu(node.port, [path], extra=["-v"])
     assert "Received Store Response (Success)" in out.stdout + out.stderr
     [again] = node.job_rows()
     assert (again.id, again.state, again.attempts) == (job.id, "queued", 0)
+    assert [r.action for r in caplog.records if r.action.startswith("store_")] == ["store_restored"]
+    # a queued job whose file went missing is not said to have failed when a resend brings the file back
+    caplog.clear()
+    Path(again.spool_path).unlink()
+    _ok(storescu(node.port, [path]))
+    assert [r.action for r in caplog.records if r.action.startswith("store_")] == ["store_duplicate"]
+    assert Path(again.spool_path).is_file()
     assert Path(again.spool_path).is_file()
     assert [j.id for j in jm.claim("w")] == [job.id]
 

@@ -432,13 +432,13 @@ def test_a_resend_restores_only_a_job_failed_for_its_missing_file(jm: JobManager
     jm.fail(lost, missing_file_error(lost_path), retryable=False, worker_id="w")
     jm.fail(broken, "undecodable instance: JPEG stream truncated", retryable=False, worker_id="w")
     clock.advance(60)
-    assert jm.restore(lost, "/elsewhere/1.1.dcm") is JobState.FAILED  # not the job's file
-    assert jm.restore(broken, job_row(engine, broken).spool_path) is JobState.FAILED
-    assert jm.restore(lost, lost_path) is JobState.QUEUED
+    assert jm.restore(lost, "/elsewhere/1.1.dcm") == (JobState.FAILED, False)  # not the job's file
+    assert jm.restore(broken, job_row(engine, broken).spool_path) == (JobState.FAILED, False)
+    assert jm.restore(lost, lost_path) == (JobState.QUEUED, True)
     row = job_row(engine, lost)
     assert (row.attempts, row.finished_at, row.waiting_since) == (0, None, clock.now)
-    assert jm.restore(lost, lost_path) is JobState.QUEUED  # idempotent
-    assert jm.restore(999, lost_path) is None
+    assert jm.restore(lost, lost_path) == (JobState.QUEUED, False)  # queued already: nothing restored
+    assert jm.restore(999, lost_path) == (None, False)
     assert [j.id for j in jm.claim("w2")] == [lost]
 
 
