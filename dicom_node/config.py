@@ -48,6 +48,14 @@ class Peer(_Section):
 
     _aet = field_validator("ae_title")(classmethod(lambda cls, v: _check_aet(v)))
 
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or any(c.isspace() or c in "@,/\\" for c in v)):
+            raise ValueError(f"host {v!r} is not a host name or address (several peers are separated by "
+                             "commas)")
+        return v.strip() if v is not None else v
+
     @classmethod
     def parse(cls, text: str) -> Peer:
         """Parse ``AET@HOST:PORT`` (destinations) or ``AET`` / ``AET@HOST`` (allow-list)."""

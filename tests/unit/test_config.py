@@ -148,3 +148,12 @@ def test_peers_from_the_environment_are_separated_by_commas_only() -> None:
                                "CXRNODE_EXPORT_DESTINATIONS": "MAIN PACS@10.0.0.9:104,QA@10.0.0.8:11112"})
     assert [str(p) for p in s.listener.allowed_callers] == ["CT SCANNER 1@10.0.0.5", "PACS"]
     assert [str(p) for p in s.export.destinations] == ["MAIN PACS@10.0.0.9:104", "QA@10.0.0.8:11112"]
+
+
+def test_a_peer_host_with_spaces_is_refused_naming_the_key() -> None:
+    """Peers separated by spaces instead of commas became one caller with the host '10.0.0.1 QA@10.0.0.2',
+    refused at every association with only a warning; start-up now stops, naming the key."""
+    with pytest.raises(ConfigError, match=r"listener.allowed_callers.*separated by commas"):
+        load_settings(environ={"CXRNODE_LISTENER_ALLOWED_CALLERS": "PACS@10.0.0.1 QA@10.0.0.2"})
+    with pytest.raises(ConfigError, match="export.destinations"):
+        load_settings(environ={"CXRNODE_EXPORT_DESTINATIONS": "PACS@pacs host:104"})
