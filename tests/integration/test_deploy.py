@@ -130,6 +130,8 @@ def test_systemd_units_verify(unit: str, tmp_path: Path) -> None:
     assert problems == [], problems
     # the data volume is mounted before start (an empty mount point would take instances onto the wrong disk)
     assert "RequiresMountsFor=/var/lib/cxr-node" in text
+    # before systemd 252 ProtectClock implies a device allow-list that hides the GPU (/dev/nvidia*) from CUDA
+    assert not re.search(r"^ProtectClock=", text, re.M) and "PrivateDevices=false" in text
     # hardened: systemd's own exposure score stays 'OK' (below 4; 6.2 and 8.5 before the sandboxing options)
     score = subprocess.run([analyze, "security", "--offline=yes", "--threshold=40", str(tmp_path / name)],
                            capture_output=True, text=True, timeout=60)
