@@ -97,6 +97,16 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+#: Registry metrics key holding the SHA-256 of a bundle's model.json when it was registered: the card names
+#: the weights' hashes, so this one digest stands for the whole bundle.
+CARD_DIGEST_KEY = "model_json_sha256"
+
+
+def card_digest(bundle_path: str | Path) -> str:
+    """SHA-256 of the bundle's ``model.json`` (its card lists the weight files' own hashes)."""
+    return _sha256(Path(bundle_path) / CARD_FILE)
+
+
 def _fail(path: Path, problem: str) -> ModelBundleError:
     return ModelBundleError(f"model bundle {path}: {problem}")
 

@@ -48,11 +48,16 @@ def _lock(s: Session) -> None:
 
 
 def _check_loads(row: ModelVersion) -> None:
-    """``ValueError`` naming the version, its folder and the problem when its bundle no longer loads."""
-    from inference.bundle import ModelBundle
+    """``ValueError`` naming the version, its folder and the problem when its bundle no longer loads, or its
+    model.json is no longer the one registered (the worker would refuse to serve it)."""
+    from inference.bundle import CARD_DIGEST_KEY, ModelBundle, card_digest
 
     try:
         ModelBundle.load(row.path)
+        digest = (row.metrics or {}).get(CARD_DIGEST_KEY)
+        if digest and card_digest(row.path) != digest:
+            raise ValueError("its model.json was changed after it was registered (a bundle never changes in "
+                             "place; register the change as a new version)")
     except (NodeError, OSError, ValueError, RuntimeError) as exc:
         raise ValueError(f"model version {row.version} cannot be loaded from {row.path}: {exc}") from exc
 
@@ -86,17 +91,18 @@ def register(engine: Engine, bundle_path: str | Path, *, status: str = "candidat
     """Add the bundle at ``bundle_path`` (validated by loading it) with ``status`` (not ``current``:
     use :func:`promote`). The version and device UID come from its card. ``ValueError`` when the version is
     already registered."""
-    from inference.bundle import ModelBundle
+    from inference.bundle import CARD_DIGEST_KEY, ModelBundle, card_digest
 
     if status not in STATUSES or status == "current":
         raise ValueError('Argument "status" must be candidate, retired or rejected.')
     bundle = ModelBundle.load(bundle_path)
+    metrics = {**(metrics or {}), CARD_DIGEST_KEY: card_digest(bundle.path)}
     with Session(engine) as s, s.begin():
         _lock(s)
         if s.execute(select(ModelVersion).where(ModelVersion.version == bundle.version)).scalar():
             raise ValueError(f"model version {bundle.version} is already registered")
         row = ModelVersion(version=bundle.version, path=str(Path(bundle.path).resolve()), status=status,
-                           metrics=metrics or {}, device_uid=bundle.device_uid)
+                           metrics=metrics, device_uid=bundle.device_uid)
         s.add(row)
         s.flush()
         out = as_dict(row)
@@ -111,7 +117,7 @@ def ensure_current(engine: Engine, models_dir: str | Path) -> dict[str, Any]:
     The default bundle is copied into ``models_dir`` first (``<name>-<version>``) and registered there: the
     installed package's own folder changes with the next upgrade, while a registered bundle never may.
     """
-    from inference.bundle import ModelBundle, default_bundle_path
+    from inference.bundle import CARD_DIGEST_KEY, ModelBundle, card_digest, default_bundle_path
 
     found = current(engine)
     if found is not None:
@@ -131,7 +137,8 @@ def ensure_current(engine: Engine, models_dir: str | Path) -> dict[str, Any]:
             row = s.execute(select(ModelVersion).where(ModelVersion.version == bundle.version)).scalar()
             if row is None:
                 row = ModelVersion(version=bundle.version, path=str(kept.resolve()), status="current",
-                                   metrics={"source": "shipped default model"}, device_uid=bundle.device_uid)
+                                   metrics={"source": "shipped default model",
+                                            CARD_DIGEST_KEY: card_digest(kept)}, device_uid=bundle.device_uid)
                 s.add(row)
             row.status, row.promoted_at = "current", utcnow()
     return current(engine) or {}

@@ -721,3 +721,38 @@ def test_a_registered_bundle_whose_card_was_edited_is_not_served(settings: Setti
     assert worker.pipeline.bundle.version == "0.0.0-test"
     [failed] = [r for r in caplog.records if r.action == "model_swap_failed"]
     assert "says version 9.9.9-edited" in failed.getMessage() and "changed after it" in failed.getMessage()
+
+
+def test_a_registered_bundle_whose_threshold_alone_was_edited_is_neither_promoted_nor_served(
+        settings: Settings, engine: Engine, tmp_path: Path, tiny_bundle: Path,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Same version and device UID, another threshold: the SR's findings would change under the registered
+    identity. The registry records model.json's digest at registration; promotion refuses the edited card and
+    the worker, asked to serve it anyway, keeps the model it has."""
+    from training import registry
+
+    settings.model.path = None
+    with Session(engine) as s, s.begin():
+        s.add(ModelVersion(version="0.0.0-test", path=str(tiny_bundle), status="current",
+                           promoted_at=utcnow()))
+    worker = Worker(settings, engine, job_manager=JobManager(engine, settings.worker))
+    worker.load_model()
+    bundle = make_random_bundle(tmp_path / "v4", seg_size=64, cls_size=64, version="0.0.4-test")
+    registry.register(engine, bundle)
+    original = (bundle / "model.json").read_bytes()
+    card = json.loads(original)
+    (bundle / "model.json").write_text(json.dumps({**card, "threshold": 0.0001}))
+    with pytest.raises(ValueError, match="model.json was changed after it was registered"):
+        registry.promote(engine, "0.0.4-test")
+    with Session(engine) as s, s.begin():  # made current behind the registry's back
+        s.query(ModelVersion).filter_by(status="current").update({"status": "retired"})
+        s.query(ModelVersion).filter_by(version="0.0.4-test").update({"status": "current",
+                                                                      "promoted_at": utcnow()})
+    caplog.set_level(logging.ERROR, logger="dicom_node.worker")
+    assert worker.load_model() is False
+    assert worker.pipeline.bundle.version == "0.0.0-test"
+    [failed] = [r for r in caplog.records if r.action == "model_swap_failed"]
+    assert "SHA-256 differs" in failed.getMessage()
+    (bundle / "model.json").write_bytes(original)  # put back as registered: served
+    worker._failed = None
+    assert worker.load_model() is True and worker.pipeline.bundle.version == "0.0.4-test"
