@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import socket
 import sys
 from collections import Counter, defaultdict
@@ -483,6 +484,9 @@ def _round(settings: Any, engine: Any, *, device: str | None, quick: bool, lr: f
         epochs_cls=settings.retrain.epochs, lr=lr, seed=seed, quick=quick, version=version,
         cls_size=base.classifier_size, int8_classifier=True, split_file=run_dir / "split.json")
     bundle = Path(built["bundle"]).replace(models_dir / version)
+    # a round is never resumed: its checkpoints (weights and optimiser state, 170 MB for one ResNet18) would
+    # stay on the spool volume for ever, round after round
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     test = split.select(samples, "test")
     metric = settings.retrain.metric
     scores = {"current": _score(Path(cur["path"]), test, metric, device),

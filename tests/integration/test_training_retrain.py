@@ -127,6 +127,8 @@ def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phanto
     assert versions[first["promoted"]]["status"] == "retired"
     assert versions[out["version"]]["device_uid"] != versions[first["promoted"]]["device_uid"]
     assert versions[out["version"]]["metrics"]["decision"]["held_out"] > 0
+    run = Path(versions[out["version"]]["metrics"]["run"])
+    assert (run / "split.json").is_file() and not (run / "checkpoints").exists()  # no 170 MB left per round
 
     # the promoted bundle serves
     img, _ = make_phantom((288, 272), opacity=0.5, seed=7)
