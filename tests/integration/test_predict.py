@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import subprocess
@@ -13,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dicom_node.config import load_settings
 from inference.phantom import make_dicom, make_phantom
-from inference.predict import CSV_COLUMNS, add_arguments, heatmap_name, run
+from inference.predict import CSV_COLUMNS, heatmap_name
+from tests.fixtures.common import predict_in_process
 
 pytestmark = pytest.mark.integration
 
@@ -90,17 +89,6 @@ def test_predict_folder_of_mixed_files(tmp_path: Path, phantom_bundle: Path) -> 
     assert overlay.mode == "RGB" and overlay.size == (500, 600)
 
 
-def _predict_in_process(tmp_path: Path, *argv: str) -> int:
-    """The command's own entry point in this process, with settings from an empty config file."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    config = tmp_path / "empty.toml"
-    config.write_text("")
-    overrides = {"model": {k: v for k, v in (("path", args.model), ("device", args.device)) if v}}
-    return run(args, load_settings(config, overrides, environ={}))
-
-
 def test_predict_without_model_uses_the_shipped_default(tmp_path: Path) -> None:
     from inference.bundle import ModelBundle, default_bundle_path
     from inference.phantom import make_dicom
@@ -108,7 +96,7 @@ def test_predict_without_model_uses_the_shipped_default(tmp_path: Path) -> None:
     shipped = ModelBundle.load(default_bundle_path())
     make_dicom(tmp_path / "chest.dcm", shape=(512, 512), seed=3)
     out = tmp_path / "p.csv"
-    code = _predict_in_process(tmp_path, "--device", "cpu", "--out", str(out), str(tmp_path / "chest.dcm"))
+    code = predict_in_process(tmp_path, "--device", "cpu", "--out", str(out), str(tmp_path / "chest.dcm"))
     assert code == 0
     rows = list(csv.DictReader(out.open()))
     assert len(rows) == 1
@@ -124,7 +112,7 @@ def test_predict_with_no_inputs_is_an_error(tmp_path: Path, tiny_bundle: Path,
     (tmp_path / "empty" / "sub").mkdir(parents=True)
     (tmp_path / "empty" / ".hidden").write_text("left out, and said so")
     empty = str(tmp_path / "empty")
-    code = _predict_in_process(tmp_path, "--model", str(tiny_bundle), "--out", str(tmp_path / "p.csv"), empty)
+    code = predict_in_process(tmp_path, "--model", str(tiny_bundle), "--out", str(tmp_path / "p.csv"), empty)
     assert code == 2
     err = capsys.readouterr().err
     assert f"no files found in {empty}" in err and "left out: 1 hidden entries" in err

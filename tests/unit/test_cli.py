@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,16 +104,13 @@ def test_worker_without_spool_or_model_stops_with_a_message(tmp_path: Path,
     assert "cannot load the model" in record.getMessage() and "no-model" in record.getMessage()
 
 
-def test_a_database_upgraded_by_a_newer_version_stops_the_node_with_one_clear_line(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """An older node meeting a schema it does not know (a newer one upgraded the database) refuses to start,
-    saying so, instead of two tracebacks ending in alembic's "Can't locate revision"."""
+def _node_database(tmp_path: Path, change: str) -> tuple[Any, Any]:
+    """Settings of a node whose SQLite database is current, then changed by the SQL ``change``; and its
+    engine (dispose it)."""
     from sqlalchemy import text
 
     from dicom_node.config import Settings
     from dicom_node.db import init_db, make_engine
-    from dicom_node.errors import SchemaTooNew
-    from dicom_node.service import run_worker
 
     settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
                                         "model": {"device": "cpu"}})
@@ -120,7 +118,19 @@ def test_a_database_upgraded_by_a_newer_version_stops_the_node_with_one_clear_li
     engine = make_engine(settings.db_url)
     init_db(engine)
     with engine.begin() as conn:
-        conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+        conn.execute(text(change))
+    return settings, engine
+
+
+def test_a_database_upgraded_by_a_newer_version_stops_the_node_with_one_clear_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An older node meeting a schema it does not know (a newer one upgraded the database) refuses to start,
+    saying so, instead of two tracebacks ending in alembic's "Can't locate revision"."""
+    from dicom_node.db import init_db
+    from dicom_node.errors import SchemaTooNew
+    from dicom_node.service import run_worker
+
+    settings, engine = _node_database(tmp_path, "UPDATE alembic_version SET version_num = '9999'")
     with pytest.raises(SchemaTooNew, match="revision 9999, which cxr-node .* does not know"):
         init_db(engine)
     engine.dispose()
@@ -158,19 +168,9 @@ def test_a_database_with_two_schema_heads_stops_the_node_with_one_line(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """pg_restore into a database upgraded since the dump leaves two rows in alembic_version: one line saying
     so, not a traceback (a restart loop under systemd)."""
-    from sqlalchemy import text
-
-    from dicom_node.config import Settings
-    from dicom_node.db import init_db, make_engine
     from dicom_node.service import run_worker
 
-    settings = Settings.model_validate({"storage": {"data_dir": str(tmp_path / "data")},
-                                        "model": {"device": "cpu"}})
-    settings.storage.spool_dir.mkdir(parents=True)
-    engine = make_engine(settings.db_url)
-    init_db(engine)
-    with engine.begin() as conn:
-        conn.execute(text("INSERT INTO alembic_version (version_num) VALUES ('0002')"))
+    settings, engine = _node_database(tmp_path, "INSERT INTO alembic_version (version_num) VALUES ('0002')")
     engine.dispose()
     caplog.set_level(logging.ERROR, logger="dicom_node.service")
     assert run_worker(argparse.Namespace(once=True), settings) == 1

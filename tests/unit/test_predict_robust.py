@@ -3,7 +3,6 @@ are refused before they are padded or decoded."""
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import tracemalloc
@@ -13,28 +12,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dicom_node.config import load_settings
 from dicom_node.errors import InvalidInstance
 from inference import imaging
 from inference.phantom import make_dicom, make_phantom
-from inference.predict import add_arguments, heatmap_name, run
+from inference.predict import heatmap_name
 from inference.preprocess import PAD_VALUE, square_resize
 from inference.types import XrayImage
+from tests.fixtures.common import predict_in_process as _predict
 
 pytestmark = pytest.mark.unit
 
 UID_NAMES = ("CR.1.2.826.0.1.3680043.8.498.1234567.5", "1.2.840.113619.2.55.3.604688119.868.1234567890.123")
-
-
-def _predict(tmp_path: Path, *argv: str) -> int:
-    """The command's entry point in this process, with settings from an empty config file."""
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    config = tmp_path / "empty.toml"
-    config.write_text("")
-    overrides = {"model": {k: v for k, v in (("path", args.model), ("device", args.device)) if v}}
-    return run(args, load_settings(config, overrides, environ={}))
 
 
 def _rows(csv_file: Path) -> dict[str, dict[str, str]]:
