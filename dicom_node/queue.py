@@ -99,6 +99,13 @@ def missing_file_error(spool_path: str) -> str:
     return f"spooled file {spool_path} is missing"
 
 
+def _first_due(job: Job, now: datetime) -> datetime:
+    """When a job given back untried (its worker stopped or died) is due: at once, in its place in the queue
+    (claims go by due time), not behind everything received since, which made the image a crash hit wait
+    for the whole backlog on top of the lease."""
+    return min(job.waiting_since or now, now)
+
+
 def _log_committed(session: Session) -> None:
     """Log the transitions of a transaction once it is committed (registered by JobManager._session)."""
     for level, args, extra in session.info.pop(_PENDING_LOGS, []):
@@ -408,7 +415,8 @@ class JobManager:
             state = JobState(job.state)
             job.lease_owner = job.lease_expires_at = None
             job.attempts = max(job.attempts - 1, 0)
-            job.not_before = self.clock() + timedelta(seconds=max(delay_s, 0.0))
+            now = self.clock()
+            job.not_before = now + timedelta(seconds=delay_s) if delay_s > 0 else _first_due(job, now)
             new = JobState.QUEUED if state == JobState.PROCESSING else state
             self._move(session, job, new, why, action="job_released")
 
@@ -447,7 +455,7 @@ class JobManager:
             for job in session.execute(stalled).scalars().all():
                 owner = job.lease_owner
                 job.lease_owner = job.lease_expires_at = None
-                job.not_before = now
+                job.not_before = _first_due(job, now)
                 if job.attempts >= self._limit(job.state):
                     job.finished_at = now
                     job.last_error = f"worker {owner} stopped responding {job.attempts} times"

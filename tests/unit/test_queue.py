@@ -484,3 +484,20 @@ def test_a_heartbeat_warns_only_of_jobs_another_worker_holds(jm: JobManager, clo
     assert jm.heartbeat("w1", [done, failed, taken]) == []
     assert [(r.job_id, r.getMessage()) for r in caplog.records if r.action == "job_lease_lost"] == [
         (taken, f"job {taken}: lease lost by w1 (now held by w2)")]
+
+
+def test_a_job_given_back_untried_keeps_its_place_in_the_queue(jm: JobManager, clock: Clock) -> None:
+    """A job whose worker died (lease expired) or stopped comes back in its place, not behind every image
+    received since: it waited the lease and then the whole backlog."""
+    first, _ = enqueue(jm, "1.1")
+    clock.advance(1)
+    second, _ = enqueue(jm, "1.2")
+    assert [j.id for j in jm.claim("dies")] == [first]
+    clock.advance(61)  # past the 60 s lease; meanwhile more arrived
+    third, _ = enqueue(jm, "1.3")
+    assert jm.reclaim_stalled() == 1
+    assert [j.id for j in jm.claim("w", limit=3)] == [first, second, third]
+    jm.release(second, worker_id="w")  # a stopping worker gives one back
+    jm.release(third, worker_id="w", delay_s=30)  # a full disk: due later
+    fourth, _ = enqueue(jm, "1.4")
+    assert [j.id for j in jm.claim("w2", limit=3)] == [second, fourth]
