@@ -62,6 +62,8 @@ def test_compose_file_has_the_expected_services() -> None:
         assert int(svc["stop_grace_period"].rstrip("s")) > WORKER_JOIN_TIMEOUT_S
         assert svc["logging"]["options"]["max-size"] and svc["logging"]["options"]["max-file"]
     assert (DEPLOY / node["build"]["context"]).resolve() == ROOT
+    # workers start once the listener is up: it creates the shared spool folder, without which they exit
+    assert worker["depends_on"]["node"]["condition"] == "service_healthy"
     assert any(str(p).startswith("11112:") for p in node["ports"])
     assert any(str(p).startswith("127.0.0.1:8080:") for p in node["ports"])  # admin on host loopback only
     # workers serve their own health on the port the image's HEALTHCHECK reads, published nowhere
