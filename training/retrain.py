@@ -268,16 +268,39 @@ def patient_labels(samples: Sequence[Sample]) -> dict[str, str]:
     return {pid: max(c, key=lambda label: (c[label], label == "covid")) for pid, c in counts.items()}
 
 
-def stable_split(samples: Sequence[Sample]) -> Split:
+def sides_file(settings: Any) -> Path:
+    """Where the sides patients were given in earlier rounds are kept (patient id -> train/val/test)."""
+    return Path(settings.storage.data_dir) / "training" / "sides.json"
+
+
+def read_sides(settings: Any) -> dict[str, str]:
+    """The sides earlier rounds gave patients; empty before the first round."""
+    path = sides_file(settings)
+    return dict(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else {}
+
+
+def record_sides(settings: Any, split: Split) -> None:
+    """Add this round's patients to the kept sides (written whole, then renamed into place)."""
+    path = sides_file(settings)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sides = {**read_sides(settings), **split.side_of()}
+    staging = path.with_name(path.name + ".part")
+    staging.write_text(json.dumps(sides, indent=0, sort_keys=True), encoding="utf-8")
+    staging.replace(path)
+
+
+def stable_split(samples: Sequence[Sample], known: dict[str, str] | None = None) -> Split:
     """Patients on train/val/test (7:2:1) by their :func:`position`, per class, so that adding patients never
     moves one already there towards the held-out side: the held-out set never holds a patient an earlier
     round trained or validated the current model on.
 
-    A class with no patient placed on the held-out side gets its lowest-placed patient there, and one with
-    none on validation its lowest-placed patient left on training; as patients are added, a patient so moved
-    can only go back, away from the held-out side. (A patient whose label changes, or who is removed, can
-    change another's side.)
+    ``known``: the sides earlier rounds gave (:func:`read_sides`); such a patient keeps its side for good. A
+    class with no patient on the held-out side gets its lowest-placed new patient there, and one with none on
+    validation its lowest-placed new patient left on training: never one an earlier round placed, so a
+    patient whose files retention deleted is not replaced by one the current model trained on (the side then
+    stays empty and :func:`split_problem` skips the round).
     """
+    known = known or {}
     sides: dict[str, str] = {}
     by_label: dict[str, list[str]] = defaultdict(list)
     for pid, label in patient_labels(samples).items():
@@ -286,11 +309,13 @@ def stable_split(samples: Sequence[Sample]) -> Split:
         pids.sort(key=lambda p: (position(p), p))
         for pid in pids:
             at = position(pid)
-            sides[pid] = "test" if at < HELD_OUT_BELOW else "val" if at < VALIDATION_BELOW else "train"
-        if "test" not in {sides[p] for p in pids}:
-            sides[pids[0]] = "test"
+            sides[pid] = known.get(pid) or ("test" if at < HELD_OUT_BELOW
+                                            else "val" if at < VALIDATION_BELOW else "train")
+        new = [p for p in pids if p not in known]
+        if "test" not in {sides[p] for p in pids} and new:
+            sides[new[0]] = "test"
         if "val" not in {sides[p] for p in pids}:
-            rest = [p for p in pids if sides[p] == "train"]
+            rest = [p for p in new if sides[p] == "train"]
             if rest:
                 sides[rest[0]] = "val"
     on = {side: sorted(p for p, at in sides.items() if at == side) for side in SIDES}
@@ -466,10 +491,11 @@ def _round(settings: Any, engine: Any, *, device: str | None, quick: bool, lr: f
     if len(samples) < need:
         why = f" (left out: {describe_left_out(local.left_out)})" if local.left_out else ""
         return _skipped(f"{len(samples)} labelled local instances, {need} needed{why}", **found)
-    split = stable_split(samples)
+    split = stable_split(samples, read_sides(settings))
     problem = class_problem(samples) or split_problem(split)
     if problem:
         return _skipped(problem, **found)
+    record_sides(settings, split)
     data_dir = Path(settings.storage.data_dir)
     models_dir = data_dir / "models"
     models_dir.mkdir(parents=True, exist_ok=True)

@@ -349,6 +349,33 @@ def test_held_out_patients_never_move_to_where_an_earlier_round_trained() -> Non
     assert 0.07 < len(big.test) / 2000 < 0.13 and 0.17 < len(big.val) / 2000 < 0.23
 
 
+def test_a_patient_an_earlier_round_placed_never_fills_an_emptied_held_out_side() -> None:
+    """Retention deleted the files of a class's held-out patients: the next-placed patient took their place,
+    though the current model had trained on it. With the kept sides only a new patient may fill the side;
+    without one the round is skipped, saying what to label."""
+    from training.datasets import Sample
+    from training.retrain import split_problem, stable_split
+
+    def samples(ids: list[int]) -> list[Sample]:
+        return [Sample(file=Path(f"/x/{p}.{k}.dcm"), label="covid" if p % 2 else "normal",
+                       patient_id=f"local:P{p}", key=f"{p}.{k}") for p in ids for k in range(2)]
+
+    first = stable_split(samples(list(range(20))))
+    known = first.side_of()
+    normal_held_out = {int(p.rsplit("P", 1)[1]) for p in first.test} - {p for p in range(20) if p % 2}
+    assert normal_held_out
+    left = [p for p in range(20) if p not in normal_held_out]  # their files went with retention
+    unknown = stable_split(samples(left))  # without the kept sides: someone trained on is held out now
+    assert set(unknown.test) - set(first.test) and all(known[p] != "test" for p in set(unknown.test)
+                                                       - set(first.test))
+    kept = stable_split(samples(left), known)
+    assert all(known[p] == side for p, side in kept.side_of().items())
+    assert "no normal instance on the held-out side" in (split_problem(kept) or "")
+    grown = stable_split(samples([*left, 100]), known)  # a newly labelled normal patient fills it
+    assert grown.side_of()["local:P100"] == "test" and split_problem(grown) is None
+    assert all(known[p] == side for p, side in grown.side_of().items() if p != "local:P100")
+
+
 # --- 4, 6. what a round cannot use is left out and counted --------------------------------------------------
 
 def _bad_jpeg(path: Path, uid: str, patient: str) -> Any:

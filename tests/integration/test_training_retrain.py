@@ -129,6 +129,10 @@ def test_retrain_promote_refuse_rollback(tmp_path: Path, sqlite_url: str, phanto
     assert versions[out["version"]]["metrics"]["decision"]["held_out"] > 0
     run = Path(versions[out["version"]]["metrics"]["run"])
     assert (run / "split.json").is_file() and not (run / "checkpoints").exists()  # no 170 MB left per round
+    # the sides of this round's patients are kept for the next rounds
+    split = json.loads((run / "split.json").read_text())
+    sides = json.loads((Path(settings.storage.data_dir) / "training" / "sides.json").read_text())
+    assert {p: side for side in ("train", "val", "test") for p in split[side]}.items() <= sides.items()
 
     # the promoted bundle serves
     img, _ = make_phantom((288, 272), opacity=0.5, seed=7)
