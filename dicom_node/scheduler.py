@@ -6,10 +6,10 @@ once per installation, on the listener's machine. Both jobs run in a background 
 down) are coalesced into one run at start-up when they are less than an hour late. Crontab lines are read as
 cron reads them: day of week 0 or 7 is Sunday. A run in progress never holds up the node's exit (its thread
 is a daemon): both are safe to cut short (retention commits job by job; a retraining candidate is registered
-at its end only). The lock that keeps the two jobs apart holds within this process only; a retraining round
-also takes the installation's retraining lock (``training.retrain.round_lock``: per data folder, and per
-database on PostgreSQL), so two ``serve`` processes with the same ``retrain.cron``, or a round started by
-hand meanwhile, do not train at once: the later one is skipped, saying so.
+at its end only). Both take the installation's retraining lock (``training.retrain.round_lock``: per data
+folder, and per database on PostgreSQL), so two ``serve`` processes with the same ``retrain.cron``, or a round
+started by hand meanwhile, do not train at once (the later one is skipped, saying so), and retention never
+deletes the files a round is reading, wherever the round was started (it is postponed to its next run).
 """
 
 from __future__ import annotations
@@ -84,8 +84,17 @@ def cron_trigger(expression: str, key: str) -> CronTrigger:
 
 
 def run_retention(settings: Settings, engine: Engine) -> dict[str, Any]:
-    """One retention run with the configured age; returns the report as a dict (also logged)."""
-    report = purge(engine, settings.storage.data_dir, settings.storage.retention_days)
+    """One retention run with the configured age; returns the report as a dict (also logged). Postponed to
+    its next time while a retraining round runs (also one started by hand, or on another machine of a
+    PostgreSQL queue): it must not delete the files the round is reading."""
+    from training.retrain import RoundBusy, round_lock
+
+    try:
+        with round_lock(settings, engine, holder="retention run"):
+            report = purge(engine, settings.storage.data_dir, settings.storage.retention_days)
+    except RoundBusy as exc:
+        log.warning("retention postponed to its next run: %s", exc, extra={"action": "retention_postponed"})
+        return {"postponed": str(exc)}
     return report.as_dict()
 
 

@@ -356,9 +356,9 @@ class RoundBusy(RuntimeError):
 
 
 @contextmanager
-def round_lock(settings: Any, engine: Any) -> Iterator[None]:
-    """Hold the retraining lock for one round; :class:`RoundBusy` (naming the holder) when another round
-    holds it.
+def round_lock(settings: Any, engine: Any, holder: str = "retraining round") -> Iterator[None]:
+    """Hold the retraining lock for one round (or, ``holder`` ``"retention run"``, for a retention run, which
+    must not delete the files a round is reading); :class:`RoundBusy` (naming the holder) when it is held.
 
     Two locks, each released by the system when its holder dies, so a crashed round never blocks later ones:
     an exclusive ``flock`` on ``<data_dir>/training/retrain.lock`` (rounds of any process writing into this
@@ -372,11 +372,11 @@ def round_lock(settings: Any, engine: Any) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise RoundBusy(f"another retraining round is running ({holder}; lock {path})") from None
+            held = fh.read().strip() or "another process"
+            raise RoundBusy(f"the retraining lock is held ({held}; lock {path})") from None
         fh.seek(0)
         fh.truncate()
-        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+        fh.write(f"{holder}: pid {os.getpid()} on {socket.gethostname()} since "
                  f"{dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}\n")
         fh.flush()
         if engine.dialect.name != "postgresql":
@@ -387,7 +387,7 @@ def round_lock(settings: Any, engine: Any) -> Iterator[None]:
         conn = engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         try:
             if not conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _ROUND_LOCK_KEY}).scalar():
-                raise RoundBusy("another retraining round is running on database "
+                raise RoundBusy("a retraining round or retention run holds the lock on database "
                                 f"{engine.url.render_as_string(hide_password=True)}")
             yield
         finally:

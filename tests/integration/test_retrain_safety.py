@@ -261,14 +261,40 @@ def test_a_round_is_skipped_while_another_runs_and_a_crashed_one_blocks_nothing(
     with round_lock(settings, engine):  # a round of this process (e.g. the scheduled one) runs
         out = retrain_once(settings, engine=engine, device="cpu")
     assert out["status"] == "skipped", out
-    assert out["reason"].startswith(f"another retraining round is running (pid {os.getpid()} on "), out
+    held = "the retraining lock is held (retraining round: pid"
+    assert out["reason"].startswith(f"{held} {os.getpid()} on "), out
     with _lock_held_elsewhere(tmp_path / "node", sqlite_url) as proc:
         out = retrain_once(settings, engine=engine, device="cpu")
         assert out["status"] == "skipped", out
-        assert out["reason"].startswith(f"another retraining round is running (pid {proc.pid} on "), out
+        assert out["reason"].startswith(f"{held} {proc.pid} on "), out
         _kill(proc)
         out = retrain_once(settings, engine=engine, device="cpu")
         assert out["status"] == "skipped" and out["reason"] == "0 labelled local instances, 10 needed", out
+    engine.dispose()
+
+
+def test_retention_waits_for_a_round_started_by_hand(tmp_path: Path, sqlite_url: str,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """serve's scheduled retention deleted the files a round started with `cxr-node retrain` was reading (the
+    round crashed after training, leaving an unregistered bundle): it is postponed while a round runs."""
+    from dicom_node.db import init_db, make_engine
+    from dicom_node.scheduler import run_retention
+    from training.retrain import retrain_once, round_lock
+
+    engine = make_engine(sqlite_url)
+    init_db(engine)
+    settings = _settings(tmp_path, sqlite_url)
+    caplog.set_level(logging.WARNING, logger="dicom_node.scheduler")
+    with _lock_held_elsewhere(tmp_path / "node", sqlite_url) as proc:
+        out = run_retention(settings, engine)
+        assert out["postponed"].startswith(f"the retraining lock is held (retraining round: pid {proc.pid}")
+        said = [r.action for r in caplog.records if r.name == "dicom_node.scheduler"]
+        assert said == ["retention_postponed"]
+        _kill(proc)
+    assert "postponed" not in run_retention(settings, engine)
+    with round_lock(settings, engine, holder="retention run"):  # a round started during a retention run
+        assert retrain_once(settings, engine=engine, device="cpu")["reason"].startswith(
+            "the retraining lock is held (retention run: pid")
     engine.dispose()
 
 
@@ -284,7 +310,8 @@ def test_rounds_on_one_postgresql_database_exclude_each_other(tmp_path: Path, po
     with _lock_held_elsewhere(tmp_path / "other-node", postgres_url) as proc:
         out = retrain_once(settings, engine=engine, device="cpu")
         assert out["status"] == "skipped", out
-        assert out["reason"].startswith("another retraining round is running on database postgresql"), out
+        held = "a retraining round or retention run holds the lock on database postgresql"
+        assert out["reason"].startswith(held), out
         _kill(proc)
         out = retrain_once(settings, engine=engine, device="cpu")
         assert out["status"] == "skipped" and out["reason"] == "0 labelled local instances, 10 needed", out
