@@ -869,6 +869,11 @@ def _grey(img: Image.Image) -> np.ndarray:
     return np.asarray(img, dtype=np.float32) * np.float32(1.0 / 255.0)
 
 
+# How a DICOM data set written without preamble and prefix begins: its first tag's group, little endian (file
+# meta 0002, identification 0008) or big endian.
+_DATASET_STARTS = (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
+
+
 def load_any(path: str | Path, *, allocate: Allocator | None = None) -> XrayImage:
     """Decode a DICOM, PNG or JPEG file, recognised by its content, not its name.
 
@@ -896,6 +901,9 @@ def load_any(path: str | Path, *, allocate: Allocator | None = None) -> XrayImag
     except _TooLarge:
         raise
     except InvalidInstance as image_error:
+        if head[:2] not in _DATASET_STARTS:  # parsing anything "by force" reads the whole file into memory:
+            # a multi-gigabyte backup or video in a folder given to predict took minutes and gigabytes
+            raise InvalidInstance(f"{path}: neither DICOM nor a readable image") from image_error
         try:
             ds = pydicom.dcmread(path, force=True)
         except (InvalidDicomError, OSError, EOFError, ValueError, KeyError, TypeError) as exc:

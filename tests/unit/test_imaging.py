@@ -845,6 +845,22 @@ def test_jpeg_and_load_any_detects_content(tmp_path: Path, synthetic_cr: Path) -
     assert loaded.meta["sop_instance_uid"] == ds.SOPInstanceUID and loaded.source == str(bare)
 
 
+def test_a_large_file_that_is_no_image_is_refused_without_being_parsed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """predict tries every file of a folder: parsing a disk image or a video 'by force' as DICOM read all of
+    it into memory (a 100 MB file took 36 s). A file that does not begin like a DICOM data set is refused at
+    once."""
+    big = tmp_path / "backup.img"
+    with big.open("wb") as fh:
+        fh.truncate(64 * 2**20)
+    def refuse(*args: object, **kwargs: object) -> None:
+        pytest.fail("the file was parsed as DICOM")
+
+    monkeypatch.setattr(pydicom, "dcmread", refuse)
+    with pytest.raises(InvalidInstance, match="neither DICOM nor a readable image"):
+        load_any(big)
+
+
 def test_unreadable_image_file(tmp_path: Path) -> None:
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 100)
