@@ -515,8 +515,12 @@ def _round(settings: Any, engine: Any, *, device: str | None, quick: bool, lr: f
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     test = split.select(samples, "test")
     metric = settings.retrain.metric
-    scores = {"current": _score(Path(cur["path"]), test, metric, device),
-              "candidate": _score(bundle, test, metric, device)}
+    try:
+        scores = {"current": _score(Path(cur["path"]), test, metric, device),
+                  "candidate": _score(bundle, test, metric, device)}
+    except BaseException:  # an unregistered bundle would lie in models/ for ever
+        shutil.rmtree(bundle, ignore_errors=True)
+        raise
     ok, why = decide(scores["current"]["score"], scores["candidate"]["score"], settings.retrain.margin)
     decision = {"metric": metric, "margin": settings.retrain.margin, "held_out": len(test),
                 "current_version": cur["version"], "current": scores["current"]["score"],

@@ -165,6 +165,29 @@ def test_rounds_in_the_same_second_get_their_own_version_and_run_folder(
     engine.dispose()
 
 
+def test_a_round_that_fails_while_scoring_leaves_no_unregistered_bundle(
+        tmp_path: Path, sqlite_url: str, phantom_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round that failed after training (a held-out file gone, the device out of memory) left its bundle in
+    models/, registered nowhere, for ever."""
+    import torch
+
+    from training import retrain as retrain_module
+
+    torch.set_num_threads(1)
+    settings, engine, _ = _node(tmp_path, sqlite_url, phantom_bundle)
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(retrain_module, "_score", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        retrain_module.retrain_once(settings, engine=engine, device="cpu", quick=True)
+    models = tmp_path / "node" / "models"
+    assert [p.name for p in models.iterdir() if p.name.startswith("0.0.0-test-r")] == []
+    assert set(_versions(engine)) == {"0.0.0-test"}
+    engine.dispose()
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_two_promotions_over_the_same_current_model_never_both_succeed(
         tmp_path: Path, backend: str, request: pytest.FixtureRequest,
