@@ -6,7 +6,7 @@ once per installation, on the listener's machine. Both jobs run in a background 
 down) are coalesced into one run at start-up when they are less than an hour late. Crontab lines are read as
 cron reads them: day of week 0 or 7 is Sunday. A run in progress never holds up the node's exit (its thread
 is a daemon): both are safe to cut short (retention commits job by job; a retraining candidate is registered
-at its end only). Both take the installation's retraining lock (``training.retrain.round_lock``: per data
+at its end only). Both take the installation's retraining lock (``training.sides.round_lock``: per data
 folder, and per database on PostgreSQL), so two ``serve`` processes with the same ``retrain.cron``, or a round
 started by hand meanwhile, do not train at once (the later one is skipped, saying so), and retention never
 deletes the files a round is reading, wherever the round was started (it is postponed to its next run).
@@ -87,7 +87,7 @@ def run_retention(settings: Settings, engine: Engine) -> dict[str, Any]:
     """One retention run with the configured age; returns the report as a dict (also logged). Postponed to
     its next time while a retraining round runs (also one started by hand, or on another machine of a
     PostgreSQL queue): it must not delete the files the round is reading."""
-    from training.retrain import RoundBusy, round_lock
+    from training.sides import RoundBusy, round_lock
 
     try:
         with round_lock(settings, engine, holder="retention run"):

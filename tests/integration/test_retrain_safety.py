@@ -249,7 +249,7 @@ def _lock_held_elsewhere(data_dir: Path, db_url: str) -> Iterator[subprocess.Pop
     script = ("import sys, time\n"
               "from dicom_node.config import load_settings\n"
               "from dicom_node.db import make_engine\n"
-              "from training.retrain import round_lock\n"
+              "from training.sides import round_lock\n"
               "settings = load_settings(None, {'storage': {'data_dir': sys.argv[1]}, "
               "'database': {'url': sys.argv[2]}}, environ={})\n"
               "with round_lock(settings, make_engine(sys.argv[2])):\n"
@@ -276,7 +276,8 @@ def _kill(proc: subprocess.Popen[str]) -> None:
 def test_a_round_is_skipped_while_another_runs_and_a_crashed_one_blocks_nothing(
         tmp_path: Path, sqlite_url: str) -> None:
     from dicom_node.db import init_db, make_engine
-    from training.retrain import retrain_once, round_lock
+    from training.retrain import retrain_once
+    from training.sides import round_lock
 
     engine = make_engine(sqlite_url)
     init_db(engine)
@@ -302,7 +303,8 @@ def test_retention_waits_for_a_round_started_by_hand(tmp_path: Path, sqlite_url:
     round crashed after training, leaving an unregistered bundle): it is postponed while a round runs."""
     from dicom_node.db import init_db, make_engine
     from dicom_node.scheduler import run_retention
-    from training.retrain import retrain_once, round_lock
+    from training.retrain import retrain_once
+    from training.sides import round_lock
 
     engine = make_engine(sqlite_url)
     init_db(engine)
@@ -382,7 +384,7 @@ def test_held_out_patients_never_move_to_where_an_earlier_round_trained() -> Non
     moves one from training or validation to the held-out side, nor from training to validation; each
     class has a patient on every side."""
     from training.datasets import Sample
-    from training.retrain import split_problem, stable_split
+    from training.sides import split_problem, stable_split
 
     def samples(n: int) -> list[Sample]:
         return [Sample(file=Path(f"/x/{p}.{k}.dcm"), label="covid" if p % 2 else "normal",
@@ -404,7 +406,7 @@ def test_a_patient_an_earlier_round_placed_never_fills_an_emptied_held_out_side(
     though the current model had trained on it. With the kept sides only a new patient may fill the side;
     without one the round is skipped, saying what to label."""
     from training.datasets import Sample
-    from training.retrain import split_problem, stable_split
+    from training.sides import split_problem, stable_split
 
     def samples(ids: list[int]) -> list[Sample]:
         return [Sample(file=Path(f"/x/{p}.{k}.dcm"), label="covid" if p % 2 else "normal",
