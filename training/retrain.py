@@ -364,30 +364,32 @@ def _round(settings: Any, engine: Any, *, device: str | None, quick: bool, lr: f
     version, run_dir = new_run(cur["version"], data_dir / "training" / "runs", models_dir)
     save_split(split, run_dir / "split.json")
     device = device or settings.model.device
-    built = build_default(
-        data_dir, run_dir, samples=samples, device=device, seg_archs=(), archs=(base.classifier_arch,),
-        modes=(base.crop_mode,), base_bundle=Path(cur["path"]), fine_tune=True,
-        epochs_cls=settings.retrain.epochs, lr=lr, seed=seed, quick=quick, version=version,
-        cls_size=base.classifier_size, int8_classifier=True, split_file=run_dir / "split.json")
-    bundle = Path(built["bundle"]).replace(models_dir / version)
-    # a round is never resumed: its checkpoints (weights and optimiser state, 170 MB for one ResNet18) would
-    # stay on the spool volume for ever, round after round
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    test = split.select(samples, "test")
-    metric = settings.retrain.metric
+    bundle = models_dir / version
     try:
+        built = build_default(
+            data_dir, run_dir, samples=samples, device=device, seg_archs=(), archs=(base.classifier_arch,),
+            modes=(base.crop_mode,), base_bundle=Path(cur["path"]), fine_tune=True,
+            epochs_cls=settings.retrain.epochs, lr=lr, seed=seed, quick=quick, version=version,
+            cls_size=base.classifier_size, int8_classifier=True, split_file=run_dir / "split.json")
+        Path(built["bundle"]).replace(bundle)
+        test = split.select(samples, "test")
+        metric = settings.retrain.metric
         scores = {"current": _score(Path(cur["path"]), test, metric, device),
                   "candidate": _score(bundle, test, metric, device)}
-    except BaseException:  # an unregistered bundle would lie in models/ for ever
+        ok, why = decide(scores["current"]["score"], scores["candidate"]["score"], settings.retrain.margin)
+        decision = {"metric": metric, "margin": settings.retrain.margin, "held_out": len(test),
+                    "current_version": cur["version"], "current": scores["current"]["score"],
+                    "candidate": scores["candidate"]["score"], "promote": ok, "reason": why}
+        metrics = _plain({"decision": decision, "held_out": scores, "training": built.get("test", {}),
+                          "run": str(run_dir), **found})
+        registry.register(engine, bundle, status="candidate" if ok else "rejected", metrics=metrics)
+    except BaseException:  # failed before it was registered: no bundle may lie in models/ for ever
         shutil.rmtree(bundle, ignore_errors=True)
         raise
-    ok, why = decide(scores["current"]["score"], scores["candidate"]["score"], settings.retrain.margin)
-    decision = {"metric": metric, "margin": settings.retrain.margin, "held_out": len(test),
-                "current_version": cur["version"], "current": scores["current"]["score"],
-                "candidate": scores["candidate"]["score"], "promote": ok, "reason": why}
-    metrics = _plain({"decision": decision, "held_out": scores, "training": built.get("test", {}),
-                      "run": str(run_dir), **found})
-    registry.register(engine, bundle, status="candidate" if ok else "rejected", metrics=metrics)
+    finally:
+        # a round is never resumed, failed or not: its checkpoints (weights and optimiser state, 170 MB for
+        # one ResNet18) would stay on the spool volume for ever, round after round
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     if ok:
         try:
             registry.promote(engine, version, expected_current=cur["version"])

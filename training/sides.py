@@ -48,9 +48,24 @@ def sides_file(settings: Any) -> Path:
 
 
 def read_sides(settings: Any) -> dict[str, str]:
-    """The sides earlier rounds gave patients; empty before the first round."""
+    """The sides earlier rounds gave patients; empty before the first round. Without the file (rounds of a
+    release that did not keep it), from the ``split.json`` of every earlier round's run folder: a patient on
+    training or validation in any of them counts as trained on (never held out)."""
     path = sides_file(settings)
-    return dict(json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else {}
+    if path.is_file():
+        return dict(json.loads(path.read_text(encoding="utf-8")))
+    rank = {"test": 0, "val": 1, "train": 2}
+    sides: dict[str, str] = {}
+    for split_json in sorted((path.parent / "runs").glob("*/split.json")):
+        try:
+            earlier = json.loads(split_json.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        for side in SIDES:
+            for pid in earlier.get(side, []) if isinstance(earlier, dict) else []:
+                if pid not in sides or rank[side] > rank[sides[pid]]:
+                    sides[pid] = side
+    return sides
 
 
 def record_sides(settings: Any, split: Split) -> None:

@@ -165,25 +165,33 @@ def test_rounds_in_the_same_second_get_their_own_version_and_run_folder(
     engine.dispose()
 
 
-def test_a_round_that_fails_while_scoring_leaves_no_unregistered_bundle(
-        tmp_path: Path, sqlite_url: str, phantom_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A round that failed after training (a held-out file gone, the device out of memory) left its bundle in
-    models/, registered nowhere, for ever."""
+@pytest.mark.parametrize("failing", ["scoring", "registration"])
+def test_a_round_that_fails_after_training_leaves_no_bundle_and_no_checkpoints(
+        tmp_path: Path, sqlite_url: str, phantom_bundle: Path, monkeypatch: pytest.MonkeyPatch,
+        failing: str) -> None:
+    """A round that failed after training (the device out of memory while scoring, the database restarting
+    at registration) left its bundle in models/, registered nowhere, and its checkpoints, for ever."""
     import torch
 
+    from training import registry
     from training import retrain as retrain_module
 
     torch.set_num_threads(1)
     settings, engine, _ = _node(tmp_path, sqlite_url, phantom_bundle)
 
     def fail(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("CUDA out of memory")
+        raise RuntimeError(f"{failing} failed")
 
-    monkeypatch.setattr(retrain_module, "_score", fail)
-    with pytest.raises(RuntimeError, match="out of memory"):
+    if failing == "scoring":
+        monkeypatch.setattr(retrain_module, "_score", fail)
+    else:
+        monkeypatch.setattr(registry, "register", fail)
+    with pytest.raises(RuntimeError, match=f"{failing} failed"):
         retrain_module.retrain_once(settings, engine=engine, device="cpu", quick=True)
     models = tmp_path / "node" / "models"
     assert [p.name for p in models.iterdir() if p.name.startswith("0.0.0-test-r")] == []
+    [run] = (tmp_path / "node" / "training" / "runs").iterdir()
+    assert (run / "split.json").is_file() and not (run / "checkpoints").exists()
     assert set(_versions(engine)) == {"0.0.0-test"}
     engine.dispose()
 
@@ -426,6 +434,22 @@ def test_a_patient_an_earlier_round_placed_never_fills_an_emptied_held_out_side(
     grown = stable_split(samples([*left, 100]), known)  # a newly labelled normal patient fills it
     assert grown.side_of()["local:P100"] == "test" and split_problem(grown) is None
     assert all(known[p] == side for p, side in grown.side_of().items() if p != "local:P100")
+
+
+def test_sides_of_rounds_run_before_they_were_kept_are_read_from_their_run_folders(tmp_path: Path) -> None:
+    """After an upgrade, the first round found no kept sides and could hold out a patient an earlier round
+    trained on; the earlier rounds' split.json files say where each patient was."""
+    from training.datasets import Split, save_split
+    from training.sides import read_sides, record_sides
+
+    settings = _settings(tmp_path, "sqlite://")
+    runs = tmp_path / "node" / "training" / "runs"
+    save_split(Split(train=["A", "B"], val=["C"], test=["D", "E"]), runs / "0.1-r1" / "split.json")
+    save_split(Split(train=["D"], val=["F"], test=["C", "G"]), runs / "0.1-r2" / "split.json")
+    assert read_sides(settings) == {"A": "train", "B": "train", "C": "val", "D": "train", "E": "test",
+                                    "F": "val", "G": "test"}
+    record_sides(settings, Split(train=["H"], val=[], test=[]))  # from then on the kept file decides
+    assert read_sides(settings)["H"] == "train" and read_sides(settings)["C"] == "val"
 
 
 # --- 4, 6. what a round cannot use is left out and counted --------------------------------------------------
