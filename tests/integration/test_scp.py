@@ -434,6 +434,7 @@ def test_a_resend_brings_back_a_job_that_failed_for_its_missing_file(
     jm.claim("w")
     jm.fail(job.id, missing_file_error(job.spool_path), retryable=False, worker_id="w")
     caplog.set_level(logging.INFO, logger="dicom_node.handlers")
+    caplog.clear()
     out = storescu(node.port, [path], extra=["-v"])
     assert "Received Store Response (Success)" in out.stdout + out.stderr
     [again] = node.job_rows()
