@@ -422,30 +422,12 @@ class Worker:
             self._fail(job, f"decoding failed: {type(exc).__name__}: {exc}", retryable=True)
         return None
 
-    def _run_pipeline(self, images: list[Any]) -> list[Any]:
-        """Results (or the exception of a failed image), one per image: the batch, else one by one."""
-        if not images:
-            return []
-        try:
-            return list(self.pipeline.run(images, explain=True))
-        except Exception as exc:  # isolate the image that broke the batch; each failure is recorded
-            if len(images) == 1:
-                return [exc]
-            log.warning("batch of %d failed (%s); running the images one by one", len(images), exc,
-                        extra={"action": "worker_batch_split"})
-        out: list[Any] = []
-        for image in images:
-            try:
-                out.extend(self.pipeline.run([image], explain=True))
-            except Exception as exc:  # recorded by the caller as this job's failure
-                out.append(exc)
-        return out
-
     def _infer(self, jobs: Sequence[ClaimedJob]) -> list[ClaimedJob]:
         from dicom_node.outputs import build_outputs
+        from inference.pipeline import run_isolated
 
         loaded = [(job, item) for job in jobs if (item := self._load(job)) is not None]
-        results = self._run_pipeline([image for _, (_, image) in loaded])
+        results = run_isolated(self.pipeline, [image for _, (_, image) in loaded])
         bundle = self.pipeline.bundle
         ready: list[ClaimedJob] = []
         for (job, (ds, image)), result in zip(loaded, results, strict=True):

@@ -483,3 +483,26 @@ class Pipeline:
         if self.amp_dtype is None:
             return torch.autocast(device_type="cpu", enabled=False)
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def run_isolated(pipeline: Any, images: Sequence[XrayImage],
+                 explain: bool = True) -> list[Result | Exception]:
+    """``pipeline.run`` on the batch; when the batch fails, on each image alone, so that one image (out of
+    memory, a shape no stage takes) costs only its own result: an image that fails gives its exception in its
+    place. One result or exception per image, in order."""
+    if not images:
+        return []
+    try:
+        return list(pipeline.run(images, explain=explain))
+    except Exception as exc:  # MemoryError included: find the image that broke the batch
+        if len(images) == 1:
+            return [exc]
+        log.warning("batch of %d failed (%s); running the images one by one", len(images), exc,
+                    extra={"action": "batch_split"})
+    out: list[Result | Exception] = []
+    for image in images:
+        try:
+            out.extend(pipeline.run([image], explain=explain))
+        except Exception as exc:  # the caller records it as this image's failure
+            out.append(exc)
+    return out

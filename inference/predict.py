@@ -218,28 +218,10 @@ class _Predictor:
                                  reason=text, reason_code=code, model_name=bundle.name,
                                  model_version=bundle.version))
 
-    def _run(self, images: list[XrayImage]) -> list[Result | Exception]:
-        """The pipeline's results, or the exception of an image that failed: the batch, else one by one."""
-        if not images:
-            return []
-        try:
-            return list(self.pipeline.run(images))
-        except Exception as exc:  # MemoryError included: find the image that broke the batch
-            if len(images) == 1:
-                return [exc]
-            log.warning("batch of %d failed (%s); running the images one by one", len(images),
-                        printable(str(exc)), extra={"action": "predict_batch_split"})
-        out: list[Result | Exception] = []
-        for image in images:
-            try:
-                out.extend(self.pipeline.run([image]))
-            except Exception as exc:  # recorded as this file's row
-                out.append(exc)
-        return out
-
     def batch(self, files: list[Path]) -> list[dict[str, str]]:
         """One row per file of ``files``, in their order; heatmaps written for the assessed ones."""
         from inference.imaging import load_any
+        from inference.pipeline import run_isolated
 
         rows: dict[int, dict[str, str]] = {}
         loaded: list[tuple[int, XrayImage]] = []
@@ -248,7 +230,7 @@ class _Predictor:
                 loaded.append((i, load_any(f, allocate=self.pipeline.host_array)))
             except Exception as exc:  # any unreadable file becomes a row, never a crash
                 rows[i] = self._failed(f, "undecodable", "not readable", exc)
-        results = self._run([img for _, img in loaded])
+        results = run_isolated(self.pipeline, [img for _, img in loaded])
         for (i, img), result in zip(loaded, results, strict=True):
             f = files[i]
             if isinstance(result, Exception):
