@@ -225,9 +225,9 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend == "sqlite":
-        database = parsed.database or ""
-        if database and database != ":memory:" and not database.startswith("file:"):
-            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        file = sqlite_file(url)
+        if file is not None:
+            file.parent.mkdir(parents=True, exist_ok=True)
         kwargs.setdefault("connect_args", {}).setdefault("timeout", SQLITE_BUSY_TIMEOUT_MS / 1000)
         engine = create_engine(parsed, **kwargs)
         _configure_sqlite(engine)
@@ -245,6 +245,16 @@ def make_engine(url: str, **kwargs: Any) -> Engine:
                 kwargs.setdefault("connect_args", {}).setdefault(key, value)
         return create_engine(parsed, **kwargs)
     raise ValueError(f'Argument "url" uses the unsupported database {backend!r} (use sqlite or postgresql).')
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The database file of a SQLite URL; None for another database, an in-memory or a ``file:`` URI one."""
+    parsed = make_url(url)
+    database = parsed.database or ""
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith(
+            "file:"):
+        return None
+    return Path(database).expanduser()
 
 
 _READ_ONLY = "cxr_read_only"

@@ -106,6 +106,14 @@ def _first_due(job: Job, now: datetime) -> datetime:
     return min(job.waiting_since or now, now)
 
 
+def _wait_again(job: Job, now: datetime) -> None:
+    """A finished job made to wait again (an operator's retry or resend, a resend that restored its file):
+    a fresh attempt budget, due now, its waiting time counted from now."""
+    job.attempts = 0
+    job.not_before = job.waiting_since = now
+    job.finished_at = None
+
+
 def _log_committed(session: Session) -> None:
     """Log the transitions of a transaction once it is committed (registered by JobManager._session)."""
     for level, args, extra in session.info.pop(_PENDING_LOGS, []):
@@ -432,9 +440,7 @@ class JobManager:
                 return None, False
             if (job.state == JobState.FAILED and job.spool_path == spool_path and job.purged_at is None
                     and job.last_error == missing_file_error(spool_path)):
-                job.attempts = 0
-                job.not_before = job.waiting_since = now
-                job.finished_at = None
+                _wait_again(job, now)
                 self._move(session, job, JobState.QUEUED, "instance received again: its spooled file is back",
                            action="job_restored", level=logging.WARNING)
                 return JobState.QUEUED, True
@@ -488,9 +494,7 @@ class JobManager:
             if job.state not in from_states:
                 raise ValueError(f"job {job_id} is {JobState(job.state).value}; only "
                                  f"{' or '.join(s.value for s in from_states)} jobs can be retried")
-            job.attempts = 0
-            job.not_before = job.waiting_since = now
-            job.finished_at = None
+            _wait_again(job, now)
             self._move(session, job, new, "retried by operator", action="job_retried")
             return new
 

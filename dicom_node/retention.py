@@ -190,7 +190,7 @@ def sweep_strays(engine: Engine, spool_root: Path, report: PurgeReport, *,
         return
     now_s = time.time() if now_s is None else now_s
     parts: list[Path] = []
-    candidates: dict[str, Path] = {}
+    by_uid: dict[str, Path] = {}
     for dirpath, _dirs, names in os.walk(spool_root):
         folder = Path(dirpath)
         for name in names:
@@ -204,7 +204,7 @@ def sweep_strays(engine: Engine, spool_root: Path, report: PurgeReport, *,
                     parts.append(path)
             elif (folder.parent == spool_root and name.endswith(".dcm") and age > UNOWNED_AGE_S
                   and safe_name(name[:-4]) == name[:-4]):
-                candidates[name[:-4]] = path
+                by_uid[name[:-4]] = path
     for path in parts:
         try:
             report.stray_files += _remove_file(path, spool_root, report)
@@ -213,14 +213,14 @@ def sweep_strays(engine: Engine, spool_root: Path, report: PurgeReport, *,
     if report.stray_files:
         log.warning("retention deleted %d temporary file(s) that interrupted writes left in the spool",
                     report.stray_files, extra={"action": "retention_strays", "files": report.stray_files})
-    uids = list(candidates)
+    uids = list(by_uid)
     unowned: list[Path] = []
     for start in range(0, len(uids), _BATCH):
         batch = uids[start:start + _BATCH]
         with Session(reading(engine)) as session:
             owned = set(session.execute(select(Job.sop_instance_uid)
                                         .where(Job.sop_instance_uid.in_(batch))).scalars())
-        unowned.extend(candidates[uid] for uid in batch if uid not in owned)
+        unowned.extend(by_uid[uid] for uid in batch if uid not in owned)
     report.unowned_files = len(unowned)
     if unowned:
         named = ", ".join(str(p.relative_to(spool_root)) for p in sorted(unowned)[:_UNOWNED_NAMED])

@@ -18,16 +18,14 @@ import logging
 import signal
 import threading
 from collections.abc import Callable
-from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from alembic.util.exc import CommandError
-from sqlalchemy import make_url
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node.config import ConfigError, Settings
-from dicom_node.db import init_db, make_engine, safe_url
+from dicom_node.db import init_db, make_engine, safe_url, sqlite_file
 from dicom_node.errors import NodeError
 from dicom_node.queue import JobManager
 
@@ -171,13 +169,8 @@ def _check_new_sqlite_file(settings: Settings) -> None:
     """Before a SQLite database is created: refuse when the spool already holds instances (the database's
     volume is not mounted, or the file was deleted: a new empty queue would never process them), else say that
     a new database is being created, so that a start on an empty mount point shows in the log."""
-    url = make_url(settings.db_url)
-    database = url.database or ""
-    if url.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith(
-            "file:"):
-        return
-    path = Path(database).expanduser()
-    if path.exists():
+    path = sqlite_file(settings.db_url)
+    if path is None or path.exists():
         return
     spool_dir = settings.storage.spool_dir
     if spool_dir.is_dir() and next(spool_dir.glob("*/*.dcm"), None) is not None:

@@ -36,6 +36,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import metrics
 from dicom_node.config import Settings
+from dicom_node.db import ModelVersion
 from dicom_node.errors import ExportError, InvalidInstance, ModelBundleError, NodeError
 from dicom_node.export import NoDestination, destinations_for, send
 from dicom_node.queue import ClaimedJob, JobManager, JobState, LeaseLost, missing_file_error
@@ -181,20 +182,15 @@ class Worker:
         self._disk_low_logged: float | None = None  # while the spool volume is too full: when last logged
 
     # -- model -----------------------------------------------------------------------------------
-    def _wanted_model(self) -> tuple[Path | None, str, str, tuple[str, str | None, str | None] | None]:
+    def _wanted_model(self) -> tuple[Path | None, str, str, ModelVersion | None]:
         """The bundle to serve (the configured path, else the registry's current model, else the default), its
-        identity, when it was promoted, and the version, device UID and model.json digest the registry
-        recorded for it."""
+        identity, when it was promoted, and its registry row."""
         if self.settings.model.path is not None:
             return self.settings.model.path, f"path:{self.settings.model.path}", "", None
         current = self.jm.current_model()
         if current is not None:
-            from inference.bundle import CARD_DIGEST_KEY
-
             key = f"registry:{current.version}:{current.path}"
-            digest = (current.metrics or {}).get(CARD_DIGEST_KEY)
-            registered = (current.version, current.device_uid, digest)
-            return Path(current.path), key, str(current.promoted_at), registered
+            return Path(current.path), key, str(current.promoted_at), current
         return None, "default", "", None
 
     def load_model(self) -> bool:
@@ -555,18 +551,18 @@ class Worker:
         metrics.record_job_finished("done", seconds)
 
 
-def _check_identity(bundle: Any, registered: tuple[str, str | None, str | None] | None) -> None:
+def _check_identity(bundle: Any, registered: ModelVersion | None) -> None:
     """A registry model must still be what was registered: a model.json edited since (another version, device
     UID, threshold) would put an identity or findings into the SRs the registry never recorded. Checked by the
     card's digest recorded at registration (rows registered before it was recorded: by version and device
     UID). Raises ValueError."""
-    from inference.bundle import card_digest
+    from inference.bundle import card_changed
 
     if registered is None:
         return
-    version, device_uid, digest = registered
+    version, device_uid = registered.version, registered.device_uid
     path = getattr(bundle, "path", None)
-    if digest and path is not None and card_digest(path) != digest:
+    if path is not None and card_changed(path, registered.metrics):
         raise ValueError(f"its model.json is not the one registered as {version} (SHA-256 differs): the "
                          "bundle was changed after it was registered (a bundle never changes in place; "
                          "register the change as a new version)")

@@ -107,6 +107,13 @@ def card_digest(bundle_path: str | Path) -> str:
     return _sha256(Path(bundle_path) / CARD_FILE)
 
 
+def card_changed(bundle_path: str | Path, registry_metrics: dict[str, Any] | None) -> bool:
+    """Whether the bundle's ``model.json`` differs from the one a registry row recorded (its metrics'
+    ``CARD_DIGEST_KEY``); False for a row registered before the digest was recorded."""
+    digest = (registry_metrics or {}).get(CARD_DIGEST_KEY)
+    return bool(digest) and card_digest(bundle_path) != digest
+
+
 def _fail(path: Path, problem: str) -> ModelBundleError:
     return ModelBundleError(f"model bundle {path}: {problem}")
 

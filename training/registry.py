@@ -50,12 +50,11 @@ def _lock(s: Session) -> None:
 def _check_loads(row: ModelVersion) -> None:
     """``ValueError`` naming the version, its folder and the problem when its bundle no longer loads, or its
     model.json is no longer the one registered (the worker would refuse to serve it)."""
-    from inference.bundle import CARD_DIGEST_KEY, ModelBundle, card_digest
+    from inference.bundle import ModelBundle, card_changed
 
     try:
         ModelBundle.load(row.path)
-        digest = (row.metrics or {}).get(CARD_DIGEST_KEY)
-        if digest and card_digest(row.path) != digest:
+        if card_changed(row.path, row.metrics):
             raise ValueError("its model.json was changed after it was registered (a bundle never changes in "
                              "place; register the change as a new version)")
     except (NodeError, OSError, ValueError, RuntimeError) as exc:
